@@ -1,0 +1,83 @@
+"""RWKV-4: WKV with a running (aa, bb, pp) numerator/denominator/max-exponent per channel."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import channel_mix_lerp, common_shapes, residual_block, linear, shifted
+
+VERSIONS = ("4",)
+STATE_NAMES = ("att_shift", "att_aa", "att_bb", "att_pp", "ffn_shift")
+MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
+            "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
+FP32_PARAMS = ("att.time_decay", "att.time_first")
+
+
+def matches(shapes: dict) -> str | None:
+    # v4 is what is left once v5+ markers are ruled out; require its own time-mix key.
+    return "4" if "blocks.0.att.time_mix_k" in shapes else None
+
+
+def describe(shapes: dict) -> dict:
+    return {"head_size": None, "n_head": None}
+
+
+def expected_shapes(spec) -> dict:
+    C, A = spec.n_embd, spec.att_dim
+    shapes = common_shapes(spec)
+    for i in range(spec.n_layer):
+        b = f"blocks.{i}."
+        shapes.update({
+            b + "att.time_decay": (A,), b + "att.time_first": (A,),
+            b + "att.time_mix_k": (1, 1, C), b + "att.time_mix_v": (1, 1, C), b + "att.time_mix_r": (1, 1, C),
+            b + "ffn.time_mix_k": (1, 1, C), b + "ffn.time_mix_r": (1, 1, C),
+            b + "ffn.receptance.weight": (C, C),
+        })
+    return shapes
+
+
+def prepare_layer(lw: dict, spec, layer_id: int) -> dict:
+    lw["att.time_decay"] = -torch.exp(lw["att.time_decay"].float().flatten())
+    lw["att.time_first"] = lw["att.time_first"].float().flatten()
+    return lw
+
+
+def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]:
+    C, A = spec.n_embd, spec.att_dim
+    return [
+        torch.zeros(C, dtype=dtype, device=device),
+        torch.zeros(A, dtype=torch.float32, device=device),
+        torch.zeros(A, dtype=torch.float32, device=device),
+        torch.full((A,), -1e30, dtype=torch.float32, device=device),
+        torch.zeros(C, dtype=dtype, device=device),
+    ]
+
+
+def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
+    sx = shifted(x, state[0])
+    kx = x * lw["att.time_mix_k"] + sx * (1 - lw["att.time_mix_k"])
+    vx = x * lw["att.time_mix_v"] + sx * (1 - lw["att.time_mix_v"])
+    rx = x * lw["att.time_mix_r"] + sx * (1 - lw["att.time_mix_r"])
+    r = torch.sigmoid(linear(rx, lw["att.receptance.weight"]))
+    k = linear(kx, lw["att.key.weight"]).float()
+    v = linear(vx, lw["att.value.weight"]).float()
+
+    w, u = lw["att.time_decay"], lw["att.time_first"]
+    aa, bb, pp = state[1], state[2], state[3]
+    wkv = torch.empty_like(k)
+    for t in range(x.shape[0]):  # the recurrence is the only per-token work
+        kt, vt = k[t], v[t]
+        ww = u + kt
+        p = torch.maximum(pp, ww)
+        e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+        wkv[t] = (e1 * aa + e2 * vt) / (e1 * bb + e2)
+        ww = w + pp
+        p = torch.maximum(ww, kt)
+        e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
+        aa, bb, pp = e1 * aa + e2 * vt, e1 * bb + e2, p
+    state[1], state[2], state[3] = aa, bb, pp
+    return linear(r * wkv.to(x.dtype), lw["att.output.weight"])
+
+
+def layer_forward(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
+    return residual_block(lw, x, state, ctx, time_mix, channel_mix_lerp)

@@ -1,0 +1,125 @@
+"""RWKV-7 ("Goose"): generalised delta-rule state update with in-context learning rate `a`, and a value
+residual (`v_first`) that flows from layer 0 to every later layer within one call."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .common import common_shapes, group_norm, linear, residual_block, shifted
+
+VERSIONS = ("7",)
+STATE_NAMES = ("att_shift", "att_kv", "ffn_shift")
+MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
+            "ffn.key.weight", "ffn.value.weight")
+FP32_PARAMS = ()
+MIXES = ("r", "w", "k", "v", "a", "g")
+DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1)
+DEEP_EMBED_KEYS = ("ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s0", "ffn.s1", "ffn.s2")
+
+
+def matches(shapes: dict) -> str | None:
+    return "7" if "blocks.0.att.r_k" in shapes else None
+
+
+def describe(shapes: dict) -> dict:
+    n_head, head_size = shapes["blocks.0.att.r_k"]
+    ranks = {name: int(shapes[f"blocks.0.att.{name}1"][1]) for name in ("w", "a", "g")}
+    # v1/v2 are unused on layer 0 and often absent there: read the value-residual rank from layer 1.
+    for layer in (1, 0):
+        if f"blocks.{layer}.att.v1" in shapes:
+            ranks["v"] = int(shapes[f"blocks.{layer}.att.v1"][1])
+            break
+    return {"n_head": int(n_head), "head_size": int(head_size), "lora_ranks": ranks,
+            "deep_embed": "blocks.0.ffn.s_emb.weight" in shapes}
+
+
+def expected_shapes(spec) -> dict:
+    C, H, N = spec.n_embd, spec.n_head, spec.head_size
+    shapes = common_shapes(spec)
+    for i in range(spec.n_layer):
+        b = f"blocks.{i}."
+        shapes.update({b + f"att.x_{n}": (1, 1, C) for n in MIXES})
+        for name in ("w", "a", "g") + (("v",) if i > 0 else ()):
+            rank = spec.lora_ranks[name]
+            shapes.update({b + f"att.{name}1": (C, rank), b + f"att.{name}2": (rank, C)})
+        shapes.update({b + f"att.{n}0": (1, 1, C) for n in ("w", "a") + (("v",) if i > 0 else ())})
+        shapes.update({
+            b + "att.k_k": (1, 1, C), b + "att.k_a": (1, 1, C), b + "att.r_k": (H, N),
+            b + "att.ln_x.weight": (C,), b + "att.ln_x.bias": (C,), b + "ffn.x_k": (1, 1, C),
+        })
+    return shapes
+
+
+def prepare_layer(lw: dict, spec, layer_id: int) -> dict:
+    lw["att.r_k"] = lw["att.r_k"].reshape(-1)
+    if layer_id == 0:
+        for name in ("att.v0", "att.v1", "att.v2"):
+            lw.pop(name, None)  # present in some files but never used: layer 0 defines v_first
+    return lw
+
+
+def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]:
+    C, H, N = spec.n_embd, spec.n_head, spec.head_size
+    return [torch.zeros(C, dtype=dtype, device=device),
+            torch.zeros((H, N, N), dtype=torch.float32, device=device),  # [h, value, key]
+            torch.zeros(C, dtype=dtype, device=device)]
+
+
+def wkv7(r, w, k, v, kk, a, s):
+    """Delta-rule recurrence per head, all fp32 [T, H, N]; s: [H, N_val, N_key].
+    S = S*diag(w) + (S @ -kk) (kk*a)^T + v k^T ;  y = S r."""
+    T = r.shape[0]
+    removal = -kk
+    replace = kk * a
+    lhs_v = v.unsqueeze(-1)  # [T, H, N, 1]
+    rhs = torch.stack((replace, k), dim=-2)  # [T, H, 2, N]
+    w_row, removal_col, r_col = w.unsqueeze(-2), removal.unsqueeze(-1), r.unsqueeze(-1)
+    y = torch.empty_like(r)
+    for t in range(T):
+        sa = s @ removal_col[t]  # [H, N, 1]
+        s = torch.baddbmm(s * w_row[t], torch.cat((sa, lhs_v[t]), dim=-1), rhs[t])
+        y[t] = (s @ r_col[t]).squeeze(-1)
+    return y, s
+
+
+def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
+    T, H, C = x.shape[0], state[1].shape[0], x.shape[1]
+    sx = shifted(x, state[0]) - x
+    xr, xw, xk, xv, xa, xg = (x + sx * lw["att.x_" + n] for n in MIXES)
+
+    r = linear(xr, lw["att.receptance.weight"])
+    w = torch.tanh(xw @ lw["att.w1"]) @ lw["att.w2"]
+    k = linear(xk, lw["att.key.weight"])
+    v = linear(xv, lw["att.value.weight"])
+    a = torch.sigmoid(lw["att.a0"] + (xa @ lw["att.a1"]) @ lw["att.a2"])
+    g = torch.sigmoid(xg @ lw["att.g1"]) @ lw["att.g2"]
+
+    kk = F.normalize((k * lw["att.k_k"]).view(T, H, -1), dim=-1, p=2.0, eps=1e-12).view(T, C)
+    k = k * (1 + (a - 1) * lw["att.k_a"])
+    if "v_first" not in ctx:
+        ctx["v_first"] = v
+    else:
+        v = v + (ctx["v_first"].to(v) - v) * torch.sigmoid(lw["att.v0"] + (xv @ lw["att.v1"]) @ lw["att.v2"])
+    w = torch.exp(-DECAY_SCALE * torch.sigmoid((lw["att.w0"] + w).float()))
+
+    def heads(t):
+        return t.float().view(T, H, -1)
+
+    y, state[1] = wkv7(heads(r), heads(w), heads(k), heads(v), heads(kk), heads(a), state[1])
+    y = group_norm(y.view(T, C).to(x.dtype), H, lw["att.ln_x.weight"], lw["att.ln_x.bias"])
+    bonus = (heads(r) * heads(k) * lw["att.r_k"].float().view(H, -1)).sum(-1, keepdim=True) * heads(v)
+    y = y + bonus.view(T, C).to(y.dtype)
+    return linear(y * g, lw["att.output.weight"])
+
+
+def channel_mix(lw: dict, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    k = x + (shifted(x, last) - x) * lw["ffn.x_k"]
+    return linear(torch.relu(linear(k, lw["ffn.key.weight"])) ** 2, lw["ffn.value.weight"])
+
+
+def layer_forward(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
+    return residual_block(lw, x, state, ctx, time_mix, channel_mix)
+

@@ -1,0 +1,79 @@
+"""Reading BlinkDL `.pth` checkpoints safely and lazily (mmap; no code is ever unpickled)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .arch import build_spec, check_shapes
+from .errors import RwkvConvertError
+from .spec import ModelSpec
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    tensors: dict[str, torch.Tensor]  # mmap-backed: reading a tensor's data pages it in
+    spec: ModelSpec
+    unused_keys: list[str] = field(default_factory=list)
+
+    @property
+    def file_size(self) -> int:
+        return self.path.stat().st_size
+
+
+def check_input_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise RwkvConvertError(f"{p}: no such file")
+    if p.is_dir():
+        raise RwkvConvertError(f"{p} is a directory; give the path of a checkpoint file inside it")
+    if p.stat().st_size == 0:
+        raise RwkvConvertError(f"{p} is empty (0 bytes); re-download or re-save the checkpoint")
+    return p
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True (plain tensors only) and mmap where the file allows it."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Files written by torch < 1.6 (legacy, non-zip) cannot be mapped; read them into memory.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((line.strip() for line in first if "GLOBAL" in line or "global" in line), "")
+        raise RwkvConvertError(
+            f"refusing to load {path}: it is a pickle that would run code or build objects other than tensors"
+            f" ({detail or 'rejected by weights_only=True'}); only plain tensor dicts are read"
+            " - re-save it with torch.save(model.state_dict())") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RwkvConvertError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {reason[:160]}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise RwkvConvertError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise RwkvConvertError(f"{path} holds no tensors; it is not an RWKV checkpoint")
+    return tensors
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    p = check_input_file(path)
+    tensors = load_state_dict(p)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+    spec = build_spec(shapes, dtypes, source=str(p))
+    unused = check_shapes(spec, shapes, source=str(p))
+    return Checkpoint(path=p, tensors=tensors, spec=spec, unused_keys=unused)

@@ -1,0 +1,163 @@
+"""The reference runner: a prepared RWKV model of any version, executed with plain torch ops.
+
+Sequence mode batches every projection over the T tokens; only each version's recurrence walks the
+tokens one by one. State is a flat list in the `rwkv` pip package's layout."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from . import arch
+from .arch.common import layer_norm, linear
+from .checkpoint import Checkpoint
+from .errors import RwkvConvertError, UnsupportedError
+from .spec import ModelSpec
+from .strategy import DTYPES, Placement, Strategy, allocate, parse_strategy
+
+DEFAULT_RESCALE_LAYER = 6
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RwkvConvertError(f'the strategy asks for "{device}" but torch sees no CUDA device;'
+                                   ' use "cpu fp32" (or "cpu bf16") here')
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise RwkvConvertError(f'the strategy asks for "{device}" but torch sees only'
+                                   f" {torch.cuda.device_count()} CUDA device(s)")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise RwkvConvertError('the strategy asks for "mps" but torch has no MPS device; use "cpu fp32"')
+
+
+def _as_vector(t: torch.Tensor) -> torch.Tensor:
+    # [1, 1, C] mixes and offsets become [C] so that they broadcast against [T, C] activations.
+    return t.reshape(-1) if t.dim() == 3 and t.shape[0] == 1 and t.shape[1] == 1 else t
+
+
+class Model:
+    """A runnable RWKV model. `forward(tokens, state=None, full_output=False) -> (logits, state)`."""
+
+    def __init__(self, checkpoint: Checkpoint, strategy: str | Strategy = "cpu fp32",
+                 rescale_layer: int | None = None):
+        spec = checkpoint.spec
+        if spec.deep_embed:
+            raise UnsupportedError(
+                f"{checkpoint.path} is an RWKV-7 DeepEmbed model (ffn.s_emb); `inspect` reads it, but running"
+                " it is not supported yet")
+        self.spec: ModelSpec = spec
+        self.strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
+        self.placements: list[Placement] = allocate(self.strategy, spec.n_layer)
+        for p in self.placements:
+            _check_device(p.device)
+            if p.weights == "i8":
+                raise UnsupportedError(f'int8 weights ("{self.strategy}") are not supported by this runner yet;'
+                                       " use fp32, bf16 or fp16")
+            if p.stream and p.device != "cpu":
+                raise UnsupportedError(f'streamed layers ("*N+" in "{self.strategy}") are not supported yet')
+        self.module = arch.module_for(spec.version)
+        if rescale_layer is None:  # the pip package: on whenever the strategy has fp16 (it never rescales v7)
+            env = os.environ.get("RWKV_RESCALE_LAYER")
+            rescale_layer = int(env) if env else (DEFAULT_RESCALE_LAYER if self.strategy.uses_fp16 else 0)
+        self.rescale_layer = 0 if spec.major >= 7 else rescale_layer
+        self.source = checkpoint.path
+        self._prepare(checkpoint.tensors)
+        self._state_shapes = [tuple(t.shape) for t in self.init_state()]
+
+    # ---- loading ---------------------------------------------------------------------------------
+    def _prepare(self, tensors: dict[str, torch.Tensor]) -> None:
+        spec, module = self.spec, self.module
+        first, head = self.placements[0], self.placements[spec.n_layer]
+        with torch.no_grad():
+            # ln0 is folded into the embedding table in fp32 (the pip package does it in the file's dtype
+            # for v4-v6, so bf16 files give it a bf16-rounded table; see docs/numerics.md).
+            emb = layer_norm(tensors["emb.weight"].float(), tensors["blocks.0.ln0.weight"].float(),
+                             tensors["blocks.0.ln0.bias"].float())
+            self.emb = emb.to(first.atype).to(first.device)
+            self.layers: list[dict[str, torch.Tensor]] = []
+            for i in range(spec.n_layer):
+                p = self.placements[i]
+                prefix = f"blocks.{i}."
+                lw = {k[len(prefix):]: v for k, v in tensors.items()
+                      if k.startswith(prefix) and not k.startswith(prefix + "ln0.")}
+                for name, t in lw.items():
+                    if name in module.MATRICES:
+                        dtype = DTYPES[p.weights]
+                    elif name in module.FP32_PARAMS:
+                        dtype = torch.float32
+                    else:
+                        dtype = p.atype
+                    lw[name] = _as_vector(t).to(dtype)
+                if self.rescale_layer:
+                    scale = 2 ** (i // self.rescale_layer)
+                    for name in ("att.output.weight", "ffn.value.weight"):
+                        lw[name] = lw[name] / scale
+                lw = module.prepare_layer(lw, spec, i)
+                self.layers.append({k: v.to(p.device) for k, v in lw.items()})
+            self.ln_out = (tensors["ln_out.weight"].to(head.atype).to(head.device),
+                           tensors["ln_out.bias"].to(head.atype).to(head.device))
+            self.head = tensors["head.weight"].to(head.atype).to(head.device)
+
+    # ---- running ---------------------------------------------------------------------------------
+    @property
+    def state_per_layer(self) -> int:
+        return len(self.module.STATE_NAMES)
+
+    def init_state(self) -> list[torch.Tensor]:
+        state: list[torch.Tensor] = []
+        for i, lw in enumerate(self.layers):
+            p = self.placements[i]
+            state.extend(self.module.init_state(self.spec, lw, p.atype, p.device))
+        return state
+
+    def _check_tokens(self, tokens) -> list[int]:
+        if isinstance(tokens, int):
+            tokens = [tokens]
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.flatten().tolist()
+        if not isinstance(tokens, Sequence) or len(tokens) == 0:
+            raise RwkvConvertError("forward() needs a non-empty list of token ids")
+        bad = [t for t in tokens if not isinstance(t, int) or not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise RwkvConvertError(f"token id {bad[0]!r} is outside the vocabulary (0..{self.spec.vocab_size - 1})")
+        return list(tokens)
+
+    def _check_state(self, state) -> list[torch.Tensor]:
+        if not isinstance(state, (list, tuple)) or len(state) != len(self._state_shapes):
+            n = len(state) if isinstance(state, (list, tuple)) else type(state).__name__
+            raise RwkvConvertError(
+                f"state has {n} tensors; an RWKV-{self.spec.version} model with {self.spec.n_layer} layers needs"
+                f" {len(self._state_shapes)} ({', '.join(self.module.STATE_NAMES)} per layer)")
+        for i, (t, shape) in enumerate(zip(state, self._state_shapes)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                name = self.module.STATE_NAMES[i % self.state_per_layer]
+                raise RwkvConvertError(f"state[{i}] ({name} of layer {i // self.state_per_layer}) has shape"
+                                       f" {got}, expected {shape}")
+        return list(state)
+
+    def forward(self, tokens, state=None, full_output: bool = False):
+        """Logits (fp32) of the last token, or of every token ([T, V]) with full_output, and the new
+        state. The input state is not modified."""
+        tokens = self._check_tokens(tokens)
+        state = self.init_state() if state is None else self._check_state(state)
+        per_layer = self.state_per_layer
+        with torch.no_grad():
+            x = self.emb[torch.tensor(tokens, device=self.emb.device)]
+            ctx: dict = {}
+            for i, lw in enumerate(self.layers):
+                p = self.placements[i]
+                x = x.to(dtype=p.atype, device=p.device)
+                layer_state = state[i * per_layer:(i + 1) * per_layer]
+                x = self.module.layer_forward(lw, x, layer_state, ctx)
+                state[i * per_layer:(i + 1) * per_layer] = layer_state
+                if self.rescale_layer and (i + 1) % self.rescale_layer == 0:
+                    x = x / 2
+            if not full_output:
+                x = x[-1:]
+            x = x.to(dtype=self.head.dtype, device=self.head.device)
+            logits = linear(layer_norm(x, *self.ln_out), self.head).float()
+        return (logits if full_output else logits[0]), state
