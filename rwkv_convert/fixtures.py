@@ -44,8 +44,10 @@ class _Draw:
 
 
 def make_state_dict(variant: str, n_layer: int = 7, n_embd: int = 128, vocab: int = 512,
-                    head_size: int = 64, seed: int | None = None) -> dict[str, torch.Tensor]:
-    """An fp32 state dict for `variant` (one of VARIANTS or EXTRA_VARIANTS)."""
+                    head_size: int = 64, seed: int | None = None,
+                    ranks: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """An fp32 state dict for `variant` (one of VARIANTS or EXTRA_VARIANTS). `ranks` overrides the LoRA
+    ranks (v6: maa, decay; v7: w, a, v, g)."""
     if variant not in VARIANTS + EXTRA_VARIANTS:
         raise ValueError(f"unknown fixture variant {variant!r}; choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
     C, H, N = n_embd, n_embd // head_size, head_size
@@ -85,7 +87,7 @@ def make_state_dict(variant: str, n_layer: int = 7, n_embd: int = 128, vocab: in
             if variant == "v5.2-state":
                 att[b + "att.time_state"] = d.normal((H, N, N), 0.3)
         elif version == "v6":
-            Dm, Dd = 32, 64
+            Dm, Dd = (ranks or {}).get("maa", 32), (ranks or {}).get("decay", 64)
             att.update({b + f"att.time_maa_{n}": d.mix(C) for n in "xwkvrg"})
             att.update({
                 b + "att.time_maa_w1": d.normal((C, 5 * Dm), 0.1), b + "att.time_maa_w2": d.normal((5, Dm, C), 0.1),
@@ -95,7 +97,7 @@ def make_state_dict(variant: str, n_layer: int = 7, n_embd: int = 128, vocab: in
             })
             att.update(d.norm(b + "att.ln_x", C))
         else:  # v7; ranks differ from each other so that a mix-up of LoRAs cannot go unnoticed
-            ranks = {"w": 32, "a": 24, "v": 16, "g": 48}
+            ranks = {"w": 32, "a": 24, "v": 16, "g": 48, **(ranks or {})}
             att.update({b + f"att.x_{n}": d.mix(C) for n in "rwkvag"})
             att.update({
                 b + "att.w0": d.uniform((1, 1, C), -4.0, 2.0), b + "att.a0": d.uniform((1, 1, C), -1.0, 1.0),
@@ -129,15 +131,16 @@ def make_state_dict(variant: str, n_layer: int = 7, n_embd: int = 128, vocab: in
 
 
 def fixture_path(variant: str = DEFAULT_VARIANT, dtype: str = "fp32", n_layer: int = 7,
-                 directory: str | os.PathLike | None = None) -> Path:
+                 directory: str | os.PathLike | None = None, n_embd: int = 128, vocab: int = 512) -> Path:
     """The cached fixture file, made (atomically) if it is not there yet."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown fixture dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     folder = Path(directory) if directory else cache_dir()
-    path = folder / f"rwkv-{variant}-L{n_layer}-{dtype}-g{GENERATOR_VERSION}.pth"
+    shape = "" if (n_embd, vocab) == (128, 512) else f"-C{n_embd}-V{vocab}"
+    path = folder / f"rwkv-{variant}-L{n_layer}{shape}-{dtype}-g{GENERATOR_VERSION}.pth"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.to(DTYPES[dtype]).contiguous() for k, v in make_state_dict(variant, n_layer).items()}
+        sd = {k: v.to(DTYPES[dtype]).contiguous() for k, v in make_state_dict(variant, n_layer, n_embd, vocab).items()}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save(sd, tmp)
         os.replace(tmp, path)

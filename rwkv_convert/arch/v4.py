@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import channel_mix_lerp, common_shapes, residual_block, linear, shifted
+from .common import channel_mix_lerp, common_shapes, linear, residual_block, shifted
 
 VERSIONS = ("4",)
 STATE_NAMES = ("att_shift", "att_aa", "att_bb", "att_pp", "ffn_shift")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import channel_mix_lerp, common_shapes, residual_block, group_norm, linear, shifted
+from .common import channel_mix_lerp, common_shapes, group_norm, linear, residual_block, shifted
 
 VERSIONS = ("5.0", "5.1", "5.2")
 STATE_NAMES = ("att_shift", "att_kv", "ffn_shift")

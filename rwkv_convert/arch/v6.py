@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from .common import channel_mix_maa, common_shapes, group_norm, linear, residual_block, shifted
-from .v5 import wkv
 from .v5 import init_state as init_state  # same state layout and time_state handling as v5
+from .v5 import wkv
 
 VERSIONS = ("6",)
 STATE_NAMES = ("att_shift", "att_kv", "ffn_shift")

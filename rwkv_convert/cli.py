@@ -1,0 +1,111 @@
+"""`rwkv-convert`: a thin Click layer over the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import RwkvConvertError
+
+NEOX_VOCABS = (50277, 50304)  # RWKV-4 Pile/Raven models (GPT-NeoX 20B tokenizer)
+
+
+class Group(click.Group):
+    """Turns errors a user can fix into one line on stderr and exit code 2 (`--debug` shows the trace)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RwkvConvertError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rwkv-convert")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Load, run and verify RWKV checkpoints (v4, v5.x, v6, v7).
+
+    \b
+    Examples:
+      rwkv-convert inspect RWKV-x070-World-1.5B.pth
+      rwkv-convert run RWKV-x070-World-1.5B.pth --prompt "User: hi" --tokens 50
+      rwkv-convert run            # runs the bundled tiny default model
+    """
+    ctx.obj = {"debug": debug}
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
+def inspect(path: str, as_json: bool) -> None:
+    """Version, dimensions, LoRA ranks, dtypes and parameters of a checkpoint."""
+    from .checkpoint import read_checkpoint
+    from .describe import describe_checkpoint, format_description
+
+    info = describe_checkpoint(read_checkpoint(path))
+    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(dir_okay=True, path_type=str))
+@click.option("--prompt", default="\nUser: Hello!\n\nAssistant:", show_default=True, help="Text to continue.")
+@click.option("--tokens", "max_tokens", default=64, show_default=True, type=click.IntRange(0, None),
+              help="How many tokens to generate.")
+@click.option("--strategy", default="cpu fp32", show_default=True, help='e.g. "cpu fp32", "cpu bf16".')
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, None))
+@click.option("--top-p", default=0.85, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
+@click.option("--tokenizer", "tokenizer_file", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="A Hugging Face tokenizer.json (e.g. GPT-NeoX 20B for RWKV-4 Pile models) instead of World.")
+def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_file) -> None:
+    """Generate text from PATH (or the bundled default model), streaming it as it is produced."""
+    from . import load
+    from .fixtures import DEFAULT_VARIANT, fixture_path
+    from .generate import generate
+    from .tokenizer import HFTokenizer, WorldTokenizer
+
+    if path is None:
+        path = str(fixture_path(DEFAULT_VARIANT))
+        click.echo(f"(no model given: running the bundled tiny random-weight RWKV-7 model {path};"
+                   " its text is gibberish by design)", err=True)
+    model = load(path, strategy)
+    vocab = model.spec.vocab_size
+    if tokenizer_file:
+        tokenizer = HFTokenizer(tokenizer_file)
+    else:
+        if vocab in NEOX_VOCABS:
+            raise RwkvConvertError(f"this model has the GPT-NeoX vocabulary ({vocab} ids), not World; pass"
+                                   " --tokenizer 20B_tokenizer.json")
+        tokenizer = WorldTokenizer(vocab_size=vocab if vocab < 65536 else None)
+    click.echo(prompt, nl=False)
+    for piece in generate(model, tokenizer, prompt, max_tokens, temperature, top_p, seed):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@main.command("make-fixture")
+@click.argument("variant")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))
+@click.option("--layers", default=7, show_default=True, type=click.IntRange(1, None))
+@click.option("-o", "--output", "directory", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Directory (default: the fixture cache).")
+def make_fixture(variant: str, dtype: str, layers: int, directory) -> None:
+    """Write a tiny deterministic test checkpoint (VARIANT: v4, v5.0, v5.1, v5.2, v5.2-state, v6, v7,
+    v7-layer0-v, v7-deepembed) and print its path."""
+    from .fixtures import EXTRA_VARIANTS, VARIANTS, fixture_path
+
+    if variant not in VARIANTS + EXTRA_VARIANTS:
+        raise RwkvConvertError(f"unknown fixture variant {variant!r}; choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+    click.echo(fixture_path(variant, dtype, layers, directory))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""What a checkpoint is and what rwkv-convert can do with it (the data behind `inspect`)."""
+
+from __future__ import annotations
+
+from .checkpoint import Checkpoint
+
+VERSION_NAMES = {"4": "RWKV-4", "5.0": "RWKV-5.0", "5.1": "RWKV-5.1", "5.2": "RWKV-5.2 (Eagle)",
+                 "6": "RWKV-6 (Finch)", "7": "RWKV-7 (Goose)"}
+# Runtimes that have an architecture for each version (facts about those runtimes, not about us).
+LLAMA_CPP_ARCH = {"6": "rwkv6", "7": "rwkv7"}
+
+
+def capabilities(ckpt: Checkpoint) -> dict[str, str]:
+    spec = ckpt.spec
+    can: dict[str, str] = {"inspect": "yes"}
+    if spec.deep_embed:
+        can["run"] = "no: DeepEmbed (ffn.s_emb) is not supported by the runner yet"
+    else:
+        can["run"] = "yes: strategies cpu|cuda|mps with fp32, bf16 or fp16"
+    arch = LLAMA_CPP_ARCH.get(spec.version)
+    can["llama.cpp"] = f"has architecture {arch}" if arch else "has no architecture for this version"
+    can["convert"] = "not in this release of rwkv-convert"
+    return can
+
+
+def describe_checkpoint(ckpt: Checkpoint) -> dict:
+    spec = ckpt.spec
+    info = {"path": str(ckpt.path), "file_size": ckpt.file_size,
+            "architecture": VERSION_NAMES[spec.version], **spec.to_dict()}
+    if spec.major not in (5, 6):  # only v5.x/v6 have a bonus that may be stored as log(u)
+        info.pop("bonus_is_log")
+    info["unused_keys"] = ckpt.unused_keys
+    info["capabilities"] = capabilities(ckpt)
+    return info
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def format_description(info: dict) -> str:
+    rows = [
+        ("file", f"{info['path']} ({human_size(info['file_size'])})"),
+        ("architecture", f"{info['architecture']}, version {info['version']}"),
+        ("layers", info["n_layer"]), ("n_embd", info["n_embd"]), ("vocab", info["vocab_size"]),
+        ("ffn width", info["ffn_dim"]),
+    ]
+    if info["n_head"]:
+        rows.append(("heads", f"{info['n_head']} x head size {info['head_size']}"))
+    if info["lora_ranks"]:
+        rows.append(("LoRA ranks", ", ".join(f"{k}={v}" for k, v in info["lora_ranks"].items())))
+    if info.get("bonus_is_log") is not None:
+        rows.append(("bonus", "time_first (log u)" if info["bonus_is_log"] else "time_faaaa (u)"))
+    rows += [
+        ("parameters", f"{info['n_params']:,} ({info['n_params'] / 1e6:.2f}M)"),
+        ("dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items())),
+        ("time_state", "yes (state-tuned)" if info["time_state"] else "no"),
+        ("DeepEmbed", "yes" if info["deep_embed"] else "no"),
+    ]
+    if info["unused_keys"]:
+        shown = ", ".join(info["unused_keys"][:4]) + (" ..." if len(info["unused_keys"]) > 4 else "")
+        rows.append(("unused keys", f"{len(info['unused_keys'])}: {shown}"))
+    rows += [(f"can: {k}", v) for k, v in info["capabilities"].items()]
+    width = max(len(str(k)) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
