@@ -131,7 +131,7 @@ class Model:
             raise RwkvConvertError(
                 f"state has {n} tensors; an RWKV-{self.spec.version} model with {self.spec.n_layer} layers needs"
                 f" {len(self._state_shapes)} ({', '.join(self.module.STATE_NAMES)} per layer)")
-        for i, (t, shape) in enumerate(zip(state, self._state_shapes)):
+        for i, (t, shape) in enumerate(zip(state, self._state_shapes, strict=True)):
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 name = self.module.STATE_NAMES[i % self.state_per_layer]
