@@ -103,7 +103,8 @@ def make_fixture(variant: str, dtype: str, layers: int, directory) -> None:
     from .fixtures import EXTRA_VARIANTS, VARIANTS, fixture_path
 
     if variant not in VARIANTS + EXTRA_VARIANTS:
-        raise RwkvConvertError(f"unknown fixture variant {variant!r}; choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+        choices = ", ".join(VARIANTS + EXTRA_VARIANTS)
+        raise RwkvConvertError(f"unknown fixture variant {variant!r}; choose from {choices}")
     click.echo(fixture_path(variant, dtype, layers, directory))
 
 

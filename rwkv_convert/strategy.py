@@ -74,7 +74,8 @@ def parse_strategy(text: str) -> Strategy:
         base, suffix = dtype_token[:4], dtype_token[4:]
         if base not in DTYPES or suffix not in ("", "i8"):
             if base in DTYPES and re.fullmatch(r"i\d+", suffix):
-                raise _bad(text, dtype_token, where, f"supported: {suffix} weights do not exist; use {base}i8 or {base}")
+                raise _bad(text, dtype_token, where,
+                           f"supported: {suffix} weights do not exist; use {base}i8 or {base}")
             raise _bad(text, dtype_token, where, "a dtype; expected fp32, fp16 or bf16, optionally with i8 (fp16i8)")
         count, stream = None, False
         if len(tokens) >= 3:
