@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,24 +39,30 @@ def check_input_file(path: str | os.PathLike) -> Path:
     return p
 
 
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        # Files written by torch < 1.6 (legacy, non-zip) cannot be mapped; read them into memory.
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True (plain tensors only) and mmap where the file allows it."""
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            # Files written by torch < 1.6 (legacy, non-zip) cannot be mapped; read them into memory.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
+            warnings.simplefilter("ignore")
+            obj = _torch_load(path)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        detail = next((line.strip() for line in first if "GLOBAL" in line or "global" in line), "")
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        detail = f"it asks for the Python object {found.group(1)}" if found else ""
         raise RwkvConvertError(
             f"refusing to load {path}: it is a pickle that would run code or build objects other than tensors"
             f" ({detail or 'rejected by weights_only=True'}); only plain tensor dicts are read"
             " - re-save it with torch.save(model.state_dict())") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, KeyError, ...)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RwkvConvertError(
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {reason[:160]}") from None

@@ -1,0 +1,136 @@
+"""The `rwkv-convert` command as users run it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import rwkv_convert
+from rwkv_convert.fixtures import VARIANTS, fixture_path, make_state_dict
+from rwkv_convert.generate import generate
+from rwkv_convert.tokenizer import WorldTokenizer
+
+from .conftest import save_atomic
+from .test_checkpoint import EXPECTED, bad_files
+
+
+def cli(*args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "rwkv_convert.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def assert_one_line_error(proc, pattern=None):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    if pattern:
+        import re
+
+        assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inspect_json_reports_version_and_dims(variant, fixture_dir):
+    proc = cli("inspect", fixture_path(variant, "bf16", directory=fixture_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["version"] == EXPECTED[variant]
+    assert (info["n_layer"], info["n_embd"], info["vocab_size"]) == (7, 128, 512)
+    assert info["dtypes"] == {"bfloat16": info["dtypes"]["bfloat16"]}
+    assert info["file_size"] == fixture_path(variant, "bf16", directory=fixture_dir).stat().st_size
+    assert info["capabilities"]["run"].startswith("yes")
+
+
+def test_inspect_table_for_one_layer_v52(tmp_path):
+    path = save_atomic(make_state_dict("v5.2", n_layer=1), tmp_path / "one.pth")
+    proc = cli("inspect", path)
+    assert proc.returncode == 0, proc.stderr
+    assert "RWKV-5.2 (Eagle), version 5.2" in proc.stdout
+    assert [line.split() for line in proc.stdout.splitlines() if line.startswith("layers")] == [["layers", "1"]]
+
+
+def test_inspect_v7_shows_lora_ranks_and_unused_layer0_keys(fixture_dir):
+    proc = cli("inspect", fixture_path("v7-layer0-v", directory=fixture_dir))
+    assert "w=32, a=24, g=48, v=16" in proc.stdout
+    assert "blocks.0.att.v0" in proc.stdout
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, fixture_dir):
+    for _name, path, pattern in bad_files(tmp_path, fixture_dir):
+        assert_one_line_error(cli("inspect", path), pattern)
+        assert_one_line_error(cli("run", path, "--tokens", "1"), pattern)
+
+
+def test_evil_pickle_never_runs(tmp_path, fixture_dir):
+    bad_files(tmp_path, fixture_dir)
+    proc = cli("inspect", tmp_path / "evil.pth")
+    assert "this ran" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("strategy,pattern", [
+    ("cpu fp64", r"'fp64' \(segment 1\) is not a dtype"),
+    ("gpu fp16", r"'gpu' \(segment 1\) is not a device"),
+    ("cpu fp16i4", "i4 weights do not exist"),
+    ("cpu fp16 *x", "is not a layer count"),
+    ("cuda fp16", "no CUDA device"),
+    ("", "empty strategy"),
+])
+def test_bad_strategy_exits_2(strategy, pattern, fixture_dir):
+    assert_one_line_error(cli("run", fixture_path("v6", directory=fixture_dir), "--strategy", strategy), pattern)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = cli("--debug", "inspect", tmp_path / "nope.pth")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_run_without_path_uses_the_bundled_default(fixture_dir):
+    proc = cli("run", "--prompt", "Hello", "--tokens", "8", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Hello") and len(proc.stdout) > len("Hello")
+    assert "bundled tiny random-weight" in proc.stderr
+
+
+def test_run_streams_the_greedy_continuation(fixture_dir):
+    path = fixture_path("v5.2", directory=fixture_dir)
+    proc = cli("run", path, "--prompt", "The cat", "--tokens", "12", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    model = rwkv_convert.load(path)
+    expected = "".join(generate(model, WorldTokenizer(vocab_size=512), "The cat", 12, temperature=0))
+    assert proc.stdout == "The cat" + expected + "\n"
+
+
+def test_run_same_seed_same_text(fixture_dir):
+    path = fixture_path("v4", directory=fixture_dir)
+    runs = [cli("run", path, "--tokens", "10", "--seed", "7").stdout for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_run_with_a_hugging_face_tokenizer(tmp_path, fixture_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the cat sat on the mat", "a dog and a cat"] * 20,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    proc = cli("run", fixture_path("v4", directory=fixture_dir), "--tokenizer", tmp_path / "tokenizer.json",
+               "--prompt", "the cat", "--tokens", "5", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("the cat")
+    (tmp_path / "broken.json").write_text("{")
+    assert_one_line_error(cli("run", fixture_path("v4", directory=fixture_dir), "--tokenizer",
+                              tmp_path / "broken.json"), "not a readable tokenizer.json")
+
+
+def test_make_fixture_writes_a_loadable_file(tmp_path):
+    proc = cli("make-fixture", "v5.1", "--dtype", "bf16", "--layers", "2", "-o", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert rwkv_convert.read_checkpoint(proc.stdout.strip()).spec.n_layer == 2
+    assert_one_line_error(cli("make-fixture", "v9"), "unknown fixture variant")
