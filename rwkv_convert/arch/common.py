@@ -20,6 +20,8 @@ def group_norm(x: torch.Tensor, n_head: int, weight: torch.Tensor, bias: torch.T
 
 def shifted(x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """The previous token's vector for every position of a [T, C] sequence; `last` ends the prior call."""
+    if x.shape[0] == 1:  # decoding: skip the concatenation
+        return last.unsqueeze(0).to(x.dtype)
     return torch.cat((last.unsqueeze(0).to(x.dtype), x[:-1]))
 
 

@@ -54,7 +54,9 @@ def expected_shapes(spec) -> dict:
 
 
 def prepare_layer(lw: dict, spec, layer_id: int) -> dict:
-    lw["att.r_k"] = lw["att.r_k"].reshape(-1)
+    lw["att.r_k"] = lw["att.r_k"].float().reshape(spec.n_head, -1)
+    # One [6, 1, C] tensor so that the six token-shift mixes are two ops, not twelve.
+    lw["att.x_mix"] = torch.stack([lw.pop("att.x_" + n) for n in MIXES]).unsqueeze(1)
     if layer_id == 0:
         for name in ("att.v0", "att.v1", "att.v2"):
             lw.pop(name, None)  # present in some files but never used: layer 0 defines v_first
@@ -88,7 +90,7 @@ def wkv7(r, w, k, v, kk, a, s):
 def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
     T, H, C = x.shape[0], state[1].shape[0], x.shape[1]
     sx = shifted(x, state[0]) - x
-    xr, xw, xk, xv, xa, xg = (x + sx * lw["att.x_" + n] for n in MIXES)
+    xr, xw, xk, xv, xa, xg = (x + sx * lw["att.x_mix"]).unbind(0)
 
     r = linear(xr, lw["att.receptance.weight"])
     w = torch.tanh(xw @ lw["att.w1"]) @ lw["att.w2"]
@@ -105,12 +107,10 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
         v = v + (ctx["v_first"].to(v) - v) * torch.sigmoid(lw["att.v0"] + (xv @ lw["att.v1"]) @ lw["att.v2"])
     w = torch.exp(-DECAY_SCALE * torch.sigmoid((lw["att.w0"] + w).float()))
 
-    def heads(t):
-        return t.float().view(T, H, -1)
-
-    y, state[1] = wkv7(heads(r), heads(w), heads(k), heads(v), heads(kk), heads(a), state[1])
+    r, k, v = (t.float().view(T, H, -1) for t in (r, k, v))
+    y, state[1] = wkv7(r, w.view(T, H, -1), k, v, kk.float().view(T, H, -1), a.float().view(T, H, -1), state[1])
     y = group_norm(y.view(T, C).to(x.dtype), H, lw["att.ln_x.weight"], lw["att.ln_x.bias"])
-    bonus = (heads(r) * heads(k) * lw["att.r_k"].float().view(H, -1)).sum(-1, keepdim=True) * heads(v)
+    bonus = (r * k * lw["att.r_k"]).sum(-1, keepdim=True) * v
     y = y + bonus.view(T, C).to(y.dtype)
     return linear(y * g, lw["att.output.weight"])
 
