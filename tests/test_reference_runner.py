@@ -165,3 +165,33 @@ def test_bf16_and_fp16_strategies_run_close_to_fp32(fixture_dir):
         assert max_diff(out, ref) <= bound, (strategy, max_diff(out, ref))
     assert rwkv_convert.load(path, "cpu fp16").rescale_layer == 6
     assert rwkv_convert.load(fixture_path("v7", "fp32", directory=fixture_dir), "cpu fp16").rescale_layer == 0
+
+
+@pytest.mark.parametrize("variant", ["v4", "v5.2", "v6", "v7"])
+def test_mixed_chains_place_each_layer_and_stay_close(variant, fixture_dir):
+    path = fixture_path(variant, "fp32", directory=fixture_dir)
+    tokens = list(range(1, 30))
+    ref = rwkv_convert.load(path).forward(tokens, full_output=True)[0]
+    model = rwkv_convert.load(path, "cpu fp32 *3 -> cpu bf16")
+    assert [p.atype for p in model.placements] == [torch.float32] * 3 + [torch.bfloat16] * 5
+    out, state = model.forward(tokens, full_output=True)
+    assert state[0].dtype == torch.float32 and state[-1].dtype == torch.bfloat16
+    assert max_diff(out, ref) <= 1.0  # bf16 activations in 4 of 7 layers (measured 0.09-0.37)
+    assert torch.isfinite(model.forward([3], state)[0]).all()
+
+
+def test_v52_bonus_stored_as_log_time_first_gives_the_same_model(tmp_path, fixture_dir):
+    """Some v5.2 files store the bonus as `time_first` = log(u) instead of `time_faaaa` = u."""
+    from .conftest import save_atomic
+
+    path = fixture_path("v5.2", "fp32", directory=fixture_dir)
+    # u must be positive to have a log; real files' bonuses are.
+    sd = {k: (v.clamp_min(1e-3) if "time_faaaa" in k else v) for k, v in torch.load(path, weights_only=True).items()}
+    log_form = {k.replace("time_faaaa", "time_first"): (torch.log(v) if "time_faaaa" in k else v)
+                for k, v in sd.items()}
+    ref_path = save_atomic(sd, tmp_path / "faaaa.pth")
+    log_path = save_atomic(log_form, tmp_path / "log.pth")
+    assert rwkv_convert.read_checkpoint(log_path).spec.bonus_is_log
+    tokens = list(range(3, 40))
+    expected = rwkv_convert.load(ref_path).forward(tokens, full_output=True)[0]
+    assert max_diff(rwkv_convert.load(log_path).forward(tokens, full_output=True)[0], expected) <= 1e-4
