@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,8 +31,6 @@ def assert_one_line_error(proc, pattern=None):
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     if pattern:
-        import re
-
         assert re.search(pattern, lines[0]), lines[0]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from types import ModuleType
@@ -52,12 +53,7 @@ def build_spec(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], sourc
     except KeyError as e:
         raise RwkvConvertError(f"{source} is an RWKV-{version} checkpoint without {e.args[0]}") from None
     counts = Counter(dtypes.values())
-    n_params = 0
-    for shape in shapes.values():
-        size = 1
-        for d in shape:
-            size *= d
-        n_params += size
+    n_params = sum(math.prod(shape) for shape in shapes.values())
     spec = ModelSpec(
         version=version, n_layer=n_layer, n_embd=int(n_embd), vocab_size=int(vocab),
         ffn_dim=int(shapes["blocks.0.ffn.key.weight"][0]), att_dim=int(shapes["blocks.0.att.key.weight"][0]),
