@@ -74,7 +74,7 @@ class Model:
         self.rescale_layer = 0 if spec.major >= 7 else rescale_layer
         self.source = checkpoint.path
         self._prepare(checkpoint.tensors)
-        self._state_shapes = [tuple(t.shape) for t in self.init_state()]
+        self._state_template = [(tuple(t.shape), t.dtype, t.device) for t in self.init_state()]
 
     # ---- loading ---------------------------------------------------------------------------------
     def _prepare(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -136,18 +136,20 @@ class Model:
         return list(tokens)
 
     def _check_state(self, state) -> list[torch.Tensor]:
-        if not isinstance(state, (list, tuple)) or len(state) != len(self._state_shapes):
+        if not isinstance(state, (list, tuple)) or len(state) != len(self._state_template):
             n = len(state) if isinstance(state, (list, tuple)) else type(state).__name__
             raise RwkvConvertError(
                 f"state has {n} tensors; an RWKV-{self.spec.version} model with {self.spec.n_layer} layers needs"
-                f" {len(self._state_shapes)} ({', '.join(self.module.STATE_NAMES)} per layer)")
-        for i, (t, shape) in enumerate(zip(state, self._state_shapes, strict=True)):
+                f" {len(self._state_template)} ({', '.join(self.module.STATE_NAMES)} per layer)")
+        checked = []
+        for i, (t, (shape, dtype, device)) in enumerate(zip(state, self._state_template, strict=True)):
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 name = self.module.STATE_NAMES[i % self.state_per_layer]
                 raise RwkvConvertError(f"state[{i}] ({name} of layer {i // self.state_per_layer}) has shape"
                                        f" {got}, expected {shape}")
-        return list(state)
+            checked.append(t.to(dtype=dtype, device=device))  # e.g. an fp32 state given to a bf16 model
+        return checked
 
     def forward(self, tokens, state=None, full_output: bool = False):
         """Logits (fp32) of the last token, or of every token ([T, V]) with full_output, and the new

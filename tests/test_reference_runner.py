@@ -153,6 +153,14 @@ def test_bad_tokens_and_states_are_clear_errors(fixture_dir):
         model.forward([1], state)
 
 
+def test_a_state_from_another_precision_is_accepted(fixture_dir):
+    path = fixture_path("v5.2", "fp32", directory=fixture_dir)
+    _, fp32_state = rwkv_convert.load(path).forward([1, 2, 3])
+    bf16 = rwkv_convert.load(path, "cpu bf16")
+    logits, state = bf16.forward([4], fp32_state)
+    assert torch.isfinite(logits).all() and state[0].dtype == torch.bfloat16 and state[1].dtype == torch.float32
+
+
 def test_bf16_and_fp16_strategies_run_close_to_fp32(fixture_dir):
     path = fixture_path("v6", "fp32", directory=fixture_dir)
     tokens = list(range(10, 40))
