@@ -11,9 +11,10 @@ from collections.abc import Sequence
 import torch
 
 from . import arch
-from .arch.common import layer_norm, linear
+from .arch.common import layer_norm
 from .checkpoint import Checkpoint
 from .errors import RwkvConvertError, UnsupportedError
+from .quant import scheme_for
 from .spec import ModelSpec
 from .strategy import DTYPES, Placement, Strategy, allocate, parse_strategy
 
@@ -31,15 +32,6 @@ def _check_device(device: str) -> None:
                                    f" {torch.cuda.device_count()} CUDA device(s)")
     elif device == "mps" and not torch.backends.mps.is_available():
         raise RwkvConvertError('the strategy asks for "mps" but torch has no MPS device; use "cpu fp32"')
-
-
-def _gemv_friendly(weight: torch.Tensor) -> torch.Tensor:
-    """Same [out, in] matrix, stored column-major when out >= in. CPU BLAS streams a one-token x @ W.T
-    much faster from that layout (measured: the 65536x768 head 9 ms vs 34 ms, 3072x768 0.44 vs 0.75 ms),
-    and no slower for sequences; for in > out the row-major layout is the faster one."""
-    if weight.dim() == 2 and weight.shape[0] >= weight.shape[1]:
-        return weight.t().contiguous().t()
-    return weight
 
 
 def _as_vector(t: torch.Tensor) -> torch.Tensor:
@@ -62,11 +54,6 @@ class Model:
         self.placements: list[Placement] = allocate(self.strategy, spec.n_layer)
         for p in self.placements:
             _check_device(p.device)
-            if p.weights == "i8":
-                raise UnsupportedError(f'int8 weights ("{self.strategy}") are not supported by this runner yet;'
-                                       " use fp32, bf16 or fp16")
-            if p.stream and p.device != "cpu":
-                raise UnsupportedError(f'streamed layers ("*N+" in "{self.strategy}") are not supported yet')
         self.module = arch.module_for(spec.version)
         if rescale_layer is None:  # the pip package: on whenever the strategy has fp16 (it never rescales v7)
             env = os.environ.get("RWKV_RESCALE_LAYER")
@@ -93,23 +80,24 @@ class Model:
                 lw = {k[len(prefix):]: v for k, v in tensors.items()
                       if k.startswith(prefix) and not k.startswith(prefix + "ln0.")}
                 for name, t in lw.items():
-                    if name in module.MATRICES:
-                        dtype = DTYPES[p.weights]
-                    elif name in module.FP32_PARAMS:
-                        dtype = torch.float32
-                    else:
-                        dtype = p.atype
-                    lw[name] = _as_vector(t).to(dtype)
-                if self.rescale_layer:
+                    if name not in module.MATRICES:
+                        dtype = torch.float32 if name in module.FP32_PARAMS else p.atype
+                        lw[name] = _as_vector(t).to(dtype)
+                if self.rescale_layer:  # exact (a power of two), so it may run in the file's dtype
                     scale = 2 ** (i // self.rescale_layer)
                     for name in ("att.output.weight", "ffn.value.weight"):
                         lw[name] = lw[name] / scale
+                scheme = scheme_for(p.weights)
+                for name in module.MATRICES:
+                    if name in lw:
+                        lw[name] = scheme.quantize(lw[name], p.atype)
                 lw = module.prepare_layer(lw, spec, i)
-                self.layers.append({k: _gemv_friendly(v.to(p.device)) if k in module.MATRICES else v.to(p.device)
-                                    for k, v in lw.items()})
+                # Streamed layers keep their matrices in CPU memory and copy them in for each call.
+                home = "cpu" if p.stream else p.device
+                self.layers.append({k: v.to(home if k in module.MATRICES else p.device) for k, v in lw.items()})
             self.ln_out = (tensors["ln_out.weight"].to(head.atype).to(head.device),
                            tensors["ln_out.bias"].to(head.atype).to(head.device))
-            self.head = _gemv_friendly(tensors["head.weight"].to(head.atype).to(head.device))
+            self.head = scheme_for(head.weights).quantize(tensors["head.weight"], head.atype).to(head.device)
 
     # ---- running ---------------------------------------------------------------------------------
     @property
@@ -165,6 +153,8 @@ class Model:
             for i, lw in enumerate(self.layers):
                 p = self.placements[i]
                 x = x.to(dtype=p.atype, device=p.device)
+                if p.stream and p.device != "cpu":
+                    lw = {k: (v.to(p.device) if k in self.module.MATRICES else v) for k, v in lw.items()}
                 layer_state = state[i * per_layer:(i + 1) * per_layer]
                 x = self.module.layer_forward(lw, x, layer_state, ctx)
                 state[i * per_layer:(i + 1) * per_layer] = layer_state
@@ -172,6 +162,7 @@ class Model:
                     x = x / 2
             if not full_output:
                 x = x[-1:]
-            x = x.to(dtype=self.head.dtype, device=self.head.device)
-            logits = linear(layer_norm(x, *self.ln_out), self.head).float()
+            head = self.placements[self.spec.n_layer]
+            x = x.to(dtype=head.atype, device=head.device)
+            logits = self.head.matmul(layer_norm(x, *self.ln_out)).float()
         return (logits if full_output else logits[0]), state

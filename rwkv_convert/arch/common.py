@@ -25,9 +25,9 @@ def shifted(x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     return torch.cat((last.unsqueeze(0).to(x.dtype), x[:-1]))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ W.T with W kept in the checkpoint's [out, in] layout (no transposed copy at load)."""
-    return F.linear(x, weight)
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """x @ W.T for a large matrix held by a weight scheme (float, int8, ...: see rwkv_convert.quant)."""
+    return weight.matmul(x)
 
 
 def channel_mix_lerp(lw: dict, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""The `rwkv` pip package's int8 scheme, reproduced bit for bit (minus its NaN on constant rows/columns).
+
+On W.T = [in, out] = [N, M] in fp32: subtract the row minima `my` and column minima `mx` (rows first when
+N > M, columns first otherwise), divide by the column maxima `rx` then the row maxima `ry`, and store
+q = clip(floor(256 W), 0, 255) as uint8, with `_rx = rx / 16`, `_ry = ry / 16` so that
+W ≈ (q + 0.5) · _ry · _rx + my + mx. Companions are kept in the activation dtype, as the package does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .native import int8_gemv, int8_library
+
+
+def _safe(divisor: torch.Tensor) -> torch.Tensor:
+    # A constant row/column has max 0 after the min is subtracted: the package divides 0 by 0 (NaN).
+    # Dividing those zeros by 1 keeps them 0, and q = 0 with r = 0 dequantises to exactly min + min.
+    return torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def quantize_rwkv_int8(weight_out_in: torch.Tensor, atype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{'q', 'mx', 'rx', 'my', 'ry'} for a [out, in] matrix, exactly as the package computes them."""
+    w = weight_out_in.t().to(torch.float32, copy=True)  # never write into the (mmap'd) source
+    if w.shape[0] > w.shape[1]:
+        my = torch.amin(w, dim=1).unsqueeze(1)
+        w = w - my
+        mx = torch.amin(w, dim=0)
+        w = w - mx
+    else:
+        mx = torch.amin(w, dim=0)
+        w = w - mx
+        my = torch.amin(w, dim=1).unsqueeze(1)
+        w = w - my
+    rx = torch.amax(w, dim=0)
+    w = w / _safe(rx)
+    ry = torch.amax(w, dim=1).unsqueeze(1)
+    w = w / _safe(ry)
+    q = torch.clip(torch.floor(w * 256), min=0, max=255).to(dtype=torch.uint8)
+    return {"q": q.contiguous(), "mx": mx.to(atype).contiguous(), "rx": (rx / 16).to(atype).contiguous(),
+            "my": my.to(atype).contiguous(), "ry": (ry / 16).to(atype).contiguous()}
+
+
+@dataclass
+class RwkvInt8Weight:
+    q: torch.Tensor  # uint8 [in, out]
+    mx: torch.Tensor  # [out]
+    rx: torch.Tensor  # [out]
+    my: torch.Tensor  # [in, 1]
+    ry: torch.Tensor  # [in, 1]
+
+    def __post_init__(self):
+        # fp32 copies of the (rounded) companions for the kernel and the dequantisation.
+        self._f32 = [t.float().reshape(-1).contiguous() for t in (self.mx, self.rx, self.my, self.ry)]
+
+    def dequantize(self) -> torch.Tensor:
+        """[out, in] fp32, from the stored (activation-dtype) companions."""
+        mx, rx, my, ry = self._f32
+        w = (self.q.float() + 0.5) * ry.unsqueeze(1) * rx + my.unsqueeze(1) + mx
+        return w.t()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] == 1 and int8_library() is not None:
+            return int8_gemv(x[0].float().contiguous(), self.q, *self._f32).to(x.dtype).unsqueeze(0)
+        # Sequences (and other devices): dequantise once per call, in fp32, then one matmul for all tokens.
+        return (x.float() @ self.dequantize().t()).to(x.dtype)
+
+    def to(self, device) -> RwkvInt8Weight:
+        return RwkvInt8Weight(*(t.to(device) for t in (self.q, self.mx, self.rx, self.my, self.ry)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.mx, self.rx, self.my, self.ry))
+
+    def named_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """In the pip package's converted-file naming."""
+        return {name: self.q, name + "_mx": self.mx, name + "_rx": self.rx, name + "_my": self.my,
+                name + "_ry": self.ry}
+
+
+class RwkvInt8Scheme:
+    name = "i8"
+
+    def quantize(self, weight: torch.Tensor, atype: torch.dtype) -> RwkvInt8Weight:
+        return RwkvInt8Weight(**quantize_rwkv_int8(weight, atype))
