@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint
 from .errors import RwkvConvertError, UnsupportedError
 from .quant import scheme_for
 from .spec import ModelSpec
-from .strategy import DTYPES, Placement, Strategy, allocate, parse_strategy
+from .strategy import Placement, Strategy, allocate, parse_strategy
 
 DEFAULT_RESCALE_LAYER = 6
 
