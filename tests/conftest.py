@@ -41,6 +41,22 @@ def save_atomic(sd: dict, path: Path) -> Path:
     return path
 
 
+def run_pip_jobs(jobs: list[dict], directory: Path, v7: bool = False) -> list[dict]:
+    """Runs tests/pip_oracle.py on the jobs in a fresh process (RWKV_V7_ON=1 for v7 files)."""
+    if not jobs:
+        return []
+    tag = f"{os.getpid()}-{id(jobs)}"
+    jobs_file, out_file = directory / f"jobs-{tag}.pt", directory / f"out-{tag}.pt"
+    torch.save(jobs, jobs_file)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_")}
+    if v7:
+        env["RWKV_V7_ON"] = "1"
+    proc = subprocess.run([sys.executable, str(HERE / "pip_oracle.py"), str(jobs_file), str(out_file)],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out_file, weights_only=True)
+
+
 class Oracle:
     """Results of the pip package for named jobs, computed in two subprocesses the first time asked."""
 
@@ -68,18 +84,9 @@ class Oracle:
 
     def _run(self) -> dict[str, dict]:
         results = {}
-        groups = {True: [n for n in self.jobs if n.startswith("v7")],
-                  False: [n for n in self.jobs if not n.startswith("v7")]}
-        for v7, names in groups.items():
-            jobs_file, out_file = self.dir / f"jobs-{v7}.pt", self.dir / f"out-{v7}.pt"
-            torch.save([self.jobs[n] for n in names], jobs_file)
-            env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_")}
-            if v7:
-                env["RWKV_V7_ON"] = "1"
-            proc = subprocess.run([sys.executable, str(HERE / "pip_oracle.py"), str(jobs_file), str(out_file)],
-                                  env=env, capture_output=True, text=True, timeout=900)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            results.update(zip(names, torch.load(out_file, weights_only=True), strict=True))
+        for v7 in (True, False):
+            names = [n for n in self.jobs if n.startswith("v7") == v7]
+            results.update(zip(names, run_pip_jobs([self.jobs[n] for n in names], self.dir, v7), strict=True))
         return results
 
     def __getitem__(self, name: str) -> dict:

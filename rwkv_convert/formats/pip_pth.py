@@ -1,0 +1,114 @@
+"""Converted files in the `rwkv` pip package's own format (what its `convert_and_save_and_exit` writes):
+the tensors after its load-time transforms for one strategy, plus `_strategy`, `_rescale_layer` and
+`_version`. `rwkv.model.RWKV(OUT, strategy=S)` loads them without converting again.
+
+Written tensor by tensor from the mmap'd source (the package loads the whole checkpoint first), atomically.
+Differences from the package's own converter, both so that the file loads in the package:
+- the v5.2/v6 bonus keeps its name `time_faaaa` (the package renames it `time_first`, after which its loader
+  can no longer find n_head for v6 and cannot load its own converted v6 files);
+- within each block, `ln_x` and `gate` keys come first, so that its key-order version detection sees them
+  before `time_decay` (a 1-layer v5.2 file otherwise fails to load)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import read_checkpoint
+from ..errors import RwkvConvertError, UnsupportedError
+from ..quant.rwkv_int8 import quantize_rwkv_int8
+from ..strategy import DTYPES, Strategy, allocate, parse_strategy
+from .torch_stream import StreamingTorchWriter
+
+FORMAT_VERSION = "0.7"
+MATRIX_SUFFIXES = ("key.weight", "value.weight", "receptance.weight", "gate.weight", "output.weight", "head.weight")
+
+
+def _layer_of(name: str, n_layer: int) -> int:
+    if name.startswith("blocks."):
+        return int(name.split(".")[1])
+    return n_layer if name.startswith(("ln_out.", "head.")) else 0
+
+
+def _key_order(names: list[str]) -> list[str]:
+    def rank(name: str) -> tuple[int, int]:
+        layer = int(name.split(".")[1]) if name.startswith("blocks.") else -1
+        return (layer, 0 if (".ln_x." in name or ".gate." in name) else 1)
+
+    return sorted(names, key=rank)  # stable: the file's order otherwise
+
+
+def transform(name: str, t: torch.Tensor, spec, placement, rescale_layer: int, layer: int) -> dict[str, torch.Tensor]:
+    """The package's load-time transform of one tensor (its `RWKV.__init__`, in the same op order)."""
+    major = spec.major
+    if rescale_layer > 0 and ("att.output.weight" in name or "ffn.value.weight" in name):
+        t = t / (2 ** int(layer // rescale_layer))
+    if ".time_" in name:
+        t = t.squeeze()
+    is_matrix = any(s in name for s in MATRIX_SUFFIXES)
+    if ".time_decay" in name and "_w" not in name:
+        if major == 4:
+            return {name: -torch.exp(t.float())}
+        if major == 5:
+            return {name: torch.exp(-torch.exp(t.float())).reshape(spec.n_head, -1, 1)}
+        return {name: t.float().reshape(spec.n_head, -1, 1)}
+    if ".time_first" in name or ".time_faaaa" in name:
+        if major == 4:
+            return {name: t.float()}
+        u = t.float() if ".time_faaaa" in name else torch.exp(t.float())
+        return {name: u.reshape(spec.n_head, -1, 1)}
+    if ".ln_x" in name:
+        return {name: t.float()}
+    if t.dim() == 2 and "emb" not in name and "_w1" not in name and "_w2" not in name:
+        if placement.weights == "i8":
+            parts = quantize_rwkv_int8(t, placement.atype)  # transposes itself; q is [in, out]
+            return {name: parts["q"], name + "_mx": parts["mx"], name + "_rx": parts["rx"],
+                    name + "_my": parts["my"], name + "_ry": parts["ry"]}
+        t = t.t() if is_matrix else t
+        return {name: t.to(dtype=DTYPES[placement.weights])}
+    return {name: t.to(dtype=placement.atype)}
+
+
+def convert_to_pip(source: str | os.PathLike, strategy: str | Strategy, output: str | os.PathLike,
+                   rescale_layer: int | None = None) -> Path:
+    ckpt = read_checkpoint(source)
+    spec = ckpt.spec
+    if spec.major >= 7:
+        raise UnsupportedError("the rwkv pip package cannot load converted RWKV-7 files (its v7 loader reads only"
+                               " original checkpoints); give it the original .pth")
+    if spec.time_state:
+        pass  # time_state is carried as-is: the package reads it when it builds the initial state
+    strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
+    placements = allocate(strategy, spec.n_layer)
+    if rescale_layer is None:
+        env = os.environ.get("RWKV_RESCALE_LAYER")
+        rescale_layer = int(env) if env else (6 if strategy.uses_fp16 else 0)
+    out = Path(output)
+    if out.is_dir():
+        raise RwkvConvertError(f"{out} is a directory; give the output file name (e.g. {out / 'model-converted.pth'})")
+    if not out.parent.exists():
+        raise RwkvConvertError(f"{out.parent} does not exist; create it first")
+    tensors = ckpt.tensors
+    with torch.no_grad(), StreamingTorchWriter(out) as writer:
+        for name in _key_order(list(tensors)):
+            if name.startswith("blocks.0.ln0."):
+                continue
+            layer = _layer_of(name, spec.n_layer)
+            if name == "emb.weight":
+                # The package folds ln0 in the file's own dtype (fp32 only if that fails).
+                emb, w, b = tensors[name], tensors["blocks.0.ln0.weight"], tensors["blocks.0.ln0.bias"]
+                try:
+                    t = F.layer_norm(emb, (spec.n_embd,), weight=w, bias=b)
+                except RuntimeError:
+                    t = F.layer_norm(emb.float(), (spec.n_embd,), weight=w.float(), bias=b.float())
+                writer.add(name, t.to(dtype=placements[0].atype))
+                continue
+            for key, value in transform(name, tensors[name], spec, placements[layer], rescale_layer, layer).items():
+                writer.add(key, value)
+        writer.add_value("_strategy", str(strategy))
+        writer.add_value("_rescale_layer", rescale_layer)
+        writer.add_value("_version", FORMAT_VERSION)
+    return out

@@ -1,0 +1,109 @@
+"""Writing a `torch.save`-compatible file one tensor at a time.
+
+torch.save pickles the whole object first and so needs every tensor in memory at once. This writer puts
+each tensor's bytes into the zip archive as soon as it is given (so the caller can free it) and writes
+the small pickle that references them at the end. `torch.load(weights_only=True, mmap=True)` reads it."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..errors import RwkvConvertError
+
+_STORAGE_TYPES = {dtype: getattr(torch, name) for dtype, name in torch.storage._dtype_to_storage_type_map().items()
+                  if hasattr(torch, name)}
+
+
+class _StorageRef:
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    def __init__(self, storage: _StorageRef, shape, stride):
+        self.storage, self.shape, self.stride = storage, shape, stride
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, self.stride, False, OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            return ("storage", _STORAGE_TYPES[obj.dtype], obj.key, "cpu", obj.numel)
+        return None
+
+
+class StreamingTorchWriter:
+    """with StreamingTorchWriter(path) as w: w.add("name", tensor); w.add_value("_meta", "x")
+    The file appears at `path` only when the block ends without an error (temp file, then rename)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        try:
+            self._zip = torch._C.PyTorchFileWriter(str(self.tmp))
+        except RuntimeError as e:
+            raise RwkvConvertError(f"cannot write {self.path}: {str(e).splitlines()[0]}") from None
+        self._entries: dict[str, object] = {}
+        self._n = 0
+        self._done = False
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().to("cpu").contiguous()
+        if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view into a larger storage: write only its own bytes
+        key = str(self._n)
+        self._n += 1
+        try:
+            self._zip.write_record(f"data/{key}", t.untyped_storage(), t.numel() * t.element_size())
+        except RuntimeError as e:  # e.g. the disk is full
+            raise RwkvConvertError(f"cannot write {self.path}: {str(e).splitlines()[0][:200]}") from None
+        self._entries[name] = _TensorRef(_StorageRef(key, t.dtype, t.numel()), tuple(t.shape), t.stride())
+
+    def add_value(self, name: str, value: str | int | float) -> None:
+        self._entries[name] = value
+
+    def close(self) -> None:
+        try:
+            self._finish()
+        except RuntimeError as e:
+            raise RwkvConvertError(f"cannot write {self.path}: {str(e).splitlines()[0][:200]}") from None
+
+    def _finish(self) -> None:
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(self._entries)
+        data = buf.getvalue()
+        self._zip.write_record("data.pkl", data, len(data))
+        self._zip.write_record(".format_version", "1", 1)
+        self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self._zip.write_end_of_file()
+        self._done = True
+
+    def __enter__(self) -> StreamingTorchWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.close()
+                os.replace(self.tmp, self.path)
+                return
+            except OSError as e:
+                self._discard()
+                raise RwkvConvertError(f"cannot write {self.path}: {e.strerror or e}") from None
+        self._discard()
+
+    def _discard(self) -> None:
+        try:
+            del self._zip
+        except AttributeError:
+            pass
+        self.tmp.unlink(missing_ok=True)

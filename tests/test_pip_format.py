@@ -1,0 +1,93 @@
+"""`convert --to pip`: files in the rwkv pip package's converted format, checked in the package itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_convert.fixtures import fixture_path
+from rwkv_convert.formats.pip_pth import convert_to_pip
+
+from .conftest import run_pip_jobs, tokens_for
+
+V4_TO_V6 = ["v4", "v5.0", "v5.1", "v5.2", "v5.2-state", "v6"]
+INT8_STRATEGIES = ["cpu fp16i8", "cpu fp32i8", "cpu bf16i8"]
+RUN_STRATEGIES = ["cpu fp32", "cpu fp32i8", "cpu fp32i8 *3 -> cpu fp32", "cpu bf16"]
+
+
+@pytest.fixture(scope="module")
+def package_results(fixture_dir, tmp_path_factory):
+    """One batch for the package: its own int8 conversions, and runs of our files and of the sources."""
+    out = tmp_path_factory.mktemp("pip-format")
+    jobs, names = [], []
+    tokens = tokens_for(512)[:24]
+    for variant in V4_TO_V6:
+        for dtype in ("fp32", "bf16"):
+            src = str(fixture_path(variant, dtype, directory=fixture_dir))
+            for strategy in INT8_STRATEGIES:
+                target = str(out / f"pkg-{variant}-{dtype}-{strategy.replace(' ', '_')}.pth")
+                names.append(("pkg-convert", variant, dtype, strategy))
+                jobs.append({"kind": "convert", "path": src, "strategy": strategy, "out": target, "tokens": [],
+                             "split": 0})
+        src = fixture_path(variant, "fp32", directory=fixture_dir)
+        for strategy in RUN_STRATEGIES:
+            ours = convert_to_pip(src, strategy, out / f"ours-{variant}-{strategy.replace(' ', '_')}.pth")
+            for kind, path in (("ours", ours), ("source", src)):
+                names.append((kind, variant, "fp32", strategy))
+                jobs.append({"kind": "quick", "path": str(path), "strategy": strategy, "tokens": tokens, "split": 0})
+    # The package's own converted v6 file, loaded back in the package.
+    own_v6 = str(out / "pkg-v6-fp32-cpu_fp32i8.pth")
+    names.append(("pkg-own-v6", "v6", "fp32", "cpu fp32i8"))
+    jobs.append({"kind": "quick", "path": own_v6, "strategy": "cpu fp32i8", "tokens": tokens, "split": 0})
+    return out, dict(zip(names, run_pip_jobs(jobs, out), strict=True))
+
+
+@pytest.mark.parametrize("variant", V4_TO_V6)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("strategy", INT8_STRATEGIES)
+def test_converted_tensors_are_bit_identical_to_the_package(variant, dtype, strategy, package_results,
+                                                            fixture_dir):
+    out, results = package_results
+    assert results[("pkg-convert", variant, dtype, strategy)] == {"ok": True}
+    theirs = torch.load(out / f"pkg-{variant}-{dtype}-{strategy.replace(' ', '_')}.pth", weights_only=True)
+    ours_path = convert_to_pip(fixture_path(variant, dtype, directory=fixture_dir), strategy,
+                               out / f"bits-{variant}-{dtype}-{strategy.replace(' ', '_')}.pth")
+    ours = torch.load(ours_path, weights_only=True)
+    # The one deliberate rename: we keep `time_faaaa` so that the package can load v6 files.
+    ours = {k.replace(".time_faaaa", ".time_first"): v for k, v in ours.items()}
+    assert set(ours) == set(theirs)
+    int8_keys = 0
+    for key, value in theirs.items():
+        if isinstance(value, torch.Tensor):
+            assert ours[key].dtype == value.dtype, key
+            assert ours[key].shape == value.shape, key
+            assert torch.equal(ours[key], value), key
+            int8_keys += value.dtype == torch.uint8
+        else:
+            assert ours[key] == value, key
+    assert int8_keys > 0
+
+
+@pytest.mark.parametrize("variant", V4_TO_V6)
+@pytest.mark.parametrize("strategy", RUN_STRATEGIES)
+def test_converted_file_runs_in_the_package_like_its_own_load(variant, strategy, package_results):
+    _, results = package_results
+    ours, source = results[("ours", variant, "fp32", strategy)], results[("source", variant, "fp32", strategy)]
+    assert "error" not in ours, ours.get("error")
+    assert torch.equal(ours["seq"], source["seq"])
+    for a, b in zip(ours["seq_state"], source["seq_state"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_packages_own_v6_files_do_not_load_in_the_package(package_results):
+    """Why our v6 files keep `time_faaaa`: the package renames it and then never sets n_head."""
+    _, results = package_results
+    assert "n_head" in results[("pkg-own-v6", "v6", "fp32", "cpu fp32i8")].get("error", "")
+
+
+def test_v7_is_refused_with_one_line(fixture_dir, tmp_path):
+    from rwkv_convert.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="cannot load converted RWKV-7 files"):
+        convert_to_pip(fixture_path("v7", directory=fixture_dir), "cpu fp32", tmp_path / "x.pth")
+    assert list(tmp_path.iterdir()) == []
