@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from rwkv_convert.fixtures import VARIANTS, fixture_path, make_state_dict
+from rwkv_convert.pip_runtime import run_in_pip_package
 
-HERE = Path(__file__).parent
 N_TOKENS, SPLIT = 64, 20
 # Shapes the standard fixtures do not have: other widths, head counts, layer counts, vocabularies, ranks.
 ODD_SHAPES = {
@@ -42,19 +40,7 @@ def save_atomic(sd: dict, path: Path) -> Path:
 
 
 def run_pip_jobs(jobs: list[dict], directory: Path, v7: bool = False) -> list[dict]:
-    """Runs tests/pip_oracle.py on the jobs in a fresh process (RWKV_V7_ON=1 for v7 files)."""
-    if not jobs:
-        return []
-    tag = f"{os.getpid()}-{id(jobs)}"
-    jobs_file, out_file = directory / f"jobs-{tag}.pt", directory / f"out-{tag}.pt"
-    torch.save(jobs, jobs_file)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_")}
-    if v7:
-        env["RWKV_V7_ON"] = "1"
-    proc = subprocess.run([sys.executable, str(HERE / "pip_oracle.py"), str(jobs_file), str(out_file)],
-                          env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out_file, weights_only=True)
+    return run_in_pip_package(jobs, v7=v7)
 
 
 class Oracle:
