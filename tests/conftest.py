@@ -39,10 +39,6 @@ def save_atomic(sd: dict, path: Path) -> Path:
     return path
 
 
-def run_pip_jobs(jobs: list[dict], directory: Path, v7: bool = False) -> list[dict]:
-    return run_in_pip_package(jobs, v7=v7)
-
-
 class Oracle:
     """Results of the pip package for named jobs, computed in two subprocesses the first time asked."""
 
@@ -72,7 +68,7 @@ class Oracle:
         results = {}
         for v7 in (True, False):
             names = [n for n in self.jobs if n.startswith("v7") == v7]
-            results.update(zip(names, run_pip_jobs([self.jobs[n] for n in names], self.dir, v7), strict=True))
+            results.update(zip(names, run_in_pip_package([self.jobs[n] for n in names], v7=v7), strict=True))
         return results
 
     def __getitem__(self, name: str) -> dict:

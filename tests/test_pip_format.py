@@ -7,8 +7,9 @@ import torch
 
 from rwkv_convert.fixtures import fixture_path
 from rwkv_convert.formats.pip_pth import convert_to_pip
+from rwkv_convert.pip_runtime import run_in_pip_package
 
-from .conftest import run_pip_jobs, tokens_for
+from .conftest import tokens_for
 
 V4_TO_V6 = ["v4", "v5.0", "v5.1", "v5.2", "v5.2-state", "v6"]
 INT8_STRATEGIES = ["cpu fp16i8", "cpu fp32i8", "cpu bf16i8"]
@@ -39,7 +40,7 @@ def package_results(fixture_dir, tmp_path_factory):
     own_v6 = str(out / "pkg-v6-fp32-cpu_fp32i8.pth")
     names.append(("pkg-own-v6", "v6", "fp32", "cpu fp32i8"))
     jobs.append({"kind": "quick", "path": own_v6, "strategy": "cpu fp32i8", "tokens": tokens, "split": 0})
-    return out, dict(zip(names, run_pip_jobs(jobs, out), strict=True))
+    return out, dict(zip(names, run_in_pip_package(jobs), strict=True))
 
 
 @pytest.mark.parametrize("variant", V4_TO_V6)
