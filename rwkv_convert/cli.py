@@ -91,6 +91,75 @@ def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_
     click.echo()
 
 
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--strategy", required=True, help='e.g. "cuda fp16i8 *10 -> cuda fp16".')
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
+def plan(path: str, strategy: str, as_json: bool) -> None:
+    """Per-layer placement of a strategy on PATH: device, dtypes, weight scheme, streaming, memory."""
+    from .checkpoint import read_checkpoint
+    from .plan import format_plan, make_plan
+
+    ckpt = read_checkpoint(path)
+    result = make_plan(ckpt.spec, {k: tuple(v.shape) for k, v in ckpt.tensors.items()}, strategy)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
+
+
+FORMATS = ("pip",)
+
+
+@main.command()
+@click.argument("source", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--to", "target", required=True, type=click.Choice(FORMATS),
+              help="pip: the rwkv pip package's converted .pth for one strategy.")
+@click.option("--strategy", default="cpu fp32", show_default=True, help="The strategy the file is made for.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output file.")
+@click.option("--verify", "then_verify", is_flag=True, help="Verify the written file against SOURCE.")
+@click.option("--tokens", default=64, show_default=True, type=click.IntRange(2, None), help="With --verify.")
+def convert(source: str, target: str, strategy: str, output: str, then_verify: bool, tokens: int) -> None:
+    """Convert SOURCE (an original .pth) for a runtime. Written tensor by tensor, atomically.
+
+    \b
+    Example:
+      rwkv-convert convert RWKV-x060-World-1B6.pth --to pip --strategy "cuda fp16i8" -o 1B6-fp16i8.pth
+    """
+    from .formats.pip_pth import convert_to_pip
+
+    out = convert_to_pip(source, strategy, output)
+    click.echo(f"wrote {out} ({out.stat().st_size:,} bytes) for strategy \"{strategy}\"", err=True)
+    if then_verify:
+        _verify_and_exit(str(out), source, strategy, tokens, 0, None)
+
+
+def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path) -> None:
+    from .verify import format_report, verify, write_json
+
+    report = verify(candidate, reference, strategy, tokens, seed)
+    click.echo(format_report(report))
+    if json_path:
+        write_json(report, json_path)
+    sys.exit(0 if report.passed else 1)
+
+
+@main.command("verify")
+@click.argument("candidate", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--reference", required=True, type=click.Path(dir_okay=True, path_type=str),
+              help="The original checkpoint CANDIDATE was made from.")
+@click.option("--strategy", default=None,
+              help="Strategy to run CANDIDATE with (converted files: the one they were made for).")
+@click.option("--tokens", default=64, show_default=True, type=click.IntRange(2, None), help="Tokens per stream.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random token stream.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the report as JSON here.")
+def verify_command(candidate, reference, strategy, tokens, seed, json_path) -> None:
+    """Compare CANDIDATE's outputs with the reference runner on SOURCE: exit 0 pass, 1 fail, 2 bad input.
+
+    Runs a fixed and a random token stream in sequence mode, token by token and in two chunks with the
+    state carried, and reports max |Δlogit|, relative L2, KL, top-1 agreement and the state difference
+    against one tolerance table (by the candidate's least precise weight scheme)."""
+    _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path)
+
+
 @main.command("make-fixture")
 @click.argument("variant")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))

@@ -38,6 +38,7 @@ class Placement:
     atype: torch.dtype
     weights: str  # "fp32" | "fp16" | "bf16" | "i8"
     stream: bool = False
+    segment: int = 0  # index of the strategy segment that placed it
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,12 @@ def allocate(strategy: Strategy, n_layer: int) -> list[Placement]:
         if allocated >= total:
             break
     free = [i for i, s in enumerate(segs) if s.count is None]
+    if stream_index >= 0 and free:
+        seg = segs[free[0]]
+        raise RwkvConvertError(
+            f'bad strategy "{strategy}": segment {free[0] + 1} "{seg}" has no *N, but segment {stream_index + 1}'
+            f' "{segs[stream_index]}" streams all remaining layers, so it would get none (the rwkv package'
+            f' silently leaves it empty); give it a count, e.g. "{seg} *1"')
     streamed = 0
     if stream_index < 0:
         for j, i in enumerate(free):  # later segments get the larger share, as in the package
@@ -123,5 +130,5 @@ def allocate(strategy: Strategy, n_layer: int) -> list[Placement]:
         first_streamed = counts[i] - streamed if i == stream_index else counts[i]
         for n in range(counts[i]):
             placements.append(Placement(seg.device, DTYPES[seg.dtype], "i8" if seg.int8 else seg.dtype,
-                                        stream=n >= first_streamed))
+                                        stream=n >= first_streamed, segment=i))
     return placements[:total]

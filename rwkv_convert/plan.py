@@ -1,0 +1,100 @@
+"""A strategy applied to a checkpoint: each slot's device, activation dtype, weight scheme, whether it is
+streamed, and the bytes each device holds. Computed from tensor shapes alone (nothing is loaded)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import arch
+from .strategy import Strategy, allocate, parse_strategy
+
+_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+_WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+@dataclass
+class SlotPlan:
+    slot: str  # "0".."L-1" or "head"
+    device: str
+    activations: str
+    weights: str
+    streamed: bool
+    bytes: int
+
+
+@dataclass
+class Plan:
+    strategy: str
+    n_layer: int
+    rescale_layer: int
+    slots: list[SlotPlan]
+    device_bytes: dict[str, int] = field(default_factory=dict)  # resident on each device
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _matrix_bytes(shape, weights: str, atype: torch.dtype) -> int:
+    n = shape[0] * shape[1]
+    if weights == "i8":  # q plus mx, rx (out) and my, ry (in) in the activation dtype
+        return n + 2 * (shape[0] + shape[1]) * _BYTES[atype]
+    return n * _WEIGHT_BYTES[weights]
+
+
+def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy) -> Plan:
+    strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
+    placements = allocate(strategy, spec.n_layer)
+    module = arch.module_for(spec.version)
+    rescale = 0 if spec.major >= 7 else (6 if strategy.uses_fp16 else 0)
+    plan = Plan(str(strategy), spec.n_layer, rescale, [])
+    for slot, p in enumerate(placements):
+        if slot < spec.n_layer:
+            prefix = f"blocks.{slot}."
+            names = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix) and ".ln0." not in k}
+            if slot == 0:
+                names["emb.weight"] = shapes["emb.weight"]
+        else:
+            names = {"ln_out.weight": shapes["ln_out.weight"], "ln_out.bias": shapes["ln_out.bias"],
+                     "head.weight": shapes["head.weight"]}
+        resident = streamed = 0
+        for name, shape in names.items():
+            if name in module.MATRICES or name == "head.weight":
+                size = _matrix_bytes(shape, p.weights, p.atype)
+                if p.stream:
+                    streamed += size
+                    continue
+            else:
+                numel = 1
+                for d in shape:
+                    numel *= d
+                size = numel * (4 if name in module.FP32_PARAMS else _BYTES[p.atype])
+            resident += size
+        plan.device_bytes[p.device] = plan.device_bytes.get(p.device, 0) + resident
+        if streamed:
+            plan.device_bytes["cpu (pinned, streamed)"] = plan.device_bytes.get("cpu (pinned, streamed)", 0) + streamed
+        plan.slots.append(SlotPlan("head" if slot == spec.n_layer else str(slot), p.device,
+                                   str(p.atype).removeprefix("torch."), p.weights, p.stream, resident + streamed))
+    used = {p.segment for p in placements}
+    for i, seg in enumerate(strategy.segments):
+        if i not in used and seg.count != 0:
+            plan.notes.append(f'segment "{seg}" gets no layers (the earlier segments take all {spec.n_layer + 1} slots)')
+    if rescale:
+        plan.notes.append(f"fp16 rescale: x is halved after every {rescale} layers (as the rwkv pip package does)")
+    return plan
+
+
+def format_plan(plan: Plan) -> str:
+    from .describe import human_size
+
+    lines = [f"strategy  {plan.strategy}   ({plan.n_layer} layers + head)", "",
+             f"{'slot':<6}{'device':<10}{'activations':<13}{'weights':<9}{'streamed':<10}{'size':>10}"]
+    for s in plan.slots:
+        lines.append(f"{s.slot:<6}{s.device:<10}{s.activations:<13}{s.weights:<9}{'yes' if s.streamed else '':<10}"
+                     f"{human_size(s.bytes):>10}")
+    lines.append("")
+    lines += [f"{device}: {human_size(n)}" for device, n in plan.device_bytes.items()]
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)

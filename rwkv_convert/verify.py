@@ -1,0 +1,225 @@
+"""Verification: the same token streams through a reference runner and a candidate's runner, in
+sequence mode, token by token, and in two chunks with the state carried; metrics and one tolerance table.
+
+The reference is our runner at `cpu fp32` on the source checkpoint. A candidate is run by the runtime its
+users use (the `rwkv` pip package for its converted `.pth` files) or, for a checkpoint plus a strategy,
+by our runner with that strategy."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import RwkvConvertError
+
+MODES = ("sequence", "one-token", "chunked")
+_MODE_KEYS = {"sequence": "seq", "one-token": "one", "chunked": "split"}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs: float  # max |Δlogit|
+    rel_l2: float  # ||Δ|| / ||reference|| over all positions
+    kl: float  # mean KL(reference || candidate) of the softmax, nats
+    top1: float  # minimum share of positions whose argmax agrees
+    reason: str
+
+
+# One table, keyed by the least precise part of the candidate's plan. Measured on the fixtures (7 layers,
+# logits of magnitude ~13, 2 x 64 tokens, v4-v7), worst case in the reason; bounds leave about 3x room.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(1e-3, 1e-4, 1e-6, 0.99,
+                      "same math in fp32, only summation order differs: measured max |Δ| <= 4e-5"),
+    "fp16": Tolerance(0.5, 0.01, 1e-3, 0.95,
+                      "fp16 (10-bit mantissa; v4-v6 rescaled every 6 layers): measured max |Δ| 0.2 (v7),"
+                      " rel L2 0.0034"),
+    "bf16": Tolerance(1.0, 0.05, 0.01, 0.85,
+                      "bf16 (7-bit mantissa): measured max |Δ| 0.33, rel L2 0.017, KL 0.0012, top-1 95%"),
+    "i8": Tolerance(1.0, 0.05, 0.01, 0.85,
+                    "int8 weights, row+column scales, fp32/fp16 activations: measured max |Δ| 0.34, rel L2 0.016,"
+                    " KL 0.0011, top-1 92%"),
+    "bf16i8": Tolerance(3.0, 0.15, 0.05, 0.75,
+                        "int8 weights with bf16 activations and scales: measured max |Δ| 1.4, rel L2 0.065,"
+                        " KL 0.018, top-1 88%"),
+}
+_PRECISION_ORDER = ("fp32", "fp16", "bf16", "i8", "bf16i8")
+
+
+def scheme_label(placement) -> str:
+    if placement.weights == "i8":
+        return "bf16i8" if placement.atype == torch.bfloat16 else "i8"
+    return placement.weights
+
+
+def tolerance_for(schemes: set[str]) -> tuple[str, Tolerance]:
+    worst = max(schemes, key=_PRECISION_ORDER.index)
+    return worst, TOLERANCES[worst]
+
+
+@dataclass
+class Metrics:
+    max_abs: float
+    rel_l2: float
+    kl: float
+    top1: float
+    state_max_abs: float | None
+
+
+@dataclass
+class VerifyReport:
+    candidate: str
+    reference: str
+    runner: str
+    scheme: str
+    tolerance: Tolerance
+    tokens: int
+    rows: dict[str, Metrics] = field(default_factory=dict)  # "stream/mode" -> metrics
+    passed: bool = True
+    worst: str = ""  # the metric furthest beyond (or closest to) its bound, "stream/mode metric"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, float, float, float]:
+    ref, cand = ref.double(), cand.double()
+    diff = cand - ref
+    max_abs = diff.abs().max().item()
+    rel_l2 = (diff.norm() / ref.norm().clamp_min(1e-30)).item()
+    log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    top1 = (ref.argmax(-1) == cand.argmax(-1)).double().mean().item()
+    return max_abs, rel_l2, max(kl, 0.0), top1
+
+
+def state_difference(ref: list, cand: list) -> float | None:
+    if not cand or len(ref) != len(cand):
+        return None
+    worst = 0.0
+    for a, b in zip(ref, cand, strict=True):
+        a, b = a.double(), b.double().to(a.device)
+        if a.shape != b.shape:
+            return None
+        finite = a.abs() < 1e29  # v4's pp starts at -1e30
+        worst = max(worst, (a - b)[finite].abs().max().item() if finite.any() else 0.0)
+    return worst
+
+
+def token_streams(vocab: int, n: int, seed: int) -> dict[str, list[int]]:
+    from .tokenizer import WorldTokenizer
+
+    text = ("RWKV is an RNN with transformer-level performance. It can be directly trained like a GPT "
+            "(parallelizable). 你好，世界！ 1234567890 ") * 8
+    fixed = WorldTokenizer(vocab_size=min(vocab, 65536)).encode(text)[:n]
+    fixed = (fixed * (n // max(len(fixed), 1) + 1))[:n]
+    gen = torch.Generator().manual_seed(seed)
+    return {"fixed": fixed, "random": torch.randint(0, vocab, (n,), generator=gen).tolist()}
+
+
+def run_ours(model, tokens: list[int], split: int) -> dict:
+    seq, seq_state = model.forward(tokens, full_output=True)
+    state, rows = None, []
+    for t in tokens:
+        logits, state = model.forward([t], state)
+        rows.append(logits)
+    first, s = model.forward(tokens[:split], full_output=True)
+    second, split_state = model.forward(tokens[split:], s, full_output=True)
+    return {"seq": seq, "seq_state": seq_state, "one": torch.stack(rows), "one_state": state,
+            "split": torch.cat([first, second]), "split_state": split_state}
+
+
+def is_pip_converted(path: str | Path) -> str | None:
+    """The strategy a file from the pip package's converter was made for, or None for other files."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return obj.get("_strategy") if isinstance(obj, dict) else None
+
+
+def verify(candidate: str | Path, reference: str | Path, strategy: str | None = None, tokens: int = 64,
+           seed: int = 0) -> VerifyReport:
+    from . import load
+    from .checkpoint import read_checkpoint
+    from .pip_runtime import run_in_pip_package
+    from .strategy import allocate, parse_strategy
+
+    if tokens < 2:
+        raise RwkvConvertError("--tokens must be at least 2 (the chunked mode splits the stream)")
+    ref_ckpt = read_checkpoint(reference)
+    spec = ref_ckpt.spec
+    reference_model = load(reference, "cpu fp32")
+    streams = token_streams(spec.vocab_size, tokens, seed)
+    split = max(1, tokens // 3)
+    refs = {name: run_ours(reference_model, toks, split) for name, toks in streams.items()}
+
+    converted_for = is_pip_converted(candidate)
+    if converted_for is not None:
+        if strategy and str(parse_strategy(strategy)) != converted_for:
+            raise RwkvConvertError(f"{candidate} was converted for \"{converted_for}\", not \"{strategy}\";"
+                                   " verify it with that strategy (or convert again)")
+        strategy = converted_for
+        runner = "rwkv pip package"
+        jobs = [{"kind": "run", "path": str(candidate), "strategy": strategy, "tokens": toks, "split": split}
+                for toks in streams.values()]
+        outputs = run_in_pip_package(jobs, v7=spec.major >= 7)
+        for out in outputs:
+            if "error" in out:
+                raise RwkvConvertError(f"the rwkv pip package could not run {candidate}: {out['error'][:300]}")
+        cands = dict(zip(streams, outputs, strict=True))
+    else:
+        strategy = strategy or "cpu fp32"
+        runner = "rwkv-convert runner"
+        model = load(candidate, strategy)
+        if (model.spec.vocab_size, model.spec.n_embd) != (spec.vocab_size, spec.n_embd):
+            raise RwkvConvertError(f"{candidate} (vocab {model.spec.vocab_size}, n_embd {model.spec.n_embd}) is not"
+                                   f" a conversion of {reference} (vocab {spec.vocab_size}, n_embd {spec.n_embd})")
+        cands = {name: run_ours(model, toks, split) for name, toks in streams.items()}
+
+    schemes = {scheme_label(p) for p in allocate(parse_strategy(strategy), spec.n_layer)}
+    scheme, tol = tolerance_for(schemes)
+    report = VerifyReport(candidate=str(candidate), reference=str(reference), runner=f"{runner} ({strategy})",
+                          scheme=scheme, tolerance=tol, tokens=tokens)
+    worst_ratio = -math.inf
+    for stream in streams:
+        for mode in MODES:
+            key = _MODE_KEYS[mode]
+            ref, cand = refs[stream][key], cands[stream][key]
+            if cand.shape != ref.shape:
+                raise RwkvConvertError(f"the candidate's logits have shape {tuple(cand.shape)}, expected"
+                                       f" {tuple(ref.shape)}: it is not a conversion of {reference}")
+            max_abs, rel_l2, kl, top1 = compare(ref, cand)
+            state = state_difference(refs[stream][key + "_state"], cands[stream].get(key + "_state"))
+            report.rows[f"{stream}/{mode}"] = Metrics(max_abs, rel_l2, kl, top1, state)
+            for metric, ratio in (("max |Δlogit|", max_abs / tol.max_abs), ("relative L2", rel_l2 / tol.rel_l2),
+                                  ("KL", kl / tol.kl), ("top-1 agreement", (1 - top1) / max(1 - tol.top1, 1e-9))):
+                if ratio > worst_ratio:
+                    worst_ratio, report.worst = ratio, f"{stream}/{mode} {metric}"
+                if ratio > 1:
+                    report.passed = False
+    return report
+
+
+def format_report(report: VerifyReport) -> str:
+    tol = report.tolerance
+    lines = [f"candidate  {report.candidate}", f"runner     {report.runner}",
+             f"reference  {report.reference} (rwkv-convert runner, cpu fp32)",
+             f"tolerance  {report.scheme}: max |Δ| <= {tol.max_abs:g}, rel L2 <= {tol.rel_l2:g}, KL <= {tol.kl:g},"
+             f" top-1 >= {tol.top1:.0%}  ({tol.reason})", "",
+             f"{'stream/mode':<20}{'max |Δlogit|':>14}{'rel L2':>11}{'KL':>11}{'top-1':>8}{'state Δ':>11}"]
+    for name, m in report.rows.items():
+        state = f"{m.state_max_abs:.2e}" if m.state_max_abs is not None else "-"
+        lines.append(f"{name:<20}{m.max_abs:>14.2e}{m.rel_l2:>11.2e}{m.kl:>11.2e}{m.top1:>8.1%}{state:>11}")
+    verdict = "PASS" if report.passed else "FAIL"
+    lines += ["", f"{verdict}: {report.tokens} tokens per stream; worst: {report.worst}"]
+    return "\n".join(lines)
+
+
+def write_json(report: VerifyReport, path: str | Path) -> None:
+    from .formats.atomic import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(report.to_dict(), indent=2))
