@@ -80,7 +80,8 @@ def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy
     used = {p.segment for p in placements}
     for i, seg in enumerate(strategy.segments):
         if i not in used and seg.count != 0:
-            plan.notes.append(f'segment "{seg}" gets no layers (the earlier segments take all {spec.n_layer + 1} slots)')
+            plan.notes.append(f'segment "{seg}" gets no layers'
+                              f" (the earlier segments take all {spec.n_layer + 1} slots)")
     if rescale:
         plan.notes.append(f"fp16 rescale: x is halved after every {rescale} layers (as the rwkv pip package does)")
     return plan

@@ -41,6 +41,32 @@ class _Pickler(pickle.Pickler):
         return None
 
 
+class _Sink:
+    """The file under the zip writer. Errors must never be raised into the writer (its C++ code is not
+    exception-safe: it aborts the process), so a failed write (e.g. a full disk) is recorded, later writes
+    are skipped, and StreamingTorchWriter raises the recorded error itself."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by StreamingTorchWriter
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while self.error is None and done < len(view):  # unbuffered writes may be partial
+                n = self.file.write(view[done:])
+                if not n:
+                    raise OSError(28, "No space left on device")
+                done += n
+        except OSError as e:
+            self.error = e
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
 class StreamingTorchWriter:
     """with StreamingTorchWriter(path) as w: w.add("name", tensor); w.add_value("_meta", "x")
     The file appears at `path` only when the block ends without an error (temp file, then rename)."""
@@ -49,9 +75,10 @@ class StreamingTorchWriter:
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         try:
-            self._zip = torch._C.PyTorchFileWriter(str(self.tmp))
-        except RuntimeError as e:
-            raise RwkvConvertError(f"cannot write {self.path}: {str(e).splitlines()[0]}") from None
+            self._sink = _Sink(self.tmp)
+        except OSError as e:
+            raise RwkvConvertError(f"cannot write {self.path}: {e.strerror or e}") from None
+        self._zip = torch._C.PyTorchFileWriter(self._sink)
         self._entries: dict[str, object] = {}
         self._n = 0
         self._done = False
@@ -62,10 +89,9 @@ class StreamingTorchWriter:
             t = t.clone()  # a view into a larger storage: write only its own bytes
         key = str(self._n)
         self._n += 1
-        try:
-            self._zip.write_record(f"data/{key}", t.untyped_storage(), t.numel() * t.element_size())
-        except RuntimeError as e:  # e.g. the disk is full
-            raise RwkvConvertError(f"cannot write {self.path}: {str(e).splitlines()[0][:200]}") from None
+        self._zip.write_record(f"data/{key}", t.untyped_storage(), t.numel() * t.element_size())
+        if self._sink.error is not None:  # e.g. the disk is full: stop now
+            raise self._failure(self._sink.error)
         self._entries[name] = _TensorRef(_StorageRef(key, t.dtype, t.numel()), tuple(t.shape), t.stride())
 
     def add_value(self, name: str, value: str | int | float) -> None:
@@ -74,8 +100,17 @@ class StreamingTorchWriter:
     def close(self) -> None:
         try:
             self._finish()
-        except RuntimeError as e:
-            raise RwkvConvertError(f"cannot write {self.path}: {str(e).splitlines()[0][:200]}") from None
+            if self._sink.error is not None:
+                raise self._sink.error
+            os.fsync(self._sink.file.fileno())
+            self._sink.file.close()
+        except (RuntimeError, OSError) as e:
+            raise self._failure(e) from None
+
+    def _failure(self, e: Exception) -> RwkvConvertError:
+        cause = self._sink.error or e
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0]
+        return RwkvConvertError(f"cannot write {self.path}: {reason[:200]}")
 
     def _finish(self) -> None:
         buf = io.BytesIO()
@@ -99,11 +134,13 @@ class StreamingTorchWriter:
             except OSError as e:
                 self._discard()
                 raise RwkvConvertError(f"cannot write {self.path}: {e.strerror or e}") from None
+            except RwkvConvertError:
+                self._discard()
+                raise
         self._discard()
 
     def _discard(self) -> None:
-        try:
-            del self._zip
-        except AttributeError:
-            pass
+        self._sink.error = self._sink.error or OSError("discarded")  # the writer's destructor writes nothing
+        self._zip = None
+        self._sink.file.close()
         self.tmp.unlink(missing_ok=True)
