@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import arch
+from . import arch, passes
 from .strategy import Strategy, allocate, parse_strategy
 
 _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
@@ -30,6 +30,7 @@ class Plan:
     n_layer: int
     rescale_layer: int
     slots: list[SlotPlan]
+    passes: list[str] = field(default_factory=list)  # load-time passes the runner applies (rwkv_convert.passes)
     device_bytes: dict[str, int] = field(default_factory=dict)  # resident on each device
     notes: list[str] = field(default_factory=list)
 
@@ -50,6 +51,9 @@ def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy
     module = arch.module_for(spec.version)
     rescale = 0 if spec.major >= 7 else (6 if strategy.uses_fp16 else 0)
     plan = Plan(str(strategy), spec.n_layer, rescale, [])
+    plan.passes = [passes.FOLD_LN0] + ([passes.RESCALE] if rescale else []) + [passes.DECAY]
+    if any(p.weights != "i8" for p in placements[:-1]):
+        plan.passes.append(passes.STACK)
     for slot, p in enumerate(placements):
         if slot < spec.n_layer:
             prefix = f"blocks.{slot}."
@@ -96,6 +100,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"{s.slot:<6}{s.device:<10}{s.activations:<13}{s.weights:<9}{'yes' if s.streamed else '':<10}"
                      f"{human_size(s.bytes):>10}")
     lines.append("")
+    lines.append(f"passes: {', '.join(plan.passes)}")
     lines += [f"{device}: {human_size(n)}" for device, n in plan.device_bytes.items()]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import arch
-from .arch.common import layer_norm
+from . import arch, passes
+from .arch.common import PROJECTIONS_KEY, layer_norm
 from .checkpoint import Checkpoint
 from .errors import RwkvConvertError, UnsupportedError
 from .quant import scheme_for
@@ -34,6 +34,10 @@ def _check_device(device: str) -> None:
         raise RwkvConvertError('the strategy asks for "mps" but torch has no MPS device; use "cpu fp32"')
 
 
+def _is_matrix(module, name: str) -> bool:
+    return name in module.MATRICES or name == PROJECTIONS_KEY
+
+
 def _as_vector(t: torch.Tensor) -> torch.Tensor:
     # [1, 1, C] mixes and offsets become [C] so that they broadcast against [T, C] activations.
     return t.reshape(-1) if t.dim() == 3 and t.shape[0] == 1 and t.shape[1] == 1 else t
@@ -43,7 +47,8 @@ class Model:
     """A runnable RWKV model. `forward(tokens, state=None, full_output=False) -> (logits, state)`."""
 
     def __init__(self, checkpoint: Checkpoint, strategy: str | Strategy = "cpu fp32",
-                 rescale_layer: int | None = None):
+                 rescale_layer: int | None = None, skip_passes: tuple[str, ...] = ()):
+        """skip_passes: optional passes to leave out (passes.FOLD_LN0, RESCALE, STACK), for comparisons."""
         spec = checkpoint.spec
         if spec.deep_embed:
             raise UnsupportedError(
@@ -60,20 +65,37 @@ class Model:
             rescale_layer = int(env) if env else (DEFAULT_RESCALE_LAYER if self.strategy.uses_fp16 else 0)
         self.rescale_layer = 0 if spec.major >= 7 else rescale_layer
         self.source = checkpoint.path
+        self._skip = set(skip_passes) - {passes.DECAY}
         self._prepare(checkpoint.tensors)
         self._state_template = [(tuple(t.shape), t.dtype, t.device) for t in self.init_state()]
 
     # ---- loading ---------------------------------------------------------------------------------
     def _prepare(self, tensors: dict[str, torch.Tensor]) -> None:
-        spec, module = self.spec, self.module
+        spec, module, skip = self.spec, self.module, self._skip
         first, head = self.placements[0], self.placements[spec.n_layer]
+        self.passes: list[str] = []
+
+        def record(name: str) -> None:
+            if name not in self.passes:
+                self.passes.append(name)
+
+        def ran(name: str) -> bool:
+            if name in skip:
+                return False
+            record(name)
+            return True
+
         with torch.no_grad():
             # ln0 is folded into the embedding table in fp32 (the pip package does it in the file's dtype
             # for v4-v6, so bf16 files give it a bf16-rounded table; see docs/numerics.md).
-            emb = layer_norm(tensors["emb.weight"].float(), tensors["blocks.0.ln0.weight"].float(),
-                             tensors["blocks.0.ln0.bias"].float())
-            self.emb = emb.to(first.atype).to(first.device)
-            self.layers: list[dict[str, torch.Tensor]] = []
+            self.ln0 = None
+            if ran(passes.FOLD_LN0):
+                tensors = passes.fold_ln0(tensors)
+            else:
+                self.ln0 = tuple(tensors[f"blocks.0.ln0.{n}"].to(first.atype).to(first.device)
+                                 for n in ("weight", "bias"))
+            self.emb = tensors["emb.weight"].to(first.atype).to(first.device)
+            self.layers: list[dict] = []
             for i in range(spec.n_layer):
                 p = self.placements[i]
                 prefix = f"blocks.{i}."
@@ -83,18 +105,21 @@ class Model:
                     if name not in module.MATRICES:
                         dtype = torch.float32 if name in module.FP32_PARAMS else p.atype
                         lw[name] = _as_vector(t).to(dtype)
-                if self.rescale_layer:  # exact (a power of two), so it may run in the file's dtype
-                    scale = 2 ** (i // self.rescale_layer)
-                    for name in ("att.output.weight", "ffn.value.weight"):
-                        lw[name] = lw[name] / scale
+                if self.rescale_layer and ran(passes.RESCALE):
+                    lw = passes.rescale_for_fp16(lw, i, self.rescale_layer)
                 scheme = scheme_for(p.weights)
                 for name in module.MATRICES:
                     if name in lw:
                         lw[name] = scheme.quantize(lw[name], p.atype)
-                lw = module.prepare_layer(lw, spec, i)
+                record(passes.DECAY)  # the runner's math expects it: it always runs
+                lw = passes.precompute_decay(lw, module, spec, i)
+                if passes.STACK not in skip:
+                    lw = passes.stack_projections(lw, module.PROJECTIONS)
+                    if PROJECTIONS_KEY in lw:  # float layers only
+                        record(passes.STACK)
                 # Streamed layers keep their matrices in CPU memory and copy them in for each call.
                 home = "cpu" if p.stream else p.device
-                self.layers.append({k: v.to(home if k in module.MATRICES else p.device) for k, v in lw.items()})
+                self.layers.append({k: v.to(home if _is_matrix(module, k) else p.device) for k, v in lw.items()})
             self.ln_out = (tensors["ln_out.weight"].to(head.atype).to(head.device),
                            tensors["ln_out.bias"].to(head.atype).to(head.device))
             self.head = scheme_for(head.weights).quantize(tensors["head.weight"], head.atype).to(head.device)
@@ -149,12 +174,14 @@ class Model:
         # The returned state tensors are inference tensors: clone() them before editing them in place.
         with torch.inference_mode():
             x = self.emb[torch.tensor(tokens, device=self.emb.device)]
+            if self.ln0 is not None:
+                x = layer_norm(x, *self.ln0)
             ctx: dict = {}
             for i, lw in enumerate(self.layers):
                 p = self.placements[i]
                 x = x.to(dtype=p.atype, device=p.device)
                 if p.stream and p.device != "cpu":
-                    lw = {k: (v.to(p.device) if k in self.module.MATRICES else v) for k, v in lw.items()}
+                    lw = {k: (v.to(p.device) if _is_matrix(self.module, k) else v) for k, v in lw.items()}
                 layer_state = state[i * per_layer:(i + 1) * per_layer]
                 x = self.module.layer_forward(lw, x, layer_state, ctx)
                 state[i * per_layer:(i + 1) * per_layer] = layer_state

@@ -30,6 +30,18 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
     return weight.matmul(x)
 
 
+PROJECTIONS_KEY = "att.projections"
+
+
+def project(lw: dict, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{weight name: input} -> {weight name: input @ W.T} for a layer's attention input projections: one
+    batched matmul when the stack-projections pass has stacked them, else one matmul each."""
+    stacked = lw.get(PROJECTIONS_KEY)
+    if stacked is not None:
+        return stacked.matmul_many(inputs)
+    return {name: linear(x, lw[name]) for name, x in inputs.items()}
+
+
 def channel_mix_lerp(lw: dict, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """v4/v5 FFN: mixes are lerp weights `x*mix + sx*(1-mix)`, gated by a sigmoid receptance."""
     sx = shifted(x, last)

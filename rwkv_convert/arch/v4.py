@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .common import channel_mix_lerp, common_shapes, linear, residual_block, shifted
+from .common import channel_mix_lerp, common_shapes, linear, project, residual_block, shifted
 
 VERSIONS = ("4",)
 STATE_NAMES = ("att_shift", "att_aa", "att_bb", "att_pp", "ffn_shift")
 MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
             "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 FP32_PARAMS = ("att.time_decay", "att.time_first")
+PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight")
 
 
 def matches(shapes: dict) -> str | None:
@@ -58,9 +59,9 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
     kx = x * lw["att.time_mix_k"] + sx * (1 - lw["att.time_mix_k"])
     vx = x * lw["att.time_mix_v"] + sx * (1 - lw["att.time_mix_v"])
     rx = x * lw["att.time_mix_r"] + sx * (1 - lw["att.time_mix_r"])
-    r = torch.sigmoid(linear(rx, lw["att.receptance.weight"]))
-    k = linear(kx, lw["att.key.weight"]).float()
-    v = linear(vx, lw["att.value.weight"]).float()
+    p = project(lw, {"att.receptance.weight": rx, "att.key.weight": kx, "att.value.weight": vx})
+    r = torch.sigmoid(p["att.receptance.weight"])
+    k, v = p["att.key.weight"].float(), p["att.value.weight"].float()
 
     w, u = lw["att.time_decay"], lw["att.time_first"]
     aa, bb, pp = state[1], state[2], state[3]

@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import channel_mix_lerp, common_shapes, group_norm, linear, residual_block, shifted
+from .common import channel_mix_lerp, common_shapes, group_norm, linear, project, residual_block, shifted
 
 VERSIONS = ("5.0", "5.1", "5.2")
 STATE_NAMES = ("att_shift", "att_kv", "ffn_shift")
 MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.gate.weight",
             "att.output.weight", "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 FP32_PARAMS = ("att.time_decay", "att.time_first", "att.time_faaaa", "att.ln_x.weight", "att.ln_x.bias")
+PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.gate.weight")
 
 
 def matches(shapes: dict) -> str | None:
@@ -100,13 +101,16 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
         mix = lw["att.time_mix_" + name]
         return x * mix + sx * (1 - mix)
 
-    r = linear(lerp("r"), lw["att.receptance.weight"]).float().view(T, H, -1)
-    k = linear(lerp("k"), lw["att.key.weight"]).float().view(T, H, -1)
-    v = linear(lerp("v"), lw["att.value.weight"]).float().view(T, H, -1)
+    inputs = {"att.receptance.weight": lerp("r"), "att.key.weight": lerp("k"), "att.value.weight": lerp("v")}
+    gated = "att.time_mix_g" in lw  # v5.1+
+    if gated:
+        inputs["att.gate.weight"] = lerp("g")
+    p = project(lw, inputs)
+    r, k, v = (p[n].float().view(T, H, -1) for n in ("att.receptance.weight", "att.key.weight", "att.value.weight"))
     y, state[1] = wkv(r, k, v, lw["att.time_decay"], lw["att.bonus"], state[1])
     y = group_norm(y.view(T, -1), H, lw["att.ln_x.weight"], lw["att.ln_x.bias"]).to(x.dtype)
-    if "att.gate.weight" in lw:
-        y = y * F.silu(linear(lerp("g"), lw["att.gate.weight"]))
+    if gated:
+        y = y * F.silu(p["att.gate.weight"])
     return linear(y, lw["att.output.weight"])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import channel_mix_maa, common_shapes, group_norm, linear, residual_block, shifted
+from .common import channel_mix_maa, common_shapes, group_norm, linear, project, residual_block, shifted
 from .v5 import init_state as init_state  # same state layout and time_state handling as v5
 from .v5 import wkv
 
@@ -15,6 +15,7 @@ MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.
             "att.output.weight", "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 FP32_PARAMS = ("att.time_decay", "att.time_faaaa", "att.ln_x.weight", "att.ln_x.bias")
 MAA_ORDER = ("w", "k", "v", "r", "g")  # slice order of time_maa_w2
+PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.gate.weight")
 
 
 def matches(shapes: dict) -> str | None:
@@ -65,10 +66,10 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
     offsets = torch.bmm(lora, lw["att.time_maa_w2"])  # [5, T, C]
     mixed = {n: x + sx * (lw["att.time_maa_" + n] + offsets[j]) for j, n in enumerate(MAA_ORDER)}
 
-    r = linear(mixed["r"], lw["att.receptance.weight"]).float().view(T, H, -1)
-    k = linear(mixed["k"], lw["att.key.weight"]).float().view(T, H, -1)
-    v = linear(mixed["v"], lw["att.value.weight"]).float().view(T, H, -1)
-    g = F.silu(linear(mixed["g"], lw["att.gate.weight"]))
+    p = project(lw, {"att.receptance.weight": mixed["r"], "att.key.weight": mixed["k"],
+                     "att.value.weight": mixed["v"], "att.gate.weight": mixed["g"]})
+    r, k, v = (p[n].float().view(T, H, -1) for n in ("att.receptance.weight", "att.key.weight", "att.value.weight"))
+    g = F.silu(p["att.gate.weight"])
     decay = torch.tanh(mixed["w"] @ lw["att.time_decay_w1"]) @ lw["att.time_decay_w2"]
     w = torch.exp(-torch.exp(lw["att.time_decay"] + decay.float().view(T, H, -1))).unsqueeze(-1)
 

@@ -8,13 +8,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import common_shapes, group_norm, linear, residual_block, shifted
+from .common import common_shapes, group_norm, linear, project, residual_block, shifted
 
 VERSIONS = ("7",)
 STATE_NAMES = ("att_shift", "att_kv", "ffn_shift")
 MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
             "ffn.key.weight", "ffn.value.weight")
 FP32_PARAMS = ()
+PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight")
 MIXES = ("r", "w", "k", "v", "a", "g")
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1)
 DEEP_EMBED_KEYS = ("ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s0", "ffn.s1", "ffn.s2")
@@ -92,10 +93,9 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
     sx = shifted(x, state[0]) - x
     xr, xw, xk, xv, xa, xg = (x + sx * lw["att.x_mix"]).unbind(0)
 
-    r = linear(xr, lw["att.receptance.weight"])
+    p = project(lw, {"att.receptance.weight": xr, "att.key.weight": xk, "att.value.weight": xv})
+    r, k, v = p["att.receptance.weight"], p["att.key.weight"], p["att.value.weight"]
     w = torch.tanh(xw @ lw["att.w1"]) @ lw["att.w2"]
-    k = linear(xk, lw["att.key.weight"])
-    v = linear(xv, lw["att.value.weight"])
     a = torch.sigmoid(lw["att.a0"] + (xa @ lw["att.a1"]) @ lw["att.a2"])
     g = torch.sigmoid(xg @ lw["att.g1"]) @ lw["att.g2"]
 
