@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import pickle
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,13 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]  # mmap-backed: reading a tensor's data pages it in
     spec: ModelSpec
     unused_keys: list[str] = field(default_factory=list)
+    mmapped: bool = True  # tensors are views of a read-only file mapping (False for legacy-format files)
+
+    def release(self, name: str) -> None:
+        """Done with a tensor: let the kernel drop its pages from this process's memory (they are read
+        from the file again if it is used later), so that streaming conversions keep a small RSS."""
+        if self.mmapped:
+            drop_file_pages(self.tensors[name])
 
     @property
     def file_size(self) -> int:
@@ -39,22 +49,48 @@ def check_input_file(path: str | os.PathLike) -> Path:
     return p
 
 
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+_libc = None
+
+
+def drop_file_pages(t: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages inside a file-mapped tensor (Linux; no-op elsewhere).
+    Only for tensors backed by a file mapping: on anonymous memory it would zero the data."""
+    global _libc
+    if sys.platform != "linux" or t.device.type != "cpu" or t.numel() == 0:
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    if last > first:
+        _libc.madvise(first, last - first, _MADV_DONTNEED)
+
+
 def _torch_load(path: Path):
+    """(state, mmapped)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
     except RuntimeError as e:
         if "mmap" not in str(e):
             raise
         # Files written by torch < 1.6 (legacy, non-zip) cannot be mapped; read them into memory.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True), False
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return _load_state_dict(path)[0]
+
+
+def _load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """torch.load with weights_only=True (plain tensors only) and mmap where the file allows it."""
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
             warnings.simplefilter("ignore")
-            obj = _torch_load(path)
+            obj, mmapped = _torch_load(path)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         detail = f"it asks for the Python object {found.group(1)}" if found else ""
@@ -73,14 +109,14 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise RwkvConvertError(f"{path} holds no tensors; it is not an RWKV checkpoint")
-    return tensors
+    return tensors, mmapped
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     p = check_input_file(path)
-    tensors = load_state_dict(p)
+    tensors, mmapped = _load_state_dict(p)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
     spec = build_spec(shapes, dtypes, source=str(p))
     unused = check_shapes(spec, shapes, source=str(p))
-    return Checkpoint(path=p, tensors=tensors, spec=spec, unused_keys=unused)
+    return Checkpoint(path=p, tensors=tensors, spec=spec, unused_keys=unused, mmapped=mmapped)

@@ -79,8 +79,6 @@ def convert_to_pip(source: str | os.PathLike, strategy: str | Strategy, output: 
     if spec.major >= 7:
         raise UnsupportedError("the rwkv pip package cannot load converted RWKV-7 files (its v7 loader reads only"
                                " original checkpoints); give it the original .pth")
-    if spec.time_state:
-        pass  # time_state is carried as-is: the package reads it when it builds the initial state
     strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
     placements = allocate(strategy, spec.n_layer)
     if rescale_layer is None:
@@ -105,9 +103,12 @@ def convert_to_pip(source: str | os.PathLike, strategy: str | Strategy, output: 
                 except RuntimeError:
                     t = F.layer_norm(emb.float(), (spec.n_embd,), weight=w.float(), bias=b.float())
                 writer.add(name, t.to(dtype=placements[0].atype))
+                del t
+                ckpt.release(name)
                 continue
             for key, value in transform(name, tensors[name], spec, placements[layer], rescale_layer, layer).items():
                 writer.add(key, value)
+            ckpt.release(name)
         writer.add_value("_strategy", str(strategy))
         writer.add_value("_rescale_layer", rescale_layer)
         writer.add_value("_version", FORMAT_VERSION)
