@@ -16,10 +16,14 @@ def capabilities(ckpt: Checkpoint) -> dict[str, str]:
     if spec.deep_embed:
         can["run"] = "no: DeepEmbed (ffn.s_emb) is not supported by the runner yet"
     else:
-        can["run"] = "yes: strategies cpu|cuda|mps with fp32, bf16 or fp16"
+        can["run"] = "yes: any strategy (cpu|cuda|mps, fp32|fp16|bf16, i8 weights, *N, *N+, ->)"
     arch = LLAMA_CPP_ARCH.get(spec.version)
     can["llama.cpp"] = f"has architecture {arch}" if arch else "has no architecture for this version"
-    can["convert"] = "not in this release of rwkv-convert"
+    if spec.major < 7:
+        can["convert --to pip"] = "yes: a file the rwkv pip package loads for one strategy (int8 included)"
+    else:
+        can["convert --to pip"] = "no: the rwkv package's RWKV-7 loader reads only original checkpoints"
+    can["verify"] = "yes: against this file as --reference"
     return can
 
 
