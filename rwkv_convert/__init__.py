@@ -12,9 +12,20 @@ from .spec import ModelSpec
 __version__ = "0.1.0"
 
 
-def load(path: str | os.PathLike, strategy: str = "cpu fp32") -> Model:
-    """Read a checkpoint and prepare it to run with the given strategy string."""
-    return Model(read_checkpoint(path), strategy)
+def load(path: str | os.PathLike, strategy: str | None = None) -> Model:
+    """Read a model file and prepare it to run.
+
+    - an original checkpoint (.pth): with `strategy` (default "cpu fp32");
+    - a file converted for the rwkv pip package: with the strategy it was made for (`strategy` must be that
+      one or None)."""
+    from .checkpoint import check_input_file, load_raw
+    from .formats.pip_pth import read_pip_converted
+
+    p = check_input_file(path)
+    raw, mmapped = load_raw(p)
+    if "_strategy" in raw:
+        return read_pip_converted(p, raw, strategy)
+    return Model(read_checkpoint(p, (raw, mmapped)), strategy or "cpu fp32")
 
 
 __all__ = ["Checkpoint", "Model", "ModelSpec", "RwkvConvertError", "UnsupportedError", "load", "read_checkpoint"]

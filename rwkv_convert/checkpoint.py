@@ -82,10 +82,11 @@ def _torch_load(path: Path):
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    return _load_state_dict(path)[0]
+    return _tensors_only(path, load_raw(path)[0])
 
 
-def _load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+def load_raw(path: Path) -> tuple[dict, bool]:
+    """The file's top-level dict (unwrapped from `state_dict`), and whether its tensors are mmap'd."""
     """torch.load with weights_only=True (plain tensors only) and mmap where the file allows it."""
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
@@ -106,15 +107,24 @@ def _load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise RwkvConvertError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+    return obj, mmapped
+
+
+def _tensors_only(path: Path, obj: dict) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise RwkvConvertError(f"{path} holds no tensors; it is not an RWKV checkpoint")
-    return tensors, mmapped
+    return tensors
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, raw: tuple[dict, bool] | None = None) -> Checkpoint:
+    """An original checkpoint (raw: what load_raw already returned for it, to avoid reading it twice)."""
     p = check_input_file(path)
-    tensors, mmapped = _load_state_dict(p)
+    raw = raw or load_raw(p)
+    if "_strategy" in raw[0]:
+        raise RwkvConvertError(f"{p} is a file converted for the rwkv pip package, not an original checkpoint;"
+                               " give the original .pth (rwkv_convert.load() runs converted files)")
+    tensors, mmapped = _tensors_only(p, raw[0]), raw[1]
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
     spec = build_spec(shapes, dtypes, source=str(p))

@@ -131,10 +131,10 @@ def convert(source: str, target: str, strategy: str, output: str, then_verify: b
         _verify_and_exit(str(out), source, strategy, tokens, 0, None)
 
 
-def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path) -> None:
+def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner="native") -> None:
     from .verify import format_report, verify, write_json
 
-    report = verify(candidate, reference, strategy, tokens, seed)
+    report = verify(candidate, reference, strategy, tokens, seed, runner)
     click.echo(format_report(report))
     if json_path:
         write_json(report, json_path)
@@ -151,13 +151,15 @@ def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path) ->
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random token stream.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Also write the report as JSON here.")
-def verify_command(candidate, reference, strategy, tokens, seed, json_path) -> None:
+@click.option("--runner", default="native", show_default=True, type=click.Choice(["native", "ours"]),
+              help="native: the runtime the format is for (the rwkv pip package for its files); ours: our reader.")
+def verify_command(candidate, reference, strategy, tokens, seed, json_path, runner) -> None:
     """Compare CANDIDATE's outputs with the reference runner on SOURCE: exit 0 pass, 1 fail, 2 bad input.
 
     Runs a fixed and a random token stream in sequence mode, token by token and in two chunks with the
     state carried, and reports max |Δlogit|, relative L2, KL, top-1 agreement and the state difference
     against one tolerance table (by the candidate's least precise weight scheme)."""
-    _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path)
+    _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner)
 
 
 @main.command("make-fixture")

@@ -49,12 +49,17 @@ class Model:
     def __init__(self, checkpoint: Checkpoint, strategy: str | Strategy = "cpu fp32",
                  rescale_layer: int | None = None, skip_passes: tuple[str, ...] = ()):
         """skip_passes: optional passes to leave out (passes.FOLD_LN0, RESCALE, STACK), for comparisons."""
-        spec = checkpoint.spec
-        if spec.deep_embed:
+        if checkpoint.spec.deep_embed:
             raise UnsupportedError(
                 f"{checkpoint.path} is an RWKV-7 DeepEmbed model (ffn.s_emb); `inspect` reads it, but running"
                 " it is not supported yet")
-        self.spec: ModelSpec = spec
+        self._setup(checkpoint.spec, strategy, rescale_layer, checkpoint.path)
+        self._skip = set(skip_passes) - {passes.DECAY}
+        self._prepare(checkpoint.tensors)
+        self._state_template = [(tuple(t.shape), t.dtype, t.device) for t in self.init_state()]
+
+    def _setup(self, spec: ModelSpec, strategy: str | Strategy, rescale_layer: int | None, source) -> None:
+        self.spec = spec
         self.strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
         self.placements: list[Placement] = allocate(self.strategy, spec.n_layer)
         for p in self.placements:
@@ -64,10 +69,25 @@ class Model:
             env = os.environ.get("RWKV_RESCALE_LAYER")
             rescale_layer = int(env) if env else (DEFAULT_RESCALE_LAYER if self.strategy.uses_fp16 else 0)
         self.rescale_layer = 0 if spec.major >= 7 else rescale_layer
-        self.source = checkpoint.path
-        self._skip = set(skip_passes) - {passes.DECAY}
-        self._prepare(checkpoint.tensors)
-        self._state_template = [(tuple(t.shape), t.dtype, t.device) for t in self.init_state()]
+        self.source = source
+
+    @classmethod
+    def from_prepared(cls, spec: ModelSpec, strategy: str | Strategy, rescale_layer: int, source, emb: torch.Tensor,
+                      layers: list[dict], ln_out: tuple, head, applied: list[str]) -> Model:
+        """A model from weights already transformed for the runner (e.g. read from a converted file)."""
+        model = cls.__new__(cls)
+        model._setup(spec, strategy, rescale_layer, source)
+        model.passes, model.ln0 = list(applied), None
+        model.emb = emb.to(model.placements[0].device)
+        model.layers = []
+        for p, lw in zip(model.placements[: spec.n_layer], layers, strict=True):
+            home = "cpu" if p.stream else p.device
+            model.layers.append({k: v.to(home if _is_matrix(model.module, k) else p.device) for k, v in lw.items()})
+        head_place = model.placements[spec.n_layer]
+        model.ln_out = tuple(t.to(head_place.device) for t in ln_out)
+        model.head = head.to(head_place.device)
+        model._state_template = [(tuple(t.shape), t.dtype, t.device) for t in model.init_state()]
+        return model
 
     # ---- loading ---------------------------------------------------------------------------------
     def _prepare(self, tensors: dict[str, torch.Tensor]) -> None:

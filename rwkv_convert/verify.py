@@ -142,7 +142,9 @@ def is_pip_converted(path: str | Path) -> str | None:
 
 
 def verify(candidate: str | Path, reference: str | Path, strategy: str | None = None, tokens: int = 64,
-           seed: int = 0) -> VerifyReport:
+           seed: int = 0, runner: str = "native") -> VerifyReport:
+    """runner: "native" runs the candidate in the runtime its format is for (the rwkv pip package for its
+    converted files); "ours" runs it with rwkv-convert's reader and runner."""
     from . import load
     from .checkpoint import read_checkpoint
     from .pip_runtime import run_in_pip_package
@@ -158,7 +160,9 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
     refs = {name: run_ours(reference_model, toks, split) for name, toks in streams.items()}
 
     converted_for = is_pip_converted(candidate)
-    if converted_for is not None:
+    if runner not in ("native", "ours"):
+        raise RwkvConvertError(f"unknown runner {runner!r}; use native or ours")
+    if converted_for is not None and runner == "native":
         if strategy and str(parse_strategy(strategy)) != converted_for:
             raise RwkvConvertError(f"{candidate} was converted for \"{converted_for}\", not \"{strategy}\";"
                                    " verify it with that strategy (or convert again)")
@@ -172,9 +176,9 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
                 raise RwkvConvertError(f"the rwkv pip package could not run {candidate}: {out['error'][:300]}")
         cands = dict(zip(streams, outputs, strict=True))
     else:
-        strategy = strategy or "cpu fp32"
-        runner = "rwkv-convert runner"
         model = load(candidate, strategy)
+        strategy = str(model.strategy)
+        runner = "rwkv-convert runner" + (" reading a pip-converted file" if converted_for else "")
         if (model.spec.vocab_size, model.spec.n_embd) != (spec.vocab_size, spec.n_embd):
             raise RwkvConvertError(f"{candidate} (vocab {model.spec.vocab_size}, n_embd {model.spec.n_embd}) is not"
                                    f" a conversion of {reference} (vocab {spec.vocab_size}, n_embd {spec.n_embd})")

@@ -92,3 +92,31 @@ def test_v7_is_refused_with_one_line(fixture_dir, tmp_path):
     with pytest.raises(UnsupportedError, match="cannot load converted RWKV-7 files"):
         convert_to_pip(fixture_path("v7", directory=fixture_dir), "cpu fp32", tmp_path / "x.pth")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("variant", V4_TO_V6)
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8 *3 -> cpu fp32", "cpu bf16i8"])
+def test_our_reader_runs_converted_files_like_the_original(variant, strategy, fixture_dir, tmp_path):
+    import rwkv_convert
+
+    src = fixture_path(variant, directory=fixture_dir)
+    out = convert_to_pip(src, strategy, tmp_path / "c.pth")
+    model = rwkv_convert.load(out)
+    assert str(model.strategy) == strategy and model.passes[0] == "pip-converted file"
+    tokens = list(range(2, 26))
+    expected = rwkv_convert.load(src, strategy).forward(tokens, full_output=True)[0]
+    assert torch.equal(model.forward(tokens, full_output=True)[0], expected)
+    with pytest.raises(rwkv_convert.RwkvConvertError, match="was converted for"):
+        rwkv_convert.load(out, "cpu fp16")
+    with pytest.raises(rwkv_convert.RwkvConvertError, match="not an original checkpoint"):
+        rwkv_convert.read_checkpoint(out)
+
+
+def test_verify_with_our_reader(fixture_dir, tmp_path):
+    from rwkv_convert.verify import verify
+
+    src = fixture_path("v6", "bf16", directory=fixture_dir)
+    out = convert_to_pip(src, "cpu fp16i8", tmp_path / "c.pth")
+    ours, native = verify(out, src, tokens=16, runner="ours"), verify(out, src, tokens=16)
+    assert ours.passed and native.passed
+    assert "reading a pip-converted file" in ours.runner and "rwkv pip package" in native.runner

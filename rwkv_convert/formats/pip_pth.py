@@ -113,3 +113,74 @@ def convert_to_pip(source: str | os.PathLike, strategy: str | Strategy, output: 
         writer.add_value("_rescale_layer", rescale_layer)
         writer.add_value("_version", FORMAT_VERSION)
     return out
+
+
+# ---- reading converted files ------------------------------------------------------------------------------
+COMPANIONS = ("_mx", "_rx", "_my", "_ry")
+
+
+def _original_shapes(tensors: dict[str, torch.Tensor], major_hint: str) -> dict[str, tuple[int, ...]]:
+    """The shapes the source checkpoint had, as far as version detection and dims need them."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, t in tensors.items():
+        if name.endswith(COMPANIONS):
+            continue
+        shape = tuple(t.shape)
+        if any(name.endswith(s) for s in MATRIX_SUFFIXES):
+            shape = shape[::-1]  # stored [in, out]
+        elif ".time_decay" in name and "_w" not in name or ".time_first" in name or ".time_faaaa" in name:
+            shape = tuple(d for d in shape if d != 1) or (1,)
+        shapes[name.replace(".time_first", ".time_faaaa") if major_hint == "6" else name] = shape
+    c = shapes["emb.weight"][1]
+    shapes["blocks.0.ln0.weight"] = shapes["blocks.0.ln0.bias"] = (c,)
+    return shapes
+
+
+def read_pip_converted(path: Path, tensors: dict, strategy: str | None = None):
+    """A Model that runs a converted file with our runner (the file's own strategy)."""
+    from .. import passes
+    from ..arch import build_spec, detect_version, module_for
+    from ..arch.common import PROJECTIONS_KEY  # noqa: F401 - documents the stacked key passes.py adds
+    from ..quant.float_weights import FloatWeight
+    from ..quant.rwkv_int8 import RwkvInt8Weight
+    from ..runner import Model
+
+    file_strategy = tensors.get("_strategy")
+    if strategy is not None and str(parse_strategy(strategy)) != file_strategy:
+        raise RwkvConvertError(f'{path} was converted for "{file_strategy}", not "{strategy}"; load it with that'
+                               " strategy or convert the original again")
+    weights = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    hint = detect_version({k: tuple(v.shape) for k, v in weights.items()}, str(path))
+    shapes = _original_shapes(weights, hint)
+    spec = build_spec(shapes, {k: str(v.dtype).removeprefix("torch.") for k, v in weights.items()}, str(path))
+    module = module_for(spec.version)
+    layers = []
+    for i in range(spec.n_layer):
+        prefix = f"blocks.{i}."
+        lw: dict = {}
+        for key, t in weights.items():
+            if not key.startswith(prefix) or key.endswith(COMPANIONS):
+                continue
+            name = key[len(prefix):]
+            if name in module.MATRICES:
+                if t.dtype == torch.uint8:
+                    lw[name] = RwkvInt8Weight(t, *(weights[key + c] for c in COMPANIONS))
+                else:
+                    lw[name] = FloatWeight(t.t())  # [in, out] stored: a column-major [out, in] view
+            elif spec.major >= 5 and name in ("att.time_first", "att.time_faaaa"):
+                lw["att.bonus"] = t.float().reshape(spec.n_head, -1, 1)
+            elif spec.major == 6 and name == "att.time_decay":
+                lw[name] = t.float().reshape(spec.n_head, -1)
+            else:
+                lw[name] = t
+        layers.append(passes.stack_projections(lw, module.PROJECTIONS))
+    head = weights["head.weight"]
+    if head.dtype == torch.uint8:
+        head = RwkvInt8Weight(head, *(weights["head.weight" + c] for c in COMPANIONS))
+    else:
+        head = FloatWeight(head.t())
+    applied = ["pip-converted file", passes.DECAY] + ([passes.STACK] if any(
+        "att.projections" in lw for lw in layers) else [])
+    return Model.from_prepared(spec, file_strategy, int(tensors.get("_rescale_layer", 0)), path,
+                               weights["emb.weight"], layers, (weights["ln_out.weight"], weights["ln_out.bias"]),
+                               head, applied)
