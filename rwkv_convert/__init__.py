@@ -25,7 +25,7 @@ def load(path: str | os.PathLike, strategy: str | None = None) -> Model:
     raw, mmapped = load_raw(p)
     if "_strategy" in raw:
         return read_pip_converted(p, raw, strategy)
-    return Model(read_checkpoint(p, (raw, mmapped)), strategy or "cpu fp32")
+    return Model(read_checkpoint(p, (raw, mmapped)), "cpu fp32" if strategy is None else strategy)
 
 
 __all__ = ["Checkpoint", "Model", "ModelSpec", "RwkvConvertError", "UnsupportedError", "load", "read_checkpoint"]

@@ -59,7 +59,8 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--prompt", default="\nUser: Hello!\n\nAssistant:", show_default=True, help="Text to continue.")
 @click.option("--tokens", "max_tokens", default=64, show_default=True, type=click.IntRange(0, None),
               help="How many tokens to generate.")
-@click.option("--strategy", default="cpu fp32", show_default=True, help='e.g. "cpu fp32", "cpu bf16".')
+@click.option("--strategy", default=None,
+              help='e.g. "cpu fp32" (the default), "cpu bf16", "cpu fp32i8"; converted files use their own.')
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, None))
 @click.option("--top-p", default=0.85, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
