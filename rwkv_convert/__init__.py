@@ -12,16 +12,25 @@ from .spec import ModelSpec
 __version__ = "0.1.0"
 
 
+def _is_gguf(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def load(path: str | os.PathLike, strategy: str | None = None) -> Model:
     """Read a model file and prepare it to run.
 
-    - an original checkpoint (.pth): with `strategy` (default "cpu fp32");
+    - an original checkpoint (.pth) or an RWKV-6/7 GGUF: with `strategy` (default "cpu fp32");
     - a file converted for the rwkv pip package: with the strategy it was made for (`strategy` must be that
       one or None)."""
     from .checkpoint import check_input_file, load_raw
     from .formats.pip_pth import read_pip_converted
 
     p = check_input_file(path)
+    if _is_gguf(p):
+        from .formats.gguf_file import read_gguf
+
+        return Model(read_gguf(p), "cpu fp32" if strategy is None else strategy)
     raw, mmapped = load_raw(p)
     if "_strategy" in raw:
         return read_pip_converted(p, raw, strategy)

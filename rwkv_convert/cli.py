@@ -106,30 +106,43 @@ def plan(path: str, strategy: str, as_json: bool) -> None:
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
 
 
-FORMATS = ("pip",)
+FORMATS = ("pip", "gguf")
 
 
 @main.command()
 @click.argument("source", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--to", "target", required=True, type=click.Choice(FORMATS),
-              help="pip: the rwkv pip package's converted .pth for one strategy.")
-@click.option("--strategy", default="cpu fp32", show_default=True, help="The strategy the file is made for.")
+              help="pip: the rwkv pip package's converted .pth for one strategy; gguf: llama.cpp (v6, v7).")
+@click.option("--strategy", default=None,
+              help='pip: the strategy the file is made for (default "cpu fp32"); gguf: per-layer types'
+                   " (fp32 -> F32, fp16 -> F16, bf16 -> BF16, any i8 -> Q8_0), instead of --quant.")
+@click.option("--quant", default="f16", show_default=True,
+              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
+              help="gguf: the type of the large matrices (norms, 1-D parameters and LoRAs stay F32).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output file.")
 @click.option("--verify", "then_verify", is_flag=True, help="Verify the written file against SOURCE.")
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(2, None), help="With --verify.")
-def convert(source: str, target: str, strategy: str, output: str, then_verify: bool, tokens: int) -> None:
+def convert(source: str, target: str, strategy, quant: str, output: str, then_verify: bool, tokens: int) -> None:
     """Convert SOURCE (an original .pth) for a runtime. Written tensor by tensor, atomically.
 
     \b
     Example:
       rwkv-convert convert RWKV-x060-World-1B6.pth --to pip --strategy "cuda fp16i8" -o 1B6-fp16i8.pth
     """
-    from .formats.pip_pth import convert_to_pip
+    if target == "gguf":
+        from .formats.gguf_file import convert_to_gguf
 
-    out = convert_to_pip(source, strategy, output)
-    click.echo(f"wrote {out} ({out.stat().st_size:,} bytes) for strategy \"{strategy}\"", err=True)
+        out = convert_to_gguf(source, output, quant, strategy)
+        click.echo(f"wrote {out} ({out.stat().st_size:,} bytes), {strategy or quant}", err=True)
+        verify_strategy = None
+    else:
+        from .formats.pip_pth import convert_to_pip
+
+        verify_strategy = strategy = strategy or "cpu fp32"
+        out = convert_to_pip(source, strategy, output)
+        click.echo(f"wrote {out} ({out.stat().st_size:,} bytes) for strategy \"{strategy}\"", err=True)
     if then_verify:
-        _verify_and_exit(str(out), source, strategy, tokens, 0, None)
+        _verify_and_exit(str(out), source, verify_strategy, tokens, 0, None)
 
 
 def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner="native") -> None:

@@ -45,8 +45,22 @@ TOLERANCES: dict[str, Tolerance] = {
     "bf16i8": Tolerance(3.0, 0.15, 0.05, 0.75,
                         "int8 weights with bf16 activations and scales: measured max |Δ| 1.4, rel L2 0.065,"
                         " KL 0.018, top-1 88%"),
+    "q8_0": Tolerance(2.0, 0.1, 0.05, 0.95,
+                      "GGUF Q8_0 (blocks of 32 with one fp16 scale): measured max |Δ| 0.44 in our reader"),
+    "q5/q4": Tolerance(math.inf, math.inf, math.inf, 0.05,
+                       "GGUF 4-5 bit blocks: only 'finite and better than random' is promised (random top-1 is"
+                       " 1/vocab); the errors are reported"),
 }
-_PRECISION_ORDER = ("fp32", "fp16", "bf16", "i8", "bf16i8")
+_PRECISION_ORDER = ("fp32", "fp16", "bf16", "i8", "bf16i8", "q8_0", "q5/q4")
+_GGUF_LABELS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "Q8_0": "q8_0"}
+
+
+def gguf_scheme(path) -> str:
+    """The least precise tensor type in a GGUF, as a tolerance key."""
+    import gguf
+
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    return max((_GGUF_LABELS.get(t, "q5/q4") for t in types), key=_PRECISION_ORDER.index)
 
 
 def scheme_label(placement) -> str:
@@ -132,6 +146,12 @@ def run_ours(model, tokens: list[int], split: int) -> dict:
             "split": torch.cat([first, second]), "split_state": split_state}
 
 
+def _is_gguf(path) -> bool:
+    from . import _is_gguf as is_gguf
+
+    return is_gguf(path)
+
+
 def is_pip_converted(path: str | Path) -> str | None:
     """The strategy a file from the pip package's converter was made for, or None for other files."""
     try:
@@ -185,6 +205,8 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
         cands = {name: run_ours(model, toks, split) for name, toks in streams.items()}
 
     schemes = {scheme_label(p) for p in allocate(parse_strategy(strategy), spec.n_layer)}
+    if Path(candidate).suffix.lower() == ".gguf" or _is_gguf(candidate):
+        schemes.add(gguf_scheme(candidate))
     scheme, tol = tolerance_for(schemes)
     report = VerifyReport(candidate=str(candidate), reference=str(reference), runner=f"{runner} ({strategy})",
                           scheme=scheme, tolerance=tol, tokens=tokens)
@@ -196,6 +218,8 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
             if cand.shape != ref.shape:
                 raise RwkvConvertError(f"the candidate's logits have shape {tuple(cand.shape)}, expected"
                                        f" {tuple(ref.shape)}: it is not a conversion of {reference}")
+            if not torch.isfinite(cand).all():
+                report.passed, report.worst = False, f"{stream}/{mode} non-finite logits"
             max_abs, rel_l2, kl, top1 = compare(ref, cand)
             state = state_difference(refs[stream][key + "_state"], cands[stream].get(key + "_state"))
             report.rows[f"{stream}/{mode}"] = Metrics(max_abs, rel_l2, kl, top1, state)

@@ -1,0 +1,378 @@
+"""GGUF for llama.cpp (architectures `rwkv6` and `rwkv7`), written straight from BlinkDL `.pth` files.
+
+Tensor names and shapes follow llama.cpp's loader exactly (an extra tensor fails the load); every tensor
+that enters an elementwise op stays F32 (norms, 1-D parameters, lerp stacks, LoRAs); `--quant` applies to
+the large matrices. Written streaming: tensor infos first (shapes and types are known from the source's
+shapes), then each tensor is converted, quantized, written and released. Atomic: temp file, then rename.
+See ../shared/reference/gguf.md (in the project's docs) for the facts this follows."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint, read_checkpoint
+from ..errors import RwkvConvertError, UnsupportedError
+from ..strategy import Strategy, allocate, parse_strategy
+
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+ARCHS = {"6": "rwkv6", "7": "rwkv7"}
+CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
+EOT_TOKEN = 261  # "\n\n" in the World vocabulary
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise RwkvConvertError("GGUF export needs the `gguf` package: pip install 'rwkv-convert[gguf]'") from None
+    return gguf
+
+
+@dataclass
+class TensorJob:
+    name: str
+    shape: tuple[int, ...]  # numpy order
+    quantizable: bool  # a large matrix: takes --quant (or the strategy's choice); else F32
+    make: Callable[[], torch.Tensor]
+    layer: int  # the strategy slot that decides its type (n_layer for globals)
+
+
+def _vec(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+def global_jobs(ckpt: Checkpoint) -> list[TensorJob]:
+    """Both architectures: the raw embedding (llama.cpp applies ln0 itself), ln0, ln_out and the head."""
+    spec, T = ckpt.spec, ckpt.tensors
+    L, C, V = spec.n_layer, spec.n_embd, spec.vocab_size
+    return [
+        TensorJob("token_embd.weight", (V, C), True, lambda: T["emb.weight"], 0),
+        TensorJob("token_embd_norm.weight", (C,), False, lambda: T["blocks.0.ln0.weight"], L),
+        TensorJob("token_embd_norm.bias", (C,), False, lambda: T["blocks.0.ln0.bias"], L),
+        TensorJob("output_norm.weight", (C,), False, lambda: T["ln_out.weight"], L),
+        TensorJob("output_norm.bias", (C,), False, lambda: T["ln_out.bias"], L),
+        TensorJob("output.weight", (V, C), True, lambda: T["head.weight"], L),
+    ]
+
+
+def norm_jobs(ckpt: Checkpoint, i: int) -> list[TensorJob]:
+    T, C = ckpt.tensors, ckpt.spec.n_embd
+    return [TensorJob(f"blk.{i}.{gname}.{part}", (C,), False, lambda k=f"blocks.{i}.{src}.{part}": T[k], i)
+            for gname, src in (("attn_norm", "ln1"), ("attn_norm_2", "ln2")) for part in ("weight", "bias")]
+
+
+def v7_jobs(ckpt: Checkpoint) -> list[TensorJob]:
+    spec, T = ckpt.spec, ckpt.tensors
+    L, C = spec.n_layer, spec.n_embd
+    jobs = global_jobs(ckpt)
+    ranks = spec.lora_ranks
+    for i in range(L):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+
+        def src(name, b=b):
+            return lambda: T[b + name]
+
+        def lora_t(name, b=b):
+            return lambda: T[b + name].t()
+
+        # Layer 0 has no value residual; llama.cpp still loads v0/v1/v2 there, with the iclr rank: copies of a.
+        v = "a" if i == 0 else "v"
+        v_rank = ranks["a"] if i == 0 else ranks["v"]
+        jobs += norm_jobs(ckpt, i) + [
+            TensorJob(g + "time_mix_lerp_fused.weight", (6, 1, 1, C), False,
+                      lambda b=b: torch.stack([T[b + f"att.x_{n}"].reshape(1, 1, C) for n in "rwkvag"]), i),
+            TensorJob(g + "time_mix_w0.weight", (C,), False, lambda b=b: _vec(T[b + "att.w0"]), i),
+            TensorJob(g + "time_mix_w1.weight", (ranks["w"], C), False, lora_t("att.w1"), i),
+            TensorJob(g + "time_mix_w2.weight", (C, ranks["w"]), False, lora_t("att.w2"), i),
+            TensorJob(g + "time_mix_a0.weight", (C,), False, lambda b=b: _vec(T[b + "att.a0"]), i),
+            TensorJob(g + "time_mix_a1.weight", (ranks["a"], C), False, lora_t("att.a1"), i),
+            TensorJob(g + "time_mix_a2.weight", (C, ranks["a"]), False, lora_t("att.a2"), i),
+            TensorJob(g + "time_mix_v0.weight", (C,), False, lambda b=b, v=v: _vec(T[b + f"att.{v}0"]), i),
+            TensorJob(g + "time_mix_v1.weight", (v_rank, C), False, lora_t(f"att.{v}1"), i),
+            TensorJob(g + "time_mix_v2.weight", (C, v_rank), False, lora_t(f"att.{v}2"), i),
+            TensorJob(g + "time_mix_g1.weight", (ranks["g"], C), False, lora_t("att.g1"), i),
+            TensorJob(g + "time_mix_g2.weight", (C, ranks["g"]), False, lora_t("att.g2"), i),
+            TensorJob(g + "time_mix_k_k.weight", (C,), False, lambda b=b: _vec(T[b + "att.k_k"]), i),
+            TensorJob(g + "time_mix_k_a.weight", (C,), False, lambda b=b: _vec(T[b + "att.k_a"]), i),
+            TensorJob(g + "time_mix_r_k.weight", (C,), False, lambda b=b: _vec(T[b + "att.r_k"]), i),
+            TensorJob(g + "time_mix_key.weight", (C, C), True, src("att.key.weight"), i),
+            TensorJob(g + "time_mix_value.weight", (C, C), True, src("att.value.weight"), i),
+            TensorJob(g + "time_mix_receptance.weight", (C, C), True, src("att.receptance.weight"), i),
+            TensorJob(g + "time_mix_ln.weight", (C,), False, src("att.ln_x.weight"), i),
+            TensorJob(g + "time_mix_ln.bias", (C,), False, src("att.ln_x.bias"), i),
+            TensorJob(g + "time_mix_output.weight", (C, C), True, src("att.output.weight"), i),
+            TensorJob(g + "channel_mix_lerp_k.weight", (C,), False, lambda b=b: _vec(T[b + "ffn.x_k"]), i),
+            TensorJob(g + "channel_mix_key.weight", (spec.ffn_dim, C), True, src("ffn.key.weight"), i),
+            TensorJob(g + "channel_mix_value.weight", (C, spec.ffn_dim), True, src("ffn.value.weight"), i),
+        ]
+    return jobs
+
+
+def v6_jobs(ckpt: Checkpoint) -> list[TensorJob]:
+    spec, T = ckpt.spec, ckpt.tensors
+    L, C, A, F = spec.n_layer, spec.n_embd, spec.att_dim, spec.ffn_dim
+    Dm, Dd = spec.lora_ranks["maa"], spec.lora_ranks["decay"]
+    jobs = global_jobs(ckpt)
+    for i in range(L):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+
+        def src(name, b=b):
+            return lambda: T[b + name]
+
+        jobs += norm_jobs(ckpt, i) + [
+            TensorJob(g + "time_mix_lerp_x.weight", (1, 1, C), False, src("att.time_maa_x"), i),
+            TensorJob(g + "time_mix_lerp_fused.weight", (5, 1, 1, C), False,
+                      lambda b=b: torch.stack([T[b + f"att.time_maa_{n}"].reshape(1, 1, C) for n in "wkvrg"]), i),
+            TensorJob(g + "time_mix_w1.weight", (5 * Dm, C), False, lambda b=b: T[b + "att.time_maa_w1"].t(), i),
+            TensorJob(g + "time_mix_w2.weight", (5, C, Dm), False,
+                      lambda b=b: T[b + "att.time_maa_w2"].permute(0, 2, 1), i),
+            TensorJob(g + "time_mix_decay.weight", (A,), False, lambda b=b: _vec(T[b + "att.time_decay"]), i),
+            TensorJob(g + "time_mix_decay_w1.weight", (Dd, C), False, lambda b=b: T[b + "att.time_decay_w1"].t(), i),
+            TensorJob(g + "time_mix_decay_w2.weight", (A, Dd), False, lambda b=b: T[b + "att.time_decay_w2"].t(), i),
+            TensorJob(g + "time_mix_first.weight", (spec.n_head, spec.head_size), False, src("att.time_faaaa"), i),
+            TensorJob(g + "time_mix_key.weight", (A, C), True, src("att.key.weight"), i),
+            TensorJob(g + "time_mix_value.weight", (A, C), True, src("att.value.weight"), i),
+            TensorJob(g + "time_mix_receptance.weight", (A, C), True, src("att.receptance.weight"), i),
+            TensorJob(g + "time_mix_gate.weight", (A, C), True, src("att.gate.weight"), i),
+            TensorJob(g + "time_mix_ln.weight", (A,), False, src("att.ln_x.weight"), i),
+            TensorJob(g + "time_mix_ln.bias", (A,), False, src("att.ln_x.bias"), i),
+            TensorJob(g + "time_mix_output.weight", (C, A), True, src("att.output.weight"), i),
+            TensorJob(g + "channel_mix_lerp_k.weight", (1, 1, C), False, src("ffn.time_maa_k"), i),
+            TensorJob(g + "channel_mix_lerp_r.weight", (1, 1, C), False, src("ffn.time_maa_r"), i),
+            TensorJob(g + "channel_mix_key.weight", (F, C), True, src("ffn.key.weight"), i),
+            TensorJob(g + "channel_mix_value.weight", (C, F), True, src("ffn.value.weight"), i),
+            TensorJob(g + "channel_mix_receptance.weight", (C, C), True, src("ffn.receptance.weight"), i),
+        ]
+    return jobs
+
+
+def quant_for_strategy(strategy: Strategy, n_layer: int) -> list[str]:
+    """Per slot: fp32 -> f32, fp16 -> f16, bf16 -> bf16, any i8 -> q8_0 (llama.cpp's 8-bit type)."""
+    return ["q8_0" if p.weights == "i8" else {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}[p.weights]
+            for p in allocate(strategy, n_layer)]
+
+
+def _tokenizer(writer, gguf, vocab_size: int) -> None:
+    from ..tokenizer import WorldTokenizer
+
+    world = WorldTokenizer(vocab_size=vocab_size)
+    tokens, types = ["<s>"], [gguf.TokenType.CONTROL]
+    for idx in range(1, vocab_size):
+        if idx in world.id_to_bytes:
+            tokens.append(repr(world.id_to_bytes[idx])[2:-1])
+            types.append(gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{idx}]")
+            types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("rwkv")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    if vocab_size > EOT_TOKEN:
+        writer.add_eot_token_id(EOT_TOKEN)
+    writer.add_chat_template("rwkv-world")
+
+
+def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant: str = "f16",
+                    strategy: str | None = None) -> Path:
+    gguf = _gguf()
+    ckpt = read_checkpoint(source)
+    spec = ckpt.spec
+    arch = ARCHS.get(spec.version)
+    if arch is None:
+        raise UnsupportedError(f"llama.cpp has no architecture for RWKV-{spec.version} (only rwkv6 and rwkv7);"
+                               " for this version use --to pip (or ONNX/safetensors when they land)")
+    if spec.deep_embed:
+        raise UnsupportedError("llama.cpp's rwkv7 has no DeepEmbed (ffn.s_emb) tensors; this model cannot be"
+                               " expressed as GGUF")
+    if quant not in QUANTS:
+        raise RwkvConvertError(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
+    out = Path(output)
+    if out.is_dir() or not out.parent.exists():
+        raise RwkvConvertError(f"{out}: give an output file in an existing directory")
+    slot_quants = quant_for_strategy(parse_strategy(strategy), spec.n_layer) if strategy else None
+    jobs = (v7_jobs if spec.major == 7 else v6_jobs)(ckpt)
+
+    def qtype_of(job: TensorJob):
+        name = (slot_quants[job.layer] if slot_quants else quant) if job.quantizable else "f32"
+        qtype = getattr(gguf.GGMLQuantizationType, name.upper())
+        if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                         gguf.GGMLQuantizationType.BF16):
+            block = gguf.GGML_QUANT_SIZES[qtype][0]
+            if job.shape[-1] % block:
+                raise UnsupportedError(f"{job.name} has rows of {job.shape[-1]} values, not a multiple of {block}:"
+                                       f" it cannot be stored as {name}; use --quant f16 or f32")
+        return qtype
+
+    types = [qtype_of(j) for j in jobs]
+    file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+                 "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1"}
+    writer = gguf.GGUFWriter(None, arch)
+    writer.add_type("model")
+    writer.add_name(Path(source).stem)
+    writer.add_context_length(CONTEXT_LENGTH)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.ffn_dim)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_wkv_head_size(spec.head_size)
+    writer.add_head_count(0)
+    main_quant = max(slot_quants, key=slot_quants.count) if slot_quants else quant  # the most used type
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type[main_quant]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if spec.major == 7:
+        writer.add_decay_lora_rank(spec.lora_ranks["w"])
+        writer.add_iclr_lora_rank(spec.lora_ranks["a"])
+        writer.add_value_residual_mix_lora_rank(spec.lora_ranks.get("v", spec.lora_ranks["a"]))
+        writer.add_gate_lora_rank(spec.lora_ranks["g"])
+    else:
+        writer.add_time_mix_extra_dim(spec.lora_ranks["maa"])
+        writer.add_time_decay_extra_dim(spec.lora_ranks["decay"])
+        writer.add_rescale_every_n_layers(0)  # llama.cpp computes in F32: no rescale needed
+    _tokenizer(writer, gguf, spec.vocab_size)
+    for job, qtype in zip(jobs, types, strict=True):
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor_info(job.name, job.shape, np.dtype(np.float32), 4 * int(np.prod(job.shape)))
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor_info(job.name, job.shape, np.dtype(np.float16), 2 * int(np.prod(job.shape)))
+        else:
+            byte_shape = gguf.quant_shape_to_byte_shape(job.shape, qtype)
+            writer.add_tensor_info(job.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype)
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for job, qtype in zip(jobs, types, strict=True):
+            data = job.make().to(torch.float32).contiguous().numpy()
+            if tuple(data.shape) != job.shape:
+                raise RwkvConvertError(f"internal: {job.name} has shape {data.shape}, expected {job.shape}")
+            if qtype == gguf.GGMLQuantizationType.F32:
+                writer.write_tensor_data(np.ascontiguousarray(data, dtype=np.float32))
+            elif qtype == gguf.GGMLQuantizationType.F16:
+                writer.write_tensor_data(data.astype(np.float16))
+            else:
+                writer.write_tensor_data(gguf.quants.quantize(data, qtype))
+        writer.close()
+        os.replace(tmp, out)
+    except OSError as e:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise RwkvConvertError(f"cannot write {out}: {e.strerror or e}") from None
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+def _blinkdl_from_rwkv7(get, n_layer: int, c: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i in range(n_layer):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+        for n, t in zip("rwkvag", get(g + "time_mix_lerp_fused.weight").reshape(6, 1, 1, c), strict=True):
+            out[b + f"att.x_{n}"] = t.clone()
+        for name in ("w", "a", "v", "g"):
+            if i == 0 and name == "v":
+                continue  # layer 0 carries copies of a (llama.cpp needs them; BlinkDL files have none)
+            out[b + f"att.{name}1"] = get(g + f"time_mix_{name}1.weight").t().contiguous()
+            out[b + f"att.{name}2"] = get(g + f"time_mix_{name}2.weight").t().contiguous()
+            if name != "g":
+                out[b + f"att.{name}0"] = get(g + f"time_mix_{name}0.weight").reshape(1, 1, c)
+        out[b + "att.k_k"] = get(g + "time_mix_k_k.weight").reshape(1, 1, c)
+        out[b + "att.k_a"] = get(g + "time_mix_k_a.weight").reshape(1, 1, c)
+        out[b + "att.r_k"] = get(g + "time_mix_r_k.weight")  # reshaped to [H, N] once H is known
+        for name in ("key", "value", "receptance", "output"):
+            out[b + f"att.{name}.weight"] = get(g + f"time_mix_{name}.weight")
+        out[b + "ffn.x_k"] = get(g + "channel_mix_lerp_k.weight").reshape(1, 1, c)
+        out[b + "ffn.key.weight"] = get(g + "channel_mix_key.weight")
+        out[b + "ffn.value.weight"] = get(g + "channel_mix_value.weight")
+    return out
+
+
+def _blinkdl_from_rwkv6(get, n_layer: int, c: int, rescale_every: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i in range(n_layer):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+        scale = 2 ** (i // rescale_every) if rescale_every > 0 else 1  # undo a writer's fp16 rescale
+        out[b + "att.time_maa_x"] = get(g + "time_mix_lerp_x.weight").reshape(1, 1, c)
+        for n, t in zip("wkvrg", get(g + "time_mix_lerp_fused.weight").reshape(5, 1, 1, c), strict=True):
+            out[b + f"att.time_maa_{n}"] = t.clone()
+        out[b + "att.time_maa_w1"] = get(g + "time_mix_w1.weight").t().contiguous()
+        out[b + "att.time_maa_w2"] = get(g + "time_mix_w2.weight").permute(0, 2, 1).contiguous()
+        out[b + "att.time_decay"] = get(g + "time_mix_decay.weight").reshape(1, 1, -1)
+        out[b + "att.time_decay_w1"] = get(g + "time_mix_decay_w1.weight").t().contiguous()
+        out[b + "att.time_decay_w2"] = get(g + "time_mix_decay_w2.weight").t().contiguous()
+        out[b + "att.time_faaaa"] = get(g + "time_mix_first.weight")
+        for name in ("key", "value", "receptance", "gate"):
+            out[b + f"att.{name}.weight"] = get(g + f"time_mix_{name}.weight")
+        out[b + "att.output.weight"] = get(g + "time_mix_output.weight") * scale
+        out[b + "ffn.time_maa_k"] = get(g + "channel_mix_lerp_k.weight").reshape(1, 1, c)
+        out[b + "ffn.time_maa_r"] = get(g + "channel_mix_lerp_r.weight").reshape(1, 1, c)
+        out[b + "ffn.key.weight"] = get(g + "channel_mix_key.weight")
+        out[b + "ffn.value.weight"] = get(g + "channel_mix_value.weight") * scale
+        out[b + "ffn.receptance.weight"] = get(g + "channel_mix_receptance.weight")
+    return out
+
+
+def read_gguf(path: Path) -> Checkpoint:
+    """An RWKV-6/7 GGUF (ours or upstream-converted with the same tensor set) as a BlinkDL-keyed checkpoint,
+    dequantised to fp32 with the gguf package."""
+    gguf = _gguf()
+    from ..arch import build_spec, check_shapes
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/struct errors on damaged files
+        raise RwkvConvertError(f"{path} is not a readable GGUF file: {str(e).splitlines()[0][:160]}") from None
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field else "?"
+    if arch not in ("rwkv6", "rwkv7"):
+        raise RwkvConvertError(f"{path} is a GGUF for architecture {arch!r}, not rwkv6 or rwkv7")
+
+    def meta(key: str, default=None):
+        f = reader.fields.get(f"{arch}.{key}")
+        return int(f.parts[f.data[0]][0]) if f else default
+
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise RwkvConvertError(f"{path}: tensor {name} is missing; this GGUF does not have llama.cpp's {arch}"
+                                   " tensor set")
+        t = tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml ne -> numpy order
+        data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        return torch.from_numpy(np.array(data, dtype=np.float32))  # a writable copy of the mapped data
+
+    n_layer = meta("block_count")
+    emb = get("token_embd.weight")
+    c = emb.shape[1]
+    sd = {"emb.weight": emb, "blocks.0.ln0.weight": get("token_embd_norm.weight"),
+          "blocks.0.ln0.bias": get("token_embd_norm.bias"), "ln_out.weight": get("output_norm.weight"),
+          "ln_out.bias": get("output_norm.bias"), "head.weight": get("output.weight")}
+    for i in range(n_layer):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+        for src, dst in (("attn_norm", "ln1"), ("attn_norm_2", "ln2"), ("time_mix_ln", "att.ln_x")):
+            sd[b + dst + ".weight"] = get(g + src + ".weight")
+            sd[b + dst + ".bias"] = get(g + src + ".bias")
+    if arch == "rwkv7":
+        sd |= _blinkdl_from_rwkv7(get, n_layer, c)
+        head_size = meta("wkv.head_size", 64)
+        for i in range(n_layer):
+            sd[f"blocks.{i}.att.r_k"] = sd[f"blocks.{i}.att.r_k"].reshape(-1, head_size)
+    else:
+        sd |= _blinkdl_from_rwkv6(get, n_layer, c, meta("rescale_every_n_layers", 0))
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    spec = build_spec(shapes, {k: "float32" for k in sd}, str(path))
+    check_shapes(spec, shapes, str(path))
+    return Checkpoint(path=path, tensors=sd, spec=spec, mmapped=False)
