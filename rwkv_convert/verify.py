@@ -182,7 +182,16 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
     converted_for = is_pip_converted(candidate)
     if runner not in ("native", "ours"):
         raise RwkvConvertError(f"unknown runner {runner!r}; use native or ours")
-    if converted_for is not None and runner == "native":
+    if _is_gguf(candidate) and runner == "native":
+        from .llama_runtime import LlamaCppRunner
+
+        if strategy:
+            raise RwkvConvertError("a GGUF runs in llama.cpp as it is: drop --strategy (or use --runner ours)")
+        strategy = "cpu fp32"
+        runner = "llama.cpp (llama-cpp-python)"
+        llama = LlamaCppRunner(candidate, n_ctx=max(64, 2 * tokens))
+        cands = {name: llama.run(toks, split) for name, toks in streams.items()}
+    elif converted_for is not None and runner == "native":
         if strategy and str(parse_strategy(strategy)) != converted_for:
             raise RwkvConvertError(f"{candidate} was converted for \"{converted_for}\", not \"{strategy}\";"
                                    " verify it with that strategy (or convert again)")

@@ -1,0 +1,64 @@
+"""Running a GGUF in llama.cpp through llama-cpp-python: per-token logits, the state carried by feeding
+the tokens in chunks, `reset()` between streams."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import torch
+
+from .errors import RwkvConvertError
+
+
+def _llama_class():
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise RwkvConvertError("running GGUF files in llama.cpp needs llama-cpp-python:"
+                               " pip install 'rwkv-convert[llama]' (or verify with --runner ours)") from None
+    return Llama
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """llama.cpp prints its load log on fd 2 even with verbose=False in some paths."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class LlamaCppRunner:
+    def __init__(self, path, n_ctx: int = 512):
+        Llama = _llama_class()
+        with _quiet_stderr():
+            try:
+                # Never n_ctx=0 (the file says 1M tokens of context); use_extra_bufts=False avoids the AMX repack
+                # path that crashes quantized RWKV models on multi-token batches.
+                self.llm = Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, use_extra_bufts=False)
+            except Exception as e:  # llama-cpp-python raises ValueError on a failed load
+                raise RwkvConvertError(f"llama.cpp could not load {path}: {str(e).splitlines()[0][:200]}") from None
+
+    def logits(self, chunks: list[list[int]]) -> torch.Tensor:
+        """[T, V] logits of every token, fed chunk by chunk (the state carried), from a fresh state."""
+        self.llm.reset()
+        for chunk in chunks:
+            self.llm.eval(chunk)
+        return torch.from_numpy(np.array(self.llm.scores[: self.llm.n_tokens], dtype=np.float32))
+
+    def run(self, tokens: list[int], split: int) -> dict:
+        """The verify modes: one batch, one token at a time, and two chunks."""
+        return {"seq": self.logits([tokens]), "one": self.logits([[t] for t in tokens]),
+                "split": self.logits([tokens[:split], tokens[split:]])}
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
