@@ -152,6 +152,18 @@ def v6_jobs(ckpt: Checkpoint) -> list[TensorJob]:
     return jobs
 
 
+def _release_finished(ckpt: Checkpoint, job: TensorJob, following: TensorJob | None) -> None:
+    """Drop the source pages a finished part of the file no longer needs (keeps the RSS flat)."""
+    if job.name == "token_embd.weight":
+        ckpt.release("emb.weight")
+    elif job.name == "output.weight":
+        ckpt.release("head.weight")
+    elif job.name.startswith("blk.") and (following is None or following.name.split(".")[1] != job.name.split(".")[1]):
+        prefix = f"blocks.{job.name.split('.')[1]}."
+        for key in [k for k in ckpt.tensors if k.startswith(prefix)]:
+            ckpt.release(key)
+
+
 def quant_for_strategy(strategy: Strategy, n_layer: int) -> list[str]:
     """Per slot: fp32 -> f32, fp16 -> f16, bf16 -> bf16, any i8 -> q8_0 (llama.cpp's 8-bit type)."""
     return ["q8_0" if p.weights == "i8" else {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}[p.weights]
@@ -251,7 +263,7 @@ def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for job, qtype in zip(jobs, types, strict=True):
+        for n, (job, qtype) in enumerate(zip(jobs, types, strict=True)):
             data = job.make().to(torch.float32).contiguous().numpy()
             if tuple(data.shape) != job.shape:
                 raise RwkvConvertError(f"internal: {job.name} has shape {data.shape}, expected {job.shape}")
@@ -261,6 +273,8 @@ def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant:
                 writer.write_tensor_data(data.astype(np.float16))
             else:
                 writer.write_tensor_data(gguf.quants.quantize(data, qtype))
+            del data
+            _release_finished(ckpt, job, jobs[n + 1] if n + 1 < len(jobs) else None)
         writer.close()
         os.replace(tmp, out)
     except OSError as e:

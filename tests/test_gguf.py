@@ -1,0 +1,169 @@
+"""GGUF export checked in llama.cpp itself (llama-cpp-python) and with the gguf package's reader."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import rwkv_convert
+from rwkv_convert.errors import RwkvConvertError, UnsupportedError
+from rwkv_convert.fixtures import fixture_path, make_state_dict
+from rwkv_convert.formats.gguf_file import convert_to_gguf
+from rwkv_convert.verify import TOLERANCES, compare
+
+from .conftest import save_atomic, tokens_for
+from .test_cli import assert_one_line_error, cli
+
+if os.environ.get("RWKV_CONVERT_REQUIRE_LLAMA") == "1":  # CI: a missing llama-cpp-python must fail, not skip
+    import gguf
+    import llama_cpp  # noqa: F401
+
+    from rwkv_convert import llama_runtime
+else:
+    gguf = pytest.importorskip("gguf")
+    llama_runtime = pytest.importorskip("rwkv_convert.llama_runtime")
+    pytest.importorskip("llama_cpp")
+
+VARIANTS = ["v6", "v7", "v7-layer0-v"]
+TOKENS = tokens_for(512)
+
+
+def llama_logits(path, chunk: int | None) -> torch.Tensor:
+    runner = llama_runtime.LlamaCppRunner(path, n_ctx=128)
+    chunks = [TOKENS] if chunk is None else [TOKENS[i:i + chunk] for i in range(0, len(TOKENS), chunk)]
+    return runner.logits(chunks)
+
+
+@pytest.fixture(scope="module")
+def references(fixture_dir):
+    return {(v, dt): rwkv_convert.load(fixture_path(v, dt, directory=fixture_dir)).forward(TOKENS, full_output=True)[0]
+            for v in VARIANTS for dt in ("fp32", "bf16")}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_f32_gguf_runs_in_llama_cpp_like_the_reference(variant, dtype, references, fixture_dir, tmp_path):
+    out = convert_to_gguf(fixture_path(variant, dtype, directory=fixture_dir), tmp_path / "m.gguf", "f32")
+    ref = references[(variant, dtype)]
+    for chunk in (None, 1, 7):  # one batch, token by token, chunks of 7 with the state carried
+        assert (llama_logits(out, chunk) - ref).abs().max().item() <= 1e-3, chunk
+    ours = rwkv_convert.load(out).forward(TOKENS, full_output=True)[0]
+    assert (ours - llama_logits(out, None)).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("quant,key", [("f16", "fp16"), ("bf16", "bf16"), ("q8_0", "q8_0")])
+def test_reduced_precision_ggufs_within_the_tolerance_table(variant, quant, key, references, fixture_dir, tmp_path):
+    out = convert_to_gguf(fixture_path(variant, directory=fixture_dir), tmp_path / "m.gguf", quant)
+    tol = TOLERANCES[key]
+    llama = llama_logits(out, None)
+    for cand, ref in ((llama, references[(variant, "fp32")]),
+                      (rwkv_convert.load(out).forward(TOKENS, full_output=True)[0], llama)):
+        max_abs, rel_l2, kl, top1 = compare(ref, cand)
+        assert max_abs <= tol.max_abs and rel_l2 <= tol.rel_l2 and kl <= tol.kl and top1 >= tol.top1, \
+            (quant, max_abs, rel_l2, kl, top1)
+        if quant == "q8_0":
+            assert top1 >= 0.95, top1  # on this random 64-token stream, as promised for Q8_0
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q4_1", "q5_0", "q5_1"])
+def test_four_and_five_bit_ggufs_run_and_beat_chance(quant, references, fixture_dir, tmp_path):
+    out = convert_to_gguf(fixture_path("v7", directory=fixture_dir), tmp_path / "m.gguf", quant)
+    logits = llama_logits(out, None)
+    assert torch.isfinite(logits).all()
+    _, _, kl, top1 = compare(references[("v7", "fp32")], logits)
+    assert top1 > 5 / 512, top1  # random guessing agrees 1/512 of the time
+
+
+def expected_tensor_set(arch: str, n_layer: int) -> dict[str, str]:
+    """llama.cpp's rwkv6/rwkv7 loader's tensor list, with the types a --quant q8_0 file must have."""
+    names = {"token_embd.weight": "Q8_0", "output.weight": "Q8_0"}
+    names |= {f"{n}.{p}": "F32" for n in ("token_embd_norm", "output_norm") for p in ("weight", "bias")}
+    if arch == "rwkv7":
+        block = {"time_mix_lerp_fused": "F32", **{f"time_mix_{x}{k}": "F32" for x in "wav" for k in "012"},
+                 "time_mix_g1": "F32", "time_mix_g2": "F32", "time_mix_k_k": "F32", "time_mix_k_a": "F32",
+                 "time_mix_r_k": "F32", "channel_mix_lerp_k": "F32",
+                 **{f"time_mix_{m}": "Q8_0" for m in ("key", "value", "receptance", "output")},
+                 "channel_mix_key": "Q8_0", "channel_mix_value": "Q8_0"}
+    else:
+        block = {"time_mix_lerp_x": "F32", "time_mix_lerp_fused": "F32", "time_mix_w1": "F32", "time_mix_w2": "F32",
+                 "time_mix_decay": "F32", "time_mix_decay_w1": "F32", "time_mix_decay_w2": "F32",
+                 "time_mix_first": "F32", "channel_mix_lerp_k": "F32", "channel_mix_lerp_r": "F32",
+                 **{f"time_mix_{m}": "Q8_0" for m in ("key", "value", "receptance", "gate", "output")},
+                 **{f"channel_mix_{m}": "Q8_0" for m in ("key", "value", "receptance")}}
+    for i in range(n_layer):
+        names |= {f"blk.{i}.{n}.weight": t for n, t in block.items()}
+        names |= {f"blk.{i}.{n}.{p}": "F32" for n in ("attn_norm", "attn_norm_2", "time_mix_ln")
+                  for p in ("weight", "bias")}
+    return names
+
+
+@pytest.mark.parametrize("variant,arch", [("v6", "rwkv6"), ("v7", "rwkv7"), ("v7-layer0-v", "rwkv7")])
+def test_gguf_reader_lists_exactly_llama_cpps_tensor_set(variant, arch, fixture_dir, tmp_path):
+    out = convert_to_gguf(fixture_path(variant, directory=fixture_dir), tmp_path / "m.gguf", "q8_0")
+    reader = gguf.GGUFReader(out)
+    assert {t.name: t.tensor_type.name for t in reader.tensors} == expected_tensor_set(arch, 7)
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == arch
+
+
+def test_tokenizer_in_the_file_round_trips_like_the_pip_package(tmp_path):
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    from rwkv_convert.tokenizer import world_vocab_path
+
+    sd = make_state_dict("v7", n_layer=1, n_embd=64, vocab=65536)
+    out = convert_to_gguf(save_atomic(sd, tmp_path / "full-vocab.pth"), tmp_path / "m.gguf", "f16")
+    runner = llama_runtime.LlamaCppRunner(out, n_ctx=64)
+    pip = TRIE_TOKENIZER(str(world_vocab_path()))
+    for text in ["Hello world!", "User: 你好，世界。\n\nAssistant: 🙂 ñ", "   spaces  \t tabs", "日本語のテキスト",
+                 "The quick brown fox jumps over the lazy dog.", "\\x00 \\n literal backslashes"]:
+        tokens = runner.tokenize(text)
+        assert tokens == pip.encode(text), text
+        assert runner.detokenize(tokens) == text
+
+
+@pytest.mark.parametrize("variant,pattern", [
+    ("v4", "no architecture for RWKV-4"), ("v5.2", "no architecture for RWKV-5.2"),
+    ("v7-deepembed", "no DeepEmbed"),
+])
+def test_refusals_are_one_line_and_leave_no_file(variant, pattern, fixture_dir, tmp_path):
+    proc = cli("convert", fixture_path(variant, directory=fixture_dir), "--to", "gguf", "-o", tmp_path / "m.gguf")
+    assert_one_line_error(proc, pattern)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_width_not_a_multiple_of_the_block_is_refused(tmp_path):
+    sd = make_state_dict("v6", n_layer=1, n_embd=80, head_size=16, vocab=512, ranks={"maa": 8, "decay": 8})
+    src = save_atomic(sd, tmp_path / "c80.pth")
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(UnsupportedError, match="not a multiple of 32"):
+        convert_to_gguf(src, target / "m.gguf", "q8_0")
+    assert list(target.iterdir()) == []
+    convert_to_gguf(src, target / "m.gguf", "f16")  # float types have no block size
+
+
+def test_verify_runs_ggufs_in_llama_cpp(fixture_dir, tmp_path):
+    src = fixture_path("v7", directory=fixture_dir)
+    out = convert_to_gguf(src, tmp_path / "m.gguf", "q8_0")
+    proc = cli("verify", out, "--reference", src)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "llama.cpp" in proc.stdout and "tolerance  q8_0" in proc.stdout
+    with pytest.raises(RwkvConvertError, match="not a readable GGUF"):
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(b"GGUF" + b"\0" * 10)
+        rwkv_convert.load(bad)
+
+
+def test_strategy_picks_per_layer_types(fixture_dir, tmp_path):
+    out = convert_to_gguf(fixture_path("v7", directory=fixture_dir), tmp_path / "m.gguf",
+                          strategy="cpu fp16i8 *4 -> cpu fp16")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.time_mix_key.weight"] == types["blk.3.channel_mix_key.weight"] == "Q8_0"
+    assert types["blk.4.time_mix_key.weight"] == types["output.weight"] == "F16"
+    assert types["token_embd.weight"] == "Q8_0"  # the embedding follows slot 0
+    assert np.isfinite(llama_logits(out, None).numpy()).all()
