@@ -1,0 +1,45 @@
+"""GGUF export speed and memory: a random v7 L24 C2048 V65536 (1.5B) checkpoint to Q8_0 and F16, each in a
+fresh process: wall time, peak RSS, output size.
+
+    python benchmarks/bench_gguf.py                      # v7 L24 C2048 V65536, bf16 file
+    python benchmarks/bench_gguf.py --layers 12 --embd 768
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_convert import measure  # noqa: E402
+from bench_runner import make_checkpoint  # noqa: E402
+
+CODE = """
+import sys
+from rwkv_convert.formats.gguf_file import convert_to_gguf
+convert_to_gguf(sys.argv[1], sys.argv[3], sys.argv[2])
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", default="v7", choices=["v6", "v7"])
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--embd", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--file-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--quants", default="q8_0,f16")
+    args = p.parse_args()
+    src = make_checkpoint(args.version, args.layers, args.embd, args.vocab, args.file_dtype)
+    print(f"\n{src.name} ({src.stat().st_size / 1e9:.2f} GB)")
+    print(f"{'quant':<8}{'wall s':>9}{'peak RSS GB':>13}{'output GB':>11}")
+    for quant in args.quants.split(","):
+        out = src.parent / f"bench-{quant}.gguf"
+        wall, rss = measure(CODE, [str(src), quant, str(out)])
+        print(f"{quant:<8}{wall:>9.1f}{rss:>13.2f}{out.stat().st_size / 1e9:>11.2f}")
+        out.unlink()
+
+
+if __name__ == "__main__":
+    main()
