@@ -136,6 +136,14 @@ def test_refusals_are_one_line_and_leave_no_file(variant, pattern, fixture_dir, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_v7_head_size_llama_cpp_cannot_run_is_refused(tmp_path):
+    src = save_atomic(make_state_dict("v7", n_layer=1, n_embd=128, head_size=32), tmp_path / "hs32.pth")
+    target = tmp_path / "out"
+    target.mkdir()
+    assert_one_line_error(cli("convert", src, "--to", "gguf", "-o", target / "m.gguf"), "head size 32")
+    assert list(target.iterdir()) == []
+
+
 def test_width_not_a_multiple_of_the_block_is_refused(tmp_path):
     sd = make_state_dict("v6", n_layer=1, n_embd=80, head_size=16, vocab=512, ranks={"maa": 8, "decay": 8})
     src = save_atomic(sd, tmp_path / "c80.pth")

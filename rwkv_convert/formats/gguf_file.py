@@ -204,6 +204,11 @@ def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant:
     if spec.deep_embed:
         raise UnsupportedError("llama.cpp's rwkv7 has no DeepEmbed (ffn.s_emb) tensors; this model cannot be"
                                " expressed as GGUF")
+    if spec.major == 7 and spec.head_size % 64:
+        # Measured with llama.cpp through llama-cpp-python 0.3.36: rwkv7 with head sizes 16, 32 and 96 loads but
+        # gives wrong logits (max |Δ| 2.6-4.8); 64, 128 and 256 match the reference to 2e-5. rwkv6 runs all.
+        raise UnsupportedError(f"llama.cpp's rwkv7 computes wrong results for head size {spec.head_size} (only"
+                               " multiples of 64 verify); this model cannot be exported to GGUF")
     if quant not in QUANTS:
         raise RwkvConvertError(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
     out = Path(output)
