@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,34 @@ def v6_jobs(ckpt: Checkpoint) -> list[TensorJob]:
     return jobs
 
 
+ROWS_PER_CHUNK = 1024
+
+
+def _encode(gguf, pool: ThreadPoolExecutor, job: TensorJob, qtype) -> np.ndarray:
+    """The tensor's bytes in the file's type. Rows are converted in chunks on all cores, into one output
+    array: the fp32 copy of a large matrix never exists whole (a 65536x2048 head would be 0.5 GB)."""
+    source = job.make()
+    if tuple(source.shape) != job.shape:
+        raise RwkvConvertError(f"internal: {job.name} has shape {tuple(source.shape)}, expected {job.shape}")
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return source.to(torch.float32).contiguous().numpy()
+    flat = source.reshape(-1, job.shape[-1]) if source.dim() > 1 else source.reshape(1, -1)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        out = np.empty(flat.shape, dtype=np.float16)
+    else:
+        out = np.empty(gguf.quant_shape_to_byte_shape(flat.shape, qtype), dtype=np.uint8)
+
+    def encode_rows(start: int) -> None:
+        rows = flat[start:start + ROWS_PER_CHUNK].to(torch.float32).numpy()
+        if qtype == gguf.GGMLQuantizationType.F16:
+            out[start:start + ROWS_PER_CHUNK] = rows.astype(np.float16)
+        else:
+            out[start:start + ROWS_PER_CHUNK] = gguf.quants.quantize(rows, qtype)
+
+    list(pool.map(encode_rows, range(0, flat.shape[0], ROWS_PER_CHUNK)))
+    return out.reshape(gguf.quant_shape_to_byte_shape(job.shape, qtype) if out.dtype == np.uint8 else job.shape)
+
+
 def _release_finished(ckpt: Checkpoint, job: TensorJob, following: TensorJob | None) -> None:
     """Drop the source pages a finished part of the file no longer needs (keeps the RSS flat)."""
     if job.name == "token_embd.weight":
@@ -268,18 +297,10 @@ def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for n, (job, qtype) in enumerate(zip(jobs, types, strict=True)):
-            data = job.make().to(torch.float32).contiguous().numpy()
-            if tuple(data.shape) != job.shape:
-                raise RwkvConvertError(f"internal: {job.name} has shape {data.shape}, expected {job.shape}")
-            if qtype == gguf.GGMLQuantizationType.F32:
-                writer.write_tensor_data(np.ascontiguousarray(data, dtype=np.float32))
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                writer.write_tensor_data(data.astype(np.float16))
-            else:
-                writer.write_tensor_data(gguf.quants.quantize(data, qtype))
-            del data
-            _release_finished(ckpt, job, jobs[n + 1] if n + 1 < len(jobs) else None)
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for n, (job, qtype) in enumerate(zip(jobs, types, strict=True)):
+                writer.write_tensor_data(_encode(gguf, pool, job, qtype))
+                _release_finished(ckpt, job, jobs[n + 1] if n + 1 < len(jobs) else None)
         writer.close()
         os.replace(tmp, out)
     except OSError as e:
