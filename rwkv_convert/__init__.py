@@ -13,8 +13,11 @@ __version__ = "0.1.0"
 
 
 def _is_gguf(path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def load(path: str | os.PathLike, strategy: str | None = None) -> Model:

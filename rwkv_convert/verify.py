@@ -168,12 +168,13 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
     """runner: "native" runs the candidate in the runtime its format is for (the rwkv pip package for its
     converted files); "ours" runs it with rwkv-convert's reader and runner."""
     from . import load
-    from .checkpoint import read_checkpoint
+    from .checkpoint import check_input_file, read_checkpoint
     from .pip_runtime import run_in_pip_package
     from .strategy import allocate, parse_strategy
 
     if tokens < 2:
         raise RwkvConvertError("--tokens must be at least 2 (the chunked mode splits the stream)")
+    check_input_file(candidate)
     ref_ckpt = read_checkpoint(reference)
     spec = ref_ckpt.spec
     reference_model = load(reference, "cpu fp32")
