@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runner import make_checkpoint  # noqa: E402
+from bench_runner import ensure_checkpoint  # noqa: E402
 
 OURS = """
 import sys
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--file-dtype", default="fp16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--strategy", default="cpu fp16i8")
     args = p.parse_args()
-    src = make_checkpoint(args.version, args.layers, args.embd, args.vocab, args.file_dtype)
+    src = ensure_checkpoint(args.version, args.layers, args.embd, args.vocab, args.file_dtype)
     out_dir = src.parent
     rows = {}
     for name, code in (("rwkv-convert", OURS), ("rwkv 0.8.32", PACKAGE)):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import measure  # noqa: E402
-from bench_runner import make_checkpoint  # noqa: E402
+from bench_runner import ensure_checkpoint  # noqa: E402
 
 CODE = """
 import sys
@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--file-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--quants", default="q8_0,f16")
     args = p.parse_args()
-    src = make_checkpoint(args.version, args.layers, args.embd, args.vocab, args.file_dtype)
+    src = ensure_checkpoint(args.version, args.layers, args.embd, args.vocab, args.file_dtype)
     print(f"\n{src.name} ({src.stat().st_size / 1e9:.2f} GB)")
     print(f"{'quant':<8}{'wall s':>9}{'peak RSS GB':>13}{'output GB':>11}")
     for quant in args.quants.split(","):

@@ -37,6 +37,19 @@ def make_checkpoint(version: str, n_layer: int, n_embd: int, vocab: int, dtype: 
     return path
 
 
+def ensure_checkpoint(version: str, n_layer: int, n_embd: int, vocab: int, dtype: str) -> Path:
+    """make_checkpoint in a child process: building a large random model would otherwise leave the caller
+    with several GB resident, which the rusage of every later child inherits at fork."""
+    from rwkv_convert.fixtures import cache_dir
+
+    path = cache_dir() / f"bench-{version}-L{n_layer}-C{n_embd}-V{vocab}-{dtype}.pth"
+    if not path.exists():
+        code = (f"import sys; sys.path.insert(0, {str(HERE.parent)!r}); from bench_runner import make_checkpoint;"
+                f" make_checkpoint({version!r}, {n_layer}, {n_embd}, {vocab}, {dtype!r})")
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return path
+
+
 def measure(forward, vocab: int, decode_tokens: int, prefill_len: int, repeats: int) -> dict:
     """forward(tokens, state) -> (logits, state). Medians over repeats."""
     gen = torch.Generator().manual_seed(0)

@@ -55,12 +55,14 @@ def test_f32_gguf_runs_in_llama_cpp_like_the_reference(variant, dtype, reference
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("quant,key", [("f16", "fp16"), ("bf16", "bf16"), ("q8_0", "q8_0")])
-def test_reduced_precision_ggufs_within_the_tolerance_table(variant, quant, key, references, fixture_dir, tmp_path):
-    out = convert_to_gguf(fixture_path(variant, directory=fixture_dir), tmp_path / "m.gguf", quant)
+def test_reduced_precision_ggufs_within_the_tolerance_table(variant, dtype, quant, key, references, fixture_dir,
+                                                            tmp_path):
+    out = convert_to_gguf(fixture_path(variant, dtype, directory=fixture_dir), tmp_path / "m.gguf", quant)
     tol = TOLERANCES[key]
     llama = llama_logits(out, None)
-    for cand, ref in ((llama, references[(variant, "fp32")]),
+    for cand, ref in ((llama, references[(variant, dtype)]),
                       (rwkv_convert.load(out).forward(TOKENS, full_output=True)[0], llama)):
         max_abs, rel_l2, kl, top1 = compare(ref, cand)
         assert max_abs <= tol.max_abs and rel_l2 <= tol.rel_l2 and kl <= tol.kl and top1 >= tol.top1, \
@@ -76,6 +78,8 @@ def test_four_and_five_bit_ggufs_run_and_beat_chance(quant, references, fixture_
     assert torch.isfinite(logits).all()
     _, _, kl, top1 = compare(references[("v7", "fp32")], logits)
     assert top1 > 5 / 512, top1  # random guessing agrees 1/512 of the time
+    ours = rwkv_convert.load(out).forward(TOKENS, full_output=True)[0]  # our reader of the same file
+    assert torch.isfinite(ours).all() and compare(logits, ours)[3] > 5 / 512
 
 
 def expected_tensor_set(arch: str, n_layer: int) -> dict[str, str]:
