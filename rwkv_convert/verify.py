@@ -45,10 +45,11 @@ TOLERANCES: dict[str, Tolerance] = {
     "bf16i8": Tolerance(3.0, 0.15, 0.05, 0.75,
                         "int8 weights with bf16 activations and scales: measured max |Δ| 1.4, rel L2 0.065,"
                         " KL 0.018, top-1 88%"),
-    "q8_0": Tolerance(2.0, 0.1, 0.05, 0.9,
-                      "GGUF Q8_0 (blocks of 32, one fp16 scale; llama.cpp also quantizes activations): measured"
-                      " max |Δ| 0.8, KL 0.003, top-1 95-100% on random streams and 93.8% on the fixed text"
-                      " stream, whose near-tied logits on random-weight fixtures flip"),
+    "q8_0": Tolerance(5.0, 0.1, 0.05, 0.9,
+                      "GGUF Q8_0 (blocks of 32, one fp16 scale; llama.cpp also quantizes activations): measured on"
+                      " the fixtures rel L2 <= 0.057, KL <= 0.02, top-1 92-100% per 64-token stream (flips at"
+                      " reference top-2 margins <= 0.5), max |Δ| <= 1.1 in llama.cpp and one 3.2 outlier in our"
+                      " fp32 reader (v7 bf16)"),
     "q5/q4": Tolerance(math.inf, math.inf, math.inf, 0.05,
                        "GGUF 4-5 bit blocks: only 'finite and better than random' is promised (random top-1 is"
                        " 1/vocab); the errors are reported"),
