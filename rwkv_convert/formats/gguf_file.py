@@ -284,10 +284,9 @@ def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant:
         writer.add_rescale_every_n_layers(0)  # llama.cpp computes in F32: no rescale needed
     _tokenizer(writer, gguf, spec.vocab_size)
     for job, qtype in zip(jobs, types, strict=True):
-        if qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor_info(job.name, job.shape, np.dtype(np.float32), 4 * int(np.prod(job.shape)))
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor_info(job.name, job.shape, np.dtype(np.float16), 2 * int(np.prod(job.shape)))
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.dtype(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+            writer.add_tensor_info(job.name, job.shape, dtype, dtype.itemsize * int(np.prod(job.shape)))
         else:
             byte_shape = gguf.quant_shape_to_byte_shape(job.shape, qtype)
             writer.add_tensor_info(job.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype)
@@ -303,13 +302,11 @@ def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant:
                 _release_finished(ckpt, job, jobs[n + 1] if n + 1 < len(jobs) else None)
         writer.close()
         os.replace(tmp, out)
-    except OSError as e:
+    except BaseException as e:  # no partial file, whatever went wrong
         writer.close()
         tmp.unlink(missing_ok=True)
-        raise RwkvConvertError(f"cannot write {out}: {e.strerror or e}") from None
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RwkvConvertError(f"cannot write {out}: {e.strerror or e}") from None
         raise
     return out
 
