@@ -31,7 +31,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise RwkvConvertError("GGUF export needs the `gguf` package: pip install 'rwkv-convert[gguf]'") from None
+        raise RwkvConvertError("GGUF support needs the `gguf` package: pip install gguf") from None
     return gguf
 
 
