@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runner import ensure_checkpoint  # noqa: E402
+from bench_runner import add_checkpoint_args, ensure_checkpoint  # noqa: E402
 
 OURS = """
 import sys
@@ -44,11 +44,7 @@ def measure(code: str, args: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", default="v6", choices=["v4", "v5.2", "v6"])
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--embd", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=65536)
-    p.add_argument("--file-dtype", default="fp16", choices=["fp32", "bf16", "fp16"])
+    add_checkpoint_args(p, "v6", ["v4", "v5.2", "v6"], 24, 1024, "fp16")
     p.add_argument("--strategy", default="cpu fp16i8")
     args = p.parse_args()
     src = ensure_checkpoint(args.version, args.layers, args.embd, args.vocab, args.file_dtype)

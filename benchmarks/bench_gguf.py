@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import measure  # noqa: E402
-from bench_runner import ensure_checkpoint  # noqa: E402
+from bench_runner import add_checkpoint_args, ensure_checkpoint  # noqa: E402
 
 CODE = """
 import sys
@@ -24,11 +24,7 @@ convert_to_gguf(sys.argv[1], sys.argv[3], sys.argv[2])
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", default="v7", choices=["v6", "v7"])
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--embd", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=65536)
-    p.add_argument("--file-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    add_checkpoint_args(p, "v7", ["v6", "v7"], 24, 2048, "bf16")
     p.add_argument("--quants", default="q8_0,f16")
     args = p.parse_args()
     src = ensure_checkpoint(args.version, args.layers, args.embd, args.vocab, args.file_dtype)

@@ -37,6 +37,15 @@ def make_checkpoint(version: str, n_layer: int, n_embd: int, vocab: int, dtype: 
     return path
 
 
+def add_checkpoint_args(parser, version: str, versions: list[str], layers: int, embd: int, file_dtype: str) -> None:
+    """The random checkpoint's shape options, shared by the benchmark scripts."""
+    parser.add_argument("--version", default=version, choices=versions)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--embd", type=int, default=embd)
+    parser.add_argument("--vocab", type=int, default=65536)
+    parser.add_argument("--file-dtype", default=file_dtype, choices=["fp32", "bf16", "fp16"])
+
+
 def ensure_checkpoint(version: str, n_layer: int, n_embd: int, vocab: int, dtype: str) -> Path:
     """make_checkpoint in a child process: building a large random model would otherwise leave the caller
     with several GB resident, which the rusage of every later child inherits at fork."""
@@ -99,11 +108,7 @@ def run_pip(path: Path, strategy: str, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", default="v7", choices=["v4", "v5.2", "v6", "v7"])
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--embd", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=65536)
-    p.add_argument("--file-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    add_checkpoint_args(p, "v7", ["v4", "v5.2", "v6", "v7"], 12, 768, "bf16")
     p.add_argument("--strategy", default="cpu fp32")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--prefill", type=int, default=128)
