@@ -18,7 +18,12 @@ def capabilities(ckpt: Checkpoint) -> dict[str, str]:
     else:
         can["run"] = "yes: any strategy (cpu|cuda|mps, fp32|fp16|bf16, i8 weights, *N, *N+, ->)"
     arch = LLAMA_CPP_ARCH.get(spec.version)
-    can["llama.cpp"] = f"has architecture {arch}" if arch else "has no architecture for this version"
+    if arch is None:
+        can["convert --to gguf"] = "no: llama.cpp has no architecture for this version"
+    elif spec.deep_embed or (spec.major == 7 and spec.head_size % 64):
+        can["convert --to gguf"] = "no: llama.cpp's rwkv7 cannot run this model (DeepEmbed or head size)"
+    else:
+        can["convert --to gguf"] = f"yes: llama.cpp architecture {arch}, F32/F16/BF16/Q8_0/Q4_x/Q5_x"
     if spec.major < 7:
         can["convert --to pip"] = "yes: a file the rwkv pip package loads for one strategy (int8 included)"
     else:
