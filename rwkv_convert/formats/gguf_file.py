@@ -68,6 +68,18 @@ def norm_jobs(ckpt: Checkpoint, i: int) -> list[TensorJob]:
             for gname, src in (("attn_norm", "ln1"), ("attn_norm_2", "ln2")) for part in ("weight", "bias")]
 
 
+def projection_jobs(ckpt: Checkpoint, i: int, names: tuple[str, ...]) -> list[TensorJob]:
+    """The attention's large matrices and its ln_x, the same in rwkv6 and rwkv7 (gate only in v6)."""
+    T, C, A = ckpt.tensors, ckpt.spec.n_embd, ckpt.spec.att_dim
+    b, g = f"blocks.{i}.", f"blk.{i}."
+    jobs = [TensorJob(g + f"time_mix_{n}.weight", (A, C), True, lambda k=b + f"att.{n}.weight": T[k], i)
+            for n in names]
+    jobs += [TensorJob(g + f"time_mix_ln.{p}", (A,), False, lambda k=b + f"att.ln_x.{p}": T[k], i)
+             for p in ("weight", "bias")]
+    jobs.append(TensorJob(g + "time_mix_output.weight", (C, A), True, lambda k=b + "att.output.weight": T[k], i))
+    return jobs
+
+
 def v7_jobs(ckpt: Checkpoint) -> list[TensorJob]:
     spec, T = ckpt.spec, ckpt.tensors
     L, C = spec.n_layer, spec.n_embd
@@ -102,12 +114,7 @@ def v7_jobs(ckpt: Checkpoint) -> list[TensorJob]:
             TensorJob(g + "time_mix_k_k.weight", (C,), False, lambda b=b: _vec(T[b + "att.k_k"]), i),
             TensorJob(g + "time_mix_k_a.weight", (C,), False, lambda b=b: _vec(T[b + "att.k_a"]), i),
             TensorJob(g + "time_mix_r_k.weight", (C,), False, lambda b=b: _vec(T[b + "att.r_k"]), i),
-            TensorJob(g + "time_mix_key.weight", (C, C), True, src("att.key.weight"), i),
-            TensorJob(g + "time_mix_value.weight", (C, C), True, src("att.value.weight"), i),
-            TensorJob(g + "time_mix_receptance.weight", (C, C), True, src("att.receptance.weight"), i),
-            TensorJob(g + "time_mix_ln.weight", (C,), False, src("att.ln_x.weight"), i),
-            TensorJob(g + "time_mix_ln.bias", (C,), False, src("att.ln_x.bias"), i),
-            TensorJob(g + "time_mix_output.weight", (C, C), True, src("att.output.weight"), i),
+        ] + projection_jobs(ckpt, i, ("key", "value", "receptance")) + [
             TensorJob(g + "channel_mix_lerp_k.weight", (C,), False, lambda b=b: _vec(T[b + "ffn.x_k"]), i),
             TensorJob(g + "channel_mix_key.weight", (spec.ffn_dim, C), True, src("ffn.key.weight"), i),
             TensorJob(g + "channel_mix_value.weight", (C, spec.ffn_dim), True, src("ffn.value.weight"), i),
@@ -137,13 +144,7 @@ def v6_jobs(ckpt: Checkpoint) -> list[TensorJob]:
             TensorJob(g + "time_mix_decay_w1.weight", (Dd, C), False, lambda b=b: T[b + "att.time_decay_w1"].t(), i),
             TensorJob(g + "time_mix_decay_w2.weight", (A, Dd), False, lambda b=b: T[b + "att.time_decay_w2"].t(), i),
             TensorJob(g + "time_mix_first.weight", (spec.n_head, spec.head_size), False, src("att.time_faaaa"), i),
-            TensorJob(g + "time_mix_key.weight", (A, C), True, src("att.key.weight"), i),
-            TensorJob(g + "time_mix_value.weight", (A, C), True, src("att.value.weight"), i),
-            TensorJob(g + "time_mix_receptance.weight", (A, C), True, src("att.receptance.weight"), i),
-            TensorJob(g + "time_mix_gate.weight", (A, C), True, src("att.gate.weight"), i),
-            TensorJob(g + "time_mix_ln.weight", (A,), False, src("att.ln_x.weight"), i),
-            TensorJob(g + "time_mix_ln.bias", (A,), False, src("att.ln_x.bias"), i),
-            TensorJob(g + "time_mix_output.weight", (C, A), True, src("att.output.weight"), i),
+        ] + projection_jobs(ckpt, i, ("key", "value", "receptance", "gate")) + [
             TensorJob(g + "channel_mix_lerp_k.weight", (1, 1, C), False, src("ffn.time_maa_k"), i),
             TensorJob(g + "channel_mix_lerp_r.weight", (1, 1, C), False, src("ffn.time_maa_r"), i),
             TensorJob(g + "channel_mix_key.weight", (F, C), True, src("ffn.key.weight"), i),
