@@ -48,13 +48,17 @@ class Model:
 
     def __init__(self, checkpoint: Checkpoint, strategy: str | Strategy = "cpu fp32",
                  rescale_layer: int | None = None, skip_passes: tuple[str, ...] = ()):
-        """skip_passes: optional passes to leave out (passes.FOLD_LN0, RESCALE, STACK), for comparisons."""
+        """skip_passes: optional passes to leave out (passes.FOLD_LN0, passes.STACK), for comparisons; the
+        rescale is set with rescale_layer (0 = none), since forward() halves x to match it."""
         if checkpoint.spec.deep_embed:
             raise UnsupportedError(
                 f"{checkpoint.path} is an RWKV-7 DeepEmbed model (ffn.s_emb); `inspect` reads it, but running"
                 " it is not supported yet")
         self._setup(checkpoint.spec, strategy, rescale_layer, checkpoint.path)
-        self._skip = set(skip_passes) - {passes.DECAY}
+        unknown = set(skip_passes) - {passes.FOLD_LN0, passes.STACK}
+        if unknown:
+            raise ValueError(f"cannot skip {sorted(unknown)}: only {passes.FOLD_LN0} and {passes.STACK} are optional")
+        self._skip = set(skip_passes)
         self._prepare(checkpoint.tensors)
         self._state_template = [(tuple(t.shape), t.dtype, t.device) for t in self.init_state()]
 
@@ -79,10 +83,7 @@ class Model:
         model._setup(spec, strategy, rescale_layer, source)
         model.passes, model.ln0 = list(applied), None
         model.emb = emb.to(model.placements[0].device)
-        model.layers = []
-        for p, lw in zip(model.placements[: spec.n_layer], layers, strict=True):
-            home = "cpu" if p.stream else p.device
-            model.layers.append({k: v.to(home if _is_matrix(model.module, k) else p.device) for k, v in lw.items()})
+        model.layers = [model._place(i, lw) for i, lw in enumerate(layers)]
         head_place = model.placements[spec.n_layer]
         model.ln_out = tuple(t.to(head_place.device) for t in ln_out)
         model.head = head.to(head_place.device)
@@ -90,6 +91,13 @@ class Model:
         return model
 
     # ---- loading ---------------------------------------------------------------------------------
+    def _place(self, i: int, lw: dict) -> dict:
+        """Layer i's weights on its device; streamed layers keep their matrices in CPU memory and copy
+        them in for each call."""
+        p = self.placements[i]
+        home = "cpu" if p.stream else p.device
+        return {k: v.to(home if _is_matrix(self.module, k) else p.device) for k, v in lw.items()}
+
     def _prepare(self, tensors: dict[str, torch.Tensor]) -> None:
         spec, module, skip = self.spec, self.module, self._skip
         first, head = self.placements[0], self.placements[spec.n_layer]
@@ -125,7 +133,8 @@ class Model:
                     if name not in module.MATRICES:
                         dtype = torch.float32 if name in module.FP32_PARAMS else p.atype
                         lw[name] = _as_vector(t).to(dtype)
-                if self.rescale_layer and ran(passes.RESCALE):
+                if self.rescale_layer:
+                    record(passes.RESCALE)
                     lw = passes.rescale_for_fp16(lw, i, self.rescale_layer)
                 scheme = scheme_for(p.weights)
                 for name in module.MATRICES:
@@ -137,9 +146,7 @@ class Model:
                     lw = passes.stack_projections(lw, module.PROJECTIONS)
                     if PROJECTIONS_KEY in lw:  # float layers only
                         record(passes.STACK)
-                # Streamed layers keep their matrices in CPU memory and copy them in for each call.
-                home = "cpu" if p.stream else p.device
-                self.layers.append({k: v.to(home if _is_matrix(module, k) else p.device) for k, v in lw.items()})
+                self.layers.append(self._place(i, lw))
             self.ln_out = (tensors["ln_out.weight"].to(head.atype).to(head.device),
                            tensors["ln_out.bias"].to(head.atype).to(head.device))
             self.head = scheme_for(head.weights).quantize(tensors["head.weight"], head.atype).to(head.device)
