@@ -12,13 +12,6 @@ from .spec import ModelSpec
 __version__ = "0.1.0"
 
 
-def _is_gguf(path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
 
 def load(path: str | os.PathLike, strategy: str | None = None) -> Model:
     """Read a model file and prepare it to run.
@@ -27,10 +20,11 @@ def load(path: str | os.PathLike, strategy: str | None = None) -> Model:
     - a file converted for the rwkv pip package: with the strategy it was made for (`strategy` must be that
       one or None)."""
     from .checkpoint import check_input_file, load_raw
+    from .formats.gguf_file import is_gguf
     from .formats.pip_pth import read_pip_converted
 
     p = check_input_file(path)
-    if _is_gguf(p):
+    if is_gguf(p):
         from .formats.gguf_file import read_gguf
 
         return Model(read_gguf(p), "cpu fp32" if strategy is None else strategy)

@@ -149,12 +149,6 @@ def run_ours(model, tokens: list[int], split: int) -> dict:
             "split": torch.cat([first, second]), "split_state": split_state}
 
 
-def _is_gguf(path) -> bool:
-    from . import _is_gguf as is_gguf
-
-    return is_gguf(path)
-
-
 def is_pip_converted(path: str | Path) -> str | None:
     """The strategy a file from the pip package's converter was made for, or None for other files."""
     try:
@@ -170,7 +164,9 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
     converted files); "ours" runs it with rwkv-convert's reader and runner."""
     from . import load
     from .checkpoint import check_input_file, read_checkpoint
+    from .formats.gguf_file import is_gguf
     from .pip_runtime import run_in_pip_package
+    from .runner import Model
     from .strategy import allocate, parse_strategy
 
     if tokens < 2:
@@ -178,15 +174,16 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
     check_input_file(candidate)
     ref_ckpt = read_checkpoint(reference)
     spec = ref_ckpt.spec
-    reference_model = load(reference, "cpu fp32")
+    reference_model = Model(ref_ckpt, "cpu fp32")
     streams = token_streams(spec.vocab_size, tokens, seed)
     split = max(1, tokens // 3)
     refs = {name: run_ours(reference_model, toks, split) for name, toks in streams.items()}
 
-    converted_for = is_pip_converted(candidate)
     if runner not in ("native", "ours"):
         raise RwkvConvertError(f"unknown runner {runner!r}; use native or ours")
-    if _is_gguf(candidate) and runner == "native":
+    gguf_file = is_gguf(candidate)
+    converted_for = None if gguf_file else is_pip_converted(candidate)
+    if gguf_file and runner == "native":
         from .llama_runtime import LlamaCppRunner
 
         if strategy:
@@ -218,7 +215,7 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
         cands = {name: run_ours(model, toks, split) for name, toks in streams.items()}
 
     schemes = {scheme_label(p) for p in allocate(parse_strategy(strategy), spec.n_layer)}
-    if Path(candidate).suffix.lower() == ".gguf" or _is_gguf(candidate):
+    if gguf_file:
         schemes.add(gguf_scheme(candidate))
     scheme, tol = tolerance_for(schemes)
     report = VerifyReport(candidate=str(candidate), reference=str(reference), runner=f"{runner} ({strategy})",

@@ -27,6 +27,15 @@ CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
 EOT_TOKEN = 261  # "\n\n" in the World vocabulary
 
 
+def is_gguf(path) -> bool:
+    """A GGUF file, by its magic bytes (whatever its name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def _gguf():
     try:
         import gguf
