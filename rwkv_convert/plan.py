@@ -49,7 +49,7 @@ def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy
     strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
     placements = allocate(strategy, spec.n_layer)
     module = arch.module_for(spec.version)
-    rescale = 0 if spec.major >= 7 else (6 if strategy.uses_fp16 else 0)
+    rescale = strategy.rescale_layer(spec.major)
     plan = Plan(str(strategy), spec.n_layer, rescale, [])
     plan.passes = [passes.FOLD_LN0] + ([passes.RESCALE] if rescale else []) + [passes.DECAY]
     if any(p.weights != "i8" for p in placements[:-1]):

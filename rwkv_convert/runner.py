@@ -5,7 +5,6 @@ tokens one by one. State is a flat list in the `rwkv` pip package's layout."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -17,8 +16,6 @@ from .errors import RwkvConvertError, UnsupportedError
 from .quant import scheme_for
 from .spec import ModelSpec
 from .strategy import Placement, Strategy, allocate, parse_strategy
-
-DEFAULT_RESCALE_LAYER = 6
 
 
 def _check_device(device: str) -> None:
@@ -69,9 +66,8 @@ class Model:
         for p in self.placements:
             _check_device(p.device)
         self.module = arch.module_for(spec.version)
-        if rescale_layer is None:  # the pip package: on whenever the strategy has fp16 (it never rescales v7)
-            env = os.environ.get("RWKV_RESCALE_LAYER")
-            rescale_layer = int(env) if env else (DEFAULT_RESCALE_LAYER if self.strategy.uses_fp16 else 0)
+        if rescale_layer is None:
+            rescale_layer = self.strategy.rescale_layer(spec.major)
         self.rescale_layer = 0 if spec.major >= 7 else rescale_layer
         self.source = source
 

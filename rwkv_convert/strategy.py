@@ -3,6 +3,7 @@ package's layer allocation over n_layer + 1 slots (the last slot is ln_out + hea
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch
 
 from .errors import RwkvConvertError
 
+DEFAULT_RESCALE_LAYER = 6
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 _COUNT = re.compile(r"^\*(\d+)(\+?)$")
@@ -51,6 +53,14 @@ class Strategy:
     @property
     def uses_fp16(self) -> bool:
         return any(s.dtype == "fp16" for s in self.segments)
+
+    def rescale_layer(self, major_version: int) -> int:
+        """The fp16 rescale interval, as the pip package chooses it: 6 whenever the string has fp16,
+        RWKV_RESCALE_LAYER overriding it (0 disables); v7 never rescales."""
+        if major_version >= 7:
+            return 0
+        env = os.environ.get("RWKV_RESCALE_LAYER")
+        return int(env) if env else (DEFAULT_RESCALE_LAYER if self.uses_fp16 else 0)
 
 
 def _bad(text: str, token: str, where: str, expected: str) -> RwkvConvertError:

@@ -82,8 +82,7 @@ def convert_to_pip(source: str | os.PathLike, strategy: str | Strategy, output: 
     strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
     placements = allocate(strategy, spec.n_layer)
     if rescale_layer is None:
-        env = os.environ.get("RWKV_RESCALE_LAYER")
-        rescale_layer = int(env) if env else (6 if strategy.uses_fp16 else 0)
+        rescale_layer = strategy.rescale_layer(spec.major)
     out = Path(output)
     if out.is_dir():
         raise RwkvConvertError(f"{out} is a directory; give the output file name (e.g. {out / 'model-converted.pth'})")
@@ -140,7 +139,7 @@ def read_pip_converted(path: Path, tensors: dict, strategy: str | None = None):
     """A Model that runs a converted file with our runner (the file's own strategy)."""
     from .. import passes
     from ..arch import build_spec, detect_version, module_for
-    from ..arch.common import PROJECTIONS_KEY  # noqa: F401 - documents the stacked key passes.py adds
+    from ..arch.common import PROJECTIONS_KEY
     from ..quant.float_weights import FloatWeight
     from ..quant.rwkv_int8 import RwkvInt8Weight
     from ..runner import Model
@@ -180,7 +179,7 @@ def read_pip_converted(path: Path, tensors: dict, strategy: str | None = None):
     else:
         head = FloatWeight(head.t())
     applied = ["pip-converted file", passes.DECAY] + ([passes.STACK] if any(
-        "att.projections" in lw for lw in layers) else [])
+        PROJECTIONS_KEY in lw for lw in layers) else [])
     return Model.from_prepared(spec, file_strategy, int(tensors.get("_rescale_layer", 0)), path,
                                weights["emb.weight"], layers, (weights["ln_out.weight"], weights["ln_out.bias"]),
                                head, applied)
