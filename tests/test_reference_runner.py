@@ -7,6 +7,7 @@ import torch
 
 import rwkv_convert
 from rwkv_convert.fixtures import VARIANTS, fixture_path
+from rwkv_convert.verify import run_ours
 
 from .conftest import ODD_SHAPES, SPLIT
 
@@ -17,17 +18,8 @@ BF16_LN0_FOLD_BOUND = 0.25
 
 
 def run_three_ways(model, tokens):
-    seq, seq_state = model.forward(tokens, full_output=True)
-    state, rows = None, []
-    for t in tokens:
-        logits, state = model.forward([t], state)
-        rows.append(logits)
-    one_state = state
-    first, state = model.forward(tokens[:SPLIT], full_output=True)
-    second, split_state = model.forward(tokens[SPLIT:], state, full_output=True)
-    split = torch.cat([first, second])
-    return {"seq": seq, "seq_state": seq_state, "one": torch.stack(rows), "one_state": one_state,
-            "split": split, "split_state": split_state}
+    """Sequence, token by token, and SPLIT + rest with the state carried: the modes verify uses too."""
+    return run_ours(model, tokens, SPLIT)
 
 
 def max_diff(a, b) -> float:
