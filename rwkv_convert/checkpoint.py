@@ -81,10 +81,6 @@ def _torch_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True), False
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    return _tensors_only(path, load_raw(path)[0])
-
-
 def load_raw(path: Path) -> tuple[dict, bool]:
     """The file's top-level dict (unwrapped from `state_dict`), and whether its tensors are mmap'd."""
     """torch.load with weights_only=True (plain tensors only) and mmap where the file allows it."""
