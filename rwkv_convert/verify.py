@@ -47,9 +47,10 @@ TOLERANCES: dict[str, Tolerance] = {
                         " KL 0.018, top-1 88%"),
     "q8_0": Tolerance(5.0, 0.1, 0.05, 0.9,
                       "GGUF Q8_0 (blocks of 32, one fp16 scale; llama.cpp also quantizes activations): measured on"
-                      " the fixtures rel L2 <= 0.057, KL <= 0.02, top-1 92-100% per 64-token stream (flips at"
-                      " reference top-2 margins <= 0.5), max |Δ| <= 1.1 in llama.cpp and one 3.2 outlier in our"
-                      " fp32 reader (v7 bf16)"),
+                      " the fixtures rel L2 <= 0.057, KL <= 0.02, top-1 92-100% per 64-token stream and 94.5-96.9%"
+                      " pooled over 8 streams (flips at reference top-2 margins <= 0.5), max |Δ| <= 1.1 in"
+                      " llama.cpp and one 3.2 outlier in our fp32 reader (v7 bf16: Q8_0 of the embedding alone"
+                      " moves a logit by 2.7 in that random model)"),
     "q5/q4": Tolerance(math.inf, math.inf, math.inf, 0.05,
                        "GGUF 4-5 bit blocks: only 'finite and better than random' is promised (random top-1 is"
                        " 1/vocab); the errors are reported"),
