@@ -1,0 +1,1 @@
+"""ONNX export (step and sequence graphs for every version) and running exported files in onnxruntime."""

@@ -1,0 +1,121 @@
+"""What every version's ONNX layers are made of: parameters as initializers, linear layers (float MatMul or
+onnxruntime's MatMulNBits), norms and token shift. Activations are [B, T, C]; a one-token graph has T = 1."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...arch.common import GROUP_NORM_EPS, LN_EPS
+from ...errors import UnsupportedError
+from .graph import MS_DOMAIN, Graph
+
+QUANT_BITS = {"int8": 8, "int4": 4}
+BLOCK_SIZE = 32  # MatMulNBits block along K: 32 keeps int4 usable on small widths and int8 near lossless
+
+
+def _nbits_quantizer(bits: int):
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    return quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
+
+
+class Emitter:
+    def __init__(self, g: Graph, act: str, quant: str):
+        from onnx import TensorProto
+
+        self.g = g
+        self.fp16 = act == "fp16"
+        self.ACT = TensorProto.FLOAT16 if self.fp16 else TensorProto.FLOAT
+        self.F32 = TensorProto.FLOAT
+        self.np_act = np.float16 if self.fp16 else np.float32
+        self.bits = QUANT_BITS.get(quant)
+
+    # ---- parameters ------------------------------------------------------------------------------
+    def param(self, name: str, t: torch.Tensor, fp32: bool = False) -> str:
+        return self.g.weight(name, t.detach().float().numpy().astype(np.float32 if fp32 else self.np_act))
+
+    def to_f32(self, x: str) -> str:
+        return self.g.cast(x, self.F32) if self.fp16 else x
+
+    def to_act(self, x: str) -> str:
+        return self.g.cast(x, self.ACT) if self.fp16 else x
+
+    def scalar(self, value: float, fp32: bool = False) -> str:
+        return self.g.const(value, np.float32 if fp32 else self.np_act)
+
+    # ---- layers ----------------------------------------------------------------------------------
+    def matmul(self, x: str, name: str, w: torch.Tensor) -> str:
+        """x @ w for a small matrix (LoRA) stored [in, out]."""
+        return self.g.op("MatMul", x, self.param(name, w))
+
+    def linear(self, x: str, name: str, w: torch.Tensor, quantize: bool = True) -> str:
+        """x @ W.T for a large [out, in] matrix: a float MatMul, or MatMulNBits when quantizing."""
+        if self.bits is None or not quantize:
+            return self.g.op("MatMul", x, self.param(name, w.t()))
+        n_out, k = w.shape
+        if k % BLOCK_SIZE:
+            raise UnsupportedError(f"{name} has {k} input columns, not a multiple of {BLOCK_SIZE}:"
+                                   " export it with --quant none")
+        wt = np.ascontiguousarray(w.detach().float().t().numpy())  # [K, N]
+        k_blocks = k // BLOCK_SIZE
+        packed = np.zeros((n_out, k_blocks, BLOCK_SIZE * self.bits // 8), dtype=np.uint8)
+        scales = np.zeros((n_out, k_blocks), dtype=np.float32)
+        zero_points = np.zeros((n_out, (k_blocks * self.bits + 7) // 8), dtype=np.uint8)
+        _nbits_quantizer(self.bits)(packed, wt, scales, zero_points, BLOCK_SIZE, n_out, k, False)
+        g = self.g
+        inputs = [g.weight(f"{name}.q{self.bits}", packed), g.weight(f"{name}.scales", scales.astype(self.np_act)),
+                  g.weight(f"{name}.zero_points", zero_points)]
+        return g.op("MatMulNBits", x, *inputs, domain=MS_DOMAIN, K=k, N=n_out, bits=self.bits,
+                    block_size=BLOCK_SIZE)
+
+    def layer_norm(self, x: str, name: str, w: torch.Tensor, b: torch.Tensor) -> str:
+        return self.g.op("LayerNormalization", x, self.param(name + ".weight", w), self.param(name + ".bias", b),
+                         axis=-1, epsilon=LN_EPS)
+
+    def group_norm(self, y: str, n_head: int, name: str, w: torch.Tensor, b: torch.Tensor, fp32: bool) -> str:
+        """Per-head normalisation of [B, T, H*N] (ln_x), then the per-channel affine."""
+        g = self.g
+        dtype = np.float32 if fp32 or not self.fp16 else self.np_act
+        head_size = w.numel() // n_head
+        heads = g.reshape(y, [0, 0, n_head, head_size])
+        normed = g.op("LayerNormalization", heads, g.const(np.ones(head_size), dtype), axis=-1,
+                      epsilon=GROUP_NORM_EPS)
+        flat = g.reshape(normed, [0, 0, n_head * head_size])
+        scaled = g.op("Mul", flat, self.param(name + ".weight", w, fp32))
+        return g.op("Add", scaled, self.param(name + ".bias", b, fp32))
+
+    def shifted(self, x: str, last: str) -> str:
+        """The previous token's vector at every position of [B, T, C]; `last` [B, C] ends the prior call."""
+        g = self.g
+        if g.single_step:
+            return g.unsqueeze(last, 1)
+        head = g.op("Slice", x, g.const([0], np.int64), g.const([-1], np.int64), g.const([1], np.int64))
+        return g.op("Concat", g.unsqueeze(last, 1), head, axis=1)
+
+    def lerp(self, x: str, sx: str, name: str, mix: torch.Tensor) -> str:
+        """x*mix + sx*(1-mix), the v4/v5 token-shift mix (1-mix precomputed, as the runner does)."""
+        g = self.g
+        return g.op("Add", g.op("Mul", x, self.param(name, mix)), g.op("Mul", sx, self.param(name + ".rest", 1 - mix)))
+
+    def offset_mix(self, x: str, delta: str, name: str, mix: torch.Tensor) -> str:
+        """x + (sx-x)*mix, the v6/v7 form."""
+        return self.g.op("Add", x, self.g.op("Mul", delta, self.param(name, mix)))
+
+    def squared_relu_ffn(self, k_in: str, prefix: str, lw: dict) -> str:
+        g = self.g
+        k = g.op("Relu", self.linear(k_in, prefix + "ffn.key.weight", lw["ffn.key.weight"]))
+        return self.linear(g.op("Mul", k, k), prefix + "ffn.value.weight", lw["ffn.value.weight"])
+
+    def gated_ffn(self, kx: str, rx: str, prefix: str, lw: dict) -> str:
+        """v4-v6 channel mix after the token-shift mixes: sigmoid(R rx) * V relu(K kx)^2."""
+        g = self.g
+        r = g.op("Sigmoid", self.linear(rx, prefix + "ffn.receptance.weight", lw["ffn.receptance.weight"]))
+        return g.op("Mul", r, self.squared_relu_ffn(kx, prefix, lw))
+
+    def silu(self, x: str) -> str:
+        return self.g.op("Mul", x, self.g.op("Sigmoid", x))
+
+    def heads(self, x: str, n_head: int, *tail: int) -> str:
+        """[B, T, H*N] -> [B, T, H, *tail] (tail defaults to N)."""
+        return self.g.reshape(x, [0, 0, n_head, *(tail or (-1,))])

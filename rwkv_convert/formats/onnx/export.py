@@ -1,0 +1,199 @@
+"""`convert --to onnx`: a one-token step graph and a sequence (prefill) graph for v4, v5.x, v6 and v7, built
+by hand from the checkpoint's tensors (no nn.Module, no tracing), so names, dtypes and external data are ours.
+
+Interface of both graphs (the `rwkv.*` metadata repeats it):
+  inputs   token int64 [B] (step) | tokens int64 [B, T] (sequence); shift_in fp32 [B, L, 2, C];
+           wkv_in fp32 [B, L, *wkv]   (v4: [3, A] = aa, bb, pp; v5/v6: [H, N_key, N_val]; v7: [H, N_val, N_key])
+  outputs  logits fp32 [B, V] (step; sequence with --logits last) | [B, T, V] (sequence, --logits all);
+           shift_out, wkv_out (same shapes as the inputs)
+A fresh state is zeros, except v4's pp (-1e30) and a state-tuned model's learned wkv (in the metadata)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ... import arch
+from ...arch.v7 import DEEP_EMBED_KEYS
+from ...checkpoint import check_input_file, read_checkpoint
+from ...errors import RwkvConvertError, UnsupportedError
+from ...passes import fold_ln0, rescale_for_fp16
+from ...strategy import parse_strategy
+from . import v4, v5, v6, v7
+from .emit import Emitter
+from .graph import Graph, WeightStore, _onnx
+
+DTYPES = ("fp32", "fp16")
+QUANTS = ("none", "int8", "int4")
+LOGITS = ("all", "last")
+FORMAT_TAG = "rwkv-convert-onnx-1"
+INLINE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB limit, less room for the graph itself
+_MODULES = {4: v4, 5: v5, 6: v6, 7: v7}
+
+
+def sequence_path(step_path: Path) -> Path:
+    """model.onnx -> model.seq.onnx (the sequence graph beside the step graph)."""
+    return step_path.with_name(step_path.stem + ".seq" + step_path.suffix)
+
+
+def _layer_tensors(ckpt, spec, i: int, rescale: int) -> dict:
+    module = arch.module_for(spec.version)
+    prefix = f"blocks.{i}."
+    lw = {}
+    for k, t in ckpt.tensors.items():
+        if k.startswith(prefix) and not k.startswith(prefix + "ln0."):
+            name = k[len(prefix):]
+            t = t.float()
+            lw[name] = t.reshape(-1) if t.dim() == 3 and t.shape[:2] == (1, 1) else t
+    if rescale:
+        lw = rescale_for_fp16(lw, i, rescale)
+    return module.prepare_layer(lw, spec, i)
+
+
+def _initial_wkv(ckpt, spec) -> np.ndarray | None:
+    """A state-tuned model's learned wkv state [L, H, N, N] (pip layout), else None."""
+    if not spec.time_state:
+        return None
+    return np.stack([ckpt.tensors[f"blocks.{i}.att.time_state"].float().transpose(1, 2).numpy()
+                     for i in range(spec.n_layer)])
+
+
+def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant: str, logits: str,
+           rescale: int) -> Graph:
+    from onnx import TensorProto
+
+    g = Graph(store, single_step=single_step)
+    E = Emitter(g, dtype, quant)
+    mod = _MODULES[spec.major]
+    L, C, V = spec.n_layer, spec.n_embd, spec.vocab_size
+    wkv_shape = mod.wkv_state_shape(spec)
+    if single_step:
+        tokens = g.unsqueeze(g.input("token", TensorProto.INT64, ["batch"]), 1)
+    else:
+        tokens = g.input("tokens", TensorProto.INT64, ["batch", "time"])
+    shift_in = g.input("shift_in", TensorProto.FLOAT, ["batch", L, 2, C])
+    wkv_in = g.input("wkv_in", TensorProto.FLOAT, ["batch", L, *wkv_shape])
+
+    emb = fold_ln0({k: ckpt.tensors[k] for k in ("emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias")})
+    x = g.op("Gather", E.param("emb.weight", emb["emb.weight"]), tokens)  # [B, T, C]
+    shifts, wkvs, ctx = [], [], {}
+    for i in range(L):
+        lw = _layer_tensors(ckpt, spec, i, rescale)
+        prefix = f"blocks.{i}."
+        shift = g.gather(shift_in, i, 1)  # [B, 2, C]
+        xx = E.layer_norm(x, prefix + "ln1", lw["ln1.weight"], lw["ln1.bias"])
+        att, new_wkv = mod.time_mix(E, spec, lw, prefix, xx, E.to_act(g.gather(shift, 0, 1)), g.gather(wkv_in, i, 1),
+                                    ctx)
+        att_last = g.gather(xx, -1, 1)
+        x = g.op("Add", x, att)
+        xx = E.layer_norm(x, prefix + "ln2", lw["ln2.weight"], lw["ln2.bias"])
+        x = g.op("Add", x, mod.channel_mix(E, spec, lw, prefix, xx, E.to_act(g.gather(shift, 1, 1))))
+        shifts.append(g.unsqueeze(g.op("Concat", *(g.unsqueeze(E.to_f32(s), 1) for s in (att_last,
+                                                                                          g.gather(xx, -1, 1))),
+                                       axis=1), 1))
+        wkvs.append(g.unsqueeze(new_wkv, 1))
+        if rescale and (i + 1) % rescale == 0:
+            x = g.op("Mul", x, E.scalar(0.5))
+        for name in list(ckpt.tensors):
+            if name.startswith(prefix):
+                ckpt.release(name)
+    if single_step or logits == "last":
+        x = g.gather(x, -1, 1)  # [B, C]
+    x = E.layer_norm(x, "ln_out", ckpt.tensors["ln_out.weight"].float(), ckpt.tensors["ln_out.bias"].float())
+    out = E.to_f32(E.linear(x, "head.weight", ckpt.tensors["head.weight"].float(), quantize=False))
+    g.output(out, "logits", TensorProto.FLOAT, ["batch", V] if single_step or logits == "last"
+             else ["batch", "time", V])
+    g.output(g.op("Concat", *shifts, axis=1), "shift_out", TensorProto.FLOAT, ["batch", L, 2, C])
+    g.output(g.op("Concat", *wkvs, axis=1), "wkv_out", TensorProto.FLOAT, ["batch", L, *wkv_shape])
+    return g
+
+
+def _metadata(ckpt, spec, graph: str, dtype: str, quant: str, logits: str, rescale: int) -> dict[str, str]:
+    mod = _MODULES[spec.major]
+    layout = {
+        "shift": f"[B, {spec.n_layer}, 2, {spec.n_embd}]: per layer the attention's then the FFN's token-shift"
+                 " vector (the LayerNorm output of the last token)",
+        "wkv": f"[B, {spec.n_layer}, {', '.join(map(str, mod.wkv_state_shape(spec)))}]: "
+               + {4: "aa, bb, pp per channel (fresh: 0, 0, -1e30)",
+                  7: "per head [value, key] matrix"}.get(spec.major, "per head [key, value] matrix"),
+    }
+    meta = {
+        "rwkv.format": FORMAT_TAG, "rwkv.graph": graph, "rwkv.version": spec.version,
+        "rwkv.spec": json.dumps({k: v for k, v in spec.to_dict().items() if k not in ("dtypes",)}),
+        "rwkv.source": ckpt.path.name, "rwkv.source_bytes": str(ckpt.file_size),
+        "rwkv.dtype": dtype, "rwkv.quant": quant, "rwkv.logits": "last" if graph == "step" else logits,
+        "rwkv.rescale_every": str(rescale), "rwkv.state_layout": json.dumps(layout),
+    }
+    initial = _initial_wkv(ckpt, spec)
+    if initial is not None:
+        meta["rwkv.initial_wkv_fp32_b64"] = base64.b64encode(initial.astype("<f4").tobytes()).decode()
+    return meta
+
+
+def _check_supported(spec, path) -> None:
+    if spec.deep_embed:
+        raise UnsupportedError(f"{path} is an RWKV-7 DeepEmbed model ({DEEP_EMBED_KEYS[0]}): no ONNX export for it yet")
+
+
+def convert_to_onnx(source, output, dtype: str = "fp32", quant: str = "none", graphs: str = "both",
+                    logits: str = "all", external_data: bool | None = None) -> list[Path]:
+    """Write the step graph to `output` and the sequence graph beside it (model.seq.onnx), or one of them
+    (graphs="step"|"sequence": then to `output` itself). external_data None: only when the weights would pass
+    protobuf's 2 GB limit. Returns the paths written (data file last)."""
+    _onnx()  # a clear error before any work when onnx is missing
+    if dtype not in DTYPES or quant not in QUANTS or logits not in LOGITS or graphs not in ("both", "step",
+                                                                                            "sequence"):
+        raise RwkvConvertError(f"unknown ONNX option: dtype {dtype!r} (choose {'/'.join(DTYPES)}), quant {quant!r}"
+                               f" ({'/'.join(QUANTS)}), logits {logits!r} ({'/'.join(LOGITS)}), graphs {graphs!r}")
+    ckpt = read_checkpoint(check_input_file(source))
+    spec = ckpt.spec
+    _check_supported(spec, ckpt.path)
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise RwkvConvertError(f"the ONNX output name should end in .onnx (got {output.name})")
+    if not output.parent.is_dir():
+        raise RwkvConvertError(f"output directory {output.parent} does not exist")
+    kinds = {"both": [("step", output), ("sequence", sequence_path(output))], "step": [("step", output)],
+             "sequence": [("sequence", output)]}[graphs]
+    rescale = parse_strategy("cpu fp16").rescale_layer(spec.major) if dtype == "fp16" and spec.major < 7 else 0
+    weight_bytes = spec.n_params * (2 if dtype == "fp16" else 4)
+    if external_data is None:
+        external_data = weight_bytes > INLINE_LIMIT
+    data_path = output.with_name(output.name + ".data") if external_data else None
+    temps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for _, p in kinds]
+    data_tmp = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp") if data_path else None
+    try:
+        store = WeightStore(data_tmp, data_path.name if data_path else None)
+        try:
+            models = []
+            for kind, _ in kinds:
+                g = _build(ckpt, spec, store, kind == "step", dtype, quant, logits, rescale)
+                doc = f"RWKV-{spec.version} {kind} graph from {ckpt.path.name}, written by rwkv-convert"
+                models.append(g.model(doc, _metadata(ckpt, spec, kind, dtype, quant, logits, rescale)))
+        finally:
+            store.close()
+        for model, tmp in zip(models, temps, strict=True):
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+        if data_path:
+            os.replace(data_tmp, data_path)
+        for (_, final), tmp in zip(kinds, temps, strict=True):
+            os.replace(tmp, final)
+    except OSError as e:
+        raise RwkvConvertError(f"could not write {output}: {e.strerror or e}") from None
+    except ValueError as e:  # protobuf refuses a message over 2 GB
+        raise RwkvConvertError(f"could not write {output}: {e}; use --external-data") from None
+    finally:
+        for tmp in [*temps, data_tmp]:
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+    return [p for _, p in kinds] + ([data_path] if data_path else [])
+
