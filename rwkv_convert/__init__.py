@@ -17,13 +17,19 @@ def load(path: str | os.PathLike, strategy: str | None = None) -> Model:
     """Read a model file and prepare it to run.
 
     - an original checkpoint (.pth) or an RWKV-6/7 GGUF: with `strategy` (default "cpu fp32");
+    - an ONNX export of ours (.onnx): runs in onnxruntime (no strategy; it was fixed at export);
     - a file converted for the rwkv pip package: with the strategy it was made for (`strategy` must be that
       one or None)."""
     from .checkpoint import check_input_file, load_raw
     from .formats.gguf_file import is_gguf
+    from .formats.onnx.runtime import OnnxModel, is_onnx
     from .formats.pip_pth import read_pip_converted
 
     p = check_input_file(path)
+    if is_onnx(p):
+        if strategy is not None:
+            raise RwkvConvertError("an ONNX export runs as it was exported: drop the strategy")
+        return OnnxModel(p)
     if is_gguf(p):
         from .formats.gguf_file import read_gguf
 

@@ -106,30 +106,53 @@ def plan(path: str, strategy: str, as_json: bool) -> None:
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
 
 
-FORMATS = ("pip", "gguf")
+FORMATS = ("pip", "gguf", "onnx")
 
 
 @main.command()
 @click.argument("source", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--to", "target", required=True, type=click.Choice(FORMATS),
-              help="pip: the rwkv pip package's converted .pth for one strategy; gguf: llama.cpp (v6, v7).")
+              help="pip: the rwkv pip package's converted .pth for one strategy; gguf: llama.cpp (v6, v7);"
+                   " onnx: onnxruntime step + sequence graphs (every version).")
 @click.option("--strategy", default=None,
               help='pip: the strategy the file is made for (default "cpu fp32"); gguf: per-layer types'
                    " (fp32 -> F32, fp16 -> F16, bf16 -> BF16, any i8 -> Q8_0), instead of --quant.")
 @click.option("--quant", default="f16", show_default=True,
               type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
               help="gguf: the type of the large matrices (norms, 1-D parameters and LoRAs stay F32).")
+@click.option("--dtype", "onnx_dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="onnx: weight and activation type (inputs, outputs and the state stay fp32).")
+@click.option("--onnx-quant", "onnx_quant", default="none", show_default=True,
+              type=click.Choice(["none", "int8", "int4"]),
+              help="onnx: block-quantize the layers' matrices with onnxruntime's MatMulNBits (embedding and head"
+                   " keep --dtype).")
+@click.option("--graph", "graphs", default="both", show_default=True, type=click.Choice(["both", "step", "sequence"]),
+              help="onnx: the one-token step graph (OUT), the sequence graph (OUT with .seq.onnx), or both.")
+@click.option("--logits", default="all", show_default=True, type=click.Choice(["all", "last"]),
+              help="onnx: the sequence graph's logits for every position or only the last (faster prefill).")
+@click.option("--external-data", is_flag=True, default=None,
+              help="onnx: weights in OUT.data beside the graph (automatic above protobuf's 2 GB limit).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output file.")
 @click.option("--verify", "then_verify", is_flag=True, help="Verify the written file against SOURCE.")
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(2, None), help="With --verify.")
-def convert(source: str, target: str, strategy, quant: str, output: str, then_verify: bool, tokens: int) -> None:
+def convert(source: str, target: str, strategy, quant: str, onnx_dtype: str, onnx_quant: str, graphs: str,
+            logits: str, external_data, output: str, then_verify: bool, tokens: int) -> None:
     """Convert SOURCE (an original .pth) for a runtime. Written tensor by tensor, atomically.
 
     \b
     Example:
       rwkv-convert convert RWKV-x060-World-1B6.pth --to pip --strategy "cuda fp16i8" -o 1B6-fp16i8.pth
     """
-    if target == "gguf":
+    if target == "onnx":
+        from .formats.onnx.export import convert_to_onnx
+
+        if strategy:
+            raise click.UsageError("onnx takes --dtype and --onnx-quant, not --strategy")
+        written = convert_to_onnx(source, output, onnx_dtype, onnx_quant, graphs, logits, external_data)
+        for path in written:
+            click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)", err=True)
+        out, verify_strategy = written[0], None
+    elif target == "gguf":
         from .formats.gguf_file import convert_to_gguf
 
         out = convert_to_gguf(source, output, quant, strategy)

@@ -51,11 +51,14 @@ TOLERANCES: dict[str, Tolerance] = {
                       " pooled over 8 streams (flips at reference top-2 margins <= 0.5), max |Δ| <= 1.1 in"
                       " llama.cpp and one 3.2 outlier in our fp32 reader (v7 bf16: Q8_0 of the embedding alone"
                       " moves a logit by 2.7 in that random model)"),
+    "int4": Tolerance(8.0, 0.4, 0.5, 0.4,
+                      "ONNX int4 (onnxruntime MatMulNBits, blocks of 32 with zero points): measured on the fixtures"
+                      " max |Δ| up to 5.0 (v7), PLACEHOLDER"),
     "q5/q4": Tolerance(math.inf, math.inf, math.inf, 0.05,
                        "GGUF 4-5 bit blocks: only 'finite and better than random' is promised (random top-1 is"
                        " 1/vocab); the errors are reported"),
 }
-_PRECISION_ORDER = ("fp32", "fp16", "bf16", "i8", "bf16i8", "q8_0", "q5/q4")
+_PRECISION_ORDER = ("fp32", "fp16", "bf16", "i8", "bf16i8", "q8_0", "int4", "q5/q4")
 _GGUF_LABELS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "Q8_0": "q8_0"}
 
 
@@ -159,6 +162,12 @@ def is_pip_converted(path: str | Path) -> str | None:
     return obj.get("_strategy") if isinstance(obj, dict) else None
 
 
+def _check_same_model(model, candidate, spec, reference) -> None:
+    if (model.spec.vocab_size, model.spec.n_embd) != (spec.vocab_size, spec.n_embd):
+        raise RwkvConvertError(f"{candidate} (vocab {model.spec.vocab_size}, n_embd {model.spec.n_embd}) is not"
+                               f" a conversion of {reference} (vocab {spec.vocab_size}, n_embd {spec.n_embd})")
+
+
 def verify(candidate: str | Path, reference: str | Path, strategy: str | None = None, tokens: int = 64,
            seed: int = 0, runner: str = "native") -> VerifyReport:
     """runner: "native" runs the candidate in the runtime its format is for (the rwkv pip package for its
@@ -166,6 +175,7 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
     from . import load
     from .checkpoint import check_input_file, read_checkpoint
     from .formats.gguf_file import is_gguf
+    from .formats.onnx.runtime import is_onnx
     from .pip_runtime import run_in_pip_package
     from .runner import Model
     from .strategy import allocate, parse_strategy
@@ -183,7 +193,7 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
     if runner not in ("native", "ours"):
         raise RwkvConvertError(f"unknown runner {runner!r}; use native or ours")
     gguf_file = is_gguf(candidate)
-    converted_for = None if gguf_file else is_pip_converted(candidate)
+    converted_for = None if gguf_file or is_onnx(candidate) else is_pip_converted(candidate)
     if gguf_file and runner == "native":
         from .llama_runtime import LlamaCppRunner
 
@@ -206,16 +216,24 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
             if "error" in out:
                 raise RwkvConvertError(f"the rwkv pip package could not run {candidate}: {out['error'][:300]}")
         cands = dict(zip(streams, outputs, strict=True))
+    elif is_onnx(candidate):
+        if strategy:
+            raise RwkvConvertError("an ONNX export runs as it was exported: drop --strategy")
+        model = load(candidate)
+        runner, strategy = f"onnxruntime {', '.join(model.step_or_sequence_providers())}", f"{model.scheme} export"
+        _check_same_model(model, candidate, spec, reference)
+        cands = {name: run_ours(model, toks, split) for name, toks in streams.items()}
     else:
         model = load(candidate, strategy)
         strategy = str(model.strategy)
         runner = "rwkv-convert runner" + (" reading a pip-converted file" if converted_for else "")
-        if (model.spec.vocab_size, model.spec.n_embd) != (spec.vocab_size, spec.n_embd):
-            raise RwkvConvertError(f"{candidate} (vocab {model.spec.vocab_size}, n_embd {model.spec.n_embd}) is not"
-                                   f" a conversion of {reference} (vocab {spec.vocab_size}, n_embd {spec.n_embd})")
+        _check_same_model(model, candidate, spec, reference)
         cands = {name: run_ours(model, toks, split) for name, toks in streams.items()}
 
-    schemes = {scheme_label(p) for p in allocate(parse_strategy(strategy), spec.n_layer)}
+    if is_onnx(candidate):
+        schemes = {model.scheme}
+    else:
+        schemes = {scheme_label(p) for p in allocate(parse_strategy(strategy), spec.n_layer)}
     if gguf_file:
         schemes.add(gguf_scheme(candidate))
     scheme, tol = tolerance_for(schemes)

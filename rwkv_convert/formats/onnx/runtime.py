@@ -1,0 +1,181 @@
+"""Running an exported ONNX model in onnxruntime, with the runner's interface (`forward(tokens, state,
+full_output)` and a batched `forward_batch`), so `verify` treats ONNX like any other format."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...errors import RwkvConvertError
+from ...spec import ModelSpec
+from .export import FORMAT_TAG, sequence_path
+
+
+def is_onnx(path) -> bool:
+    """An ONNX protobuf by its name (the format has no magic bytes)."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RwkvConvertError("running ONNX files needs onnxruntime: pip install onnxruntime"
+                               " (or onnxruntime-gpu for the CUDA provider)") from None
+    return onnxruntime
+
+
+def _session(path: Path, providers):
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RwkvConvertError(f"onnxruntime could not load {path}: {first[:300]}") from None
+
+
+class OnnxModel:
+    """An exported model: the step graph and/or the sequence graph beside it."""
+
+    def __init__(self, path, providers: list[str] | None = None):
+        ort = _ort()
+        path = Path(path)
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        first = _session(path, providers)
+        meta = first.get_modelmeta().custom_metadata_map
+        if meta.get("rwkv.format") != FORMAT_TAG:
+            raise RwkvConvertError(f"{path} is not an ONNX export of rwkv-convert (no rwkv.* metadata): this"
+                                   " runner needs the inputs and state layout our exports declare")
+        self.path = path
+        self.meta = meta
+        self.spec = ModelSpec(**json.loads(meta["rwkv.spec"]))
+        self.dtype, self.quant = meta["rwkv.dtype"], meta["rwkv.quant"]
+        self.step = self.sequence = None
+        self.sequence_logits = None
+        if meta["rwkv.graph"] == "step":
+            self.step = first
+            sibling = sequence_path(path)
+            if sibling.exists():
+                self.sequence = _session(sibling, providers)
+                self.sequence_logits = self.sequence.get_modelmeta().custom_metadata_map["rwkv.logits"]
+        else:
+            self.sequence, self.sequence_logits = first, meta["rwkv.logits"]
+            if path.name.endswith(".seq.onnx"):
+                sibling = path.with_name(path.name[: -len(".seq.onnx")] + ".onnx")
+                if sibling.exists():
+                    self.step = _session(sibling, providers)
+        graph = self.step or self.sequence
+        shapes = {i.name: i.shape for i in graph.get_inputs()}
+        self.shift_shape = tuple(shapes["shift_in"][1:])
+        self.wkv_shape = tuple(shapes["wkv_in"][1:])
+        initial = meta.get("rwkv.initial_wkv_fp32_b64")
+        self._initial_wkv = (np.frombuffer(base64.b64decode(initial), "<f4").reshape(self.wkv_shape)
+                             if initial else None)
+
+    def step_or_sequence_providers(self) -> list[str]:
+        return (self.step or self.sequence).get_providers()
+
+    @property
+    def scheme(self) -> str:
+        """The tolerance-table key of this export."""
+        return {"int8": "i8", "int4": "int4"}.get(self.quant, self.dtype)
+
+    # ---- state -----------------------------------------------------------------------------------
+    def initial_state(self, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        shift = np.zeros((batch, *self.shift_shape), np.float32)
+        if self._initial_wkv is not None:
+            wkv = np.repeat(self._initial_wkv[None], batch, axis=0).copy()
+        else:
+            wkv = np.zeros((batch, *self.wkv_shape), np.float32)
+            if self.spec.major == 4:
+                wkv[:, :, 2] = -1e30  # pp: no token seen yet
+        return shift, wkv
+
+    def _check_batch_state(self, state, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        if state is None:
+            return self.initial_state(batch)
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise RwkvConvertError("an ONNX model's state is a pair (shift, wkv) as returned by forward_batch")
+        out = []
+        for name, value, shape in (("shift", state[0], self.shift_shape), ("wkv", state[1], self.wkv_shape)):
+            value = np.asarray(value, dtype=np.float32)
+            if value.shape != (batch, *shape):
+                raise RwkvConvertError(f"{name} state has shape {value.shape}, expected {(batch, *shape)} for this"
+                                       f" RWKV-{self.spec.version} export with batch {batch}")
+            out.append(value)
+        return out[0], out[1]
+
+    def to_runner_state(self, shift: np.ndarray, wkv: np.ndarray) -> list[torch.Tensor]:
+        """Batch row 0 as the runner's per-layer state list."""
+        state = []
+        for i in range(self.spec.n_layer):
+            layer_wkv = [torch.from_numpy(wkv[0, i, j].copy()) for j in range(3)] if self.spec.major == 4 \
+                else [torch.from_numpy(wkv[0, i].copy())]
+            state += [torch.from_numpy(shift[0, i, 0].copy()), *layer_wkv, torch.from_numpy(shift[0, i, 1].copy())]
+        return state
+
+    def from_runner_state(self, state) -> tuple[np.ndarray, np.ndarray]:
+        per_layer = 5 if self.spec.major == 4 else 3
+        if not isinstance(state, (list, tuple)) or len(state) != per_layer * self.spec.n_layer:
+            n = len(state) if isinstance(state, (list, tuple)) else type(state).__name__
+            raise RwkvConvertError(f"state has {n} tensors; this RWKV-{self.spec.version} export with"
+                                   f" {self.spec.n_layer} layers needs {per_layer * self.spec.n_layer}")
+        shift, wkv = self.initial_state(1)
+        for i in range(self.spec.n_layer):
+            layer = [torch.as_tensor(t).float().cpu().numpy() for t in state[i * per_layer:(i + 1) * per_layer]]
+            try:
+                shift[0, i, 0], shift[0, i, 1] = layer[0], layer[-1]
+                if self.spec.major == 4:
+                    wkv[0, i] = np.stack(layer[1:4])
+                else:
+                    wkv[0, i] = layer[1]
+            except ValueError:
+                raise RwkvConvertError(f"state of layer {i} has shapes {[tuple(t.shape) for t in layer]}, expected"
+                                       f" shift {self.shift_shape[-1:]} and wkv {self.wkv_shape[1:]}") from None
+        return shift, wkv
+
+    # ---- running ---------------------------------------------------------------------------------
+    def forward_batch(self, tokens, state=None, full_output: bool = False):
+        """tokens [B, T] (ints); state (shift, wkv) numpy arrays or None. Returns logits [B, V] (last token)
+        or [B, T, V], and the new (shift, wkv)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 2 or tokens.size == 0:
+            raise RwkvConvertError("forward_batch needs token ids shaped [batch, time]")
+        if tokens.min() < 0 or tokens.max() >= self.spec.vocab_size:
+            raise RwkvConvertError(f"token ids must lie in 0..{self.spec.vocab_size - 1}")
+        shift, wkv = self._check_batch_state(state, tokens.shape[0])
+        T = tokens.shape[1]
+        use_sequence = self.sequence is not None and (T > 1 or self.step is None) and \
+            (self.sequence_logits == "all" or not full_output)
+        if use_sequence:
+            logits, shift, wkv = self.sequence.run(None, {"tokens": tokens, "shift_in": shift, "wkv_in": wkv})
+            if self.sequence_logits == "all" and not full_output:
+                logits = logits[:, -1]
+            return logits, (shift, wkv)
+        if self.step is None:
+            raise RwkvConvertError(f"{self.path} has only a sequence graph with the last logits: export with"
+                                   " --logits all (or the step graph) for every position's logits")
+        rows = []
+        for t in range(T):
+            logits, shift, wkv = self.step.run(None, {"token": tokens[:, t], "shift_in": shift, "wkv_in": wkv})
+            rows.append(logits)
+        return (np.stack(rows, axis=1) if full_output else rows[-1]), (shift, wkv)
+
+    def forward(self, tokens, state=None, full_output: bool = False):
+        """The runner's interface for one stream: state is the runner's per-layer list."""
+        if isinstance(tokens, int):
+            tokens = [tokens]
+        tokens = list(torch.as_tensor(tokens).flatten().tolist()) if isinstance(tokens, torch.Tensor) else tokens
+        if not tokens:
+            raise RwkvConvertError("forward() needs a non-empty list of token ids")
+        batch_state = None if state is None else self.from_runner_state(state)
+        logits, (shift, wkv) = self.forward_batch([tokens], batch_state, full_output)
+        return torch.from_numpy(np.ascontiguousarray(logits[0])), self.to_runner_state(shift, wkv)
