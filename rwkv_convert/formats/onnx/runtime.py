@@ -86,7 +86,7 @@ class OnnxModel:
     @property
     def scheme(self) -> str:
         """The tolerance-table key of this export."""
-        return {"int8": "i8", "int4": "int4"}.get(self.quant, self.dtype)
+        return {"int8": "int8-block", "int4": "int4-block"}.get(self.quant, self.dtype)
 
     # ---- state -----------------------------------------------------------------------------------
     def initial_state(self, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,205 @@
+"""ONNX export checked in onnxruntime itself: step and sequence graphs, batches, the state fed back, fp16,
+int8/int4 (MatMulNBits), external data, and the errors of the runner that loads exports."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import rwkv_convert
+from rwkv_convert.errors import RwkvConvertError, UnsupportedError
+from rwkv_convert.fixtures import VARIANTS, fixture_path, make_state_dict
+from rwkv_convert.verify import TOLERANCES, compare
+
+from .conftest import ODD_SHAPES, save_atomic, tokens_for
+from .test_cli import assert_one_line_error, cli
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from rwkv_convert.formats.onnx.export import convert_to_onnx, sequence_path  # noqa: E402
+from rwkv_convert.formats.onnx.runtime import OnnxModel  # noqa: E402
+
+ONNX_VARIANTS = [v for v in VARIANTS if v != "v7-deepembed"]
+SPLIT = 20
+
+
+def streams(vocab: int, batch: int) -> list[list[int]]:
+    return [tokens_for(vocab, seed=1234 + b) for b in range(batch)]
+
+
+def reference_run(model, tokens):
+    """Every position's logits, and the state after 20 tokens and after all of them, from our runner."""
+    full, state = model.forward(tokens, full_output=True)
+    _, state20 = model.forward(tokens[:SPLIT])
+    return full, state20, state
+
+
+def assert_runs_like(exported: OnnxModel, reference, vocab: int, bound: float, batch: int) -> None:
+    rows = streams(vocab, batch)
+    refs = [reference_run(reference, toks) for toks in rows]
+    want = torch.stack([r[0] for r in refs])
+    tokens = np.array(rows)
+    # one call of the sequence graph
+    seq, (shift, wkv) = exported.forward_batch(tokens, full_output=True)
+    assert np.abs(seq - want.numpy()).max() <= bound
+    # token by token through the step graph
+    state, steps = None, []
+    for t in range(tokens.shape[1]):
+        logits, state = exported.forward_batch(tokens[:, t:t + 1], state)
+        steps.append(logits)
+    assert np.abs(np.stack(steps, 1) - want.numpy()).max() <= bound
+    # 20 + 44 with the state fed back
+    first, state = exported.forward_batch(tokens[:, :SPLIT], full_output=True)
+    second, state = exported.forward_batch(tokens[:, SPLIT:], state, full_output=True)
+    assert np.abs(np.concatenate([first, second], 1) - want.numpy()).max() <= bound
+    # the state itself, in the runner's layout, row by row
+    for b in range(batch):
+        mine = exported.to_runner_state(state[0][b:b + 1], state[1][b:b + 1])
+        finite = [(x, y) for x, y in zip(mine, refs[b][2], strict=True)]
+        worst = max(((x - y)[y.abs() < 1e29]).abs().max().item() for x, y in finite)
+        assert worst <= 1e-3, worst
+
+
+@pytest.fixture(scope="module")
+def fp32_exports(fixture_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    return {v: convert_to_onnx(fixture_path(v, directory=fixture_dir), out / f"{v}.onnx") for v in ONNX_VARIANTS}
+
+
+@pytest.mark.parametrize("variant", ONNX_VARIANTS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fp32_step_and_sequence_graphs_match_the_reference(variant, batch, fp32_exports, fixture_dir):
+    step, seq = fp32_exports[variant]
+    assert seq == sequence_path(step)
+    for path in (step, seq):
+        onnx.checker.check_model(str(path))
+    reference = rwkv_convert.load(fixture_path(variant, directory=fixture_dir))
+    assert_runs_like(OnnxModel(step), reference, reference.spec.vocab_size, 1e-4, batch)
+
+
+@pytest.mark.parametrize("name", sorted(ODD_SHAPES))
+def test_shapes_the_fixtures_lack(name, tmp_path):
+    variant, kw = ODD_SHAPES[name]
+    src = save_atomic(make_state_dict(variant, **kw), tmp_path / "odd.pth")
+    exported = OnnxModel(convert_to_onnx(src, tmp_path / "odd.onnx")[0])
+    assert_runs_like(exported, rwkv_convert.load(src), kw["vocab"], 1e-4, 2)
+
+
+@pytest.mark.parametrize("variant", ["v4", "v5.1", "v6", "v7"])
+@pytest.mark.parametrize("dtype,quant,key", [("fp16", "none", "fp16"), ("fp32", "int8", "int8-block"),
+                                             ("fp16", "int8", "int8-block"), ("fp32", "int4", "int4-block")])
+def test_reduced_precision_exports_within_the_tolerance_table(variant, dtype, quant, key, fixture_dir, tmp_path):
+    src = fixture_path(variant, directory=fixture_dir)
+    paths = convert_to_onnx(src, tmp_path / "m.onnx", dtype, quant)
+    exported = OnnxModel(paths[0])
+    assert exported.scheme == key
+    graph = onnx.load(str(paths[0]))
+    ops = {n.op_type for n in graph.graph.node}
+    assert ("MatMulNBits" in ops) == (quant != "none")
+    if dtype == "fp16":  # weights are stored in fp16; inputs, outputs and the state stay fp32
+        types = {i.name: i.data_type for i in graph.graph.initializer}
+        assert types["head.weight"] == types["blocks.0.ln1.weight"] == onnx.TensorProto.FLOAT16
+        assert {i.type.tensor_type.elem_type for i in graph.graph.output} == {onnx.TensorProto.FLOAT}
+    toks = tokens_for(512)
+    ref = rwkv_convert.load(src).forward(toks, full_output=True)[0]
+    tol = TOLERANCES[key]
+    state, rows = None, []
+    for t in toks:  # the step graph
+        logits, state = exported.forward_batch([[t]], state)
+        rows.append(logits[0])
+    for cand in (exported.forward(toks, full_output=True)[0], torch.from_numpy(np.stack(rows))):
+        max_abs, rel_l2, kl, top1 = compare(ref, cand)
+        assert max_abs <= tol.max_abs and rel_l2 <= tol.rel_l2 and kl <= tol.kl and top1 >= tol.top1, \
+            (max_abs, rel_l2, kl, top1)
+
+
+def test_int8_export_quantizes_only_the_layers(fixture_dir, tmp_path):
+    paths = convert_to_onnx(fixture_path("v7", directory=fixture_dir), tmp_path / "m.onnx", "fp32", "int8")
+    names = {i.name for i in onnx.load(str(paths[0])).graph.initializer}
+    assert "emb.weight" in names and "head.weight" in names  # kept at the chosen precision
+    assert "blocks.0.att.key.weight.q8" in names and "blocks.0.att.key.weight" not in names
+
+
+def test_external_data_is_written_and_moves_with_the_file(fixture_dir, tmp_path):
+    src = fixture_path("v6", directory=fixture_dir)
+    a = tmp_path / "a"
+    a.mkdir()
+    paths = convert_to_onnx(src, a / "m.onnx", external_data=True)
+    assert [p.name for p in paths] == ["m.onnx", "m.seq.onnx", "m.onnx.data"]
+    assert paths[0].stat().st_size < 200_000 < paths[2].stat().st_size  # the weights live in the data file
+    onnx.checker.check_model(str(paths[0]))
+    b = tmp_path / "b"
+    shutil.move(a, b)  # moved together: the graphs name their data relative to themselves
+    moved = OnnxModel(b / "m.onnx")
+    toks = tokens_for(512)
+    ref = rwkv_convert.load(src).forward(toks, full_output=True)[0]
+    assert (moved.forward(toks, full_output=True)[0] - ref).abs().max().item() <= 1e-4
+
+
+def test_last_logits_sequence_graph(fixture_dir, tmp_path):
+    src = fixture_path("v5.2", directory=fixture_dir)
+    (seq,) = convert_to_onnx(src, tmp_path / "m.onnx", graphs="sequence", logits="last")
+    exported = OnnxModel(seq)
+    toks = tokens_for(512)
+    logits, _ = exported.forward(toks)
+    assert logits.shape == (512,)
+    assert (logits - rwkv_convert.load(src).forward(toks)[0]).abs().max().item() <= 1e-4
+    with pytest.raises(RwkvConvertError, match="only a sequence graph with the last logits"):
+        exported.forward(toks, full_output=True)
+
+
+def test_state_tuned_model_starts_from_its_learned_state(fp32_exports):
+    exported = OnnxModel(fp32_exports["v5.2-state"][0])
+    _, wkv = exported.initial_state(2)
+    assert np.abs(wkv).max() > 0.1 and np.array_equal(wkv[0], wkv[1])
+
+
+def test_wrong_states_and_foreign_files_get_clear_errors(fp32_exports, tmp_path):
+    v7 = OnnxModel(fp32_exports["v7"][0])
+    with pytest.raises(RwkvConvertError, match="needs 21"):
+        v7.forward([1, 2], [torch.zeros(128)] * 35)  # a v4-shaped state list: 5 tensors per layer
+    with pytest.raises(RwkvConvertError, match="wkv state has shape"):
+        v7.forward_batch([[1, 2]], (np.zeros((1, 7, 2, 128), np.float32), np.zeros((1, 7, 3, 128), np.float32)))
+    with pytest.raises(RwkvConvertError, match="state of layer 0"):
+        v7.forward([1], [torch.zeros(128), torch.zeros(2, 64, 32), torch.zeros(128)] * 7)
+    with pytest.raises(RwkvConvertError, match="outside|0..511"):
+        v7.forward_batch([[512]])
+    # an ONNX file that is not ours
+    helper = onnx.helper
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "foreign.onnx")
+    with pytest.raises(RwkvConvertError, match="not an ONNX export of rwkv-convert"):
+        rwkv_convert.load(tmp_path / "foreign.onnx")
+    (tmp_path / "garbage.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(RwkvConvertError, match="onnxruntime could not load"):
+        rwkv_convert.load(tmp_path / "garbage.onnx")
+
+
+def test_cli_convert_and_verify(fixture_dir, tmp_path):
+    src = fixture_path("v6", directory=fixture_dir)
+    proc = cli("convert", src, "--to", "onnx", "--onnx-quant", "int8", "-o", tmp_path / "m.onnx", "--verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "onnxruntime" in proc.stdout and "int8-block" in proc.stdout and "PASS" in proc.stdout
+
+
+def test_refusals_are_one_line_and_leave_no_file(fixture_dir, tmp_path):
+    proc = cli("convert", fixture_path("v7-deepembed", directory=fixture_dir), "--to", "onnx", "-o",
+               tmp_path / "m.onnx")
+    assert_one_line_error(proc, "DeepEmbed")
+    assert list(tmp_path.iterdir()) == []
+    src = save_atomic(make_state_dict("v6", n_layer=1, n_embd=80, head_size=16, ranks={"maa": 8, "decay": 8}),
+                      tmp_path / "c80.pth")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UnsupportedError, match="not a multiple of 32"):
+        convert_to_onnx(src, out / "m.onnx", quant="int4")
+    assert list(out.iterdir()) == []
+    convert_to_onnx(src, out / "m.onnx")  # float exports have no block constraint
+    assert_one_line_error(cli("convert", src, "--to", "onnx", "-o", tmp_path / "m.bin"), "should end in .onnx")
