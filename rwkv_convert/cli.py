@@ -130,8 +130,9 @@ FORMATS = ("pip", "gguf", "onnx")
               help="onnx: the one-token step graph (OUT), the sequence graph (OUT with .seq.onnx), or both.")
 @click.option("--logits", default="all", show_default=True, type=click.Choice(["all", "last"]),
               help="onnx: the sequence graph's logits for every position or only the last (faster prefill).")
-@click.option("--external-data", is_flag=True, default=None,
-              help="onnx: weights in OUT.data beside the graph (automatic above protobuf's 2 GB limit).")
+@click.option("--external-data/--inline-data", default=None,
+              help="onnx: weights in OUT.data beside the graphs (the default for two graphs, which share it, and"
+                   " above protobuf's 2 GB limit) or inside the one graph written.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output file.")
 @click.option("--verify", "then_verify", is_flag=True, help="Verify the written file against SOURCE.")
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(2, None), help="With --verify.")

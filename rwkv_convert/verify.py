@@ -51,10 +51,10 @@ TOLERANCES: dict[str, Tolerance] = {
                       " pooled over 8 streams (flips at reference top-2 margins <= 0.5), max |Δ| <= 1.1 in"
                       " llama.cpp and one 3.2 outlier in our fp32 reader (v7 bf16: Q8_0 of the embedding alone"
                       " moves a logit by 2.7 in that random model)"),
-    "int8-block": Tolerance(3.0, 0.07, 0.01, 0.85,
-                            "ONNX int8 (onnxruntime MatMulNBits, blocks of 32 along K with zero points, fp32"
-                            " compute): measured on the v4-v7 fixtures max |Δ| <= 1.26, rel L2 <= 0.024,"
-                            " KL <= 0.0026, top-1 >= 95%"),
+    "int8-block": Tolerance(4.0, 0.1, 0.02, 0.85,
+                            "ONNX int8 (onnxruntime MatMulNBits, blocks of 32 along K with zero points, int8"
+                            " activations: accuracy_level 4): measured on the v4-v7 fixtures max |Δ| <= 1.8,"
+                            " rel L2 <= 0.036, KL <= 0.0061, top-1 >= 92%"),
     "int4-block": Tolerance(15.0, 0.6, 1.0, 0.35,
                             "ONNX int4 (MatMulNBits, blocks of 32 with zero points): measured on the v4-v7 fixtures"
                             " max |Δ| <= 6.9, rel L2 <= 0.29, KL <= 0.33, top-1 >= 55% (random 7-layer models are"

@@ -72,7 +72,7 @@ def fp32_exports(fixture_dir, tmp_path_factory):
 @pytest.mark.parametrize("variant", ONNX_VARIANTS)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fp32_step_and_sequence_graphs_match_the_reference(variant, batch, fp32_exports, fixture_dir):
-    step, seq = fp32_exports[variant]
+    step, seq, _data = fp32_exports[variant]
     assert seq == sequence_path(step)
     for path in (step, seq):
         onnx.checker.check_model(str(path))
@@ -123,20 +123,34 @@ def test_int8_export_quantizes_only_the_layers(fixture_dir, tmp_path):
     assert "blocks.0.att.key.weight.q8" in names and "blocks.0.att.key.weight" not in names
 
 
-def test_external_data_is_written_and_moves_with_the_file(fixture_dir, tmp_path):
+def test_two_graphs_share_one_data_file_that_moves_with_them(fixture_dir, tmp_path):
     src = fixture_path("v6", directory=fixture_dir)
     a = tmp_path / "a"
     a.mkdir()
-    paths = convert_to_onnx(src, a / "m.onnx", external_data=True)
+    paths = convert_to_onnx(src, a / "m.onnx")
     assert [p.name for p in paths] == ["m.onnx", "m.seq.onnx", "m.onnx.data"]
-    assert paths[0].stat().st_size < 200_000 < paths[2].stat().st_size  # the weights live in the data file
-    onnx.checker.check_model(str(paths[0]))
+    weights = rwkv_convert.load(src).spec.n_params * 4
+    assert paths[0].stat().st_size < 200_000 and paths[1].stat().st_size < 200_000
+    assert 0.9 * weights < paths[2].stat().st_size < 1.05 * weights  # one copy for both graphs (small ones inline)
+    for path in paths[:2]:
+        onnx.checker.check_model(str(path))
     b = tmp_path / "b"
     shutil.move(a, b)  # moved together: the graphs name their data relative to themselves
     moved = OnnxModel(b / "m.onnx")
     toks = tokens_for(512)
     ref = rwkv_convert.load(src).forward(toks, full_output=True)[0]
     assert (moved.forward(toks, full_output=True)[0] - ref).abs().max().item() <= 1e-4
+
+
+def test_external_data_forced_for_one_graph(fixture_dir, tmp_path):
+    src = fixture_path("v4", directory=fixture_dir)
+    paths = convert_to_onnx(src, tmp_path / "m.onnx", graphs="step", external_data=True)
+    assert [p.name for p in paths] == ["m.onnx", "m.onnx.data"]
+    toks = tokens_for(512)[:8]
+    ref = rwkv_convert.load(src).forward(toks, full_output=True)[0]
+    assert (OnnxModel(paths[0]).forward(toks, full_output=True)[0] - ref).abs().max().item() <= 1e-4
+    (inline,) = convert_to_onnx(src, tmp_path / "inline.onnx", graphs="step")
+    assert inline.stat().st_size > paths[1].stat().st_size  # one graph under 2 GB keeps its weights inside
 
 
 def test_last_logits_sequence_graph(fixture_dir, tmp_path):

@@ -12,6 +12,9 @@ from .graph import MS_DOMAIN, Graph
 
 QUANT_BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32  # MatMulNBits block along K: 32 keeps int4 usable on small widths and int8 near lossless
+# accuracy_level 4: int8 activations in the product. onnxruntime's CPU kernel for 8-bit weights has no fast
+# path without it (measured 30 ms vs 0.09 ms for a 3072x3072 one-token product, fp32 MatMul 0.66 ms).
+ACCURACY_LEVEL = 4
 
 
 def _nbits_quantizer(bits: int):
@@ -67,7 +70,7 @@ class Emitter:
         inputs = [g.weight(f"{name}.q{self.bits}", packed), g.weight(f"{name}.scales", scales.astype(self.np_act)),
                   g.weight(f"{name}.zero_points", zero_points)]
         return g.op("MatMulNBits", x, *inputs, domain=MS_DOMAIN, K=k, N=n_out, bits=self.bits,
-                    block_size=BLOCK_SIZE)
+                    block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL)
 
     def layer_norm(self, x: str, name: str, w: torch.Tensor, b: torch.Tensor) -> str:
         return self.g.op("LayerNormalization", x, self.param(name + ".weight", w), self.param(name + ".bias", b),

@@ -143,8 +143,9 @@ def _check_supported(spec, path) -> None:
 def convert_to_onnx(source, output, dtype: str = "fp32", quant: str = "none", graphs: str = "both",
                     logits: str = "all", external_data: bool | None = None) -> list[Path]:
     """Write the step graph to `output` and the sequence graph beside it (model.seq.onnx), or one of them
-    (graphs="step"|"sequence": then to `output` itself). external_data None: only when the weights would pass
-    protobuf's 2 GB limit. Returns the paths written (data file last)."""
+    (graphs="step"|"sequence": then to `output` itself). external_data None: the weights go to one data file
+    (output + ".data") shared by both graphs, or inline when one graph is written and fits protobuf's 2 GB.
+    Returns the paths written (data file last)."""
     _onnx()  # a clear error before any work when onnx is missing
     if dtype not in DTYPES or quant not in QUANTS or logits not in LOGITS or graphs not in ("both", "step",
                                                                                             "sequence"):
@@ -162,8 +163,8 @@ def convert_to_onnx(source, output, dtype: str = "fp32", quant: str = "none", gr
              "sequence": [("sequence", output)]}[graphs]
     rescale = parse_strategy("cpu fp16").rescale_layer(spec.major) if dtype == "fp16" and spec.major < 7 else 0
     weight_bytes = spec.n_params * (2 if dtype == "fp16" else 4)
-    if external_data is None:
-        external_data = weight_bytes > INLINE_LIMIT
+    if external_data is None:  # two graphs share one copy of the weights; one graph keeps them inline if it can
+        external_data = len(kinds) > 1 or weight_bytes > INLINE_LIMIT
     data_path = output.with_name(output.name + ".data") if external_data else None
     temps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for _, p in kinds]
     data_tmp = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp") if data_path else None
