@@ -217,3 +217,40 @@ def test_refusals_are_one_line_and_leave_no_file(fixture_dir, tmp_path):
     assert list(out.iterdir()) == []
     convert_to_onnx(src, out / "m.onnx")  # float exports have no block constraint
     assert_one_line_error(cli("convert", src, "--to", "onnx", "-o", tmp_path / "m.bin"), "should end in .onnx")
+
+
+def test_readme_example_runs_with_plain_onnxruntime(tmp_path):
+    """The README's example, as written, on full-vocabulary v4 (its -1e30 start) and v7 models."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- onnx-example.*?-->\n```python\n(.*?)```", readme, re.S).group(1)
+    assert "rwkv_convert" not in code
+    for variant in ("v4", "v7"):
+        work = tmp_path / variant
+        work.mkdir()
+        sd = make_state_dict(variant, n_layer=2, n_embd=64, vocab=65536)
+        convert_to_onnx(save_atomic(sd, tmp_path / f"{variant}.pth"), work / "model.onnx")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip(), "the example printed nothing"
+
+
+@pytest.mark.parametrize("variant", ["v5.2", "v6"])
+def test_chunked_recurrence_survives_extreme_decays(variant, tmp_path):
+    """Decays of exp(-exp(8)) (the state erased every token) beside exp(-exp(-12)) (kept for ever): the sequence
+    graph's chunked form must stay finite and equal to the per-token reference."""
+    sd = make_state_dict(variant, n_layer=2)
+    for i in range(2):
+        decay = sd[f"blocks.{i}.att.time_decay"]
+        flat = decay.view(-1)
+        flat[::3], flat[1::3] = 8.0, -12.0
+    src = save_atomic(sd, tmp_path / "extreme.pth")
+    exported = OnnxModel(convert_to_onnx(src, tmp_path / "m.onnx")[0])
+    toks = tokens_for(512)[:37]  # not a multiple of the chunk
+    ref = rwkv_convert.load(src).forward(toks, full_output=True)[0]
+    got = exported.forward(toks, full_output=True)[0]
+    assert torch.isfinite(got).all() and (got - ref).abs().max().item() <= 1e-4

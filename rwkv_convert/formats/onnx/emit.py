@@ -23,6 +23,17 @@ def _nbits_quantizer(bits: int):
     return quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
 
 
+def as_array(t: torch.Tensor, np_dtype) -> np.ndarray:
+    """A C-ordered numpy array of `t` in np_dtype, with at most one copy whatever t's dtype and strides."""
+    target = torch.float16 if np_dtype == np.float16 else torch.float32
+    t = t.detach()
+    if t.dtype == target and t.is_contiguous():
+        return t.numpy()
+    out = torch.empty(t.shape, dtype=target)
+    out.copy_(t)
+    return out.numpy()
+
+
 class Emitter:
     def __init__(self, g: Graph, act: str, quant: str):
         from onnx import TensorProto
@@ -35,8 +46,13 @@ class Emitter:
         self.bits = QUANT_BITS.get(quant)
 
     # ---- parameters ------------------------------------------------------------------------------
-    def param(self, name: str, t: torch.Tensor, fp32: bool = False) -> str:
-        return self.g.weight(name, t.detach().float().numpy().astype(np.float32 if fp32 else self.np_act))
+    def param(self, name: str, t, fp32: bool = False) -> str:
+        """t: a tensor, or an object with make() -> tensor (made only if this export lacks `name`)."""
+        if self.g.has_weight(name):  # the other graph of the export already made it
+            return self.g.weight(name, None)
+        if hasattr(t, "make"):
+            t = t.make()
+        return self.g.weight(name, as_array(t, np.float32 if fp32 else self.np_act))
 
     def to_f32(self, x: str) -> str:
         return self.g.cast(x, self.F32) if self.fp16 else x
@@ -57,18 +73,22 @@ class Emitter:
         if self.bits is None or not quantize:
             return self.g.op("MatMul", x, self.param(name, w.t()))
         n_out, k = w.shape
+        g = self.g
+        names = [f"{name}.q{self.bits}", f"{name}.scales", f"{name}.zero_points"]
         if k % BLOCK_SIZE:
             raise UnsupportedError(f"{name} has {k} input columns, not a multiple of {BLOCK_SIZE}:"
                                    " export it with --quant none")
-        wt = np.ascontiguousarray(w.detach().float().t().numpy())  # [K, N]
-        k_blocks = k // BLOCK_SIZE
-        packed = np.zeros((n_out, k_blocks, BLOCK_SIZE * self.bits // 8), dtype=np.uint8)
-        scales = np.zeros((n_out, k_blocks), dtype=np.float32)
-        zero_points = np.zeros((n_out, (k_blocks * self.bits + 7) // 8), dtype=np.uint8)
-        _nbits_quantizer(self.bits)(packed, wt, scales, zero_points, BLOCK_SIZE, n_out, k, False)
-        g = self.g
-        inputs = [g.weight(f"{name}.q{self.bits}", packed), g.weight(f"{name}.scales", scales.astype(self.np_act)),
-                  g.weight(f"{name}.zero_points", zero_points)]
+        if g.has_weight(names[0]):
+            inputs = [g.weight(n, None) for n in names]
+        else:
+            wt = as_array(w.t(), np.float32)  # [K, N]
+            k_blocks = k // BLOCK_SIZE
+            packed = np.zeros((n_out, k_blocks, BLOCK_SIZE * self.bits // 8), dtype=np.uint8)
+            scales = np.zeros((n_out, k_blocks), dtype=np.float32)
+            zero_points = np.zeros((n_out, (k_blocks * self.bits + 7) // 8), dtype=np.uint8)
+            _nbits_quantizer(self.bits)(packed, wt, scales, zero_points, BLOCK_SIZE, n_out, k, False)
+            inputs = [g.weight(n, a) for n, a in zip(names, (packed, scales.astype(self.np_act), zero_points),
+                                                      strict=True)]
         return g.op("MatMulNBits", x, *inputs, domain=MS_DOMAIN, K=k, N=n_out, bits=self.bits,
                     block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL)
 

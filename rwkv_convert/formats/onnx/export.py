@@ -17,12 +17,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ... import arch
+from ...arch.common import layer_norm
 from ...arch.v7 import DEEP_EMBED_KEYS
 from ...checkpoint import check_input_file, read_checkpoint
 from ...errors import RwkvConvertError, UnsupportedError
-from ...passes import fold_ln0, rescale_for_fp16
+from ...passes import rescale_for_fp16
 from ...strategy import parse_strategy
 from . import v4, v5, v6, v7
 from .emit import Emitter
@@ -52,7 +54,30 @@ def _layer_tensors(ckpt, spec, i: int, rescale: int) -> dict:
             lw[name] = t.reshape(-1) if t.dim() == 3 and t.shape[:2] == (1, 1) else t
     if rescale:
         lw = rescale_for_fp16(lw, i, rescale)
+    if spec.major == 5:  # log of the decay exp(-exp(d)), for the sequence graph's chunked recurrence
+        lw["att.log_decay"] = -torch.exp(lw["att.time_decay"])
     return module.prepare_layer(lw, spec, i)
+
+
+class _Lazy:
+    """A tensor made only if the graph needs it (the second graph of an export reuses the first's)."""
+
+    def __init__(self, make):
+        self.make = make
+
+
+def _folded_embedding(ckpt, np_dtype) -> _Lazy:
+    """emb with ln0 folded in (in fp32, as the runner does), made in row chunks into the output dtype, so
+    that the peak is one table of the output, not three fp32 copies."""
+    def make() -> torch.Tensor:
+        emb = ckpt.tensors["emb.weight"]
+        w, b = (ckpt.tensors[f"blocks.0.ln0.{n}"].float() for n in ("weight", "bias"))
+        out = torch.empty(emb.shape, dtype=torch.float16 if np_dtype == np.float16 else torch.float32)
+        for start in range(0, emb.shape[0], 4096):
+            out[start:start + 4096] = layer_norm(emb[start:start + 4096].float(), w, b)
+        ckpt.release("emb.weight")
+        return out
+    return _Lazy(make)
 
 
 def _initial_wkv(ckpt, spec) -> np.ndarray | None:
@@ -79,8 +104,7 @@ def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant:
     shift_in = g.input("shift_in", TensorProto.FLOAT, ["batch", L, 2, C])
     wkv_in = g.input("wkv_in", TensorProto.FLOAT, ["batch", L, *wkv_shape])
 
-    emb = fold_ln0({k: ckpt.tensors[k] for k in ("emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias")})
-    x = g.op("Gather", E.param("emb.weight", emb["emb.weight"]), tokens)  # [B, T, C]
+    x = g.op("Gather", E.param("emb.weight", _folded_embedding(ckpt, E.np_act)), tokens)  # [B, T, C]
     shifts, wkvs, ctx = [], [], {}
     for i in range(L):
         lw = _layer_tensors(ckpt, spec, i, rescale)
@@ -105,7 +129,8 @@ def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant:
     if single_step or logits == "last":
         x = g.gather(x, -1, 1)  # [B, C]
     x = E.layer_norm(x, "ln_out", ckpt.tensors["ln_out.weight"].float(), ckpt.tensors["ln_out.bias"].float())
-    out = E.to_f32(E.linear(x, "head.weight", ckpt.tensors["head.weight"].float(), quantize=False))
+    out = E.to_f32(E.linear(x, "head.weight", ckpt.tensors["head.weight"], quantize=False))
+    ckpt.release("head.weight")
     g.output(out, "logits", TensorProto.FLOAT, ["batch", V] if single_step or logits == "last"
              else ["batch", "time", V])
     g.output(g.op("Concat", *shifts, axis=1), "shift_out", TensorProto.FLOAT, ["batch", L, 2, C])

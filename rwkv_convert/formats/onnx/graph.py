@@ -51,7 +51,7 @@ class WeightStore:
             pad = -self._data.tell() % EXTERNAL_ALIGN
             self._data.write(b"\0" * pad)
             offset = self._data.tell()
-            self._data.write(array.tobytes())
+            self._data.write(memoryview(array).cast("B"))  # no bytes copy of a large tensor
             proto = onnx.TensorProto(name=name, dims=list(array.shape),
                                      data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
             proto.data_location = onnx.TensorProto.EXTERNAL
@@ -107,8 +107,13 @@ class Graph:
             self.used[name] = None
         return name
 
-    def weight(self, name: str, array: np.ndarray) -> str:
-        self.root.store.add(name, array)
+    def has_weight(self, name: str) -> bool:
+        return name in self.root.store.protos
+
+    def weight(self, name: str, array: np.ndarray | None) -> str:
+        """A named initializer; array None: one the store already holds."""
+        if array is not None:
+            self.root.store.add(name, array)
         if name not in self.used:
             self.used[name] = None
         return name

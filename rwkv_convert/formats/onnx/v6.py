@@ -27,9 +27,10 @@ def time_mix(E: Emitter, spec, lw: dict, prefix: str, x: str, last: str, state: 
     decay = E.matmul(g.op("Tanh", E.matmul(mixed["w"], a + "time_decay_w1", lw["att.time_decay_w1"])),
                      a + "time_decay_w2", lw["att.time_decay_w2"])
     w = g.op("Add", E.param(a + "time_decay", lw["att.time_decay"], fp32=True), E.heads(E.to_f32(decay), H))
-    w = g.unsqueeze(g.op("Exp", g.op("Neg", g.op("Exp", w))), 4)  # [B, T, H, N, 1]
+    log_w = g.op("Neg", g.op("Exp", w))  # w = exp(-exp(.)): its log needs no log
+    w = g.unsqueeze(g.op("Exp", log_w), 4)  # [B, T, H, N, 1]
     u = E.param(a + "bonus", lw["att.bonus"].reshape(H, -1), fp32=True)
-    y, state = wkv(E, spec, r, k, v, None, w, u, state)
+    y, state = wkv(E, spec, r, k, v, None, w, u, state, log_w)
     y = E.to_act(E.group_norm(y, H, a + "ln_x", lw["att.ln_x.weight"], lw["att.ln_x.bias"], fp32=True))
     return E.linear(g.op("Mul", y, E.silu(p["g"])), a + "output.weight", lw["att.output.weight"]), state
 
