@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import RwkvConvertError, UnsupportedError
@@ -18,14 +19,26 @@ def load(path: str | os.PathLike, strategy: str | None = None) -> Model:
 
     - an original checkpoint (.pth) or an RWKV-6/7 GGUF: with `strategy` (default "cpu fp32");
     - an ONNX export of ours (.onnx): runs in onnxruntime (no strategy; it was fixed at export);
+    - safetensors: BlinkDL-keyed or web-rwkv (.st) files and Hugging Face directories like a .pth; a prepared
+      file with the strategy it was made for (`strategy` must be that one or None);
     - a file converted for the rwkv pip package: with the strategy it was made for (`strategy` must be that
       one or None)."""
     from .checkpoint import check_input_file, load_raw
     from .formats.gguf_file import is_gguf
+    from .formats.hf import is_hf_dir
     from .formats.onnx.runtime import OnnxModel, is_onnx
     from .formats.pip_pth import read_pip_converted
+    from .formats.prepared import read_prepared
+    from .formats.safetensors_io import is_safetensors, read_safetensors
 
+    if is_hf_dir(Path(path)):
+        return Model(read_checkpoint(path), "cpu fp32" if strategy is None else strategy)
     p = check_input_file(path)
+    if is_safetensors(p):
+        tensors, meta = read_safetensors(p)
+        if meta.get("rwkv_convert.layout") == "prepared":
+            return read_prepared(p, strategy, tensors, meta)
+        return Model(read_checkpoint(p), "cpu fp32" if strategy is None else strategy)
     if is_onnx(p):
         if strategy is not None:
             raise RwkvConvertError("an ONNX export runs as it was exported: drop the strategy")

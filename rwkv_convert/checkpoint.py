@@ -114,13 +114,39 @@ def _tensors_only(path: Path, obj: dict) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(path: str | os.PathLike, raw: tuple[dict, bool] | None = None) -> Checkpoint:
-    """An original checkpoint (raw: what load_raw already returned for it, to avoid reading it twice)."""
-    p = check_input_file(path)
+    """An original checkpoint (raw: what load_raw already returned for it, to avoid reading it twice): a .pth,
+    a BlinkDL-keyed or web-rwkv safetensors file, or a Hugging Face directory (v4 rwkv, v7 rwkv7)."""
+    p = Path(path)
+    if raw is None:
+        weights = _safetensors_weights(p)
+        if weights is not None:
+            return _checkpoint(p, weights, mmapped=True)
+    p = check_input_file(p)
     raw = raw or load_raw(p)
     if "_strategy" in raw[0]:
         raise RwkvConvertError(f"{p} is a file converted for the rwkv pip package, not an original checkpoint;"
                                " give the original .pth (rwkv_convert.load() runs converted files)")
-    tensors, mmapped = _tensors_only(p, raw[0]), raw[1]
+    return _checkpoint(p, _tensors_only(p, raw[0]), raw[1])
+
+
+def _safetensors_weights(p: Path) -> dict[str, torch.Tensor] | None:
+    """BlinkDL-named tensors of a safetensors file or HF directory, or None for other inputs."""
+    from .formats.hf import is_hf_dir, read_hf_dir
+    from .formats.safetensors_io import is_safetensors, read_safetensors
+    from .formats.web_rwkv import from_web_rwkv, looks_like_web_rwkv
+
+    if is_hf_dir(p):
+        return read_hf_dir(p)
+    if not p.is_file() or not is_safetensors(p):
+        return None
+    tensors, meta = read_safetensors(p)
+    if meta.get("rwkv_convert.layout") == "prepared":
+        raise RwkvConvertError(f"{p} is a prepared file (weights already transformed for one strategy), not an"
+                               " original checkpoint; rwkv_convert.load() runs it, convert from the source")
+    return from_web_rwkv(tensors, meta) if looks_like_web_rwkv(tensors, meta) else tensors
+
+
+def _checkpoint(p: Path, tensors: dict[str, torch.Tensor], mmapped: bool) -> Checkpoint:
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
     spec = build_spec(shapes, dtypes, source=str(p))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+from pathlib import Path
 
 import click
 
@@ -106,22 +108,30 @@ def plan(path: str, strategy: str, as_json: bool) -> None:
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
 
 
-FORMATS = ("pip", "gguf", "onnx")
+FORMATS = ("pip", "gguf", "onnx", "safetensors")
 
 
 @main.command()
 @click.argument("source", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--to", "target", required=True, type=click.Choice(FORMATS),
               help="pip: the rwkv pip package's converted .pth for one strategy; gguf: llama.cpp (v6, v7);"
-                   " onnx: onnxruntime step + sequence graphs (every version).")
+                   " onnx: onnxruntime step + sequence graphs (every version); safetensors: see --layout.")
 @click.option("--strategy", default=None,
               help='pip: the strategy the file is made for (default "cpu fp32"); gguf: per-layer types'
                    " (fp32 -> F32, fp16 -> F16, bf16 -> BF16, any i8 -> Q8_0), instead of --quant.")
 @click.option("--quant", default="f16", show_default=True,
               type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
               help="gguf: the type of the large matrices (norms, 1-D parameters and LoRAs stay F32).")
-@click.option("--dtype", "onnx_dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
-              help="onnx: weight and activation type (inputs, outputs and the state stay fp32).")
+@click.option("--dtype", "out_dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="onnx: fp32 (default) or fp16 weights and activations (inputs, outputs and state stay fp32);"
+                   " safetensors hf: the tensors' type (default: the source's); web-rwkv: fp16 only.")
+@click.option("--layout", default=None, type=click.Choice(["web-rwkv", "hf", "prepared"]),
+              help="safetensors: web-rwkv (.st for web-rwkv/ai00/RWKV-Runner), hf (a Hugging Face directory: v4,"
+                   " v7), prepared (our runner's weights for --strategy, loaded without conversion work).")
+@click.option("--shard-size", default="5GB", show_default=True,
+              help="safetensors hf: largest shard (e.g. 500MB, 2GB); bigger models get an index.")
+@click.option("--tokenizer", "tokenizer_json", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="safetensors hf: a tokenizer.json to ship (v4 Pile models); default the World vocabulary.")
 @click.option("--onnx-quant", "onnx_quant", default="none", show_default=True,
               type=click.Choice(["none", "int8", "int4"]),
               help="onnx: block-quantize the layers' matrices with onnxruntime's MatMulNBits (embedding and head"
@@ -136,8 +146,9 @@ FORMATS = ("pip", "gguf", "onnx")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output file.")
 @click.option("--verify", "then_verify", is_flag=True, help="Verify the written file against SOURCE.")
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(2, None), help="With --verify.")
-def convert(source: str, target: str, strategy, quant: str, onnx_dtype: str, onnx_quant: str, graphs: str,
-            logits: str, external_data, output: str, then_verify: bool, tokens: int) -> None:
+def convert(source: str, target: str, strategy, quant: str, out_dtype, layout, shard_size: str, tokenizer_json,
+            onnx_quant: str, graphs: str, logits: str, external_data, output: str, then_verify: bool,
+            tokens: int) -> None:
     """Convert SOURCE (an original .pth) for a runtime. Written tensor by tensor, atomically.
 
     \b
@@ -149,10 +160,22 @@ def convert(source: str, target: str, strategy, quant: str, onnx_dtype: str, onn
 
         if strategy:
             raise click.UsageError("onnx takes --dtype and --onnx-quant, not --strategy")
-        written = convert_to_onnx(source, output, onnx_dtype, onnx_quant, graphs, logits, external_data)
+        if out_dtype == "bf16":
+            raise click.UsageError("onnx exports are fp32 or fp16 (--dtype bf16 is for safetensors hf)")
+        written = convert_to_onnx(source, output, out_dtype or "fp32", onnx_quant, graphs, logits, external_data)
         for path in written:
             click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)", err=True)
         out, verify_strategy = written[0], None
+    elif target == "safetensors":
+        from .formats.safetensors_export import convert_to_safetensors
+
+        if layout is None:
+            raise click.UsageError("--to safetensors needs --layout web-rwkv, hf or prepared")
+        written = convert_to_safetensors(source, output, layout, out_dtype, strategy, _size(shard_size),
+                                         tokenizer_json)
+        for path in written:
+            click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)", err=True)
+        out, verify_strategy = Path(output), None
     elif target == "gguf":
         from .formats.gguf_file import convert_to_gguf
 
@@ -167,6 +190,14 @@ def convert(source: str, target: str, strategy, quant: str, onnx_dtype: str, onn
         click.echo(f"wrote {out} ({out.stat().st_size:,} bytes) for strategy \"{strategy}\"", err=True)
     if then_verify:
         _verify_and_exit(str(out), source, verify_strategy, tokens, 0, None)
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 500MB or 2GB", param_hint="--shard-size")
+    unit = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[m.group(2)]
+    return int(float(m.group(1)) * unit)
 
 
 def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner="native") -> None:

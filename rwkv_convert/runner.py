@@ -95,6 +95,15 @@ class Model:
         return {k: v.to(home if _is_matrix(self.module, k) else p.device) for k, v in lw.items()}
 
     def _prepare(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.layers: list[dict] = []
+        for i, lw in self.prepared_parts(tensors):
+            if i < self.spec.n_layer:
+                self.layers.append(self._place(i, lw))
+
+    def prepared_parts(self, tensors: dict[str, torch.Tensor]):
+        """Prepare the weights part by part: sets self.passes, self.ln0, self.emb, self.ln_out, self.head and
+        yields (i, layer i's weights) for each layer, then (n_layer, {}) once the head is ready. Writers of
+        prepared files consume it one layer at a time."""
         spec, module, skip = self.spec, self.module, self._skip
         first, head = self.placements[0], self.placements[spec.n_layer]
         self.passes: list[str] = []
@@ -119,7 +128,6 @@ class Model:
                 self.ln0 = tuple(tensors[f"blocks.0.ln0.{n}"].to(first.atype).to(first.device)
                                  for n in ("weight", "bias"))
             self.emb = tensors["emb.weight"].to(first.atype).to(first.device)
-            self.layers: list[dict] = []
             for i in range(spec.n_layer):
                 p = self.placements[i]
                 prefix = f"blocks.{i}."
@@ -142,10 +150,11 @@ class Model:
                     lw = passes.stack_projections(lw, module.PROJECTIONS)
                     if PROJECTIONS_KEY in lw:  # float layers only
                         record(passes.STACK)
-                self.layers.append(self._place(i, lw))
+                yield i, lw
             self.ln_out = (tensors["ln_out.weight"].to(head.atype).to(head.device),
                            tensors["ln_out.bias"].to(head.atype).to(head.device))
             self.head = scheme_for(head.weights).quantize(tensors["head.weight"], head.atype).to(head.device)
+            yield spec.n_layer, {}
 
     # ---- running ---------------------------------------------------------------------------------
     @property

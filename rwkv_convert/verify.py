@@ -187,7 +187,10 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
 
     if tokens < 2:
         raise RwkvConvertError("--tokens must be at least 2 (the chunked mode splits the stream)")
-    check_input_file(candidate)
+    from .formats.hf import is_hf_dir
+
+    if not is_hf_dir(Path(candidate)):
+        check_input_file(candidate)
     ref_ckpt = read_checkpoint(reference)
     spec = ref_ckpt.spec
     reference_model = Model(ref_ckpt, "cpu fp32")

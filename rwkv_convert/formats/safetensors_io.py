@@ -1,0 +1,166 @@
+"""safetensors, read and written by us: a header check that turns every malformed file into one clear line,
+zero-copy mmap reading, and a streaming writer (one tensor in memory at a time, atomic rename).
+
+Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin,
+end]}, "__metadata__": {str: str}}, then the data; offsets are relative to the end of the header."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import RwkvConvertError
+
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def is_safetensors(path) -> bool:
+    """By content: a plausible header length followed by '{' (a .pth is a zip or a pickle)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return struct.unpack("<Q", head[:8])[0] <= size - 8
+
+
+def read_header(path: Path) -> tuple[dict, dict, int]:
+    """(tensors {name: (dtype, shape, begin, end)}, metadata, data_start), checked: every problem one line."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise RwkvConvertError(f"{path} is too short to be a safetensors file ({size} bytes)")
+        n = struct.unpack("<Q", raw)[0]
+        if n > MAX_HEADER:
+            raise RwkvConvertError(f"{path} declares a {n:,}-byte safetensors header (the limit is {MAX_HEADER:,}):"
+                                   " the file is corrupt or not safetensors")
+        if n > size - 8:
+            raise RwkvConvertError(f"{path} is truncated: its safetensors header needs {n:,} bytes, the file has"
+                                   f" {size - 8:,} after the length")
+        text = f.read(n)
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RwkvConvertError(f"{path} has a corrupt safetensors header (not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise RwkvConvertError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise RwkvConvertError(f"{path}: the safetensors __metadata__ must map strings to strings")
+    data_start, data_size = 8 + n, size - 8 - n
+    tensors: dict = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int) \
+                    or not isinstance(end, int):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise RwkvConvertError(f"{path}: safetensors entry {name!r} is malformed ({str(entry)[:120]})") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        if not 0 <= begin <= end or end - begin != nbytes:
+            raise RwkvConvertError(f"{path}: tensor {name!r} {entry['dtype']}{shape} needs {nbytes:,} bytes but its"
+                                   f" offsets [{begin}, {end}] hold {end - begin:,}")
+        if end > data_size:
+            raise RwkvConvertError(f"{path}: tensor {name!r} ends at byte {end:,} of a {data_size:,}-byte data"
+                                   " section (truncated file or bad offsets)")
+        tensors[name] = (dtype, tuple(shape), begin, end)
+    spans = sorted((b, e, name) for name, (_, _, b, e) in tensors.items() if e > b)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise RwkvConvertError(f"{path}: tensors {a!r} and {b!r} overlap in the data section (corrupt file)")
+    return tensors, metadata, data_start
+
+
+def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every tensor as a zero-copy view of a read-only file mapping (pages load on first use), and the
+    metadata."""
+    path = Path(path)
+    entries, metadata, start = read_header(path)
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    tensors = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "buffer is not writable": the weights are never written to
+        for name, (dtype, shape, begin, end) in entries.items():
+            if end == begin:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            else:
+                flat = torch.frombuffer(mapping, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                        offset=start + begin)
+                tensors[name] = flat.reshape(shape)
+    return tensors, metadata
+
+
+class SafetensorsWriter:
+    """Tensors are appended to a temp data file as they come; close() writes the header and moves the data
+    behind it (copy_file_range: in the kernel) into a temp file that is then renamed over `path`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._data_tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.data.tmp")
+        self._final_tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._data = open(self._data_tmp, "wb")  # noqa: SIM115 (closed in close/abort)
+        self.entries: dict[str, dict] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.entries:
+            raise ValueError(f"duplicate tensor name {name}")
+        t = t.detach().cpu().contiguous()
+        begin = self._data.tell()
+        if t.numel():
+            self._data.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self.entries[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [begin, self._data.tell()]}
+        self.nbytes = self._data.tell()
+
+    def close(self, metadata: dict[str, str]) -> Path:
+        try:
+            self._data.close()
+            header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
+            header += b" " * (-len(header) % 8)  # data 8-byte aligned
+            with open(self._final_tmp, "wb") as out, open(self._data_tmp, "rb") as data:
+                out.write(struct.pack("<Q", len(header)) + header)
+                out.flush()
+                remaining = self.nbytes
+                while remaining:
+                    try:
+                        copied = os.copy_file_range(data.fileno(), out.fileno(), remaining)
+                    except (AttributeError, OSError):  # other systems / filesystems: plain copy
+                        out.write(data.read(remaining))
+                        copied = remaining
+                    if copied == 0:
+                        raise OSError("short copy")
+                    remaining -= copied
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(self._final_tmp, self.path)
+        finally:
+            self.abort()
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temp files (after close(), or after a failure)."""
+        self._data.close()
+        for tmp in (self._data_tmp, self._final_tmp):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

@@ -1,0 +1,76 @@
+"""The web-rwkv / ai00 / RWKV-Runner safetensors layout (`.st`), as RWKV-Runner's convert_safetensors.py
+writes it: the raw .pth values, every tensor F16, names renamed (time_faaaa -> time_first, time_maa ->
+time_mix, lora_A/B -> lora.0/1) then lower-cased, the last two dims swapped for the first of TRANSPOSED
+that the new name contains, and for 5.1 the per-head time_decay/time_faaaa [H] expanded to [H, C/H].
+No ln0 fold, no rescale, no exp: web-rwkv does those at load. Metadata {"format": "pt"}."""
+
+from __future__ import annotations
+
+import torch
+
+RENAMES = (("time_faaaa", "time_first"), ("time_maa", "time_mix"), ("lora_A", "lora.0"), ("lora_B", "lora.1"))
+TRANSPOSED = ("time_mix_w1", "time_mix_w2", "time_decay_w1", "time_decay_w2", "w1", "w2", "a1", "a2", "g1", "g2",
+              "v1", "v2", "time_state", "lora.0")
+LAYOUT_KEY = "rwkv_convert.layout"  # our own extra metadata: lets our reader undo every rule exactly
+
+
+def web_rwkv_name(name: str) -> str:
+    for old, new in RENAMES:
+        name = name.replace(old, new)
+    return name.lower()
+
+
+def is_transposed(web_name: str) -> bool:
+    return any(pattern in web_name for pattern in TRANSPOSED)
+
+
+def to_web_rwkv(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor]:
+    new = web_rwkv_name(name)
+    if spec.version == "5.1" and name.endswith(("att.time_decay", "att.time_faaaa")) and t.dim() == 1:
+        t = t.reshape(-1, 1).expand(-1, spec.head_size)
+    if is_transposed(new) and t.dim() >= 2:
+        t = t.transpose(-2, -1)
+    return new, t.to(torch.float16).contiguous()
+
+
+def metadata(spec) -> dict[str, str]:
+    return {"format": "pt", LAYOUT_KEY: "web-rwkv", "rwkv_convert.version": spec.version,
+            "rwkv_convert.bonus": "log" if spec.bonus_is_log else "u"}
+
+
+def looks_like_web_rwkv(tensors: dict, meta: dict) -> bool:
+    """Ours say so; others (metadata {"format": "pt"} like any safetensors) are told from BlinkDL-keyed files
+    by what the rules change: v6's time_mix_x, v5.2's [H, N] time_first, v7's transposed LoRAs."""
+    if meta.get(LAYOUT_KEY) == "web-rwkv":
+        return True
+    if "blocks.0.att.time_mix_x" in tensors:
+        return True
+    first = tensors.get("blocks.0.att.time_first")
+    if first is not None and first.dim() == 2 and "blocks.0.att.ln_x.weight" in tensors:
+        return True
+    w1, ln1 = tensors.get("blocks.0.att.w1"), tensors.get("blocks.0.ln1.weight")
+    return w1 is not None and ln1 is not None and w1.shape[0] != ln1.shape[0]
+
+
+def from_web_rwkv(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    """BlinkDL names and shapes back from a web-rwkv file (the values stay F16 views of the file).
+    The bonus: v6 and 2-D (5.2, or 5.1 expanded) time_first were time_faaaa (u); 1-D ones are 5.0/5.1's log u.
+    Ours record it (and 5.1's expansion, undone); a foreign expanded 5.1 runs as 5.2, which is the same math."""
+    v6 = "blocks.0.att.time_mix_x" in tensors
+    v5 = "blocks.0.att.ln_x.weight" in tensors and not v6 and "blocks.0.att.r_k" not in tensors
+    ours = "rwkv_convert.bonus" in meta
+    first = tensors.get("blocks.0.att.time_first")
+    bonus_is_log = meta["rwkv_convert.bonus"] == "log" if ours else (first is not None and first.dim() == 1)
+    squeeze = v5 and (meta.get("rwkv_convert.version") == "5.1" or (not ours and bonus_is_log))
+    out = {}
+    for name, t in tensors.items():
+        if is_transposed(name) and t.dim() >= 2:
+            t = t.transpose(-2, -1)
+        if v6:
+            name = name.replace(".time_mix_", ".time_maa_")
+        if name.endswith("att.time_first") and (v6 or (v5 and not bonus_is_log)):
+            name = name[: -len("time_first")] + "time_faaaa"
+        if squeeze and t.dim() == 2 and name.endswith(("att.time_decay", "att.time_faaaa", "att.time_first")):
+            t = t[:, 0]  # the 5.1 expansion [H] -> [H, C/H], undone
+        out[name] = t
+    return out
