@@ -73,7 +73,7 @@ def write_prepared(source, output: Path, strategy: str) -> Path:
     model = Model.__new__(Model)
     model._setup(ckpt.spec, strategy, None, ckpt.path)
     model._skip = set()
-    writer = SafetensorsWriter(output)
+    writer = SafetensorsWriter(output, align=64)
     kinds: dict = {}
     try:
         for i, lw in model.prepared_parts(ckpt.tensors):

@@ -26,16 +26,16 @@ NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def is_safetensors(path) -> bool:
-    """By content: a plausible header length followed by '{' (a .pth is a zip or a pickle)."""
+    """By name (.safetensors, .st) or by content: a header length then '{' (a .pth is a zip or a pickle),
+    so that a damaged safetensors file gets the header checks' message, not torch.load's."""
+    if Path(path).suffix.lower() in (".safetensors", ".st"):
+        return True
     try:
         with open(path, "rb") as f:
             head = f.read(9)
-            size = os.fstat(f.fileno()).st_size
     except OSError:
         return False
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return struct.unpack("<Q", head[:8])[0] <= size - 8
+    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK") and head[0] != 0x80
 
 
 def read_header(path: Path) -> tuple[dict, dict, int]:
@@ -65,6 +65,8 @@ def read_header(path: Path) -> tuple[dict, dict, int]:
     data_start, data_size = 8 + n, size - 8 - n
     tensors: dict = {}
     for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise RwkvConvertError(f"{path}: safetensors entry {name!r} is malformed ({str(entry)[:120]})")
         try:
             dtype, shape, (begin, end) = DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
             if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int) \
@@ -101,6 +103,8 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "buffer is not writable": the weights are never written to
         for name, (dtype, shape, begin, end) in entries.items():
+            if name.startswith(SafetensorsWriter.PADDING_PREFIX):
+                continue
             if end == begin:
                 tensors[name] = torch.empty(shape, dtype=dtype)
             else:
@@ -114,8 +118,14 @@ class SafetensorsWriter:
     """Tensors are appended to a temp data file as they come; close() writes the header and moves the data
     behind it (copy_file_range: in the kernel) into a temp file that is then renamed over `path`."""
 
-    def __init__(self, path: Path):
+    PADDING_PREFIX = "__padding__."
+
+    def __init__(self, path: Path, align: int = 1):
+        """align > 1: every tensor starts at a multiple of `align` bytes in the mapped file (64 lets vector
+        kernels take the same path as on freshly allocated memory: bit-identical results). The gaps are
+        filled by U8 tensors named __padding__.N, since safetensors files may not have holes."""
         self.path = Path(path)
+        self.align = align
         self._data_tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.data.tmp")
         self._final_tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._data = open(self._data_tmp, "wb")  # noqa: SIM115 (closed in close/abort)
@@ -126,6 +136,12 @@ class SafetensorsWriter:
         if name in self.entries:
             raise ValueError(f"duplicate tensor name {name}")
         t = t.detach().cpu().contiguous()
+        gap = -self._data.tell() % self.align
+        if gap and t.numel():
+            start = self._data.tell()
+            self._data.write(bytes(gap))
+            self.entries[f"{self.PADDING_PREFIX}{len(self.entries)}"] = {
+                "dtype": "U8", "shape": [gap], "data_offsets": [start, start + gap]}
         begin = self._data.tell()
         if t.numel():
             self._data.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
@@ -137,7 +153,7 @@ class SafetensorsWriter:
         try:
             self._data.close()
             header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
-            header += b" " * (-len(header) % 8)  # data 8-byte aligned
+            header += b" " * (-(8 + len(header)) % max(self.align, 8))  # the data section starts aligned
             with open(self._final_tmp, "wb") as out, open(self._data_tmp, "rb") as data:
                 out.write(struct.pack("<Q", len(header)) + header)
                 out.flush()

@@ -1,0 +1,241 @@
+"""safetensors exports checked in their real clients (transformers' RwkvForCausalLM for v4, the rwkv7-hf
+package for v7), against RWKV-Runner's documented web-rwkv rules, and read back by us; prepared files equal
+the in-memory conversion bit for bit; malformed files get one line."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import rwkv_convert
+from rwkv_convert.errors import RwkvConvertError, UnsupportedError
+from rwkv_convert.fixtures import VARIANTS, fixture_path, make_state_dict
+from rwkv_convert.formats.safetensors_export import convert_to_safetensors
+from rwkv_convert.formats.safetensors_io import read_header
+from rwkv_convert.verify import TOLERANCES, compare
+
+from .conftest import save_atomic, tokens_for
+from .test_cli import assert_one_line_error, cli
+
+RUNNABLE = [v for v in VARIANTS if v != "v7-deepembed"]
+TOKENS = tokens_for(512)
+SPLIT = 20
+
+
+@pytest.fixture(scope="module")
+def references(fixture_dir):
+    return {v: rwkv_convert.load(fixture_path(v, directory=fixture_dir)).forward(TOKENS, full_output=True)[0]
+            for v in RUNNABLE}
+
+
+# ---- web-rwkv ----------------------------------------------------------------------------------------
+def runner_expectation(sd: dict, version: str) -> dict[str, tuple[str, tuple]]:
+    """What RWKV-Runner's convert_safetensors.py writes, from its documented rules (written independently
+    of rwkv_convert/formats/web_rwkv.py): name -> (dtype, shape)."""
+    transposed = ["time_mix_w1", "time_mix_w2", "time_decay_w1", "time_decay_w2", "w1", "w2", "a1", "a2", "g1",
+                  "g2", "v1", "v2", "time_state", "lora.0"]
+    out = {}
+    for k, v in sd.items():
+        shape = list(v.shape)
+        if version == "5.1" and (k.endswith("att.time_decay") or k.endswith("att.time_faaaa")):
+            heads = shape[0]
+            shape = [heads, sd["blocks.0.att.key.weight"].shape[0] // heads]
+        name = k.replace("time_faaaa", "time_first").replace("time_maa", "time_mix").replace(
+            "lora_A", "lora.0").replace("lora_B", "lora.1").lower()
+        for t in transposed:
+            if t in name:
+                shape[-2], shape[-1] = shape[-1], shape[-2]
+                break
+        out[name] = ("F16", tuple(shape))
+    return out
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_web_rwkv_layout_matches_runner_rules_and_reads_back(variant, references, fixture_dir, tmp_path):
+    src = fixture_path(variant, directory=fixture_dir)
+    (out,) = convert_to_safetensors(src, tmp_path / "m.st", "web-rwkv")
+    entries, meta, _ = read_header(out)
+    sd = torch.load(src, weights_only=True)
+    version = rwkv_convert.load(src).spec.version
+    assert {k: (str(d).removeprefix("torch.").replace("float16", "F16"), s) for k, (d, s, _, _) in entries.items()} \
+        == runner_expectation(sd, version)
+    assert meta["format"] == "pt"
+    model = rwkv_convert.load(out)
+    assert model.spec.version == version  # 5.1's expansion undone, 5.0/5.1's log bonus kept apart
+    max_abs, rel_l2, _, top1 = compare(references[variant], model.forward(TOKENS, full_output=True)[0])
+    tol = TOLERANCES["fp16"]  # the layout is F16
+    assert max_abs <= tol.max_abs and rel_l2 <= tol.rel_l2 and top1 >= tol.top1
+
+
+def test_foreign_web_rwkv_file_without_our_metadata_reads_back(fixture_dir, tmp_path, references):
+    """An RWKV-Runner file carries only {"format": "pt"}: the layout is told from the tensors."""
+    for variant in ("v5.2", "v6", "v7"):
+        (ours,) = convert_to_safetensors(fixture_path(variant, directory=fixture_dir), tmp_path / "o.st", "web-rwkv")
+        from rwkv_convert.formats.safetensors_io import read_safetensors
+
+        tensors, _ = read_safetensors(ours)
+        save_file({k: v.clone() for k, v in tensors.items()}, tmp_path / "foreign.st", metadata={"format": "pt"})
+        got = rwkv_convert.load(tmp_path / "foreign.st").forward(TOKENS, full_output=True)[0]
+        assert compare(references[variant], got)[0] <= TOLERANCES["fp16"].max_abs, variant
+
+
+def test_web_rwkv_refuses_other_dtypes_and_converts_onward(fixture_dir, tmp_path, references):
+    src = fixture_path("v7", directory=fixture_dir)
+    assert_one_line_error(cli("convert", src, "--to", "safetensors", "--layout", "web-rwkv", "--dtype", "bf16",
+                              "-o", tmp_path / "m.st"), "only F16")
+    assert list(tmp_path.iterdir()) == []
+    (st,) = convert_to_safetensors(src, tmp_path / "m.st", "web-rwkv")
+    from rwkv_convert.formats.gguf_file import convert_to_gguf
+
+    gguf = convert_to_gguf(st, tmp_path / "m.gguf", "f32")  # .st -> GGUF
+    got = rwkv_convert.load(gguf).forward(TOKENS, full_output=True)[0]
+    assert compare(references["v7"], got)[0] <= TOLERANCES["fp16"].max_abs
+
+
+def test_blinkdl_keyed_safetensors_equals_the_pth(fixture_dir, tmp_path, references):
+    for variant in ("v4", "v5.2-state", "v6", "v7"):
+        sd = torch.load(fixture_path(variant, directory=fixture_dir), weights_only=True)
+        save_file(sd, tmp_path / f"{variant}.safetensors", metadata={"format": "pt"})
+        got = rwkv_convert.load(tmp_path / f"{variant}.safetensors").forward(TOKENS, full_output=True)[0]
+        assert torch.equal(got, references[variant]), variant
+
+
+# ---- Hugging Face ------------------------------------------------------------------------------------
+def test_hf_v4_runs_in_transformers(fixture_dir, tmp_path, references):
+    transformers = pytest.importorskip("transformers")
+    src = fixture_path("v4", directory=fixture_dir)
+    out = tmp_path / "hf4"
+    convert_to_safetensors(src, out, "hf", dtype="fp32", shard_size=2_000_000)  # forces shards + an index
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    model, info = transformers.RwkvForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
+    model.eval()
+    ref = references["v4"]
+    with torch.no_grad():
+        full = model(torch.tensor([TOKENS])).logits[0]
+        first = model(torch.tensor([TOKENS[:SPLIT]]), use_cache=True)
+        second = model(torch.tensor([TOKENS[SPLIT:]]), state=first.state, use_cache=True)
+    assert (full - ref).abs().max().item() <= TOLERANCES["fp32"].max_abs
+    carried = torch.cat([first.logits[0], second.logits[0]])
+    assert (carried - ref).abs().max().item() <= TOLERANCES["fp32"].max_abs
+    assert torch.equal(rwkv_convert.load(out).forward(TOKENS, full_output=True)[0], ref)  # our reader
+
+
+@pytest.mark.parametrize("variant", ["v7", "v7-layer0-v"])
+def test_hf_v7_runs_in_rwkv7_hf(variant, fixture_dir, tmp_path, references):
+    rwkv7_hf = pytest.importorskip("rwkv7_hf")
+    src = fixture_path(variant, directory=fixture_dir)
+    out = tmp_path / "hf7"
+    proc = cli("convert", src, "--to", "safetensors", "--layout", "hf", "--dtype", "fp32", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    model, info = rwkv7_hf.RWKV7ForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    model.eval()
+    ref = references[variant]
+    with torch.no_grad():
+        full = model(torch.tensor([TOKENS])).logits[0]
+        first = model(torch.tensor([TOKENS[:SPLIT]]), use_cache=True)
+        second = model(torch.tensor([TOKENS[SPLIT:]]), past_key_values=first.past_key_values, use_cache=True)
+    assert (full - ref).abs().max().item() <= TOLERANCES["fp32"].max_abs
+    carried = torch.cat([first.logits[0], second.logits[0]])
+    assert (carried - ref).abs().max().item() <= TOLERANCES["fp32"].max_abs
+    assert torch.equal(rwkv_convert.load(out).forward(TOKENS, full_output=True)[0], ref)
+
+
+def test_hf_v7_tokenizer_matches_the_pip_package(tmp_path):
+    rwkv7_hf = pytest.importorskip("rwkv7_hf")
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    from rwkv_convert.tokenizer import world_vocab_path
+
+    src = save_atomic(make_state_dict("v7", n_layer=1, n_embd=64, vocab=65536), tmp_path / "full.pth")
+    convert_to_safetensors(src, tmp_path / "hf", "hf")
+    tok = rwkv7_hf.RWKV7Tokenizer.from_pretrained(tmp_path / "hf")
+    pip = TRIE_TOKENIZER(str(world_vocab_path()))
+    for text in ["Hello world!", "User: 你好，世界。\n\nAssistant: 🙂 ñ", "   spaces  \t tabs"]:
+        assert tok.encode(text, add_special_tokens=False) == pip.encode(text)
+
+
+@pytest.mark.parametrize("variant", ["v5.2", "v6", "v7-deepembed"])
+def test_hf_refuses_what_no_client_runs(variant, fixture_dir, tmp_path):
+    proc = cli("convert", fixture_path(variant, directory=fixture_dir), "--to", "safetensors", "--layout", "hf",
+               "-o", tmp_path / "out")
+    assert_one_line_error(proc, "Hugging Face|DeepEmbed")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- prepared ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp16", "cpu fp32i8 *3 -> cpu bf16"])
+def test_prepared_equals_the_in_memory_conversion_bit_for_bit(variant, strategy, fixture_dir, tmp_path):
+    src = fixture_path(variant, directory=fixture_dir)
+    (out,) = convert_to_safetensors(src, tmp_path / "m.safetensors", "prepared", strategy=strategy)
+    prepared, direct = rwkv_convert.load(out), rwkv_convert.load(src, strategy)
+    assert str(prepared.strategy) == str(direct.strategy) and prepared.passes == direct.passes
+    for tokens in (TOKENS, TOKENS[:1]):
+        a, state_a = prepared.forward(tokens, full_output=True)
+        b, state_b = direct.forward(tokens, full_output=True)
+        assert torch.equal(a, b)
+        assert all(torch.equal(x, y) for x, y in zip(state_a, state_b, strict=True))
+
+
+def test_prepared_records_its_plan_and_refuses_another(fixture_dir, tmp_path):
+    src = fixture_path("v6", directory=fixture_dir)
+    (out,) = convert_to_safetensors(src, tmp_path / "m.safetensors", "prepared", strategy="cpu fp32i8")
+    _, meta, _ = read_header(out)
+    assert meta["rwkv_convert.strategy"] == "cpu fp32i8" and len(meta["rwkv_convert.source_sha256"]) == 64
+    assert "precompute-decay" in json.loads(meta["rwkv_convert.passes"])
+    with pytest.raises(RwkvConvertError, match='prepared for "cpu fp32i8", not "cpu fp32"'):
+        rwkv_convert.load(out, "cpu fp32")
+    assert_one_line_error(cli("verify", out, "--reference", src, "--strategy", "cpu bf16"), "prepared for")
+    proc = cli("verify", out, "--reference", src)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with pytest.raises(RwkvConvertError, match="not an original checkpoint"):
+        rwkv_convert.read_checkpoint(out)
+
+
+# ---- malformed files ---------------------------------------------------------------------------------
+def _file(tmp_path, name: str, header: bytes | dict, data: bytes = b"", declared: int | None = None):
+    body = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path = tmp_path / name
+    path.write_bytes(struct.pack("<Q", len(body) if declared is None else declared) + body + data)
+    return path
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("truncated", "truncated"), ("not-json", "corrupt safetensors header"), ("huge", "declares a"),
+    ("overlap", "overlap"), ("out-of-range", "ends at byte"), ("wrong-size", "needs 16 bytes"),
+])
+def test_malformed_safetensors_get_one_line(case, pattern, fixture_dir, tmp_path):
+    entry = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+    if case == "truncated":
+        (out,) = convert_to_safetensors(fixture_path("v4", directory=fixture_dir), tmp_path / "ok.st", "web-rwkv")
+        path = tmp_path / "bad.st"
+        path.write_bytes(out.read_bytes()[:-1000])
+    elif case == "not-json":
+        path = _file(tmp_path, "bad.st", b"{not json at all}")
+    elif case == "huge":
+        path = _file(tmp_path, "bad.st", {"a": entry}, bytes(16), declared=2 ** 40)
+    elif case == "overlap":
+        path = _file(tmp_path, "bad.st", {"a": entry, "b": {**entry, "data_offsets": [8, 24]}}, bytes(32))
+    elif case == "out-of-range":
+        path = _file(tmp_path, "bad.st", {"a": {**entry, "data_offsets": [16, 32]}}, bytes(16))
+    else:
+        path = _file(tmp_path, "bad.st", {"a": {**entry, "data_offsets": [0, 12]}}, bytes(16))
+    assert_one_line_error(cli("inspect", path), pattern)
+    with pytest.raises(RwkvConvertError, match=pattern):
+        rwkv_convert.load(path)
+
+
+def test_safetensors_writer_leaves_no_file_on_failure(fixture_dir, tmp_path):
+    with pytest.raises(UnsupportedError):
+        convert_to_safetensors(fixture_path("v6", directory=fixture_dir), tmp_path / "out", "hf")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(RwkvConvertError, match="not an empty directory"):
+        convert_to_safetensors(fixture_path("v4", directory=fixture_dir), tmp_path / "busy", "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
