@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cuda import ops as cuda_ops
 from .common import channel_mix_lerp, common_shapes, linear, project, residual_block, shifted
 
 VERSIONS = ("4",)
@@ -64,6 +65,10 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
     k, v = p["att.key.weight"].float(), p["att.value.weight"].float()
 
     w, u = lw["att.time_decay"], lw["att.time_first"]
+    fast = cuda_ops.wkv4(w, u, k, v, state[1], state[2], state[3])
+    if fast is not None:
+        wkv, state[1], state[2], state[3] = fast
+        return linear(r * wkv.to(x.dtype), lw["att.output.weight"])
     aa, bb, pp = state[1], state[2], state[3]
     wkv = torch.empty_like(k)
     for t in range(x.shape[0]):  # the recurrence is the only per-token work

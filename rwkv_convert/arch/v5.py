@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..cuda import ops as cuda_ops
 from .common import channel_mix_lerp, common_shapes, group_norm, linear, project, residual_block, shifted
 
 VERSIONS = ("5.0", "5.1", "5.2")
@@ -82,6 +83,9 @@ def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]
 def wkv(r, k, v, w, u, s):
     """Linear attention with a matrix state per head. r, k, v: [T, H, N] fp32; w: [H, N|1, 1] or
     [T, H, N, 1] (per token); u: [H, N|1, 1]; s: [H, N_key, N_val]. Returns y [T, H, N] and the state."""
+    fast = cuda_ops.wkv5(r, k, v, w, u, s)
+    if fast is not None:
+        return fast
     T = r.shape[0]
     # The bonus term does not depend on the state, so it is computed for all tokens at once.
     y = (r * u.squeeze(-1) * k).sum(-1, keepdim=True) * v

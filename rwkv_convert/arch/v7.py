@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..cuda import ops as cuda_ops
 from .common import common_shapes, group_norm, linear, project, residual_block, shifted
 
 VERSIONS = ("7",)
@@ -74,6 +75,9 @@ def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]
 def wkv7(r, w, k, v, kk, a, s):
     """Delta-rule recurrence per head, all fp32 [T, H, N]; s: [H, N_val, N_key].
     S = S*diag(w) + (S @ -kk) (kk*a)^T + v k^T ;  y = S r."""
+    fast = cuda_ops.wkv7(r, w, k, v, kk, a, s)
+    if fast is not None:
+        return fast
     T = r.shape[0]
     removal = -kk
     replace = kk * a

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cuda import ops as cuda_ops
 from .native import int8_gemv, int8_library
 
 
@@ -66,6 +67,10 @@ class RwkvInt8Weight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] == 1 and int8_library() is not None:
             return int8_gemv(x[0].float().contiguous(), self.q, *self._f32).to(x.dtype).unsqueeze(0)
+        if x.is_cuda and x.dim() == 2:
+            fast = cuda_ops.int8_matmul(x, self.q, self._f32)
+            if fast is not None:
+                return fast
         # Sequences (and other devices): dequantise once per call, in fp32, then one matmul for all tokens.
         return (x.float() @ self.dequantize().t()).to(x.dtype)
 
