@@ -55,23 +55,13 @@ def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]
     ]
 
 
-def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
-    sx = shifted(x, state[0])
-    kx = x * lw["att.time_mix_k"] + sx * (1 - lw["att.time_mix_k"])
-    vx = x * lw["att.time_mix_v"] + sx * (1 - lw["att.time_mix_v"])
-    rx = x * lw["att.time_mix_r"] + sx * (1 - lw["att.time_mix_r"])
-    p = project(lw, {"att.receptance.weight": rx, "att.key.weight": kx, "att.value.weight": vx})
-    r = torch.sigmoid(p["att.receptance.weight"])
-    k, v = p["att.key.weight"].float(), p["att.value.weight"].float()
-
-    w, u = lw["att.time_decay"], lw["att.time_first"]
-    fast = cuda_ops.wkv4(w, u, k, v, state[1], state[2], state[3])
+def wkv4(w, u, k, v, aa, bb, pp):
+    """w = -exp(decay), u: [C]; k, v: [T, C] fp32; state aa, bb, pp [C]. -> (wkv [T, C], aa, bb, pp)."""
+    fast = cuda_ops.wkv4(w, u, k, v, aa, bb, pp)
     if fast is not None:
-        wkv, state[1], state[2], state[3] = fast
-        return linear(r * wkv.to(x.dtype), lw["att.output.weight"])
-    aa, bb, pp = state[1], state[2], state[3]
+        return fast
     wkv = torch.empty_like(k)
-    for t in range(x.shape[0]):  # the recurrence is the only per-token work
+    for t in range(k.shape[0]):  # the recurrence is the only per-token work
         kt, vt = k[t], v[t]
         ww = u + kt
         p = torch.maximum(pp, ww)
@@ -81,7 +71,18 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
         p = torch.maximum(ww, kt)
         e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
         aa, bb, pp = e1 * aa + e2 * vt, e1 * bb + e2, p
-    state[1], state[2], state[3] = aa, bb, pp
+    return wkv, aa, bb, pp
+
+
+def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
+    sx = shifted(x, state[0])
+    kx = x * lw["att.time_mix_k"] + sx * (1 - lw["att.time_mix_k"])
+    vx = x * lw["att.time_mix_v"] + sx * (1 - lw["att.time_mix_v"])
+    rx = x * lw["att.time_mix_r"] + sx * (1 - lw["att.time_mix_r"])
+    p = project(lw, {"att.receptance.weight": rx, "att.key.weight": kx, "att.value.weight": vx})
+    r = torch.sigmoid(p["att.receptance.weight"])
+    k, v = p["att.key.weight"].float(), p["att.value.weight"].float()
+    wkv, state[1], state[2], state[3] = wkv4(lw["att.time_decay"], lw["att.time_first"], k, v, *state[1:4])
     return linear(r * wkv.to(x.dtype), lw["att.output.weight"])
 
 
