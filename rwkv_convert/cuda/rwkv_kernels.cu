@@ -69,14 +69,23 @@ __global__ void wkv5_kernel(int T, int H, const float* __restrict__ r, const flo
     for (int i = 0; i < N; i++) s[i] = sh[i * N + j];
     us[j] = u[h * N + j];
     if (!w_per_token) ws[j] = w[h * N + j];
+    // This token's inputs were loaded during the previous token's arithmetic (global-load latency, not the
+    // arithmetic, bounds a step of this sequential loop).
+    size_t base = (size_t)h * N;
+    float r_n = r[base + j], k_n = k[base + j], v_n = v[base + j], w_n = w_per_token ? w[base + j] : 0.f;
     for (int t = 0; t < T; t++) {
-        const size_t base = ((size_t)t * H + h) * N;
         __syncthreads();
-        rs[j] = r[base + j];
-        ks[j] = k[base + j];
-        if (w_per_token) ws[j] = w[base + j];
+        rs[j] = r_n;
+        ks[j] = k_n;
+        if (w_per_token) ws[j] = w_n;
+        const float vj = v_n;
         __syncthreads();
-        const float vj = v[base + j];
+        const size_t out = base;
+        if (t + 1 < T) {
+            base = ((size_t)(t + 1) * H + h) * N;
+            r_n = r[base + j]; k_n = k[base + j]; v_n = v[base + j];
+            if (w_per_token) w_n = w[base + j];
+        }
         float acc = 0.f;
 #pragma unroll
         for (int i = 0; i < N; i++) {
@@ -84,7 +93,7 @@ __global__ void wkv5_kernel(int T, int H, const float* __restrict__ r, const flo
             acc += rs[i] * (us[i] * kv + s[i]);
             s[i] = s[i] * ws[i] + kv;
         }
-        y[base + j] = acc;
+        y[out + j] = acc;
     }
 #pragma unroll
     for (int i = 0; i < N; i++) sh[i * N + j] = s[i];
@@ -127,17 +136,24 @@ __global__ void wkv7_kernel(int T, int H, const float* __restrict__ r, const flo
     float* sh = s_io + (size_t)h * N * N;
 #pragma unroll
     for (int j = 0; j < N; j++) s[j] = sh[i * N + j];
+    size_t base = (size_t)h * N;  // inputs prefetched one token ahead, as in wkv5_kernel
+    float r_n = r[base + i], w_n = w[base + i], k_n = k[base + i], v_n = v[base + i], kk_n = kk[base + i],
+          a_n = a[base + i];
     for (int t = 0; t < T; t++) {
-        const size_t base = ((size_t)t * H + h) * N;
         __syncthreads();
-        rs[i] = r[base + i];
-        ws[i] = w[base + i];
-        ks[i] = k[base + i];
-        const float kki = kk[base + i];
-        removal[i] = -kki;
-        replace[i] = kki * a[base + i];
+        rs[i] = r_n;
+        ws[i] = w_n;
+        ks[i] = k_n;
+        removal[i] = -kk_n;
+        replace[i] = kk_n * a_n;
+        const float vi = v_n;
         __syncthreads();
-        const float vi = v[base + i];
+        const size_t out = base;
+        if (t + 1 < T) {
+            base = ((size_t)(t + 1) * H + h) * N;
+            r_n = r[base + i]; w_n = w[base + i]; k_n = k[base + i]; v_n = v[base + i];
+            kk_n = kk[base + i]; a_n = a[base + i];
+        }
         float sa = 0.f;
 #pragma unroll
         for (int j = 0; j < N; j++) sa += s[j] * removal[j];
@@ -147,7 +163,7 @@ __global__ void wkv7_kernel(int T, int H, const float* __restrict__ r, const flo
             s[j] = s[j] * ws[j] + sa * replace[j] + vi * ks[j];
             acc += s[j] * rs[j];
         }
-        y[base + i] = acc;
+        y[out + i] = acc;
     }
 #pragma unroll
     for (int j = 0; j < N; j++) sh[i * N + j] = s[j];
