@@ -192,3 +192,30 @@ def test_strategy_picks_per_layer_types(fixture_dir, tmp_path):
     assert types["blk.4.time_mix_key.weight"] == types["output.weight"] == "F16"
     assert types["token_embd.weight"] == "Q8_0"  # the embedding follows slot 0
     assert np.isfinite(llama_logits(out, None).numpy()).all()
+
+
+def test_llama_cpps_own_converter_reads_our_hf_export_and_we_read_its_gguf(tmp_path):
+    """Upstream interop both ways: llama.cpp's convert_hf_to_gguf.py (same release) converts our fla-hub
+    layout RWKV-7 directory, llama.cpp runs the result, and our GGUF reader reads it back exactly."""
+    import subprocess
+    import sys
+
+    converter = os.environ.get("RWKV_CONVERT_LLAMA_CONVERTER")
+    if not converter:
+        if os.environ.get("RWKV_CONVERT_REQUIRE_LLAMA") == "1":
+            pytest.fail("CI must set RWKV_CONVERT_LLAMA_CONVERTER (see .ci/run)")
+        pytest.skip("RWKV_CONVERT_LLAMA_CONVERTER (llama.cpp's convert_hf_to_gguf.py) not set")
+    from rwkv_convert.formats.safetensors_export import convert_to_safetensors
+
+    # its World vocabulary loader needs the full 65536-token vocabulary
+    src = save_atomic(make_state_dict("v7", n_layer=2, n_embd=128, vocab=65536), tmp_path / "v7.pth")
+    convert_to_safetensors(src, tmp_path / "hf", "hf", dtype="fp32")
+    out = tmp_path / "upstream.gguf"
+    proc = subprocess.run([sys.executable, converter, str(tmp_path / "hf"), "--outfile", str(out), "--outtype", "f32"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokens = tokens_for(65536)
+    ref = rwkv_convert.load(src).forward(tokens, full_output=True)[0]
+    ours = rwkv_convert.load(out).forward(tokens, full_output=True)[0]
+    assert (ours - ref).abs().max().item() <= 1e-4
+    assert (llama_runtime.LlamaCppRunner(out, n_ctx=128).logits([tokens]) - ref).abs().max().item() <= 1e-3
