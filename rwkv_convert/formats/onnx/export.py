@@ -50,6 +50,9 @@ def _layer_tensors(ckpt, spec, i: int, rescale: int) -> dict:
     for k, t in ckpt.tensors.items():
         if k.startswith(prefix) and not k.startswith(prefix + "ln0."):
             name = k[len(prefix):]
+            if name in module.MATRICES:  # converted once, straight into the initializer's dtype and layout
+                lw[name] = t
+                continue
             t = t.float()
             lw[name] = t.reshape(-1) if t.dim() == 3 and t.shape[:2] == (1, 1) else t
     if rescale:
