@@ -88,7 +88,7 @@ def test_shapes_the_fixtures_lack(name, tmp_path):
     assert_runs_like(exported, rwkv_convert.load(src), kw["vocab"], 1e-4, 2)
 
 
-@pytest.mark.parametrize("variant", ["v4", "v5.1", "v6", "v7"])
+@pytest.mark.parametrize("variant", ONNX_VARIANTS)
 @pytest.mark.parametrize("dtype,quant,key", [("fp16", "none", "fp16"), ("fp32", "int8", "int8-block"),
                                              ("fp16", "int8", "int8-block"), ("fp32", "int4", "int4-block")])
 def test_reduced_precision_exports_within_the_tolerance_table(variant, dtype, quant, key, fixture_dir, tmp_path):
