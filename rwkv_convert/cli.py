@@ -114,7 +114,7 @@ FORMATS = ("pip", "gguf", "onnx", "safetensors")
 @main.command()
 @click.argument("source", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--to", "target", required=True, type=click.Choice(FORMATS),
-              help="pip: the rwkv pip package's converted .pth for one strategy; gguf: llama.cpp (v6, v7);"
+              help="pip: the rwkv pip package's converted .pth for one strategy; gguf: llama.cpp (v5.2, v6, v7);"
                    " onnx: onnxruntime step + sequence graphs (every version); safetensors: see --layout.")
 @click.option("--strategy", default=None,
               help='pip: the strategy the file is made for (default "cpu fp32"); gguf: per-layer types'

@@ -27,7 +27,7 @@ else:
     llama_runtime = pytest.importorskip("rwkv_convert.llama_runtime")
     pytest.importorskip("llama_cpp")
 
-VARIANTS = ["v6", "v7", "v7-layer0-v"]
+VARIANTS = ["v5.2", "v6", "v7", "v7-layer0-v"]  # v5.2 is written as rwkv6 (zero LoRAs)
 TOKENS = tokens_for(512)
 
 
@@ -118,7 +118,8 @@ def expected_tensor_set(arch: str, n_layer: int) -> dict[str, str]:
     return names
 
 
-@pytest.mark.parametrize("variant,arch", [("v6", "rwkv6"), ("v7", "rwkv7"), ("v7-layer0-v", "rwkv7")])
+@pytest.mark.parametrize("variant,arch", [("v5.2", "rwkv6"), ("v6", "rwkv6"), ("v7", "rwkv7"),
+                                          ("v7-layer0-v", "rwkv7")])
 def test_gguf_reader_lists_exactly_llama_cpps_tensor_set(variant, arch, fixture_dir, tmp_path):
     out = convert_to_gguf(fixture_path(variant, directory=fixture_dir), tmp_path / "m.gguf", "q8_0")
     reader = gguf.GGUFReader(out)
@@ -144,7 +145,8 @@ def test_tokenizer_in_the_file_round_trips_like_the_pip_package(tmp_path):
 
 
 @pytest.mark.parametrize("variant,pattern", [
-    ("v4", "no architecture for RWKV-4"), ("v5.2", "no architecture for RWKV-5.2"),
+    ("v4", "no architecture for RWKV-4"), ("v5.1", "no architecture for RWKV-5.1"),
+    ("v5.2-state", "state-tuned"),
     ("v7-deepembed", "no DeepEmbed"),
 ])
 def test_refusals_are_one_line_and_leave_no_file(variant, pattern, fixture_dir, tmp_path):
@@ -219,3 +221,13 @@ def test_llama_cpps_own_converter_reads_our_hf_export_and_we_read_its_gguf(tmp_p
     ours = rwkv_convert.load(out).forward(tokens, full_output=True)[0]
     assert (ours - ref).abs().max().item() <= 1e-4
     assert (llama_runtime.LlamaCppRunner(out, n_ctx=128).logits([tokens]) - ref).abs().max().item() <= 1e-3
+
+
+def test_v5_2_of_another_shape_runs_as_rwkv6(tmp_path):
+    src = save_atomic(make_state_dict("v5.2", n_layer=2, n_embd=256, vocab=1000), tmp_path / "v52.pth")
+    out = convert_to_gguf(src, tmp_path / "m.gguf", "f32")
+    tokens = tokens_for(1000)
+    ref = rwkv_convert.load(src).forward(tokens, full_output=True)[0]
+    runner = llama_runtime.LlamaCppRunner(out, n_ctx=128)
+    assert (runner.logits([tokens]) - ref).abs().max().item() <= 1e-3
+    assert (runner.logits([tokens[:20], tokens[20:]]) - ref).abs().max().item() <= 1e-3

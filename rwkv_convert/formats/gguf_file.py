@@ -22,7 +22,8 @@ from ..errors import RwkvConvertError, UnsupportedError
 from ..strategy import Strategy, allocate, parse_strategy
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-ARCHS = {"6": "rwkv6", "7": "rwkv7"}
+ARCHS = {"5.2": "rwkv6", "6": "rwkv6", "7": "rwkv7"}
+V52_LORA_RANK = 32  # v5.2 as rwkv6: zero LoRAs of this rank (llama.cpp reads the ranks from the shapes)
 CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
 EOT_TOKEN = 261  # "\n\n" in the World vocabulary
 
@@ -163,6 +164,45 @@ def v6_jobs(ckpt: Checkpoint) -> list[TensorJob]:
     return jobs
 
 
+def v52_jobs(ckpt: Checkpoint) -> list[TensorJob]:
+    """RWKV-5.2 as llama.cpp's rwkv6: v6 with its two LoRAs at zero is v5.2 exactly. v6 mixes as
+    x + (sx - x) * maa where v5 has x * mix + sx * (1 - mix), so maa = 1 - mix; the decay LoRA adds 0 to
+    time_decay, so w = exp(-exp(time_decay)) as in v5.2; the bonus is time_faaaa; the FFN is the same."""
+    spec, T = ckpt.spec, ckpt.tensors
+    L, C, A, F, R = spec.n_layer, spec.n_embd, spec.att_dim, spec.ffn_dim, V52_LORA_RANK
+    jobs = global_jobs(ckpt)
+    for i in range(L):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+
+        def rest(name, b=b):  # 1 - mix, as a v6 maa
+            return lambda: 1 - T[b + name].float().reshape(1, 1, C)
+
+        def zeros(*shape):
+            return lambda: torch.zeros(shape)
+
+        jobs += norm_jobs(ckpt, i) + [
+            TensorJob(g + "time_mix_lerp_x.weight", (1, 1, C), False, zeros(1, 1, C), i),
+            TensorJob(g + "time_mix_lerp_fused.weight", (5, 1, 1, C), False,  # w (unused by v5), k, v, r, g
+                      lambda b=b: torch.stack([torch.zeros(1, 1, C)] + [1 - T[b + f"att.time_mix_{n}"].float()
+                                                                         .reshape(1, 1, C) for n in "kvrg"]), i),
+            TensorJob(g + "time_mix_w1.weight", (5 * R, C), False, zeros(5 * R, C), i),
+            TensorJob(g + "time_mix_w2.weight", (5, C, R), False, zeros(5, C, R), i),
+            TensorJob(g + "time_mix_decay.weight", (A,), False, lambda b=b: _vec(T[b + "att.time_decay"]), i),
+            TensorJob(g + "time_mix_decay_w1.weight", (R, C), False, zeros(R, C), i),
+            TensorJob(g + "time_mix_decay_w2.weight", (A, R), False, zeros(A, R), i),
+            TensorJob(g + "time_mix_first.weight", (spec.n_head, spec.head_size), False,
+                      lambda b=b: T[b + "att.time_faaaa"], i),
+        ] + projection_jobs(ckpt, i, ("key", "value", "receptance", "gate")) + [
+            TensorJob(g + "channel_mix_lerp_k.weight", (1, 1, C), False, rest("ffn.time_mix_k"), i),
+            TensorJob(g + "channel_mix_lerp_r.weight", (1, 1, C), False, rest("ffn.time_mix_r"), i),
+            TensorJob(g + "channel_mix_key.weight", (F, C), True, lambda b=b: T[b + "ffn.key.weight"], i),
+            TensorJob(g + "channel_mix_value.weight", (C, F), True, lambda b=b: T[b + "ffn.value.weight"], i),
+            TensorJob(g + "channel_mix_receptance.weight", (C, C), True, lambda b=b: T[b + "ffn.receptance.weight"],
+                      i),
+        ]
+    return jobs
+
+
 ROWS_PER_CHUNK = 1024
 
 
@@ -238,8 +278,11 @@ def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant:
     spec = ckpt.spec
     arch = ARCHS.get(spec.version)
     if arch is None:
-        raise UnsupportedError(f"llama.cpp has no architecture for RWKV-{spec.version} (only rwkv6 and rwkv7);"
-                               " for this version use --to pip (or ONNX/safetensors when they land)")
+        raise UnsupportedError(f"llama.cpp has no architecture for RWKV-{spec.version} (rwkv6 runs v5.2 and v6,"
+                               " rwkv7 v7); for this version use --to onnx, --to safetensors or --to pip")
+    if spec.time_state:
+        raise UnsupportedError("this is a state-tuned model (att.time_state): GGUF has no place for its learned"
+                               " initial state; use --to onnx, --to safetensors or --to pip, which keep it")
     if spec.deep_embed:
         raise UnsupportedError("llama.cpp's rwkv7 has no DeepEmbed (ffn.s_emb) tensors; this model cannot be"
                                " expressed as GGUF")
@@ -254,7 +297,7 @@ def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant:
     if out.is_dir() or not out.parent.exists():
         raise RwkvConvertError(f"{out}: give an output file in an existing directory")
     slot_quants = quant_for_strategy(parse_strategy(strategy), spec.n_layer) if strategy else None
-    jobs = (v7_jobs if spec.major == 7 else v6_jobs)(ckpt)
+    jobs = {"5.2": v52_jobs, "6": v6_jobs, "7": v7_jobs}[spec.version](ckpt)
 
     def qtype_of(job: TensorJob):
         name = (slot_quants[job.layer] if slot_quants else quant) if job.quantizable else "f32"
@@ -289,8 +332,8 @@ def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant:
         writer.add_value_residual_mix_lora_rank(spec.lora_ranks.get("v", spec.lora_ranks["a"]))
         writer.add_gate_lora_rank(spec.lora_ranks["g"])
     else:
-        writer.add_time_mix_extra_dim(spec.lora_ranks["maa"])
-        writer.add_time_decay_extra_dim(spec.lora_ranks["decay"])
+        writer.add_time_mix_extra_dim(spec.lora_ranks.get("maa", V52_LORA_RANK))
+        writer.add_time_decay_extra_dim(spec.lora_ranks.get("decay", V52_LORA_RANK))
         writer.add_rescale_every_n_layers(0)  # llama.cpp computes in F32: no rescale needed
     _tokenizer(writer, gguf, spec.vocab_size)
     for job, qtype in zip(jobs, types, strict=True):
