@@ -81,6 +81,13 @@ def scheme_label(placement) -> str:
     return placement.weights
 
 
+def stored_precision(spec) -> str:
+    """The least precise float type a model file stores its weights in (fp32, fp16 or bf16)."""
+    stored = {"float16": "fp16", "bfloat16": "bf16"}
+    return max((stored.get(d, "fp32") for d, n in spec.dtypes.items() if n and d.startswith(("float", "bfloat"))),
+               key=_PRECISION_ORDER.index, default="fp32")
+
+
 def tolerance_for(schemes: set[str]) -> tuple[str, Tolerance]:
     worst = max(schemes, key=_PRECISION_ORDER.index)
     return worst, TOLERANCES[worst]
@@ -200,6 +207,7 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
 
     if runner not in ("native", "ours"):
         raise RwkvConvertError(f"unknown runner {runner!r}; use native or ours")
+    model = None  # the candidate when our reader or onnxruntime runs it
     gguf_file = is_gguf(candidate)
     converted_for = None if gguf_file or is_onnx(candidate) else is_pip_converted(candidate)
     if gguf_file and runner == "native":
@@ -244,6 +252,10 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
         schemes = {scheme_label(p) for p in allocate(parse_strategy(strategy), spec.n_layer)}
     if gguf_file:
         schemes.add(gguf_scheme(candidate))
+    candidate_spec = model.spec if model is not None else None
+    if candidate_spec is not None and _PRECISION_ORDER.index(stored_precision(candidate_spec)) > \
+            _PRECISION_ORDER.index(stored_precision(spec)):
+        schemes.add(stored_precision(candidate_spec))  # e.g. a web-rwkv .st (F16) of an fp32 checkpoint
     scheme, tol = tolerance_for(schemes)
     report = VerifyReport(candidate=str(candidate), reference=str(reference), runner=f"{runner} ({strategy})",
                           scheme=scheme, tolerance=tol, tokens=tokens)

@@ -88,7 +88,9 @@ def test_web_rwkv_refuses_other_dtypes_and_converts_onward(fixture_dir, tmp_path
     assert_one_line_error(cli("convert", src, "--to", "safetensors", "--layout", "web-rwkv", "--dtype", "bf16",
                               "-o", tmp_path / "m.st"), "only F16")
     assert list(tmp_path.iterdir()) == []
-    (st,) = convert_to_safetensors(src, tmp_path / "m.st", "web-rwkv")
+    proc = cli("convert", src, "--to", "safetensors", "--layout", "web-rwkv", "-o", tmp_path / "m.st", "--verify")
+    assert proc.returncode == 0 and "tolerance  fp16" in proc.stdout, proc.stdout + proc.stderr  # F16 file
+    st = tmp_path / "m.st"
     from rwkv_convert.formats.gguf_file import convert_to_gguf
 
     gguf = convert_to_gguf(st, tmp_path / "m.gguf", "f32")  # .st -> GGUF
