@@ -120,9 +120,8 @@ def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant:
         x = g.op("Add", x, att)
         xx = E.layer_norm(x, prefix + "ln2", lw["ln2.weight"], lw["ln2.bias"])
         x = g.op("Add", x, mod.channel_mix(E, spec, lw, prefix, xx, E.to_act(g.gather(shift, 1, 1))))
-        shifts.append(g.unsqueeze(g.op("Concat", *(g.unsqueeze(E.to_f32(s), 1) for s in (att_last,
-                                                                                          g.gather(xx, -1, 1))),
-                                       axis=1), 1))
+        last_tokens = [E.to_f32(t) for t in (att_last, g.gather(xx, -1, 1))]  # this layer's new shift, [B, C] x 2
+        shifts.append(g.unsqueeze(g.op("Concat", *(g.unsqueeze(t, 1) for t in last_tokens), axis=1), 1))
         wkvs.append(g.unsqueeze(new_wkv, 1))
         if rescale and (i + 1) % rescale == 0:
             x = g.op("Mul", x, E.scalar(0.5))
