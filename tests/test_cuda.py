@@ -57,7 +57,7 @@ def test_kernels_compile_for_sm_90(tmp_path):
     """What the GPU build compiles, with the same flags, for the H100/H200 architecture (object file only: a
     CPU torch has no CUDA libraries to link)."""
     include = Path(torch.__file__).parent / "include"
-    cmd = ["nvcc", *compile_flags(9, 0), "-c", str(SOURCE), "-o", str(tmp_path / "k.o"),
+    cmd = ["nvcc", *compile_flags(9, 0), "-std=c++17", "-c", str(SOURCE), "-o", str(tmp_path / "k.o"),
            f"-I{include}", f"-I{include / 'torch/csrc/api/include'}", f"-I{sysconfig.get_paths()['include']}",
            "-DTORCH_EXTENSION_NAME=rwkv_kernels", "-Xcompiler", "-fPIC"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

@@ -18,8 +18,8 @@ _cache: dict[str, object] = {}
 def compile_flags(major: int, minor: int) -> list[str]:
     arch = f"{major}{minor}"
     # sm_90a would allow Hopper-only instructions; these kernels use none, so plain sm_XY keeps one binary per card
-    return ["-O3", "--use_fast_math", "-std=c++20", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-            "-diag-suppress=3306"]
+    # no -std here: cpp_extension passes its own (a second one makes nvcc stop)
+    return ["-O3", "--use_fast_math", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-diag-suppress=3306"]
 
 
 def build_extension(capability: tuple[int, int] | None = None):
