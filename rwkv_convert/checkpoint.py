@@ -122,6 +122,9 @@ def read_checkpoint(path: str | os.PathLike, raw: tuple[dict, bool] | None = Non
         if weights is not None:
             return _checkpoint(p, weights, mmapped=True)
     p = check_input_file(p)
+    if p.suffix.lower() == ".onnx":
+        raise RwkvConvertError(f"{p} is an ONNX export, not an original checkpoint: rwkv_convert.load(), run and"
+                               " verify run it; convert from the source checkpoint")
     raw = raw or load_raw(p)
     if "_strategy" in raw[0]:
         raise RwkvConvertError(f"{p} is a file converted for the rwkv pip package, not an original checkpoint;"

@@ -196,6 +196,13 @@ def test_wrong_states_and_foreign_files_get_clear_errors(fp32_exports, tmp_path)
         rwkv_convert.load(tmp_path / "garbage.onnx")
 
 
+def test_cli_inspect_says_what_an_export_is_and_run_runs_it(fp32_exports):
+    step = fp32_exports["v7"][0]
+    assert_one_line_error(cli("inspect", step), "ONNX export, not an original checkpoint")
+    proc = cli("run", step, "--tokens", "4", "--seed", "1")
+    assert proc.returncode == 0 and "Assistant:" in proc.stdout, proc.stderr
+
+
 def test_cli_convert_and_verify(fixture_dir, tmp_path):
     src = fixture_path("v6", directory=fixture_dir)
     proc = cli("convert", src, "--to", "onnx", "--onnx-quant", "int8", "-o", tmp_path / "m.onnx", "--verify")
