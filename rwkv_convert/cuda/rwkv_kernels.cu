@@ -15,6 +15,18 @@
 #define CHECK_CUDA_F32(x) TORCH_CHECK((x).is_cuda() && (x).is_contiguous() && (x).scalar_type() == torch::kFloat32, \
                                       #x " must be a contiguous fp32 CUDA tensor")
 
+// The per-head kernels are instantiated for these head sizes (the state row lives in registers).
+template <typename Launch>
+void with_head_size(int N, const char* name, Launch&& launch) {
+    switch (N) {
+        case 16: launch(std::integral_constant<int, 16>{}); break;
+        case 32: launch(std::integral_constant<int, 32>{}); break;
+        case 64: launch(std::integral_constant<int, 64>{}); break;
+        case 128: launch(std::integral_constant<int, 128>{}); break;
+        default: TORCH_CHECK(false, name, ": head size ", N, " has no kernel (16, 32, 64, 128)");
+    }
+}
+
 
 // ---- RWKV-4: one thread per channel walks the tokens; (aa, bb, pp) stay in registers -------------------------
 __global__ void wkv4_kernel(int T, int C, const float* __restrict__ w, const float* __restrict__ u,
@@ -99,27 +111,17 @@ __global__ void wkv5_kernel(int T, int H, const float* __restrict__ r, const flo
     for (int i = 0; i < N; i++) sh[i * N + j] = s[i];
 }
 
-template <int N>
-void launch_wkv5(int T, int H, torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, bool per_token,
-                 torch::Tensor u, torch::Tensor s, torch::Tensor y, int64_t stream) {
-    wkv5_kernel<N><<<H, N, 0, STREAM>>>(
-        T, H, r.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), w.data_ptr<float>(), per_token,
-        u.data_ptr<float>(), s.data_ptr<float>(), y.data_ptr<float>());
-}
-
 torch::Tensor wkv5(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Tensor w, torch::Tensor u,
                    torch::Tensor s, int64_t stream) {
     CHECK_CUDA_F32(r); CHECK_CUDA_F32(k); CHECK_CUDA_F32(v); CHECK_CUDA_F32(w); CHECK_CUDA_F32(u); CHECK_CUDA_F32(s);
     const int T = r.size(0), H = r.size(1), N = r.size(2);
     const bool per_token = w.dim() == 3;
     auto y = torch::empty_like(r);
-    switch (N) {
-        case 16: launch_wkv5<16>(T, H, r, k, v, w, per_token, u, s, y, stream); break;
-        case 32: launch_wkv5<32>(T, H, r, k, v, w, per_token, u, s, y, stream); break;
-        case 64: launch_wkv5<64>(T, H, r, k, v, w, per_token, u, s, y, stream); break;
-        case 128: launch_wkv5<128>(T, H, r, k, v, w, per_token, u, s, y, stream); break;
-        default: TORCH_CHECK(false, "wkv5: head size ", N, " has no kernel (16, 32, 64, 128)");
-    }
+    with_head_size(N, "wkv5", [&](auto n) {
+        wkv5_kernel<decltype(n)::value><<<H, decltype(n)::value, 0, STREAM>>>(
+            T, H, r.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), w.data_ptr<float>(), per_token,
+            u.data_ptr<float>(), s.data_ptr<float>(), y.data_ptr<float>());
+    });
     LAUNCH_CHECK();
     return y;
 }
@@ -169,27 +171,17 @@ __global__ void wkv7_kernel(int T, int H, const float* __restrict__ r, const flo
     for (int j = 0; j < N; j++) sh[i * N + j] = s[j];
 }
 
-template <int N>
-void launch_wkv7(int T, int H, torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor kk,
-                 torch::Tensor a, torch::Tensor s, torch::Tensor y, int64_t stream) {
-    wkv7_kernel<N><<<H, N, 0, STREAM>>>(
-        T, H, r.data_ptr<float>(), w.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-        kk.data_ptr<float>(), a.data_ptr<float>(), s.data_ptr<float>(), y.data_ptr<float>());
-}
-
 torch::Tensor wkv7(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor kk,
                    torch::Tensor a, torch::Tensor s, int64_t stream) {
     CHECK_CUDA_F32(r); CHECK_CUDA_F32(w); CHECK_CUDA_F32(k); CHECK_CUDA_F32(v); CHECK_CUDA_F32(kk);
     CHECK_CUDA_F32(a); CHECK_CUDA_F32(s);
     const int T = r.size(0), H = r.size(1), N = r.size(2);
     auto y = torch::empty_like(r);
-    switch (N) {
-        case 16: launch_wkv7<16>(T, H, r, w, k, v, kk, a, s, y, stream); break;
-        case 32: launch_wkv7<32>(T, H, r, w, k, v, kk, a, s, y, stream); break;
-        case 64: launch_wkv7<64>(T, H, r, w, k, v, kk, a, s, y, stream); break;
-        case 128: launch_wkv7<128>(T, H, r, w, k, v, kk, a, s, y, stream); break;
-        default: TORCH_CHECK(false, "wkv7: head size ", N, " has no kernel (16, 32, 64, 128)");
-    }
+    with_head_size(N, "wkv7", [&](auto n) {
+        wkv7_kernel<decltype(n)::value><<<H, decltype(n)::value, 0, STREAM>>>(
+            T, H, r.data_ptr<float>(), w.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+            kk.data_ptr<float>(), a.data_ptr<float>(), s.data_ptr<float>(), y.data_ptr<float>());
+    });
     LAUNCH_CHECK();
     return y;
 }
