@@ -29,15 +29,14 @@ def load(path: str | os.PathLike, strategy: str | None = None) -> Model:
     from .formats.onnx.runtime import OnnxModel, is_onnx
     from .formats.pip_pth import read_pip_converted
     from .formats.prepared import read_prepared
-    from .formats.safetensors_io import is_safetensors, read_safetensors
+    from .formats.safetensors_io import is_safetensors, read_header
 
     if is_hf_dir(Path(path)):
         return Model(read_checkpoint(path), "cpu fp32" if strategy is None else strategy)
     p = check_input_file(path)
     if is_safetensors(p):
-        tensors, meta = read_safetensors(p)
-        if meta.get("rwkv_convert.layout") == "prepared":
-            return read_prepared(p, strategy, tensors, meta)
+        if read_header(p)[1].get("rwkv_convert.layout") == "prepared":
+            return read_prepared(p, strategy)
         return Model(read_checkpoint(p), "cpu fp32" if strategy is None else strategy)
     if is_onnx(p):
         if strategy is not None:

@@ -121,8 +121,10 @@ def read_checkpoint(path: str | os.PathLike, raw: tuple[dict, bool] | None = Non
         weights = _safetensors_weights(p)
         if weights is not None:
             return _checkpoint(p, weights, mmapped=True)
+    from .formats.onnx.runtime import is_onnx
+
     p = check_input_file(p)
-    if p.suffix.lower() == ".onnx":
+    if is_onnx(p):
         raise RwkvConvertError(f"{p} is an ONNX export, not an original checkpoint: rwkv_convert.load(), run and"
                                " verify run it; convert from the source checkpoint")
     raw = raw or load_raw(p)

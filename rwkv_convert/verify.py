@@ -187,6 +187,7 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
     from . import load
     from .checkpoint import check_input_file, read_checkpoint
     from .formats.gguf_file import is_gguf
+    from .formats.hf import is_hf_dir
     from .formats.onnx.runtime import is_onnx
     from .pip_runtime import run_in_pip_package
     from .runner import Model
@@ -194,8 +195,6 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
 
     if tokens < 2:
         raise RwkvConvertError("--tokens must be at least 2 (the chunked mode splits the stream)")
-    from .formats.hf import is_hf_dir
-
     if not is_hf_dir(Path(candidate)):
         check_input_file(candidate)
     ref_ckpt = read_checkpoint(reference)
@@ -208,8 +207,8 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
     if runner not in ("native", "ours"):
         raise RwkvConvertError(f"unknown runner {runner!r}; use native or ours")
     model = None  # the candidate when our reader or onnxruntime runs it
-    gguf_file = is_gguf(candidate)
-    converted_for = None if gguf_file or is_onnx(candidate) else is_pip_converted(candidate)
+    gguf_file, onnx_file = is_gguf(candidate), is_onnx(candidate)
+    converted_for = None if gguf_file or onnx_file else is_pip_converted(candidate)
     if gguf_file and runner == "native":
         from .llama_runtime import LlamaCppRunner
 
@@ -232,7 +231,7 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
             if "error" in out:
                 raise RwkvConvertError(f"the rwkv pip package could not run {candidate}: {out['error'][:300]}")
         cands = dict(zip(streams, outputs, strict=True))
-    elif is_onnx(candidate):
+    elif onnx_file:
         if strategy:
             raise RwkvConvertError("an ONNX export runs as it was exported: drop --strategy")
         model = load(candidate)
@@ -246,16 +245,16 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
         _check_same_model(model, candidate, spec, reference)
         cands = {name: run_ours(model, toks, split) for name, toks in streams.items()}
 
-    if is_onnx(candidate):
+    if onnx_file:
         schemes = {model.scheme}
     else:
         schemes = {scheme_label(p) for p in allocate(parse_strategy(strategy), spec.n_layer)}
     if gguf_file:
         schemes.add(gguf_scheme(candidate))
-    candidate_spec = model.spec if model is not None else None
-    if candidate_spec is not None and _PRECISION_ORDER.index(stored_precision(candidate_spec)) > \
-            _PRECISION_ORDER.index(stored_precision(spec)):
-        schemes.add(stored_precision(candidate_spec))  # e.g. a web-rwkv .st (F16) of an fp32 checkpoint
+    if model is not None:  # a file stored less precisely than its reference: e.g. a web-rwkv .st (F16)
+        stored = stored_precision(model.spec)
+        if _PRECISION_ORDER.index(stored) > _PRECISION_ORDER.index(stored_precision(spec)):
+            schemes.add(stored)
     scheme, tol = tolerance_for(schemes)
     report = VerifyReport(candidate=str(candidate), reference=str(reference), runner=f"{runner} ({strategy})",
                           scheme=scheme, tolerance=tol, tokens=tokens)

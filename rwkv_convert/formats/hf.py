@@ -22,6 +22,9 @@ V4_FFN = {"time_mix_k": "time_mix_key", "time_mix_r": "time_mix_receptance"}
 V7_PROJ = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj", "ln_x": "g_norm"}
 V7_NORMS = {"ln0": "pre_norm", "ln1": "attn_norm", "ln2": "ffn_norm"}
 V7_LORA = {"0": "lora.2.bias", "1": "lora.0.weight", "2": "lora.2.weight"}
+# the same tables read backwards (HF -> BlinkDL)
+V4_ATT_BACK, V4_FFN_BACK = ({v: k for k, v in t.items()} for t in (V4_ATT, V4_FFN))
+V7_PROJ_BACK, V7_NORMS_BACK, V7_LORA_BACK = ({v: k for k, v in t.items()} for t in (V7_PROJ, V7_NORMS, V7_LORA))
 
 
 def supported(spec, path) -> None:
@@ -161,8 +164,8 @@ def _from_v4(name: str, t: torch.Tensor, cfg) -> tuple[str, torch.Tensor]:
     if parts[2] == "pre_ln":
         parts[2] = "ln0"
     elif parts[2] in ("attention", "feed_forward"):
-        table = V4_ATT if parts[2] == "attention" else V4_FFN
-        parts[3] = {v: k for k, v in table.items()}.get(parts[3], parts[3])
+        table = V4_ATT_BACK if parts[2] == "attention" else V4_FFN_BACK
+        parts[3] = table.get(parts[3], parts[3])
         parts[2] = "att" if parts[2] == "attention" else "ffn"
     return ".".join(parts), t
 
@@ -175,18 +178,16 @@ def _from_v7(name: str, t: torch.Tensor, cfg) -> tuple[str, torch.Tensor]:
     parts = name.split(".")  # model.layers.N.group.rest
     layer, group, rest = parts[2], parts[3], parts[4:]
     prefix = f"blocks.{layer}."
-    norms = {v: k for k, v in V7_NORMS.items()}
-    if group in norms:
-        return prefix + norms[group] + "." + ".".join(rest), t
+    if group in V7_NORMS_BACK:
+        return prefix + V7_NORMS_BACK[group] + "." + ".".join(rest), t
     if group == "ffn":
         return prefix + "ffn." + ".".join(rest), (t.reshape(1, 1, -1) if rest[0] == "x_k" else t)
     m = re.fullmatch(r"([wavg])_lora", rest[0])
     if m:
-        idx = {v: k for k, v in V7_LORA.items()}[".".join(rest[1:])]
+        idx = V7_LORA_BACK[".".join(rest[1:])]
         return prefix + f"att.{m.group(1)}{idx}", (t.reshape(1, 1, -1) if idx == "0" else t.t())
-    proj = {v: k for k, v in V7_PROJ.items()}
-    if rest[0] in proj:
-        return prefix + "att." + proj[rest[0]] + "." + ".".join(rest[1:]), t
+    if rest[0] in V7_PROJ_BACK:
+        return prefix + "att." + V7_PROJ_BACK[rest[0]] + "." + ".".join(rest[1:]), t
     if rest[0] in ("k_k", "k_a"):
         t = t.reshape(1, 1, -1)
     return prefix + "att." + ".".join(rest), t

@@ -88,9 +88,8 @@ def write_prepared(source, output: Path, strategy: str) -> Path:
         writer.add("ln_out.bias", model.ln_out[1])
         for key, t in _flatten("head.weight", model.head, kinds).items():
             writer.add(key, t)
-        spec = {k: v for k, v in ckpt.spec.to_dict().items()}
         meta = {"format": "pt", "rwkv_convert.layout": LAYOUT, "rwkv_convert.format": FORMAT_TAG,
-                "rwkv_convert.spec": json.dumps(spec), "rwkv_convert.strategy": str(model.strategy),
+                "rwkv_convert.spec": json.dumps(ckpt.spec.to_dict()), "rwkv_convert.strategy": str(model.strategy),
                 "rwkv_convert.rescale_layer": str(model.rescale_layer), "rwkv_convert.passes": json.dumps(model.passes),
                 "rwkv_convert.weights": json.dumps(kinds), "rwkv_convert.source": ckpt.path.name,
                 "rwkv_convert.source_sha256": file_sha256(ckpt.path)}
@@ -100,13 +99,12 @@ def write_prepared(source, output: Path, strategy: str) -> Path:
         raise
 
 
-def read_prepared(path: Path, strategy: str | None, tensors=None, meta=None):
+def read_prepared(path: Path, strategy: str | None):
     """A Model from a prepared file; `strategy` must be the file's (or None)."""
     from ..runner import Model
     from ..strategy import parse_strategy
 
-    if tensors is None:
-        tensors, meta = read_safetensors(path)
+    tensors, meta = read_safetensors(path)
     stored = meta.get("rwkv_convert.strategy")
     if meta.get("rwkv_convert.format") != FORMAT_TAG or stored is None:
         raise RwkvConvertError(f"{path} is a prepared file of an unknown format version"

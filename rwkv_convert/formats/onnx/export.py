@@ -25,6 +25,7 @@ from ...arch.v7 import DEEP_EMBED_KEYS
 from ...checkpoint import check_input_file, read_checkpoint
 from ...errors import RwkvConvertError, UnsupportedError
 from ...passes import rescale_for_fp16
+from ...runner import _as_vector
 from ...strategy import parse_strategy
 from . import v4, v5, v6, v7
 from .emit import Emitter
@@ -53,8 +54,7 @@ def _layer_tensors(ckpt, spec, i: int, rescale: int) -> dict:
             if name in module.MATRICES:  # converted once, straight into the initializer's dtype and layout
                 lw[name] = t
                 continue
-            t = t.float()
-            lw[name] = t.reshape(-1) if t.dim() == 3 and t.shape[:2] == (1, 1) else t
+            lw[name] = _as_vector(t.float())
     if rescale:
         lw = rescale_for_fp16(lw, i, rescale)
     if spec.major == 5:  # log of the decay exp(-exp(d)), for the sequence graph's chunked recurrence
