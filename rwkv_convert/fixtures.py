@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .paths import cache_root
+
 GENERATOR_VERSION = 1  # bump when values change, so cached files are remade
 VARIANTS = ("v4", "v5.0", "v5.1", "v5.2", "v5.2-state", "v6", "v7", "v7-layer0-v")
 EXTRA_VARIANTS = ("v7-deepembed",)
@@ -19,8 +21,7 @@ DEFAULT_VARIANT = "v7"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("RWKV_CONVERT_CACHE") or Path.home() / ".cache" / "rwkv-convert"
-    return Path(root) / "fixtures"
+    return cache_root() / "fixtures"
 
 
 class _Draw:

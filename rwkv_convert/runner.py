@@ -13,6 +13,7 @@ import torch
 from . import arch, passes
 from .arch.common import PROJECTIONS_KEY, layer_norm
 from .checkpoint import Checkpoint
+from .cuda import ops as cuda_ops
 from .errors import RwkvConvertError, UnsupportedError
 from .quant import scheme_for
 from .spec import ModelSpec
@@ -32,6 +33,27 @@ def _check_device(device: str) -> None:
         raise RwkvConvertError('the strategy asks for "mps" but torch has no MPS device; use "cpu fp32"')
 
 
+KERNELS = ("auto", "torch")
+
+
+def recurrence_for(module, kernels: str = "auto"):
+    """The version's recurrence: its torch code, or ("auto") the CUDA kernel for tensors it can run, with the
+    torch code for the rest (CPU tensors, no GPU, a failed build, other head sizes). The version modules
+    never pick a backend themselves, so the torch path can run on GPU tensors to be compared with the kernels."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, not {kernels!r}")
+    torch_code = module.RECURRENCE
+    if kernels == "torch":
+        return torch_code
+    kernel = getattr(cuda_ops, module.CUDA_KERNEL)
+
+    def run(*args):
+        out = kernel(*args)
+        return torch_code(*args) if out is None else out
+
+    return run
+
+
 def _is_matrix(module, name: str) -> bool:
     return name in module.MATRICES or name == PROJECTIONS_KEY
 
@@ -45,14 +67,15 @@ class Model:
     """A runnable RWKV model. `forward(tokens, state=None, full_output=False) -> (logits, state)`."""
 
     def __init__(self, checkpoint: Checkpoint, strategy: str | Strategy = "cpu fp32",
-                 rescale_layer: int | None = None, skip_passes: tuple[str, ...] = ()):
+                 rescale_layer: int | None = None, skip_passes: tuple[str, ...] = (), kernels: str = "auto"):
         """skip_passes: optional passes to leave out (passes.FOLD_LN0, passes.STACK), for comparisons; the
-        rescale is set with rescale_layer (0 = none), since forward() halves x to match it."""
+        rescale is set with rescale_layer (0 = none), since forward() halves x to match it. kernels: "auto"
+        (CUDA kernels on GPU tensors) or "torch" (the torch code everywhere)."""
         if checkpoint.spec.deep_embed:
             raise UnsupportedError(
                 f"{checkpoint.path} is an RWKV-7 DeepEmbed model (ffn.s_emb); `inspect` reads it, but running"
                 " it is not supported yet")
-        self._setup(checkpoint.spec, strategy, rescale_layer, checkpoint.path)
+        self._setup(checkpoint.spec, strategy, rescale_layer, checkpoint.path, kernels)
         unknown = set(skip_passes) - {passes.FOLD_LN0, passes.STACK}
         if unknown:
             raise ValueError(f"cannot skip {sorted(unknown)}: only {passes.FOLD_LN0} and {passes.STACK} are optional")
@@ -60,13 +83,15 @@ class Model:
         self._prepare(checkpoint.tensors)
         self._state_template = [(tuple(t.shape), t.dtype, t.device) for t in self.init_state()]
 
-    def _setup(self, spec: ModelSpec, strategy: str | Strategy, rescale_layer: int | None, source) -> None:
+    def _setup(self, spec: ModelSpec, strategy: str | Strategy, rescale_layer: int | None, source,
+               kernels: str = "auto") -> None:
         self.spec = spec
         self.strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
         self.placements: list[Placement] = allocate(self.strategy, spec.n_layer)
         for p in self.placements:
             _check_device(p.device)
         self.module = arch.module_for(spec.version)
+        self.recurrence = recurrence_for(self.module, kernels)
         if rescale_layer is None:
             rescale_layer = self.strategy.rescale_layer(spec.major)
         self.rescale_layer = 0 if spec.major >= 7 else rescale_layer
@@ -221,7 +246,7 @@ class Model:
         x = self.emb[ids]
         if self.ln0 is not None:
             x = layer_norm(x, *self.ln0)
-        ctx: dict = {}
+        ctx: dict = {"recurrence": self.recurrence}
         for i, lw in enumerate(self.layers):
             p = self.placements[i]
             x = x.to(dtype=p.atype, device=p.device)

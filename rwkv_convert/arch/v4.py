@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..cuda import ops as cuda_ops
 from .common import channel_mix_lerp, common_shapes, linear, project, residual_block, shifted
 
 VERSIONS = ("4",)
@@ -57,9 +56,6 @@ def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]
 
 def wkv4(w, u, k, v, aa, bb, pp):
     """w = -exp(decay), u: [C]; k, v: [T, C] fp32; state aa, bb, pp [C]. -> (wkv [T, C], aa, bb, pp)."""
-    fast = cuda_ops.wkv4(w, u, k, v, aa, bb, pp)
-    if fast is not None:
-        return fast
     wkv = torch.empty_like(k)
     for t in range(k.shape[0]):  # the recurrence is the only per-token work
         kt, vt = k[t], v[t]
@@ -74,6 +70,10 @@ def wkv4(w, u, k, v, aa, bb, pp):
     return wkv, aa, bb, pp
 
 
+RECURRENCE = wkv4  # the torch recurrence; the runner may swap in a kernel with the same signature (ctx)
+CUDA_KERNEL = "wkv4"  # its counterpart in rwkv_convert.cuda.ops
+
+
 def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
     sx = shifted(x, state[0])
     kx = x * lw["att.time_mix_k"] + sx * (1 - lw["att.time_mix_k"])
@@ -82,7 +82,8 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
     p = project(lw, {"att.receptance.weight": rx, "att.key.weight": kx, "att.value.weight": vx})
     r = torch.sigmoid(p["att.receptance.weight"])
     k, v = p["att.key.weight"].float(), p["att.value.weight"].float()
-    wkv, state[1], state[2], state[3] = wkv4(lw["att.time_decay"], lw["att.time_first"], k, v, *state[1:4])
+    recurrence = ctx.get("recurrence", wkv4)
+    wkv, state[1], state[2], state[3] = recurrence(lw["att.time_decay"], lw["att.time_first"], k, v, *state[1:4])
     return linear(r * wkv.to(x.dtype), lw["att.output.weight"])
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..cuda import ops as cuda_ops
 from .common import channel_mix_lerp, common_shapes, group_norm, linear, project, residual_block, shifted
 
 VERSIONS = ("5.0", "5.1", "5.2")
@@ -83,9 +82,6 @@ def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]
 def wkv(r, k, v, w, u, s):
     """Linear attention with a matrix state per head. r, k, v: [T, H, N] fp32; w: [H, N|1, 1] or
     [T, H, N, 1] (per token); u: [H, N|1, 1]; s: [H, N_key, N_val]. Returns y [T, H, N] and the state."""
-    fast = cuda_ops.wkv5(r, k, v, w, u, s)
-    if fast is not None:
-        return fast
     T = r.shape[0]
     # The bonus term does not depend on the state, so it is computed for all tokens at once.
     y = (r * u.squeeze(-1) * k).sum(-1, keepdim=True) * v
@@ -95,6 +91,10 @@ def wkv(r, k, v, w, u, s):
         y[t] += (r_row[t] @ s).squeeze(-2)
         s = torch.baddbmm(s * (w[t] if per_token_decay else w), k_col[t], v_row[t])
     return y, s
+
+
+RECURRENCE = wkv  # the torch recurrence; the runner may swap in a kernel with the same signature (ctx)
+CUDA_KERNEL = "wkv5"  # its counterpart in rwkv_convert.cuda.ops
 
 
 def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
@@ -111,7 +111,7 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
         inputs["att.gate.weight"] = lerp("g")
     p = project(lw, inputs)
     r, k, v = (p[n].float().view(T, H, -1) for n in ("att.receptance.weight", "att.key.weight", "att.value.weight"))
-    y, state[1] = wkv(r, k, v, lw["att.time_decay"], lw["att.bonus"], state[1])
+    y, state[1] = ctx.get("recurrence", wkv)(r, k, v, lw["att.time_decay"], lw["att.bonus"], state[1])
     y = group_norm(y.view(T, -1), H, lw["att.ln_x.weight"], lw["att.ln_x.bias"]).to(x.dtype)
     if gated:
         y = y * F.silu(p["att.gate.weight"])

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from .common import channel_mix_maa, common_shapes, group_norm, linear, project, residual_block, shifted
+from .v5 import CUDA_KERNEL as CUDA_KERNEL  # v5.2's recurrence with a per-token decay
+from .v5 import RECURRENCE as RECURRENCE
 from .v5 import init_state as init_state  # same state layout and time_state handling as v5
 from .v5 import wkv
 
@@ -73,7 +75,7 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
     decay = torch.tanh(mixed["w"] @ lw["att.time_decay_w1"]) @ lw["att.time_decay_w2"]
     w = torch.exp(-torch.exp(lw["att.time_decay"] + decay.float().view(T, H, -1))).unsqueeze(-1)
 
-    y, state[1] = wkv(r, k, v, w, lw["att.bonus"], state[1])
+    y, state[1] = ctx.get("recurrence", wkv)(r, k, v, w, lw["att.bonus"], state[1])
     y = group_norm(y.view(T, -1), H, lw["att.ln_x.weight"], lw["att.ln_x.bias"]).to(x.dtype)
     return linear(y * g, lw["att.output.weight"])
 

@@ -8,7 +8,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..cuda import ops as cuda_ops
 from .common import common_shapes, group_norm, linear, project, residual_block, shifted
 
 VERSIONS = ("7",)
@@ -75,9 +74,6 @@ def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]
 def wkv7(r, w, k, v, kk, a, s):
     """Delta-rule recurrence per head, all fp32 [T, H, N]; s: [H, N_val, N_key].
     S = S*diag(w) + (S @ -kk) (kk*a)^T + v k^T ;  y = S r."""
-    fast = cuda_ops.wkv7(r, w, k, v, kk, a, s)
-    if fast is not None:
-        return fast
     T = r.shape[0]
     removal = -kk
     replace = kk * a
@@ -90,6 +86,10 @@ def wkv7(r, w, k, v, kk, a, s):
         s = torch.baddbmm(s * w_row[t], torch.cat((sa, lhs_v[t]), dim=-1), rhs[t])
         y[t] = (s @ r_col[t]).squeeze(-1)
     return y, s
+
+
+RECURRENCE = wkv7  # the torch recurrence; the runner may swap in a kernel with the same signature (ctx)
+CUDA_KERNEL = "wkv7"  # its counterpart in rwkv_convert.cuda.ops
 
 
 def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
@@ -112,7 +112,8 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
     w = torch.exp(-DECAY_SCALE * torch.sigmoid((lw["att.w0"] + w).float()))
 
     r, k, v = (t.float().view(T, H, -1) for t in (r, k, v))
-    y, state[1] = wkv7(r, w.view(T, H, -1), k, v, kk.float().view(T, H, -1), a.float().view(T, H, -1), state[1])
+    recurrence = ctx.get("recurrence", wkv7)
+    y, state[1] = recurrence(r, w.view(T, H, -1), k, v, kk.float().view(T, H, -1), a.float().view(T, H, -1), state[1])
     y = group_norm(y.view(T, C).to(x.dtype), H, lw["att.ln_x.weight"], lw["att.ln_x.bias"])
     bonus = (r * k * lw["att.r_k"]).sum(-1, keepdim=True) * v
     y = y + bonus.view(T, C).to(y.dtype)

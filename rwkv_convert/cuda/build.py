@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..paths import kernels_dir
+
 SOURCE = Path(__file__).with_name("rwkv_kernels.cu")
 _cache: dict[str, object] = {}
 
@@ -28,12 +30,10 @@ def build_extension(capability: tuple[int, int] | None = None):
     try:
         from torch.utils.cpp_extension import load
 
-        from ..fixtures import cache_dir
-
         major, minor = capability or torch.cuda.get_device_capability()
         digest = hashlib.sha256(SOURCE.read_bytes() + f"{major}{minor}{torch.__version__}".encode()).hexdigest()[:12]
         name = f"rwkv_convert_kernels_{digest}"
-        build_dir = cache_dir() / "kernels" / name
+        build_dir = kernels_dir() / name
         build_dir.mkdir(parents=True, exist_ok=True)
         return load(name=name, sources=[str(SOURCE)], extra_cuda_cflags=compile_flags(major, minor),
                     extra_cflags=["-O3"], build_directory=str(build_dir), verbose=False)

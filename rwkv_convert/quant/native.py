@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..paths import kernels_dir
+
 _SOURCE = Path(__file__).with_name("int8_cpu.c")
 _lib = None
 _tried = False
@@ -28,14 +30,12 @@ def _cpu_signature() -> str:
 
 
 def _build() -> ctypes.CDLL:
-    from ..fixtures import cache_dir
-
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler (cc/gcc) found")
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + _cpu_signature().encode() + platform.machine().encode()).hexdigest()[:16]
-    folder = cache_dir().parent / "kernels"
+    folder = kernels_dir()
     folder.mkdir(parents=True, exist_ok=True)
     lib_path = folder / f"int8_cpu-{key}.so"
     if not lib_path.exists():
