@@ -18,8 +18,8 @@ from bench_runner import add_checkpoint_args, ensure_checkpoint  # noqa: E402
 
 OURS = """
 import sys
-from rwkv_convert.formats.pip_pth import convert_to_pip
-convert_to_pip(sys.argv[1], sys.argv[2], sys.argv[3])
+import rwkv_convert
+rwkv_convert.convert(sys.argv[1], "pip", sys.argv[3], strategy=sys.argv[2])
 """
 PACKAGE = """
 import os, sys

@@ -17,8 +17,8 @@ from bench_runner import add_checkpoint_args, ensure_checkpoint  # noqa: E402
 
 CODE = """
 import sys
-from rwkv_convert.formats.gguf_file import convert_to_gguf
-convert_to_gguf(sys.argv[1], sys.argv[3], sys.argv[2])
+import rwkv_convert
+rwkv_convert.convert(sys.argv[1], "gguf", sys.argv[3], quant=sys.argv[2])
 """
 
 

@@ -29,12 +29,12 @@ ROWS = [("pip", "cpu fp32", "rwkv 0.8.32 cpu fp32"), ("pip", "cpu fp32i8", "rwkv
 
 
 def run_onnx(path: Path, quant: str, args) -> dict:
-    from rwkv_convert.formats.onnx.export import convert_to_onnx
+    import rwkv_convert
     from rwkv_convert.formats.onnx.runtime import OnnxModel
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         start = time.perf_counter()
-        paths = convert_to_onnx(path, Path(tmp) / "m.onnx", "fp32", quant, logits="last")
+        paths = rwkv_convert.convert(path, "onnx", Path(tmp) / "m.onnx", quant=quant, logits="last")
         export_s = time.perf_counter() - start
         start = time.perf_counter()
         model = OnnxModel(paths[0], providers=["CPUExecutionProvider"])

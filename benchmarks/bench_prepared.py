@@ -54,12 +54,12 @@ def main() -> None:
         print("RESULT " + json.dumps(child(path, None if strategy == "-" else strategy)))
         return
     src = ensure_checkpoint(args.version, args.layers, args.embd, args.vocab, args.file_dtype)
-    from rwkv_convert.formats.safetensors_export import convert_to_safetensors
+    import rwkv_convert  # in the parent only: the children time their own import-free load
 
     with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
         start = time.perf_counter()
-        (prepared,) = convert_to_safetensors(src, Path(tmp) / "prepared.safetensors", "prepared",
-                                             strategy=args.strategy)
+        (prepared,) = rwkv_convert.convert(src, "safetensors", Path(tmp) / "prepared.safetensors",
+                                           layout="prepared", strategy=args.strategy)
         write_s = time.perf_counter() - start
         rows = {"from .pth": run(str(src), args.strategy), "prepared": run(str(prepared), "-")}
         size = prepared.stat().st_size

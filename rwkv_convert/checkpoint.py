@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import pickle
 import re
 import sys
@@ -36,17 +35,6 @@ class Checkpoint:
     @property
     def file_size(self) -> int:
         return self.path.stat().st_size
-
-
-def check_input_file(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise RwkvConvertError(f"{p}: no such file")
-    if p.is_dir():
-        raise RwkvConvertError(f"{p} is a directory; give the path of a checkpoint file inside it")
-    if p.stat().st_size == 0:
-        raise RwkvConvertError(f"{p} is empty (0 bytes); re-download or re-save the checkpoint")
-    return p
 
 
 _PAGE = mmap.PAGESIZE
@@ -82,8 +70,8 @@ def _torch_load(path: Path):
 
 
 def load_raw(path: Path) -> tuple[dict, bool]:
-    """The file's top-level dict (unwrapped from `state_dict`), and whether its tensors are mmap'd."""
-    """torch.load with weights_only=True (plain tensors only) and mmap where the file allows it."""
+    """The file's top-level dict (unwrapped from `state_dict`), and whether its tensors are mmap'd: torch.load
+    with weights_only=True (plain tensors only) and mmap where the file allows it."""
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
             warnings.simplefilter("ignore")
@@ -106,52 +94,15 @@ def load_raw(path: Path) -> tuple[dict, bool]:
     return obj, mmapped
 
 
-def _tensors_only(path: Path, obj: dict) -> dict[str, torch.Tensor]:
+def tensors_only(path: Path, obj: dict) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise RwkvConvertError(f"{path} holds no tensors; it is not an RWKV checkpoint")
     return tensors
 
 
-def read_checkpoint(path: str | os.PathLike, raw: tuple[dict, bool] | None = None) -> Checkpoint:
-    """An original checkpoint (raw: what load_raw already returned for it, to avoid reading it twice): a .pth,
-    a BlinkDL-keyed or web-rwkv safetensors file, or a Hugging Face directory (v4 rwkv, v7 rwkv7)."""
-    p = Path(path)
-    if raw is None:
-        weights = _safetensors_weights(p)
-        if weights is not None:
-            return _checkpoint(p, weights, mmapped=True)
-    from .formats.onnx.runtime import is_onnx
-
-    p = check_input_file(p)
-    if is_onnx(p):
-        raise RwkvConvertError(f"{p} is an ONNX export, not an original checkpoint: rwkv_convert.load(), run and"
-                               " verify run it; convert from the source checkpoint")
-    raw = raw or load_raw(p)
-    if "_strategy" in raw[0]:
-        raise RwkvConvertError(f"{p} is a file converted for the rwkv pip package, not an original checkpoint;"
-                               " give the original .pth (rwkv_convert.load() runs converted files)")
-    return _checkpoint(p, _tensors_only(p, raw[0]), raw[1])
-
-
-def _safetensors_weights(p: Path) -> dict[str, torch.Tensor] | None:
-    """BlinkDL-named tensors of a safetensors file or HF directory, or None for other inputs."""
-    from .formats.hf import is_hf_dir, read_hf_dir
-    from .formats.safetensors_io import is_safetensors, read_safetensors
-    from .formats.web_rwkv import from_web_rwkv, looks_like_web_rwkv
-
-    if is_hf_dir(p):
-        return read_hf_dir(p)
-    if not p.is_file() or not is_safetensors(p):
-        return None
-    tensors, meta = read_safetensors(p)
-    if meta.get("rwkv_convert.layout") == "prepared":
-        raise RwkvConvertError(f"{p} is a prepared file (weights already transformed for one strategy), not an"
-                               " original checkpoint; rwkv_convert.load() runs it, convert from the source")
-    return from_web_rwkv(tensors, meta) if looks_like_web_rwkv(tensors, meta) else tensors
-
-
-def _checkpoint(p: Path, tensors: dict[str, torch.Tensor], mmapped: bool) -> Checkpoint:
+def checkpoint_from_tensors(p: Path, tensors: dict[str, torch.Tensor], mmapped: bool) -> Checkpoint:
+    """BlinkDL-named tensors (from any reader) as a Checkpoint: the version detected, every shape checked."""
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
     spec = build_spec(shapes, dtypes, source=str(p))

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
 import sys
-from pathlib import Path
 
 import click
 
+import rwkv_convert
+
 from . import __version__
+from .checkpoint import Checkpoint
+from .describe import describe_checkpoint, format_description
 from .errors import RwkvConvertError
+from .fixtures import DEFAULT_VARIANT, EXTRA_VARIANTS, VARIANTS, fixture_path
+from .formats import registry
+from .formats.base import flag_of
+from .generate import generate
+from .plan import format_plan, make_plan
+from .tokenizer import HFTokenizer, WorldTokenizer
+from .verify import format_report, verify, write_json
 
 NEOX_VOCABS = (50277, 50304)  # RWKV-4 Pile/Raven models (GPT-NeoX 20B tokenizer)
 
@@ -33,13 +43,15 @@ class Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
-    """Load, run and verify RWKV checkpoints (v4, v5.x, v6, v7).
+    """Load, run, convert and verify RWKV checkpoints (v4, v5.x, v6, v7).
 
     \b
     Examples:
       rwkv-convert inspect RWKV-x070-World-1.5B.pth
       rwkv-convert run RWKV-x070-World-1.5B.pth --prompt "User: hi" --tokens 50
       rwkv-convert run            # runs the bundled tiny default model
+      rwkv-convert convert RWKV-x070-World-1.5B.pth --to gguf --quant q8_0 -o 1.5B-q8_0.gguf --verify
+      rwkv-convert verify 1.5B-q8_0.gguf --reference RWKV-x070-World-1.5B.pth
     """
     ctx.obj = {"debug": debug}
 
@@ -49,10 +61,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 def inspect(path: str, as_json: bool) -> None:
     """Version, dimensions, LoRA ranks, dtypes and parameters of a checkpoint."""
-    from .checkpoint import read_checkpoint
-    from .describe import describe_checkpoint, format_description
-
-    info = describe_checkpoint(read_checkpoint(path))
+    info = describe_checkpoint(registry.read_checkpoint(path))
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
@@ -70,16 +79,11 @@ def inspect(path: str, as_json: bool) -> None:
               help="A Hugging Face tokenizer.json (e.g. GPT-NeoX 20B for RWKV-4 Pile models) instead of World.")
 def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_file) -> None:
     """Generate text from PATH (or the bundled default model), streaming it as it is produced."""
-    from . import load
-    from .fixtures import DEFAULT_VARIANT, fixture_path
-    from .generate import generate
-    from .tokenizer import HFTokenizer, WorldTokenizer
-
     if path is None:
         path = str(fixture_path(DEFAULT_VARIANT))
         click.echo(f"(no model given: running the bundled tiny random-weight RWKV-7 model {path};"
                    " its text is gibberish by design)", err=True)
-    model = load(path, strategy)
+    model = registry.load(path, strategy)
     vocab = model.spec.vocab_size
     if tokenizer_file:
         tokenizer = HFTokenizer(tokenizer_file)
@@ -100,109 +104,102 @@ def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 def plan(path: str, strategy: str, as_json: bool) -> None:
     """Per-layer placement of a strategy on PATH: device, dtypes, weight scheme, streaming, memory."""
-    from .checkpoint import read_checkpoint
-    from .plan import format_plan, make_plan
-
-    ckpt = read_checkpoint(path)
+    ckpt: Checkpoint = registry.read_checkpoint(path)
     result = make_plan(ckpt.spec, {k: tuple(v.shape) for k, v in ckpt.tensors.items()}, strategy)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
 
 
-FORMATS = ("pip", "gguf", "onnx", "safetensors")
+def _format_flags() -> dict[str, click.Option]:
+    """One click option per flag that some format's write options declare (--dtype serves several)."""
+    flags: dict[str, click.Option] = {}
+    for fmt in registry.writers():
+        for f in dataclasses.fields(fmt.options):
+            flag = flag_of(f)
+            if flag in flags:
+                continue
+            choices = sorted({c for w in registry.writers() for g in dataclasses.fields(w.options)
+                              if flag_of(g) == flag for c in (g.metadata.get("choices") or ())})
+            kind = click.Choice(choices) if choices else None
+            flags[flag] = click.Option([flag], default=None, type=kind, help=f.metadata["help"])
+    return flags
 
 
-@main.command()
+FORMAT_FLAGS = _format_flags()
+_FLAG_OF_DEST = {opt.name: flag for flag, opt in FORMAT_FLAGS.items()}
+
+
+class ConvertCommand(click.Command):
+    """`convert --help` lists the options of each format under its own heading."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        general = [p.get_help_record(ctx) for p in self.get_params(ctx)
+                   if isinstance(p, click.Option) and p.name not in _FLAG_OF_DEST]
+        with formatter.section("Options"):
+            formatter.write_dl([r for r in general if r])
+        for fmt in registry.writers():
+            rows = []
+            for f in dataclasses.fields(fmt.options):
+                choices = f.metadata.get("choices")
+                shown = flag_of(f) + (f" [{'|'.join(map(str, choices))}]" if choices else "")
+                default = "" if f.default is None else f"  [default: {f.default}]"
+                rows.append((shown, f.metadata["help"] + default))
+            if rows:
+                with formatter.section(f"--to {fmt.target}"):
+                    formatter.write_dl(rows)
+
+
+def format_options(target: str, layout: str | None, given: dict) -> dict:
+    """The format flags the user gave, under the chosen format's option names. A flag of another format is
+    a usage error that names the formats it belongs to."""
+    fmt = registry.writer_for(target, layout)
+    own = {FORMAT_FLAGS[flag_of(f)].name: f.name for f in dataclasses.fields(fmt.options)}
+    options = {}
+    for dest, value in given.items():
+        if value is None:
+            continue
+        if dest not in own:
+            flag = _FLAG_OF_DEST[dest]
+            owners = [w.target for w in registry.writers()
+                      if any(flag_of(g) == flag for g in dataclasses.fields(w.options))]
+            raise click.UsageError(f"{flag.split('/')[0]} is an option of --to {' / '.join(owners)}, not of --to"
+                                   f" {fmt.target}")
+        options[own[dest]] = value
+    return options
+
+
+@main.command(cls=ConvertCommand)
 @click.argument("source", type=click.Path(dir_okay=True, path_type=str))
-@click.option("--to", "target", required=True, type=click.Choice(FORMATS),
-              help="pip: the rwkv pip package's converted .pth for one strategy; gguf: llama.cpp (v5.2, v6, v7);"
-                   " onnx: onnxruntime step + sequence graphs (every version); safetensors: see --layout.")
-@click.option("--strategy", default=None,
-              help='pip: the strategy the file is made for (default "cpu fp32"); gguf: per-layer types'
-                   " (fp32 -> F32, fp16 -> F16, bf16 -> BF16, any i8 -> Q8_0), instead of --quant.")
-@click.option("--quant", default="f16", show_default=True,
-              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
-              help="gguf: the type of the large matrices (norms, 1-D parameters and LoRAs stay F32).")
-@click.option("--dtype", "out_dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="onnx: fp32 (default) or fp16 weights and activations (inputs, outputs and state stay fp32);"
-                   " safetensors hf: the tensors' type (default: the source's); web-rwkv: fp16 only.")
-@click.option("--layout", default=None, type=click.Choice(["web-rwkv", "hf", "prepared"]),
-              help="safetensors: web-rwkv (.st for web-rwkv/ai00/RWKV-Runner), hf (a Hugging Face directory: v4,"
-                   " v7), prepared (our runner's weights for --strategy, loaded without conversion work).")
-@click.option("--shard-size", default="5GB", show_default=True,
-              help="safetensors hf: largest shard (e.g. 500MB, 2GB); bigger models get an index.")
-@click.option("--tokenizer", "tokenizer_json", default=None, type=click.Path(dir_okay=False, path_type=str),
-              help="safetensors hf: a tokenizer.json to ship (v4 Pile models); default the World vocabulary.")
-@click.option("--onnx-quant", "onnx_quant", default="none", show_default=True,
-              type=click.Choice(["none", "int8", "int4"]),
-              help="onnx: block-quantize the layers' matrices with onnxruntime's MatMulNBits (embedding and head"
-                   " keep --dtype).")
-@click.option("--graph", "graphs", default="both", show_default=True, type=click.Choice(["both", "step", "sequence"]),
-              help="onnx: the one-token step graph (OUT), the sequence graph (OUT with .seq.onnx), or both.")
-@click.option("--logits", default="all", show_default=True, type=click.Choice(["all", "last"]),
-              help="onnx: the sequence graph's logits for every position or only the last (faster prefill).")
-@click.option("--external-data/--inline-data", default=None,
-              help="onnx: weights in OUT.data beside the graphs (the default for two graphs, which share it, and"
-                   " above protobuf's 2 GB limit) or inside the one graph written.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output file.")
-@click.option("--verify", "then_verify", is_flag=True, help="Verify the written file against SOURCE.")
+@click.option("--to", "target", required=True, type=click.Choice(registry.targets()),
+              help="The format to write (its options are listed under it below).")
+@click.option("--layout", default=None, type=click.Choice([f.name for f in registry.writers() if f.family]),
+              help="With --to safetensors: web-rwkv (.st for web-rwkv/ai00/RWKV-Runner), hf (a Hugging Face"
+                   " directory: v4, v7), prepared (our runner's weights for --strategy).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="The output file (hf: a new or empty directory; onnx: the step graph, the others beside it).")
+@click.option("--verify", "then_verify", is_flag=True, help="Verify the written files against SOURCE.")
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(2, None), help="With --verify.")
-def convert(source: str, target: str, strategy, quant: str, out_dtype, layout, shard_size: str, tokenizer_json,
-            onnx_quant: str, graphs: str, logits: str, external_data, output: str, then_verify: bool,
-            tokens: int) -> None:
-    """Convert SOURCE (an original .pth) for a runtime. Written tensor by tensor, atomically.
+def convert(source: str, target: str, layout, output: str, then_verify: bool, tokens: int, **flags) -> None:
+    """Convert SOURCE (original weights: .pth, safetensors, an HF directory, GGUF) for a runtime. Written
+    tensor by tensor, atomically.
 
     \b
-    Example:
+    Examples:
       rwkv-convert convert RWKV-x060-World-1B6.pth --to pip --strategy "cuda fp16i8" -o 1B6-fp16i8.pth
+      rwkv-convert convert model.pth --to gguf --quant q8_0 -o model-q8_0.gguf --verify
+      rwkv-convert convert model.pth --to safetensors --layout hf -o model-hf/
     """
-    if target == "onnx":
-        from .formats.onnx.export import convert_to_onnx
-
-        if strategy:
-            raise click.UsageError("onnx takes --dtype and --onnx-quant, not --strategy")
-        if out_dtype == "bf16":
-            raise click.UsageError("onnx exports are fp32 or fp16 (--dtype bf16 is for safetensors hf)")
-        written = convert_to_onnx(source, output, out_dtype or "fp32", onnx_quant, graphs, logits, external_data)
-        for path in written:
-            click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)", err=True)
-        out, verify_strategy = written[0], None
-    elif target == "safetensors":
-        from .formats.safetensors_export import convert_to_safetensors
-
-        if layout is None:
-            raise click.UsageError("--to safetensors needs --layout web-rwkv, hf or prepared")
-        written = convert_to_safetensors(source, output, layout, out_dtype, strategy, _size(shard_size),
-                                         tokenizer_json)
-        for path in written:
-            click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)", err=True)
-        out, verify_strategy = Path(output), None
-    elif target == "gguf":
-        from .formats.gguf_file import convert_to_gguf
-
-        out = convert_to_gguf(source, output, quant, strategy)
-        click.echo(f"wrote {out} ({out.stat().st_size:,} bytes), {strategy or quant}", err=True)
-        verify_strategy = None
-    else:
-        from .formats.pip_pth import convert_to_pip
-
-        verify_strategy = strategy = strategy or "cpu fp32"
-        out = convert_to_pip(source, strategy, output)
-        click.echo(f"wrote {out} ({out.stat().st_size:,} bytes) for strategy \"{strategy}\"", err=True)
+    options = format_options(target, layout, flags)
+    written = rwkv_convert.convert(source, to=target, output=output, layout=layout, **options)
+    for path in written:
+        click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)", err=True)
     if then_verify:
-        _verify_and_exit(str(out), source, verify_strategy, tokens, 0, None)
+        _verify_and_exit(output, source, None, tokens, 0, None)
 
 
-def _size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 500MB or 2GB", param_hint="--shard-size")
-    unit = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[m.group(2)]
-    return int(float(m.group(1)) * unit)
+convert.params.extend(FORMAT_FLAGS.values())
 
 
 def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner="native") -> None:
-    from .verify import format_report, verify, write_json
-
     report = verify(candidate, reference, strategy, tokens, seed, runner)
     click.echo(format_report(report))
     if json_path:
@@ -240,8 +237,6 @@ def verify_command(candidate, reference, strategy, tokens, seed, json_path, runn
 def make_fixture(variant: str, dtype: str, layers: int, directory) -> None:
     """Write a tiny deterministic test checkpoint (VARIANT: v4, v5.0, v5.1, v5.2, v5.2-state, v6, v7,
     v7-layer0-v, v7-deepembed) and print its path."""
-    from .fixtures import EXTRA_VARIANTS, VARIANTS, fixture_path
-
     if variant not in VARIANTS + EXTRA_VARIANTS:
         choices = ", ".join(VARIANTS + EXTRA_VARIANTS)
         raise RwkvConvertError(f"unknown fixture variant {variant!r}; choose from {choices}")

@@ -3,33 +3,10 @@
 from __future__ import annotations
 
 from .checkpoint import Checkpoint
+from .formats.registry import capabilities
 
 VERSION_NAMES = {"4": "RWKV-4", "5.0": "RWKV-5.0", "5.1": "RWKV-5.1", "5.2": "RWKV-5.2 (Eagle)",
                  "6": "RWKV-6 (Finch)", "7": "RWKV-7 (Goose)"}
-# Runtimes that have an architecture for each version (facts about those runtimes, not about us).
-LLAMA_CPP_ARCH = {"6": "rwkv6", "7": "rwkv7"}
-
-
-def capabilities(ckpt: Checkpoint) -> dict[str, str]:
-    spec = ckpt.spec
-    can: dict[str, str] = {"inspect": "yes"}
-    if spec.deep_embed:
-        can["run"] = "no: DeepEmbed (ffn.s_emb) is not supported by the runner yet"
-    else:
-        can["run"] = "yes: any strategy (cpu|cuda|mps, fp32|fp16|bf16, i8 weights, *N, *N+, ->)"
-    arch = LLAMA_CPP_ARCH.get(spec.version)
-    if arch is None:
-        can["convert --to gguf"] = "no: llama.cpp has no architecture for this version"
-    elif spec.deep_embed or (spec.major == 7 and spec.head_size % 64):
-        can["convert --to gguf"] = "no: llama.cpp's rwkv7 cannot run this model (DeepEmbed or head size)"
-    else:
-        can["convert --to gguf"] = f"yes: llama.cpp architecture {arch}, F32/F16/BF16/Q8_0/Q4_x/Q5_x"
-    if spec.major < 7:
-        can["convert --to pip"] = "yes: a file the rwkv pip package loads for one strategy (int8 included)"
-    else:
-        can["convert --to pip"] = "no: the rwkv package's RWKV-7 loader reads only original checkpoints"
-    can["verify"] = "yes: against this file as --reference"
-    return can
 
 
 def describe_checkpoint(ckpt: Checkpoint) -> dict:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from . import arch, passes
-from .arch.common import PROJECTIONS_KEY, layer_norm
+from .arch.common import PROJECTIONS_KEY, as_vector, layer_norm
 from .checkpoint import Checkpoint
 from .cuda import ops as cuda_ops
 from .errors import RwkvConvertError, UnsupportedError
@@ -36,6 +36,13 @@ def _check_device(device: str) -> None:
 KERNELS = ("auto", "torch")
 
 
+def runnable(spec: ModelSpec) -> str | None:
+    """None if the runner can run this model, else why not."""
+    if spec.deep_embed:
+        return "it is an RWKV-7 DeepEmbed model (ffn.s_emb): running it is not supported yet"
+    return None
+
+
 def recurrence_for(module, kernels: str = "auto"):
     """The version's recurrence: its torch code, or ("auto") the CUDA kernel for tensors it can run, with the
     torch code for the rest (CPU tensors, no GPU, a failed build, other head sizes). The version modules
@@ -58,11 +65,6 @@ def _is_matrix(module, name: str) -> bool:
     return name in module.MATRICES or name == PROJECTIONS_KEY
 
 
-def _as_vector(t: torch.Tensor) -> torch.Tensor:
-    # [1, 1, C] mixes and offsets become [C] so that they broadcast against [T, C] activations.
-    return t.reshape(-1) if t.dim() == 3 and t.shape[0] == 1 and t.shape[1] == 1 else t
-
-
 class Model:
     """A runnable RWKV model. `forward(tokens, state=None, full_output=False) -> (logits, state)`."""
 
@@ -71,10 +73,7 @@ class Model:
         """skip_passes: optional passes to leave out (passes.FOLD_LN0, passes.STACK), for comparisons; the
         rescale is set with rescale_layer (0 = none), since forward() halves x to match it. kernels: "auto"
         (CUDA kernels on GPU tensors) or "torch" (the torch code everywhere)."""
-        if checkpoint.spec.deep_embed:
-            raise UnsupportedError(
-                f"{checkpoint.path} is an RWKV-7 DeepEmbed model (ffn.s_emb); `inspect` reads it, but running"
-                " it is not supported yet")
+        self._check_runnable(checkpoint)
         self._setup(checkpoint.spec, strategy, rescale_layer, checkpoint.path, kernels)
         unknown = set(skip_passes) - {passes.FOLD_LN0, passes.STACK}
         if unknown:
@@ -82,6 +81,22 @@ class Model:
         self._skip = set(skip_passes)
         self._prepare(checkpoint.tensors)
         self._state_template = [(tuple(t.shape), t.dtype, t.device) for t in self.init_state()]
+
+    @staticmethod
+    def _check_runnable(checkpoint: Checkpoint) -> None:
+        reason = runnable(checkpoint.spec)
+        if reason:
+            raise UnsupportedError(f"{checkpoint.path}: {reason} (`inspect` reads it)")
+
+    @classmethod
+    def unprepared(cls, checkpoint: Checkpoint, strategy: str | Strategy) -> Model:
+        """A model whose weights are not prepared yet: iterating `prepared_parts(checkpoint.tensors)` prepares
+        them part by part (for writers of prepared files, which store each layer as it is made)."""
+        cls._check_runnable(checkpoint)
+        model = cls.__new__(cls)
+        model._setup(checkpoint.spec, strategy, None, checkpoint.path)
+        model._skip = set()
+        return model
 
     def _setup(self, spec: ModelSpec, strategy: str | Strategy, rescale_layer: int | None, source,
                kernels: str = "auto") -> None:
@@ -167,7 +182,7 @@ class Model:
                 for name, t in lw.items():
                     if name not in module.MATRICES:
                         dtype = torch.float32 if name in module.FP32_PARAMS else p.atype
-                        lw[name] = _as_vector(t).to(dtype)
+                        lw[name] = as_vector(t).to(dtype)
                 if self.rescale_layer:
                     record(passes.RESCALE)
                     lw = passes.rescale_for_fp16(lw, i, self.rescale_layer)
@@ -186,6 +201,13 @@ class Model:
                            tensors["ln_out.bias"].to(head.atype).to(head.device))
             self.head = scheme_for(head.weights).quantize(tensors["head.weight"], head.atype).to(head.device)
             yield spec.n_layer, {}
+
+    runner_name = "rwkv-convert runner"
+
+    @property
+    def weight_schemes(self) -> set[str]:
+        """The precision of every slot's weights, as verification's tolerance table names them."""
+        return {p.precision for p in self.placements}
 
     # ---- running ---------------------------------------------------------------------------------
     @property

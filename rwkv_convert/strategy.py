@@ -42,6 +42,14 @@ class Placement:
     stream: bool = False
     segment: int = 0  # index of the strategy segment that placed it
 
+    @property
+    def precision(self) -> str:
+        """The weights' precision as verification's tolerance table names it: bf16 activations make int8 a
+        distinct, less precise scheme."""
+        if self.weights == "i8":
+            return "bf16i8" if self.atype == torch.bfloat16 else "i8"
+        return self.weights
+
 
 @dataclass(frozen=True)
 class Strategy:

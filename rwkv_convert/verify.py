@@ -1,9 +1,10 @@
 """Verification: the same token streams through a reference runner and a candidate's runner, in
 sequence mode, token by token, and in two chunks with the state carried; metrics and one tolerance table.
 
-The reference is our runner at `cpu fp32` on the source checkpoint. A candidate is run by the runtime its
-users use (the `rwkv` pip package for its converted `.pth` files) or, for a checkpoint plus a strategy,
-by our runner with that strategy."""
+Three parts: `reference_run` (our runner at `cpu fp32` on the source checkpoint), `candidate_run` (the
+candidate in the runtime its format's registry entry names: llama.cpp for GGUF, the `rwkv` pip package for
+its converted files, onnxruntime for ONNX; or our reader with --runner ours), and `score` (metrics against
+the tolerance of the candidate's least precise weights)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_text_atomic
 from .errors import RwkvConvertError
+from .formats.base import NativeRun
+from .formats.registry import detect, load, read_checkpoint
+from .runner import Model
+from .spec import ModelSpec
+from .tokenizer import WorldTokenizer
 
 MODES = ("sequence", "one-token", "chunked")
 _MODE_KEYS = {"sequence": "seq", "one-token": "one", "chunked": "split"}
@@ -64,21 +71,10 @@ TOLERANCES: dict[str, Tolerance] = {
                        " 1/vocab); the errors are reported"),
 }
 _PRECISION_ORDER = ("fp32", "fp16", "bf16", "i8", "int8-block", "bf16i8", "q8_0", "int4-block", "q5/q4")
-_GGUF_LABELS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "Q8_0": "q8_0"}
-
-
-def gguf_scheme(path) -> str:
-    """The least precise tensor type in a GGUF, as a tolerance key."""
-    import gguf
-
-    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
-    return max((_GGUF_LABELS.get(t, "q5/q4") for t in types), key=_PRECISION_ORDER.index)
 
 
 def scheme_label(placement) -> str:
-    if placement.weights == "i8":
-        return "bf16i8" if placement.atype == torch.bfloat16 else "i8"
-    return placement.weights
+    return placement.precision
 
 
 def stored_precision(spec) -> str:
@@ -143,8 +139,6 @@ def state_difference(ref: list, cand: list) -> float | None:
 
 
 def token_streams(vocab: int, n: int, seed: int) -> dict[str, list[int]]:
-    from .tokenizer import WorldTokenizer
-
     text = ("RWKV is an RNN with transformer-level performance. It can be directly trained like a GPT "
             "(parallelizable). 你好，世界！ 1234567890 ") * 8
     fixed = WorldTokenizer(vocab_size=min(vocab, 65536)).encode(text)[:n]
@@ -165,111 +159,72 @@ def run_ours(model, tokens: list[int], split: int) -> dict:
             "split": torch.cat([first, second]), "split_state": split_state}
 
 
-def is_pip_converted(path: str | Path) -> str | None:
-    """The strategy a file from the pip package's converter was made for, or None for other files."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
-    return obj.get("_strategy") if isinstance(obj, dict) else None
-
-
 def _check_same_model(model, candidate, spec, reference) -> None:
     if (model.spec.vocab_size, model.spec.n_embd) != (spec.vocab_size, spec.n_embd):
         raise RwkvConvertError(f"{candidate} (vocab {model.spec.vocab_size}, n_embd {model.spec.n_embd}) is not"
                                f" a conversion of {reference} (vocab {spec.vocab_size}, n_embd {spec.n_embd})")
 
 
-def verify(candidate: str | Path, reference: str | Path, strategy: str | None = None, tokens: int = 64,
-           seed: int = 0, runner: str = "native") -> VerifyReport:
-    """runner: "native" runs the candidate in the runtime its format is for (the rwkv pip package for its
-    converted files); "ours" runs it with rwkv-convert's reader and runner."""
-    from . import load
-    from .checkpoint import check_input_file, read_checkpoint
-    from .formats.gguf_file import is_gguf
-    from .formats.hf import is_hf_dir
-    from .formats.onnx.runtime import is_onnx
-    from .pip_runtime import run_in_pip_package
-    from .runner import Model
-    from .strategy import allocate, parse_strategy
+@dataclass
+class ReferenceRun:
+    spec: ModelSpec
+    streams: dict[str, list[int]]
+    split: int
+    outputs: dict[str, dict]
 
+
+def reference_run(reference: str | Path, tokens: int = 64, seed: int = 0) -> ReferenceRun:
+    """The source checkpoint through our runner at cpu fp32, on a fixed and a random stream."""
     if tokens < 2:
         raise RwkvConvertError("--tokens must be at least 2 (the chunked mode splits the stream)")
-    if not is_hf_dir(Path(candidate)):
-        check_input_file(candidate)
-    ref_ckpt = read_checkpoint(reference)
-    spec = ref_ckpt.spec
-    reference_model = Model(ref_ckpt, "cpu fp32")
-    streams = token_streams(spec.vocab_size, tokens, seed)
+    ckpt = read_checkpoint(reference)
+    model = Model(ckpt, "cpu fp32")
+    streams = token_streams(ckpt.spec.vocab_size, tokens, seed)
     split = max(1, tokens // 3)
-    refs = {name: run_ours(reference_model, toks, split) for name, toks in streams.items()}
+    return ReferenceRun(ckpt.spec, streams, split, {n: run_ours(model, t, split) for n, t in streams.items()})
 
-    if runner not in ("native", "ours"):
+
+RUNNERS = ("native", "ours")
+
+
+def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None = None, runner: str = "native",
+                  reference: str | Path = "the reference") -> NativeRun:
+    """The candidate on the reference's streams: in its format's runtime (runner "native", where the registry
+    names one), else loaded by our reader (ONNX: onnxruntime) and run like the reference."""
+    if runner not in RUNNERS:
         raise RwkvConvertError(f"unknown runner {runner!r}; use native or ours")
-    model = None  # the candidate when our reader or onnxruntime runs it
-    gguf_file, onnx_file = is_gguf(candidate), is_onnx(candidate)
-    converted_for = None if gguf_file or onnx_file else is_pip_converted(candidate)
-    if gguf_file and runner == "native":
-        from .llama_runtime import LlamaCppRunner
+    fmt, probe = detect(candidate)
+    if runner == "native" and fmt.native is not None:
+        return fmt.native(probe.path, strategy, ref.streams, ref.split, ref.spec)
+    model = load(candidate, strategy)
+    _check_same_model(model, candidate, ref.spec, reference)
+    schemes = set(model.weight_schemes)
+    stored = stored_precision(model.spec)  # a file stored less precisely than its reference: a web-rwkv .st (F16)
+    if _PRECISION_ORDER.index(stored) > _PRECISION_ORDER.index(stored_precision(ref.spec)):
+        schemes.add(stored)
+    name = model.runner_name + ("" if fmt.read else f" reading {fmt.summary}")
+    outputs = {n: run_ours(model, toks, ref.split) for n, toks in ref.streams.items()}
+    return NativeRun(name, str(model.strategy), outputs, schemes)
 
-        if strategy:
-            raise RwkvConvertError("a GGUF runs in llama.cpp as it is: drop --strategy (or use --runner ours)")
-        strategy = "cpu fp32"
-        runner = "llama.cpp (llama-cpp-python)"
-        llama = LlamaCppRunner(candidate, n_ctx=max(64, 2 * tokens))
-        cands = {name: llama.run(toks, split) for name, toks in streams.items()}
-    elif converted_for is not None and runner == "native":
-        if strategy and str(parse_strategy(strategy)) != converted_for:
-            raise RwkvConvertError(f"{candidate} was converted for \"{converted_for}\", not \"{strategy}\";"
-                                   " verify it with that strategy (or convert again)")
-        strategy = converted_for
-        runner = "rwkv pip package"
-        jobs = [{"kind": "run", "path": str(candidate), "strategy": strategy, "tokens": toks, "split": split}
-                for toks in streams.values()]
-        outputs = run_in_pip_package(jobs, v7=spec.major >= 7)
-        for out in outputs:
-            if "error" in out:
-                raise RwkvConvertError(f"the rwkv pip package could not run {candidate}: {out['error'][:300]}")
-        cands = dict(zip(streams, outputs, strict=True))
-    elif onnx_file:
-        if strategy:
-            raise RwkvConvertError("an ONNX export runs as it was exported: drop --strategy")
-        model = load(candidate)
-        runner, strategy = f"onnxruntime {', '.join(model.step_or_sequence_providers())}", f"{model.scheme} export"
-        _check_same_model(model, candidate, spec, reference)
-        cands = {name: run_ours(model, toks, split) for name, toks in streams.items()}
-    else:
-        model = load(candidate, strategy)
-        strategy = str(model.strategy)
-        runner = "rwkv-convert runner" + (" reading a pip-converted file" if converted_for else "")
-        _check_same_model(model, candidate, spec, reference)
-        cands = {name: run_ours(model, toks, split) for name, toks in streams.items()}
 
-    if onnx_file:
-        schemes = {model.scheme}
-    else:
-        schemes = {scheme_label(p) for p in allocate(parse_strategy(strategy), spec.n_layer)}
-    if gguf_file:
-        schemes.add(gguf_scheme(candidate))
-    if model is not None:  # a file stored less precisely than its reference: e.g. a web-rwkv .st (F16)
-        stored = stored_precision(model.spec)
-        if _PRECISION_ORDER.index(stored) > _PRECISION_ORDER.index(stored_precision(spec)):
-            schemes.add(stored)
-    scheme, tol = tolerance_for(schemes)
-    report = VerifyReport(candidate=str(candidate), reference=str(reference), runner=f"{runner} ({strategy})",
-                          scheme=scheme, tolerance=tol, tokens=tokens)
+def score(ref: ReferenceRun, cand: NativeRun, candidate: str | Path, reference: str | Path) -> VerifyReport:
+    """Every stream and mode against the tolerance of the candidate's least precise weights."""
+    scheme, tol = tolerance_for(cand.schemes)
+    report = VerifyReport(candidate=str(candidate), reference=str(reference),
+                          runner=f"{cand.runner} ({cand.strategy})", scheme=scheme, tolerance=tol,
+                          tokens=len(next(iter(ref.streams.values()))))
     worst_ratio = -math.inf
-    for stream in streams:
+    for stream in ref.streams:
         for mode in MODES:
             key = _MODE_KEYS[mode]
-            ref, cand = refs[stream][key], cands[stream][key]
-            if cand.shape != ref.shape:
-                raise RwkvConvertError(f"the candidate's logits have shape {tuple(cand.shape)}, expected"
-                                       f" {tuple(ref.shape)}: it is not a conversion of {reference}")
-            if not torch.isfinite(cand).all():
+            want, got = ref.outputs[stream][key], cand.outputs[stream][key]
+            if got.shape != want.shape:
+                raise RwkvConvertError(f"the candidate's logits have shape {tuple(got.shape)}, expected"
+                                       f" {tuple(want.shape)}: it is not a conversion of {reference}")
+            if not torch.isfinite(got).all():
                 report.passed, report.worst = False, f"{stream}/{mode} non-finite logits"
-            max_abs, rel_l2, kl, top1 = compare(ref, cand)
-            state = state_difference(refs[stream][key + "_state"], cands[stream].get(key + "_state"))
+            max_abs, rel_l2, kl, top1 = compare(want, got)
+            state = state_difference(ref.outputs[stream][key + "_state"], cand.outputs[stream].get(key + "_state"))
             report.rows[f"{stream}/{mode}"] = Metrics(max_abs, rel_l2, kl, top1, state)
             for metric, ratio in (("max |Δlogit|", max_abs / tol.max_abs), ("relative L2", rel_l2 / tol.rel_l2),
                                   ("KL", kl / tol.kl), ("top-1 agreement", (1 - top1) / max(1 - tol.top1, 1e-9))):
@@ -278,6 +233,17 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
                 if ratio > 1:
                     report.passed = False
     return report
+
+
+def verify(candidate: str | Path, reference: str | Path, strategy: str | None = None, tokens: int = 64,
+           seed: int = 0, runner: str = "native") -> VerifyReport:
+    """runner: "native" runs the candidate in the runtime its format is for (the rwkv pip package for its
+    converted files); "ours" runs it with rwkv-convert's reader and runner."""
+    if runner not in RUNNERS:
+        raise RwkvConvertError(f"unknown runner {runner!r}; use native or ours")
+    detect(candidate)  # a missing or unreadable candidate fails before the reference is run
+    ref = reference_run(reference, tokens, seed)
+    return score(ref, candidate_run(candidate, ref, strategy, runner, reference), candidate, reference)
 
 
 def format_report(report: VerifyReport) -> str:
@@ -296,6 +262,4 @@ def format_report(report: VerifyReport) -> str:
 
 
 def write_json(report: VerifyReport, path: str | Path) -> None:
-    from .formats.atomic import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(report.to_dict(), indent=2))
+    write_text_atomic(Path(path), json.dumps(report.to_dict(), indent=2))

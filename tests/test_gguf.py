@@ -11,7 +11,6 @@ import torch
 import rwkv_convert
 from rwkv_convert.errors import RwkvConvertError, UnsupportedError
 from rwkv_convert.fixtures import fixture_path, make_state_dict
-from rwkv_convert.formats.gguf_file import convert_to_gguf
 from rwkv_convert.verify import TOLERANCES, compare
 
 from .conftest import save_atomic, tokens_for
@@ -46,7 +45,8 @@ def references(fixture_dir):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_f32_gguf_runs_in_llama_cpp_like_the_reference(variant, dtype, references, fixture_dir, tmp_path):
-    out = convert_to_gguf(fixture_path(variant, dtype, directory=fixture_dir), tmp_path / "m.gguf", "f32")
+    (out,) = rwkv_convert.convert(fixture_path(variant, dtype, directory=fixture_dir), "gguf", tmp_path / "m.gguf",
+                                  quant="f32")
     ref = references[(variant, dtype)]
     for chunk in (None, 1, 7):  # one batch, token by token, chunks of 7 with the state carried
         assert (llama_logits(out, chunk) - ref).abs().max().item() <= 1e-3, chunk
@@ -59,7 +59,8 @@ def test_f32_gguf_runs_in_llama_cpp_like_the_reference(variant, dtype, reference
 @pytest.mark.parametrize("quant,key", [("f16", "fp16"), ("bf16", "bf16"), ("q8_0", "q8_0")])
 def test_reduced_precision_ggufs_within_the_tolerance_table(variant, dtype, quant, key, references, fixture_dir,
                                                             tmp_path):
-    out = convert_to_gguf(fixture_path(variant, dtype, directory=fixture_dir), tmp_path / "m.gguf", quant)
+    (out,) = rwkv_convert.convert(fixture_path(variant, dtype, directory=fixture_dir), "gguf", tmp_path / "m.gguf",
+                                  quant=quant)
     tol = TOLERANCES[key]
     llama = llama_logits(out, None)
     for who, cand, ref in (("llama.cpp", llama, references[(variant, dtype)]),
@@ -75,7 +76,7 @@ def test_q8_0_top1_agreement_over_eight_streams(variant, dtype, fixture_dir, tmp
     """Top-1 over 8 x 64 tokens (one stream's 64 positions move it in steps of 1.6%). Measured pooled:
     94.5% (v6 bf16) to 96.9%; the flips sit at reference top-2 margins under 0.5 of these random models."""
     src = fixture_path(variant, dtype, directory=fixture_dir)
-    out = convert_to_gguf(src, tmp_path / "m.gguf", "q8_0")
+    (out,) = rwkv_convert.convert(src, "gguf", tmp_path / "m.gguf", quant="q8_0")
     model, runner = rwkv_convert.load(src), llama_runtime.LlamaCppRunner(out, n_ctx=128)
     streams = [tokens_for(512, seed=1234 + s) for s in range(8)]
     ref = torch.cat([model.forward(t, full_output=True)[0] for t in streams])
@@ -86,7 +87,7 @@ def test_q8_0_top1_agreement_over_eight_streams(variant, dtype, fixture_dir, tmp
 
 @pytest.mark.parametrize("quant", ["q4_0", "q4_1", "q5_0", "q5_1"])
 def test_four_and_five_bit_ggufs_run_and_beat_chance(quant, references, fixture_dir, tmp_path):
-    out = convert_to_gguf(fixture_path("v7", directory=fixture_dir), tmp_path / "m.gguf", quant)
+    (out,) = rwkv_convert.convert(fixture_path("v7", directory=fixture_dir), "gguf", tmp_path / "m.gguf", quant=quant)
     logits = llama_logits(out, None)
     assert torch.isfinite(logits).all()
     _, _, kl, top1 = compare(references[("v7", "fp32")], logits)
@@ -121,7 +122,8 @@ def expected_tensor_set(arch: str, n_layer: int) -> dict[str, str]:
 @pytest.mark.parametrize("variant,arch", [("v5.2", "rwkv6"), ("v6", "rwkv6"), ("v7", "rwkv7"),
                                           ("v7-layer0-v", "rwkv7")])
 def test_gguf_reader_lists_exactly_llama_cpps_tensor_set(variant, arch, fixture_dir, tmp_path):
-    out = convert_to_gguf(fixture_path(variant, directory=fixture_dir), tmp_path / "m.gguf", "q8_0")
+    (out,) = rwkv_convert.convert(fixture_path(variant, directory=fixture_dir), "gguf", tmp_path / "m.gguf",
+                                  quant="q8_0")
     reader = gguf.GGUFReader(out)
     assert {t.name: t.tensor_type.name for t in reader.tensors} == expected_tensor_set(arch, 7)
     field = reader.fields["general.architecture"]
@@ -134,7 +136,8 @@ def test_tokenizer_in_the_file_round_trips_like_the_pip_package(tmp_path):
     from rwkv_convert.tokenizer import world_vocab_path
 
     sd = make_state_dict("v7", n_layer=1, n_embd=64, vocab=65536)
-    out = convert_to_gguf(save_atomic(sd, tmp_path / "full-vocab.pth"), tmp_path / "m.gguf", "f16")
+    (out,) = rwkv_convert.convert(save_atomic(sd, tmp_path / "full-vocab.pth"), "gguf", tmp_path / "m.gguf",
+                                  quant="f16")
     runner = llama_runtime.LlamaCppRunner(out, n_ctx=64)
     pip = TRIE_TOKENIZER(str(world_vocab_path()))
     for text in ["Hello world!", "User: 你好，世界。\n\nAssistant: 🙂 ñ", "   spaces  \t tabs", "日本語のテキスト",
@@ -169,14 +172,14 @@ def test_width_not_a_multiple_of_the_block_is_refused(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     with pytest.raises(UnsupportedError, match="not a multiple of 32"):
-        convert_to_gguf(src, target / "m.gguf", "q8_0")
+        rwkv_convert.convert(src, "gguf", target / "m.gguf", quant="q8_0")
     assert list(target.iterdir()) == []
-    convert_to_gguf(src, target / "m.gguf", "f16")  # float types have no block size
+    rwkv_convert.convert(src, "gguf", target / "m.gguf", quant="f16")  # float types have no block size
 
 
 def test_verify_runs_ggufs_in_llama_cpp(fixture_dir, tmp_path):
     src = fixture_path("v7", directory=fixture_dir)
-    out = convert_to_gguf(src, tmp_path / "m.gguf", "q8_0")
+    (out,) = rwkv_convert.convert(src, "gguf", tmp_path / "m.gguf", quant="q8_0")
     proc = cli("verify", out, "--reference", src)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "llama.cpp" in proc.stdout and "tolerance  q8_0" in proc.stdout
@@ -187,8 +190,8 @@ def test_verify_runs_ggufs_in_llama_cpp(fixture_dir, tmp_path):
 
 
 def test_strategy_picks_per_layer_types(fixture_dir, tmp_path):
-    out = convert_to_gguf(fixture_path("v7", directory=fixture_dir), tmp_path / "m.gguf",
-                          strategy="cpu fp16i8 *4 -> cpu fp16")
+    (out,) = rwkv_convert.convert(fixture_path("v7", directory=fixture_dir), "gguf", tmp_path / "m.gguf",
+                                  strategy="cpu fp16i8 *4 -> cpu fp16")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert types["blk.0.time_mix_key.weight"] == types["blk.3.channel_mix_key.weight"] == "Q8_0"
     assert types["blk.4.time_mix_key.weight"] == types["output.weight"] == "F16"
@@ -207,11 +210,10 @@ def test_llama_cpps_own_converter_reads_our_hf_export_and_we_read_its_gguf(tmp_p
         if os.environ.get("RWKV_CONVERT_REQUIRE_LLAMA") == "1":
             pytest.fail("CI must set RWKV_CONVERT_LLAMA_CONVERTER (see .ci/run)")
         pytest.skip("RWKV_CONVERT_LLAMA_CONVERTER (llama.cpp's convert_hf_to_gguf.py) not set")
-    from rwkv_convert.formats.safetensors_export import convert_to_safetensors
 
     # its World vocabulary loader needs the full 65536-token vocabulary
     src = save_atomic(make_state_dict("v7", n_layer=2, n_embd=128, vocab=65536), tmp_path / "v7.pth")
-    convert_to_safetensors(src, tmp_path / "hf", "hf", dtype="fp32")
+    rwkv_convert.convert(src, "safetensors", tmp_path / "hf", layout="hf", dtype="fp32")
     out = tmp_path / "upstream.gguf"
     proc = subprocess.run([sys.executable, converter, str(tmp_path / "hf"), "--outfile", str(out), "--outtype", "f32"],
                           capture_output=True, text=True, timeout=600)
@@ -225,7 +227,7 @@ def test_llama_cpps_own_converter_reads_our_hf_export_and_we_read_its_gguf(tmp_p
 
 def test_v5_2_of_another_shape_runs_as_rwkv6(tmp_path):
     src = save_atomic(make_state_dict("v5.2", n_layer=2, n_embd=256, vocab=1000), tmp_path / "v52.pth")
-    out = convert_to_gguf(src, tmp_path / "m.gguf", "f32")
+    (out,) = rwkv_convert.convert(src, "gguf", tmp_path / "m.gguf", quant="f32")
     tokens = tokens_for(1000)
     ref = rwkv_convert.load(src).forward(tokens, full_output=True)[0]
     runner = llama_runtime.LlamaCppRunner(out, n_ctx=128)

@@ -19,7 +19,7 @@ from .test_cli import assert_one_line_error, cli
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from rwkv_convert.formats.onnx.export import convert_to_onnx, sequence_path  # noqa: E402
+from rwkv_convert.formats.onnx.layout import sequence_path  # noqa: E402
 from rwkv_convert.formats.onnx.runtime import OnnxModel  # noqa: E402
 
 ONNX_VARIANTS = [v for v in VARIANTS if v != "v7-deepembed"]
@@ -64,7 +64,8 @@ def assert_runs_like(exported: OnnxModel, reference, vocab: int, bound: float, b
 @pytest.fixture(scope="module")
 def fp32_exports(fixture_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx")
-    return {v: convert_to_onnx(fixture_path(v, directory=fixture_dir), out / f"{v}.onnx") for v in ONNX_VARIANTS}
+    return {v: rwkv_convert.convert(fixture_path(v, directory=fixture_dir), "onnx", out / f"{v}.onnx")
+            for v in ONNX_VARIANTS}
 
 
 @pytest.mark.parametrize("variant", ONNX_VARIANTS)
@@ -82,7 +83,7 @@ def test_fp32_step_and_sequence_graphs_match_the_reference(variant, batch, fp32_
 def test_shapes_the_fixtures_lack(name, tmp_path):
     variant, kw = ODD_SHAPES[name]
     src = save_atomic(make_state_dict(variant, **kw), tmp_path / "odd.pth")
-    exported = OnnxModel(convert_to_onnx(src, tmp_path / "odd.onnx")[0])
+    exported = OnnxModel(rwkv_convert.convert(src, "onnx", tmp_path / "odd.onnx")[0])
     assert_runs_like(exported, rwkv_convert.load(src), kw["vocab"], 1e-4, 2)
 
 
@@ -91,7 +92,7 @@ def test_shapes_the_fixtures_lack(name, tmp_path):
                                              ("fp16", "int8", "int8-block"), ("fp32", "int4", "int4-block")])
 def test_reduced_precision_exports_within_the_tolerance_table(variant, dtype, quant, key, fixture_dir, tmp_path):
     src = fixture_path(variant, directory=fixture_dir)
-    paths = convert_to_onnx(src, tmp_path / "m.onnx", dtype, quant)
+    paths = rwkv_convert.convert(src, "onnx", tmp_path / "m.onnx", dtype=dtype, quant=quant)
     exported = OnnxModel(paths[0])
     assert exported.scheme == key
     graph = onnx.load(str(paths[0]))
@@ -115,7 +116,7 @@ def test_reduced_precision_exports_within_the_tolerance_table(variant, dtype, qu
 
 
 def test_int8_export_quantizes_only_the_layers(fixture_dir, tmp_path):
-    paths = convert_to_onnx(fixture_path("v7", directory=fixture_dir), tmp_path / "m.onnx", "fp32", "int8")
+    paths = rwkv_convert.convert(fixture_path("v7", directory=fixture_dir), "onnx", tmp_path / "m.onnx", quant="int8")
     names = {i.name for i in onnx.load(str(paths[0])).graph.initializer}
     assert "emb.weight" in names and "head.weight" in names  # kept at the chosen precision
     assert "blocks.0.att.key.weight.q8" in names and "blocks.0.att.key.weight" not in names
@@ -125,7 +126,7 @@ def test_two_graphs_share_one_data_file_that_moves_with_them(fixture_dir, tmp_pa
     src = fixture_path("v6", directory=fixture_dir)
     a = tmp_path / "a"
     a.mkdir()
-    paths = convert_to_onnx(src, a / "m.onnx")
+    paths = rwkv_convert.convert(src, "onnx", a / "m.onnx")
     assert [p.name for p in paths] == ["m.onnx", "m.seq.onnx", "m.onnx.data"]
     weights = rwkv_convert.load(src).spec.n_params * 4
     assert paths[0].stat().st_size < 200_000 and paths[1].stat().st_size < 200_000
@@ -142,18 +143,18 @@ def test_two_graphs_share_one_data_file_that_moves_with_them(fixture_dir, tmp_pa
 
 def test_external_data_forced_for_one_graph(fixture_dir, tmp_path):
     src = fixture_path("v4", directory=fixture_dir)
-    paths = convert_to_onnx(src, tmp_path / "m.onnx", graphs="step", external_data=True)
+    paths = rwkv_convert.convert(src, "onnx", tmp_path / "m.onnx", graphs="step", external_data=True)
     assert [p.name for p in paths] == ["m.onnx", "m.onnx.data"]
     toks = tokens_for(512)[:8]
     ref = rwkv_convert.load(src).forward(toks, full_output=True)[0]
     assert (OnnxModel(paths[0]).forward(toks, full_output=True)[0] - ref).abs().max().item() <= 1e-4
-    (inline,) = convert_to_onnx(src, tmp_path / "inline.onnx", graphs="step")
+    (inline,) = rwkv_convert.convert(src, "onnx", tmp_path / "inline.onnx", graphs="step")
     assert inline.stat().st_size > paths[1].stat().st_size  # one graph under 2 GB keeps its weights inside
 
 
 def test_last_logits_sequence_graph(fixture_dir, tmp_path):
     src = fixture_path("v5.2", directory=fixture_dir)
-    (seq,) = convert_to_onnx(src, tmp_path / "m.onnx", graphs="sequence", logits="last")
+    (seq,) = rwkv_convert.convert(src, "onnx", tmp_path / "m.onnx", graphs="sequence", logits="last")
     exported = OnnxModel(seq)
     toks = tokens_for(512)
     logits, _ = exported.forward(toks)
@@ -218,9 +219,9 @@ def test_refusals_are_one_line_and_leave_no_file(fixture_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(UnsupportedError, match="not a multiple of 32"):
-        convert_to_onnx(src, out / "m.onnx", quant="int4")
+        rwkv_convert.convert(src, "onnx", out / "m.onnx", quant="int4")
     assert list(out.iterdir()) == []
-    convert_to_onnx(src, out / "m.onnx")  # float exports have no block constraint
+    rwkv_convert.convert(src, "onnx", out / "m.onnx")  # float exports have no block constraint
     assert_one_line_error(cli("convert", src, "--to", "onnx", "-o", tmp_path / "m.bin"), "should end in .onnx")
 
 
@@ -238,7 +239,7 @@ def test_readme_example_runs_with_plain_onnxruntime(tmp_path):
         work = tmp_path / variant
         work.mkdir()
         sd = make_state_dict(variant, n_layer=2, n_embd=64, vocab=65536)
-        convert_to_onnx(save_atomic(sd, tmp_path / f"{variant}.pth"), work / "model.onnx")
+        rwkv_convert.convert(save_atomic(sd, tmp_path / f"{variant}.pth"), "onnx", work / "model.onnx")
         proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip(), "the example printed nothing"
@@ -254,7 +255,7 @@ def test_chunked_recurrence_survives_extreme_decays(variant, tmp_path):
         flat = decay.view(-1)
         flat[::3], flat[1::3] = 8.0, -12.0
     src = save_atomic(sd, tmp_path / "extreme.pth")
-    exported = OnnxModel(convert_to_onnx(src, tmp_path / "m.onnx")[0])
+    exported = OnnxModel(rwkv_convert.convert(src, "onnx", tmp_path / "m.onnx")[0])
     toks = tokens_for(512)[:37]  # not a multiple of the chunk
     ref = rwkv_convert.load(src).forward(toks, full_output=True)[0]
     got = exported.forward(toks, full_output=True)[0]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rwkv_convert
 from rwkv_convert.fixtures import fixture_path
-from rwkv_convert.formats.pip_pth import convert_to_pip
 from rwkv_convert.pip_runtime import run_in_pip_package
 
 from .conftest import tokens_for
@@ -32,7 +32,8 @@ def package_results(fixture_dir, tmp_path_factory):
                              "split": 0})
         src = fixture_path(variant, "fp32", directory=fixture_dir)
         for strategy in RUN_STRATEGIES:
-            ours = convert_to_pip(src, strategy, out / f"ours-{variant}-{strategy.replace(' ', '_')}.pth")
+            (ours,) = rwkv_convert.convert(src, "pip", out / f"ours-{variant}-{strategy.replace(' ', '_')}.pth",
+                                           strategy=strategy)
             for kind, path in (("ours", ours), ("source", src)):
                 names.append((kind, variant, "fp32", strategy))
                 jobs.append({"kind": "quick", "path": str(path), "strategy": strategy, "tokens": tokens, "split": 0})
@@ -51,8 +52,9 @@ def test_converted_tensors_are_bit_identical_to_the_package(variant, dtype, stra
     out, results = package_results
     assert results[("pkg-convert", variant, dtype, strategy)] == {"ok": True}
     theirs = torch.load(out / f"pkg-{variant}-{dtype}-{strategy.replace(' ', '_')}.pth", weights_only=True)
-    ours_path = convert_to_pip(fixture_path(variant, dtype, directory=fixture_dir), strategy,
-                               out / f"bits-{variant}-{dtype}-{strategy.replace(' ', '_')}.pth")
+    (ours_path,) = rwkv_convert.convert(fixture_path(variant, dtype, directory=fixture_dir), "pip",
+                                        out / f"bits-{variant}-{dtype}-{strategy.replace(' ', '_')}.pth",
+                                        strategy=strategy)
     ours = torch.load(ours_path, weights_only=True)
     # The one deliberate rename: we keep `time_faaaa` so that the package can load v6 files.
     ours = {k.replace(".time_faaaa", ".time_first"): v for k, v in ours.items()}
@@ -90,17 +92,16 @@ def test_v7_is_refused_with_one_line(fixture_dir, tmp_path):
     from rwkv_convert.errors import UnsupportedError
 
     with pytest.raises(UnsupportedError, match="cannot load converted RWKV-7 files"):
-        convert_to_pip(fixture_path("v7", directory=fixture_dir), "cpu fp32", tmp_path / "x.pth")
+        rwkv_convert.convert(fixture_path("v7", directory=fixture_dir), "pip", tmp_path / "x.pth")
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("variant", V4_TO_V6)
 @pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8 *3 -> cpu fp32", "cpu bf16i8"])
 def test_our_reader_runs_converted_files_like_the_original(variant, strategy, fixture_dir, tmp_path):
-    import rwkv_convert
 
     src = fixture_path(variant, directory=fixture_dir)
-    out = convert_to_pip(src, strategy, tmp_path / "c.pth")
+    (out,) = rwkv_convert.convert(src, "pip", tmp_path / "c.pth", strategy=strategy)
     model = rwkv_convert.load(out)
     assert str(model.strategy) == strategy and model.passes[0] == "pip-converted file"
     tokens = list(range(2, 26))
@@ -116,7 +117,7 @@ def test_verify_with_our_reader(fixture_dir, tmp_path):
     from rwkv_convert.verify import verify
 
     src = fixture_path("v6", "bf16", directory=fixture_dir)
-    out = convert_to_pip(src, "cpu fp16i8", tmp_path / "c.pth")
+    (out,) = rwkv_convert.convert(src, "pip", tmp_path / "c.pth", strategy="cpu fp16i8")
     ours, native = verify(out, src, tokens=16, runner="ours"), verify(out, src, tokens=16)
     assert ours.passed and native.passed
     assert "reading a pip-converted file" in ours.runner and "rwkv pip package" in native.runner

@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 import rwkv_convert
 from rwkv_convert.errors import RwkvConvertError, UnsupportedError
 from rwkv_convert.fixtures import VARIANTS, fixture_path, make_state_dict
-from rwkv_convert.formats.safetensors_export import convert_to_safetensors
 from rwkv_convert.formats.safetensors_io import read_header
 from rwkv_convert.verify import TOLERANCES, compare
 
@@ -57,7 +56,7 @@ def runner_expectation(sd: dict, version: str) -> dict[str, tuple[str, tuple]]:
 @pytest.mark.parametrize("variant", RUNNABLE)
 def test_web_rwkv_layout_matches_runner_rules_and_reads_back(variant, references, fixture_dir, tmp_path):
     src = fixture_path(variant, directory=fixture_dir)
-    (out,) = convert_to_safetensors(src, tmp_path / "m.st", "web-rwkv")
+    (out,) = rwkv_convert.convert(src, "safetensors", tmp_path / "m.st", layout="web-rwkv")
     entries, meta, _ = read_header(out)
     sd = torch.load(src, weights_only=True)
     version = rwkv_convert.load(src).spec.version
@@ -74,7 +73,8 @@ def test_web_rwkv_layout_matches_runner_rules_and_reads_back(variant, references
 def test_foreign_web_rwkv_file_without_our_metadata_reads_back(fixture_dir, tmp_path, references):
     """An RWKV-Runner file carries only {"format": "pt"}: the layout is told from the tensors."""
     for variant in ("v5.2", "v6", "v7"):
-        (ours,) = convert_to_safetensors(fixture_path(variant, directory=fixture_dir), tmp_path / "o.st", "web-rwkv")
+        (ours,) = rwkv_convert.convert(fixture_path(variant, directory=fixture_dir), "safetensors", tmp_path / "o.st",
+                                       layout="web-rwkv")
         from rwkv_convert.formats.safetensors_io import read_safetensors
 
         tensors, _ = read_safetensors(ours)
@@ -91,9 +91,8 @@ def test_web_rwkv_refuses_other_dtypes_and_converts_onward(fixture_dir, tmp_path
     proc = cli("convert", src, "--to", "safetensors", "--layout", "web-rwkv", "-o", tmp_path / "m.st", "--verify")
     assert proc.returncode == 0 and "tolerance  fp16" in proc.stdout, proc.stdout + proc.stderr  # F16 file
     st = tmp_path / "m.st"
-    from rwkv_convert.formats.gguf_file import convert_to_gguf
 
-    gguf = convert_to_gguf(st, tmp_path / "m.gguf", "f32")  # .st -> GGUF
+    (gguf,) = rwkv_convert.convert(st, "gguf", tmp_path / "m.gguf", quant="f32")  # .st -> GGUF
     got = rwkv_convert.load(gguf).forward(TOKENS, full_output=True)[0]
     assert compare(references["v7"], got)[0] <= TOLERANCES["fp16"].max_abs
 
@@ -111,7 +110,8 @@ def test_hf_v4_runs_in_transformers(fixture_dir, tmp_path, references):
     transformers = pytest.importorskip("transformers")
     src = fixture_path("v4", directory=fixture_dir)
     out = tmp_path / "hf4"
-    convert_to_safetensors(src, out, "hf", dtype="fp32", shard_size=2_000_000)  # forces shards + an index
+    # a small shard size forces shards and an index
+    rwkv_convert.convert(src, "safetensors", out, layout="hf", dtype="fp32", shard_size=2_000_000)
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     model, info = transformers.RwkvForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
@@ -155,7 +155,7 @@ def test_hf_v7_tokenizer_matches_the_pip_package(tmp_path):
     from rwkv_convert.tokenizer import world_vocab_path
 
     src = save_atomic(make_state_dict("v7", n_layer=1, n_embd=64, vocab=65536), tmp_path / "full.pth")
-    convert_to_safetensors(src, tmp_path / "hf", "hf")
+    rwkv_convert.convert(src, "safetensors", tmp_path / "hf", layout="hf")
     tok = rwkv7_hf.RWKV7Tokenizer.from_pretrained(tmp_path / "hf")
     pip = TRIE_TOKENIZER(str(world_vocab_path()))
     for text in ["Hello world!", "User: 你好，世界。\n\nAssistant: 🙂 ñ", "   spaces  \t tabs"]:
@@ -175,7 +175,8 @@ def test_hf_refuses_what_no_client_runs(variant, fixture_dir, tmp_path):
 @pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp16", "cpu fp32i8 *3 -> cpu bf16"])
 def test_prepared_equals_the_in_memory_conversion_bit_for_bit(variant, strategy, fixture_dir, tmp_path):
     src = fixture_path(variant, directory=fixture_dir)
-    (out,) = convert_to_safetensors(src, tmp_path / "m.safetensors", "prepared", strategy=strategy)
+    (out,) = rwkv_convert.convert(src, "safetensors", tmp_path / "m.safetensors", layout="prepared",
+                                   strategy=strategy)
     prepared, direct = rwkv_convert.load(out), rwkv_convert.load(src, strategy)
     assert str(prepared.strategy) == str(direct.strategy) and prepared.passes == direct.passes
     for tokens in (TOKENS, TOKENS[:1]):
@@ -187,7 +188,8 @@ def test_prepared_equals_the_in_memory_conversion_bit_for_bit(variant, strategy,
 
 def test_prepared_records_its_plan_and_refuses_another(fixture_dir, tmp_path):
     src = fixture_path("v6", directory=fixture_dir)
-    (out,) = convert_to_safetensors(src, tmp_path / "m.safetensors", "prepared", strategy="cpu fp32i8")
+    (out,) = rwkv_convert.convert(src, "safetensors", tmp_path / "m.safetensors", layout="prepared",
+                                   strategy="cpu fp32i8")
     _, meta, _ = read_header(out)
     assert meta["rwkv_convert.strategy"] == "cpu fp32i8" and len(meta["rwkv_convert.source_sha256"]) == 64
     assert "precompute-decay" in json.loads(meta["rwkv_convert.passes"])
@@ -215,7 +217,8 @@ def _file(tmp_path, name: str, header: bytes | dict, data: bytes = b"", declared
 def test_malformed_safetensors_get_one_line(case, pattern, fixture_dir, tmp_path):
     entry = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
     if case == "truncated":
-        (out,) = convert_to_safetensors(fixture_path("v4", directory=fixture_dir), tmp_path / "ok.st", "web-rwkv")
+        (out,) = rwkv_convert.convert(fixture_path("v4", directory=fixture_dir), "safetensors", tmp_path / "ok.st",
+                                       layout="web-rwkv")
         path = tmp_path / "bad.st"
         path.write_bytes(out.read_bytes()[:-1000])
     elif case == "not-json":
@@ -235,9 +238,9 @@ def test_malformed_safetensors_get_one_line(case, pattern, fixture_dir, tmp_path
 
 def test_safetensors_writer_leaves_no_file_on_failure(fixture_dir, tmp_path):
     with pytest.raises(UnsupportedError):
-        convert_to_safetensors(fixture_path("v6", directory=fixture_dir), tmp_path / "out", "hf")
+        rwkv_convert.convert(fixture_path("v6", directory=fixture_dir), "safetensors", tmp_path / "out", layout="hf")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(RwkvConvertError, match="not an empty directory"):
-        convert_to_safetensors(fixture_path("v4", directory=fixture_dir), tmp_path / "busy", "hf")
+        rwkv_convert.convert(fixture_path("v4", directory=fixture_dir), "safetensors", tmp_path / "busy", layout="hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]

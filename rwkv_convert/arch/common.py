@@ -85,6 +85,11 @@ def common_shapes(spec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def as_vector(t: torch.Tensor) -> torch.Tensor:
+    """[1, 1, C] mixes and offsets as [C], so that they broadcast against [T, C] activations."""
+    return t.reshape(-1) if t.dim() == 3 and t.shape[0] == 1 and t.shape[1] == 1 else t
+
+
 def squeezed(shape) -> tuple[int, ...]:
     return tuple(int(s) for s in shape if s != 1)
 

@@ -17,24 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint, read_checkpoint
+from ..atomic import AtomicOutput
+from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import RwkvConvertError, UnsupportedError
+from ..llama_runtime import LlamaCppRunner
+from ..spec import ModelSpec
 from ..strategy import Strategy, allocate, parse_strategy
+from ..tokenizer import WorldTokenizer
+from .base import Format, NativeRun, Options, option
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 ARCHS = {"5.2": "rwkv6", "6": "rwkv6", "7": "rwkv7"}
 V52_LORA_RANK = 32  # v5.2 as rwkv6: zero LoRAs of this rank (llama.cpp reads the ranks from the shapes)
 CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
 EOT_TOKEN = 261  # "\n\n" in the World vocabulary
-
-
-def is_gguf(path) -> bool:
-    """A GGUF file, by its magic bytes (whatever its name)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 def _gguf():
@@ -250,8 +246,6 @@ def quant_for_strategy(strategy: Strategy, n_layer: int) -> list[str]:
 
 
 def _tokenizer(writer, gguf, vocab_size: int) -> None:
-    from ..tokenizer import WorldTokenizer
-
     world = WorldTokenizer(vocab_size=vocab_size)
     tokens, types = ["<s>"], [gguf.TokenType.CONTROL]
     for idx in range(1, vocab_size):
@@ -271,31 +265,35 @@ def _tokenizer(writer, gguf, vocab_size: int) -> None:
     writer.add_chat_template("rwkv-world")
 
 
-def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant: str = "f16",
-                    strategy: str | None = None) -> Path:
-    gguf = _gguf()
-    ckpt = read_checkpoint(source)
-    spec = ckpt.spec
-    arch = ARCHS.get(spec.version)
-    if arch is None:
-        raise UnsupportedError(f"llama.cpp has no architecture for RWKV-{spec.version} (rwkv6 runs v5.2 and v6,"
-                               " rwkv7 v7); for this version use --to onnx, --to safetensors or --to pip")
+@dataclass(frozen=True)
+class GgufOptions(Options):
+    quant: str = option("f16", "the type of the large matrices (norms, 1-D parameters and LoRAs stay F32)",
+                        choices=QUANTS)
+    strategy: str | None = option(None, "per-layer types instead of --quant: fp32 -> F32, fp16 -> F16, bf16 -> BF16,"
+                                  " any i8 -> Q8_0")
+
+
+def supports(spec: ModelSpec) -> str | None:
+    if spec.version not in ARCHS:
+        return (f"llama.cpp has no architecture for RWKV-{spec.version} (rwkv6 runs v5.2 and v6, rwkv7 v7); for this"
+                " version use --to onnx, --to safetensors or --to pip")
     if spec.time_state:
-        raise UnsupportedError("this is a state-tuned model (att.time_state): GGUF has no place for its learned"
-                               " initial state; use --to onnx, --to safetensors or --to pip, which keep it")
+        return ("this is a state-tuned model (att.time_state): GGUF has no place for its learned initial state; use"
+                " --to onnx, --to safetensors or --to pip, which keep it")
     if spec.deep_embed:
-        raise UnsupportedError("llama.cpp's rwkv7 has no DeepEmbed (ffn.s_emb) tensors; this model cannot be"
-                               " expressed as GGUF")
+        return "llama.cpp's rwkv7 has no DeepEmbed (ffn.s_emb) tensors; this model cannot be expressed as GGUF"
     if spec.major == 7 and spec.head_size % 64:
         # Measured with llama.cpp through llama-cpp-python 0.3.36: rwkv7 with head sizes 16, 32 and 96 loads but
         # gives wrong logits (max |Δ| 2.6-4.8); 64, 128 and 256 match the reference to 2e-5. rwkv6 runs all.
-        raise UnsupportedError(f"llama.cpp's rwkv7 computes wrong results for head size {spec.head_size} (only"
-                               " multiples of 64 verify); this model cannot be exported to GGUF")
-    if quant not in QUANTS:
-        raise RwkvConvertError(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
-    out = Path(output)
-    if out.is_dir() or not out.parent.exists():
-        raise RwkvConvertError(f"{out}: give an output file in an existing directory")
+        return (f"llama.cpp's rwkv7 computes wrong results for head size {spec.head_size} (only multiples of 64"
+                " verify); this model cannot be exported to GGUF")
+    return None
+
+
+def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
+    gguf = _gguf()
+    spec, quant, strategy = ckpt.spec, options.quant, options.strategy
+    arch = ARCHS[spec.version]
     slot_quants = quant_for_strategy(parse_strategy(strategy), spec.n_layer) if strategy else None
     jobs = {"5.2": v52_jobs, "6": v6_jobs, "7": v7_jobs}[spec.version](ckpt)
 
@@ -315,7 +313,7 @@ def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant:
                  "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1"}
     writer = gguf.GGUFWriter(None, arch)
     writer.add_type("model")
-    writer.add_name(Path(source).stem)
+    writer.add_name(ckpt.path.stem)
     writer.add_context_length(CONTEXT_LENGTH)
     writer.add_embedding_length(spec.n_embd)
     writer.add_block_count(spec.n_layer)
@@ -344,24 +342,18 @@ def convert_to_gguf(source: str | os.PathLike, output: str | os.PathLike, quant:
             byte_shape = gguf.quant_shape_to_byte_shape(job.shape, qtype)
             writer.add_tensor_info(job.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype)
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for n, (job, qtype) in enumerate(zip(jobs, types, strict=True)):
-                writer.write_tensor_data(_encode(gguf, pool, job, qtype))
-                _release_finished(ckpt, job, jobs[n + 1] if n + 1 < len(jobs) else None)
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException as e:  # no partial file, whatever went wrong
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise RwkvConvertError(f"cannot write {out}: {e.strerror or e}") from None
-        raise
-    return out
+    with AtomicOutput(out) as target:
+        try:
+            writer.write_header_to_file(target.temp())
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                for n, (job, qtype) in enumerate(zip(jobs, types, strict=True)):
+                    writer.write_tensor_data(_encode(gguf, pool, job, qtype))
+                    _release_finished(ckpt, job, jobs[n + 1] if n + 1 < len(jobs) else None)
+        finally:
+            writer.close()
+    return [out]
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
@@ -418,8 +410,6 @@ def read_gguf(path: Path) -> Checkpoint:
     """An RWKV-6/7 GGUF (ours or upstream-converted with the same tensor set) as a BlinkDL-keyed checkpoint,
     dequantised to fp32 with the gguf package."""
     gguf = _gguf()
-    from ..arch import build_spec, check_shapes
-
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/struct errors on damaged files
@@ -462,7 +452,28 @@ def read_gguf(path: Path) -> Checkpoint:
             sd[f"blocks.{i}.att.r_k"] = sd[f"blocks.{i}.att.r_k"].reshape(-1, head_size)
     else:
         sd |= _blinkdl_from_rwkv6(get, n_layer, c, meta("rescale_every_n_layers", 0))
-    shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    spec = build_spec(shapes, {k: "float32" for k in sd}, str(path))
-    check_shapes(spec, shapes, str(path))
-    return Checkpoint(path=path, tensors=sd, spec=spec, mmapped=False)
+    return checkpoint_from_tensors(path, sd, mmapped=False)
+
+
+_GGUF_LABELS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "Q8_0": "q8_0"}
+
+
+def tensor_schemes(path) -> set[str]:
+    """The GGUF's tensor types as tolerance keys (4-5 bit blocks are "q5/q4")."""
+    return {_GGUF_LABELS.get(t.tensor_type.name, "q5/q4") for t in _gguf().GGUFReader(path).tensors}
+
+
+def native(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int, spec: ModelSpec) -> NativeRun:
+    """Runs the file in llama.cpp (llama-cpp-python)."""
+    if strategy:
+        raise RwkvConvertError("a GGUF runs in llama.cpp as it is: drop --strategy (or use --runner ours)")
+    tokens = len(next(iter(streams.values())))
+    llama = LlamaCppRunner(path, n_ctx=max(64, 2 * tokens))
+    outputs = {name: llama.run(toks, split) for name, toks in streams.items()}
+    return NativeRun("llama.cpp (llama-cpp-python)", "cpu fp32", outputs, {"fp32"} | tensor_schemes(path))
+
+
+FORMAT = Format(
+    name="gguf", summary="a GGUF file for llama.cpp", runtime="llama.cpp (llama-cpp-python, ollama, LM Studio)",
+    sniff=lambda probe: probe.head.startswith(b"GGUF"), read=lambda probe: read_gguf(probe.path), write=write,
+    options=GgufOptions, supports=supports, native=native)

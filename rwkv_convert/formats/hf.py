@@ -9,11 +9,18 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import RwkvConvertError, UnsupportedError
+from ..atomic import AtomicOutput
+from ..checkpoint import Checkpoint, checkpoint_from_tensors
+from ..errors import RwkvConvertError
+from ..spec import ModelSpec
+from ..tokenizer import world_vocab_path
+from .base import Format, Options, Probe, option
+from .safetensors_io import SafetensorsWriter, read_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -27,13 +34,13 @@ V4_ATT_BACK, V4_FFN_BACK = ({v: k for k, v in t.items()} for t in (V4_ATT, V4_FF
 V7_PROJ_BACK, V7_NORMS_BACK, V7_LORA_BACK = ({v: k for k, v in t.items()} for t in (V7_PROJ, V7_NORMS, V7_LORA))
 
 
-def supported(spec, path) -> None:
+def supports(spec: ModelSpec) -> str | None:
     if spec.major not in (4, 7):
-        raise UnsupportedError(
-            f"{path} is RWKV-{spec.version}: no Hugging Face class runs it on CPU (transformers has RWKV-4 only,"
-            " fla's RWKV-5/6 need Triton); use --layout web-rwkv or prepared, --to onnx, or --to gguf (v6)")
+        return (f"no Hugging Face class runs RWKV-{spec.version} on CPU (transformers has RWKV-4 only, fla's"
+                " RWKV-5/6 need Triton); use --layout web-rwkv or prepared, --to onnx, or --to gguf (v5.2, v6)")
     if spec.deep_embed:
-        raise UnsupportedError(f"{path} is an RWKV-7 DeepEmbed model: the fla-hub layout has no place for ffn.s_emb")
+        return "this is an RWKV-7 DeepEmbed model: the fla-hub layout has no place for ffn.s_emb"
+    return None
 
 
 # ---- BlinkDL -> HF ----------------------------------------------------------------------------------
@@ -107,8 +114,6 @@ def config(spec) -> dict:
 def write_tokenizer_files(directory: Path, spec, tokenizer_json: Path | None) -> None:
     """v7: the World vocabulary with rwkv7-hf's RWKV7Tokenizer; v4: a given tokenizer.json (e.g. GPT-NeoX's
     for Pile models), else the World vocabulary file alone."""
-    from ..tokenizer import world_vocab_path
-
     if tokenizer_json is not None:
         shutil.copyfile(tokenizer_json, directory / "tokenizer.json")
         return
@@ -119,6 +124,76 @@ def write_tokenizer_files(directory: Path, spec, tokenizer_json: Path | None) ->
         (directory / "tokenizer_config.json").write_text(json.dumps(tok, indent=2) + "\n")
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_SHARD = "5GB"
+
+
+def parse_size(text: str | int) -> int:
+    """500MB, 2GB, 1.5G, 1000 -> bytes (decimal units, as Hugging Face's max_shard_size)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", str(text).upper())
+    if not m:
+        raise RwkvConvertError(f"--shard-size {text!r} is not a size like 500MB or 2GB")
+    unit = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[m.group(2)]
+    return int(float(m.group(1)) * unit)
+
+
+@dataclass(frozen=True)
+class HfOptions(Options):
+    dtype: str | None = option(None, "the tensors' type (default: the source's)", choices=tuple(DTYPES))
+    shard_size: str | int = option(DEFAULT_SHARD, "largest shard (e.g. 500MB, 2GB); bigger models get an index")
+    tokenizer: str | None = option(None, "a tokenizer.json to ship (v4 Pile models); default the World vocabulary")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_size(self.shard_size)
+
+
+def write(ckpt: Checkpoint, output: Path, options: HfOptions) -> list[Path]:
+    spec, shard_size = ckpt.spec, parse_size(options.shard_size)
+    dtype = options.dtype
+    if dtype is None:  # the file's own (most common) float type
+        dtype = max(DTYPES, key=lambda d: spec.dtypes.get(str(DTYPES[d]).removeprefix("torch."), 0))
+    target = DTYPES[dtype]
+    jobs = []
+    for name, t in ckpt.tensors.items():
+        mapped = hf_tensor(name, t, spec)
+        if mapped is not None:
+            jobs.append((name, *mapped))
+    sizes = [t.numel() * target.itemsize for _, _, t in jobs]
+    shards, current, used = [], [], 0
+    for job, size in zip(jobs, sizes, strict=True):
+        if current and used + size > shard_size:
+            shards.append(current)
+            current, used = [], 0
+        current.append(job)
+        used += size
+    shards.append(current)
+    with AtomicOutput(output, directory=True) as out:
+        tmp = out.temp()
+        names = [WEIGHTS_NAME] if len(shards) == 1 else \
+            [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+        weight_map = {}
+        for shard, file_name in zip(shards, names, strict=True):
+            writer = SafetensorsWriter(tmp / file_name)
+            try:
+                for src_name, hf_name, t in shard:
+                    writer.add(hf_name, t.to(target))
+                    weight_map[hf_name] = file_name
+                    ckpt.release(src_name)
+                writer.close({"format": "pt"})
+            finally:
+                writer.abort()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        cfg = config(spec) | {"torch_dtype": str(target).removeprefix("torch."), "rwkv_convert_source": ckpt.path.name}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        write_tokenizer_files(tmp, spec, Path(options.tokenizer) if options.tokenizer else None)
+    return sorted(output.iterdir())
+
+
 # ---- HF -> BlinkDL ----------------------------------------------------------------------------------
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
@@ -126,8 +201,6 @@ def is_hf_dir(path: Path) -> bool:
 
 def read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
     """BlinkDL-named tensors (mmap views) from a directory this module wrote, or one like it."""
-    from .safetensors_io import read_safetensors
-
     try:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -191,3 +264,13 @@ def _from_v7(name: str, t: torch.Tensor, cfg) -> tuple[str, torch.Tensor]:
     if rest[0] in ("k_k", "k_a"):
         t = t.reshape(1, 1, -1)
     return prefix + "att." + ".".join(rest), t
+
+
+def read(probe: Probe) -> Checkpoint:
+    return checkpoint_from_tensors(probe.path, read_hf_dir(probe.path), mmapped=True)
+
+
+FORMAT = Format(
+    name="hf", family="safetensors", summary="a Hugging Face model directory",
+    runtime="transformers (RWKV-4) and rwkv7-hf / fla (RWKV-7)", sniff=lambda probe: is_hf_dir(probe.path),
+    read=read, write=write, options=HfOptions, supports=supports)

@@ -11,16 +11,25 @@ Differences from the package's own converter, both so that the file loads in the
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import read_checkpoint
-from ..errors import RwkvConvertError, UnsupportedError
-from ..quant.rwkv_int8 import quantize_rwkv_int8
-from ..strategy import DTYPES, Strategy, allocate, parse_strategy
+from .. import passes
+from ..arch import build_spec, detect_version, module_for
+from ..arch.common import PROJECTIONS_KEY
+from ..atomic import AtomicOutput
+from ..checkpoint import Checkpoint
+from ..errors import RwkvConvertError
+from ..pip_runtime import run_in_pip_package
+from ..quant.float_weights import FloatWeight
+from ..quant.rwkv_int8 import RwkvInt8Weight, quantize_rwkv_int8
+from ..runner import Model
+from ..spec import ModelSpec
+from ..strategy import DTYPES, allocate, parse_strategy
+from .base import Format, NativeRun, Options, Probe, option
 from .torch_stream import StreamingTorchWriter
 
 FORMAT_VERSION = "0.7"
@@ -72,24 +81,25 @@ def transform(name: str, t: torch.Tensor, spec, placement, rescale_layer: int, l
     return {name: t.to(dtype=placement.atype)}
 
 
-def convert_to_pip(source: str | os.PathLike, strategy: str | Strategy, output: str | os.PathLike,
-                   rescale_layer: int | None = None) -> Path:
-    ckpt = read_checkpoint(source)
-    spec = ckpt.spec
+@dataclass(frozen=True)
+class PipOptions(Options):
+    strategy: str = option("cpu fp32", "the strategy the file is made for (the package loads it only with that one),"
+                           ' e.g. "cuda fp16i8 *10 -> cuda fp16"')
+
+
+def supports(spec: ModelSpec) -> str | None:
     if spec.major >= 7:
-        raise UnsupportedError("the rwkv pip package cannot load converted RWKV-7 files (its v7 loader reads only"
-                               " original checkpoints); give it the original .pth")
-    strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
+        return ("the rwkv pip package cannot load converted RWKV-7 files (its v7 loader reads only original"
+                " checkpoints); give it the original .pth")
+    return None
+
+
+def write(ckpt: Checkpoint, out: Path, options: PipOptions) -> list[Path]:
+    spec, tensors = ckpt.spec, ckpt.tensors
+    strategy = parse_strategy(options.strategy)
     placements = allocate(strategy, spec.n_layer)
-    if rescale_layer is None:
-        rescale_layer = strategy.rescale_layer(spec.major)
-    out = Path(output)
-    if out.is_dir():
-        raise RwkvConvertError(f"{out} is a directory; give the output file name (e.g. {out / 'model-converted.pth'})")
-    if not out.parent.exists():
-        raise RwkvConvertError(f"{out.parent} does not exist; create it first")
-    tensors = ckpt.tensors
-    with torch.no_grad(), StreamingTorchWriter(out) as writer:
+    rescale_layer = strategy.rescale_layer(spec.major)
+    with torch.no_grad(), AtomicOutput(out) as target, StreamingTorchWriter(target.temp()) as writer:
         for name in _key_order(list(tensors)):
             if name.startswith("blocks.0.ln0."):
                 continue
@@ -111,7 +121,7 @@ def convert_to_pip(source: str | os.PathLike, strategy: str | Strategy, output: 
         writer.add_value("_strategy", str(strategy))
         writer.add_value("_rescale_layer", rescale_layer)
         writer.add_value("_version", FORMAT_VERSION)
-    return out
+    return [out]
 
 
 # ---- reading converted files ------------------------------------------------------------------------------
@@ -135,15 +145,8 @@ def _original_shapes(tensors: dict[str, torch.Tensor], major_hint: str) -> dict[
     return shapes
 
 
-def read_pip_converted(path: Path, tensors: dict, strategy: str | None = None):
+def read_pip_converted(path: Path, tensors: dict, strategy: str | None = None) -> Model:
     """A Model that runs a converted file with our runner (the file's own strategy)."""
-    from .. import passes
-    from ..arch import build_spec, detect_version, module_for
-    from ..arch.common import PROJECTIONS_KEY
-    from ..quant.float_weights import FloatWeight
-    from ..quant.rwkv_int8 import RwkvInt8Weight
-    from ..runner import Model
-
     file_strategy = tensors.get("_strategy")
     if strategy is not None and str(parse_strategy(strategy)) != file_strategy:
         raise RwkvConvertError(f'{path} was converted for "{file_strategy}", not "{strategy}"; load it with that'
@@ -183,3 +186,31 @@ def read_pip_converted(path: Path, tensors: dict, strategy: str | None = None):
     return Model.from_prepared(spec, file_strategy, int(tensors.get("_rescale_layer", 0)), path,
                                weights["emb.weight"], layers, (weights["ln_out.weight"], weights["ln_out.bias"]),
                                head, applied)
+
+
+def converted_for(probe: Probe) -> str | None:
+    """The strategy a torch file was converted for by the pip package's converter (or ours), else None."""
+    return probe.torch_raw[0].get("_strategy") if probe.is_torch_file else None
+
+
+def native(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int, spec: ModelSpec) -> NativeRun:
+    """Runs the file in the rwkv pip package, with the strategy it was converted for."""
+    made_for = converted_for(Probe(path))
+    if strategy and str(parse_strategy(strategy)) != made_for:
+        raise RwkvConvertError(f"{path} was converted for \"{made_for}\", not \"{strategy}\"; verify it with that"
+                               " strategy (or convert again)")
+    jobs = [{"kind": "run", "path": str(path), "strategy": made_for, "tokens": toks, "split": split}
+            for toks in streams.values()]
+    outputs = run_in_pip_package(jobs, v7=spec.major >= 7)
+    for out in outputs:
+        if "error" in out:
+            raise RwkvConvertError(f"the rwkv pip package could not run {path}: {out['error'][:300]}")
+    schemes = {p.precision for p in allocate(parse_strategy(made_for), spec.n_layer)}
+    return NativeRun("rwkv pip package", made_for, dict(zip(streams, outputs, strict=True)), schemes)
+
+
+FORMAT = Format(
+    name="pip", summary="a pip-converted file (the rwkv pip package's format)", runtime="the rwkv pip package",
+    sniff=lambda probe: converted_for(probe) is not None,
+    load=lambda probe, strategy: read_pip_converted(probe.path, probe.torch_raw[0], strategy),
+    write=write, options=PipOptions, supports=supports, native=native)

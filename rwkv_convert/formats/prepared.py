@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..atomic import AtomicOutput
+from ..checkpoint import Checkpoint
 from ..errors import RwkvConvertError
 from ..quant.float_weights import FloatWeight, StackedFloatWeight
 from ..quant.rwkv_int8 import RwkvInt8Weight
+from ..runner import Model, runnable
 from ..spec import ModelSpec
+from ..strategy import parse_strategy
+from .base import Format, Options, Probe, option
 from .safetensors_io import SafetensorsWriter, read_safetensors
 
 LAYOUT = "prepared"
@@ -64,46 +70,43 @@ def _wrap(key: str, tensors: dict, kinds: dict):
     raise RwkvConvertError(f"unknown weight kind {info['kind']!r} for {key}: written by a newer rwkv-convert?")
 
 
-def write_prepared(source, output: Path, strategy: str) -> Path:
-    """Prepare SOURCE for `strategy` layer by layer, writing each layer as it is made."""
-    from ..checkpoint import read_checkpoint
-    from ..runner import Model
+@dataclass(frozen=True)
+class PreparedOptions(Options):
+    strategy: str = option("cpu fp32", "the strategy the runner's weights are prepared for (int8 included)")
 
-    ckpt = read_checkpoint(source)
-    model = Model.__new__(Model)
-    model._setup(ckpt.spec, strategy, None, ckpt.path)
-    model._skip = set()
-    writer = SafetensorsWriter(output, align=64)
+
+def write(ckpt: Checkpoint, output: Path, options: PreparedOptions) -> list[Path]:
+    """Prepare the checkpoint for the strategy layer by layer, writing each layer as it is made."""
+    model = Model.unprepared(ckpt, options.strategy)
     kinds: dict = {}
-    try:
-        for i, lw in model.prepared_parts(ckpt.tensors):
-            if i == 0:
-                writer.add("emb.weight", model.emb)
-            for name, value in lw.items():
-                for key, t in _flatten(f"blocks.{i}.{name}", value, kinds).items():
-                    writer.add(key, t)
-            for name in [k for k in ckpt.tensors if k.startswith(f"blocks.{i}.")]:
-                ckpt.release(name)
-        writer.add("ln_out.weight", model.ln_out[0])
-        writer.add("ln_out.bias", model.ln_out[1])
-        for key, t in _flatten("head.weight", model.head, kinds).items():
-            writer.add(key, t)
-        meta = {"format": "pt", "rwkv_convert.layout": LAYOUT, "rwkv_convert.format": FORMAT_TAG,
-                "rwkv_convert.spec": json.dumps(ckpt.spec.to_dict()), "rwkv_convert.strategy": str(model.strategy),
-                "rwkv_convert.rescale_layer": str(model.rescale_layer), "rwkv_convert.passes": json.dumps(model.passes),
-                "rwkv_convert.weights": json.dumps(kinds), "rwkv_convert.source": ckpt.path.name,
-                "rwkv_convert.source_sha256": file_sha256(ckpt.path)}
-        return writer.close(meta)
-    except BaseException:
-        writer.abort()
-        raise
+    with AtomicOutput(output) as target:
+        writer = SafetensorsWriter(target.temp(), align=64)
+        try:
+            for i, lw in model.prepared_parts(ckpt.tensors):
+                if i == 0:
+                    writer.add("emb.weight", model.emb)
+                for name, value in lw.items():
+                    for key, t in _flatten(f"blocks.{i}.{name}", value, kinds).items():
+                        writer.add(key, t)
+                for name in [k for k in ckpt.tensors if k.startswith(f"blocks.{i}.")]:
+                    ckpt.release(name)
+            writer.add("ln_out.weight", model.ln_out[0])
+            writer.add("ln_out.bias", model.ln_out[1])
+            for key, t in _flatten("head.weight", model.head, kinds).items():
+                writer.add(key, t)
+            meta = {"format": "pt", "rwkv_convert.layout": LAYOUT, "rwkv_convert.format": FORMAT_TAG,
+                    "rwkv_convert.spec": json.dumps(ckpt.spec.to_dict()), "rwkv_convert.strategy": str(model.strategy),
+                    "rwkv_convert.rescale_layer": str(model.rescale_layer),
+                    "rwkv_convert.passes": json.dumps(model.passes), "rwkv_convert.weights": json.dumps(kinds),
+                    "rwkv_convert.source": ckpt.path.name, "rwkv_convert.source_sha256": file_sha256(ckpt.path)}
+            writer.close(meta)
+        finally:
+            writer.abort()
+    return [output]
 
 
-def read_prepared(path: Path, strategy: str | None):
+def read_prepared(path: Path, strategy: str | None) -> Model:
     """A Model from a prepared file; `strategy` must be the file's (or None)."""
-    from ..runner import Model
-    from ..strategy import parse_strategy
-
     tensors, meta = read_safetensors(path)
     stored = meta.get("rwkv_convert.strategy")
     if meta.get("rwkv_convert.format") != FORMAT_TAG or stored is None:
@@ -127,3 +130,14 @@ def read_prepared(path: Path, strategy: str | None):
                                    _wrap("head.weight", tensors, kinds), passes)
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
         raise RwkvConvertError(f"{path} is a damaged prepared file ({type(e).__name__}: {e})") from None
+
+
+def sniff(probe: Probe) -> bool:
+    meta = probe.safetensors_metadata
+    return meta is not None and meta.get("rwkv_convert.layout") == LAYOUT
+
+
+FORMAT = Format(
+    name="prepared", family="safetensors", summary="a prepared file (the runner's weights for one strategy)",
+    runtime="rwkv-convert's runner", sniff=sniff, load=lambda probe, strategy: read_prepared(probe.path, strategy),
+    write=write, options=PreparedOptions, supports=runnable)

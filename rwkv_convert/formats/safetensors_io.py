@@ -115,8 +115,9 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 class SafetensorsWriter:
-    """Tensors are appended to a temp data file as they come; close() writes the header and moves the data
-    behind it (copy_file_range: in the kernel) into a temp file that is then renamed over `path`."""
+    """Tensors are appended to a scratch data file (PATH.data) as they come; close() writes the header to
+    `path` and moves the data behind it (copy_file_range: in the kernel). `path` is the temp file of an
+    AtomicOutput: publishing it is the caller's."""
 
     PADDING_PREFIX = "__padding__."
 
@@ -126,8 +127,7 @@ class SafetensorsWriter:
         filled by U8 tensors named __padding__.N, since safetensors files may not have holes."""
         self.path = Path(path)
         self.align = align
-        self._data_tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.data.tmp")
-        self._final_tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._data_tmp = self.path.with_name(self.path.name + ".data")
         self._data = open(self._data_tmp, "wb")  # noqa: SIM115 (closed in close/abort)
         self.entries: dict[str, dict] = {}
         self.nbytes = 0
@@ -154,7 +154,7 @@ class SafetensorsWriter:
             self._data.close()
             header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
             header += b" " * (-(8 + len(header)) % max(self.align, 8))  # the data section starts aligned
-            with open(self._final_tmp, "wb") as out, open(self._data_tmp, "rb") as data:
+            with open(self.path, "wb") as out, open(self._data_tmp, "rb") as data:
                 out.write(struct.pack("<Q", len(header)) + header)
                 out.flush()
                 remaining = self.nbytes
@@ -167,16 +167,12 @@ class SafetensorsWriter:
                     if copied == 0:
                         raise OSError("short copy")
                     remaining -= copied
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(self._final_tmp, self.path)
         finally:
             self.abort()
         return self.path
 
     def abort(self) -> None:
-        """Remove the temp files (after close(), or after a failure)."""
+        """Remove the scratch data file (after close(), or after a failure)."""
         self._data.close()
-        for tmp in (self._data_tmp, self._final_tmp):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self._data_tmp.unlink()

@@ -6,7 +6,16 @@ No ln0 fold, no rescale, no exp: web-rwkv does those at load. Metadata {"format"
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+
+from ..atomic import AtomicOutput
+from ..checkpoint import Checkpoint, checkpoint_from_tensors
+from ..errors import RwkvConvertError
+from .base import Format, Options, Probe, option
+from .safetensors_io import SafetensorsWriter, read_safetensors
 
 RENAMES = (("time_faaaa", "time_first"), ("time_maa", "time_mix"), ("lora_A", "lora.0"), ("lora_B", "lora.1"))
 TRANSPOSED = ("time_mix_w1", "time_mix_w2", "time_decay_w1", "time_decay_w2", "w1", "w2", "a1", "a2", "g1", "g2",
@@ -38,18 +47,18 @@ def metadata(spec) -> dict[str, str]:
             "rwkv_convert.bonus": "log" if spec.bonus_is_log else "u"}
 
 
-def looks_like_web_rwkv(tensors: dict, meta: dict) -> bool:
+def looks_like_web_rwkv(shapes: dict[str, tuple[int, ...]], meta: dict) -> bool:
     """Ours say so; others (metadata {"format": "pt"} like any safetensors) are told from BlinkDL-keyed files
     by what the rules change: v6's time_mix_x, v5.2's [H, N] time_first, v7's transposed LoRAs."""
     if meta.get(LAYOUT_KEY) == "web-rwkv":
         return True
-    if "blocks.0.att.time_mix_x" in tensors:
+    if "blocks.0.att.time_mix_x" in shapes:
         return True
-    first = tensors.get("blocks.0.att.time_first")
-    if first is not None and first.dim() == 2 and "blocks.0.att.ln_x.weight" in tensors:
+    first = shapes.get("blocks.0.att.time_first")
+    if first is not None and len(first) == 2 and "blocks.0.att.ln_x.weight" in shapes:
         return True
-    w1, ln1 = tensors.get("blocks.0.att.w1"), tensors.get("blocks.0.ln1.weight")
-    return w1 is not None and ln1 is not None and w1.shape[0] != ln1.shape[0]
+    w1, ln1 = shapes.get("blocks.0.att.w1"), shapes.get("blocks.0.ln1.weight")
+    return w1 is not None and ln1 is not None and w1[0] != ln1[0]
 
 
 def from_web_rwkv(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
@@ -74,3 +83,41 @@ def from_web_rwkv(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, tor
             t = t[:, 0]  # the 5.1 expansion [H] -> [H, C/H], undone
         out[name] = t
     return out
+
+
+@dataclass(frozen=True)
+class WebRwkvOptions(Options):
+    dtype: str = option("fp16", "the tensors' type: web-rwkv's loader accepts only F16")
+
+    def __post_init__(self) -> None:
+        if self.dtype != "fp16":
+            raise RwkvConvertError(f"web-rwkv's loader accepts only F16 tensors: drop --dtype {self.dtype} (or use"
+                                   " --layout hf or prepared)")
+
+
+def write(ckpt: Checkpoint, output: Path, options: WebRwkvOptions) -> list[Path]:
+    with AtomicOutput(output) as target:
+        writer = SafetensorsWriter(target.temp())
+        try:
+            for name, t in ckpt.tensors.items():
+                writer.add(*to_web_rwkv(name, t, ckpt.spec))
+                ckpt.release(name)
+            writer.close(metadata(ckpt.spec))
+        finally:
+            writer.abort()
+    return [output]
+
+
+def sniff(probe: Probe) -> bool:
+    header = probe.safetensors_header
+    return header is not None and looks_like_web_rwkv(*header)
+
+
+def read(probe: Probe) -> Checkpoint:
+    tensors, meta = read_safetensors(probe.path)
+    return checkpoint_from_tensors(probe.path, from_web_rwkv(tensors, meta), mmapped=True)
+
+
+FORMAT = Format(
+    name="web-rwkv", family="safetensors", summary="a web-rwkv / ai00 / RWKV-Runner .st file (F16)",
+    runtime="web-rwkv, ai00 and RWKV-Runner", sniff=sniff, read=read, write=write, options=WebRwkvOptions)

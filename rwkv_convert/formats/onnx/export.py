@@ -11,37 +11,34 @@ A fresh state is zeros, except v4's pp (-1e30) and a state-tuned model's learned
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ... import arch
-from ...arch.common import layer_norm
+from ...arch.common import as_vector, layer_norm
 from ...arch.v7 import DEEP_EMBED_KEYS
-from ...checkpoint import check_input_file, read_checkpoint
-from ...errors import RwkvConvertError, UnsupportedError
+from ...atomic import AtomicOutput
+from ...checkpoint import Checkpoint
+from ...errors import RwkvConvertError
 from ...passes import rescale_for_fp16
-from ...runner import _as_vector
+from ...spec import ModelSpec
 from ...strategy import parse_strategy
+from ..base import Options, option
 from . import v4, v5, v6, v7
 from .emit import Emitter
 from .graph import Graph, WeightStore, _onnx
+from .layout import FORMAT_TAG, data_path, sequence_path
 
 DTYPES = ("fp32", "fp16")
 QUANTS = ("none", "int8", "int4")
 LOGITS = ("all", "last")
-FORMAT_TAG = "rwkv-convert-onnx-1"
+GRAPHS = ("both", "step", "sequence")
 INLINE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB limit, less room for the graph itself
 _MODULES = {4: v4, 5: v5, 6: v6, 7: v7}
-
-
-def sequence_path(step_path: Path) -> Path:
-    """model.onnx -> model.seq.onnx (the sequence graph beside the step graph)."""
-    return step_path.with_name(step_path.stem + ".seq" + step_path.suffix)
 
 
 def _layer_tensors(ckpt, spec, i: int, rescale: int) -> dict:
@@ -54,7 +51,7 @@ def _layer_tensors(ckpt, spec, i: int, rescale: int) -> dict:
             if name in module.MATRICES:  # converted once, straight into the initializer's dtype and layout
                 lw[name] = t
                 continue
-            lw[name] = _as_vector(t.float())
+            lw[name] = as_vector(t.float())
     if rescale:
         lw = rescale_for_fp16(lw, i, rescale)
     if spec.major == 5:  # log of the decay exp(-exp(d)), for the sequence graph's chunked recurrence
@@ -162,41 +159,47 @@ def _metadata(ckpt, spec, graph: str, dtype: str, quant: str, logits: str, resca
     return meta
 
 
-def _check_supported(spec, path) -> None:
+@dataclass(frozen=True)
+class OnnxOptions(Options):
+    dtype: str = option("fp32", "fp32 or fp16 weights and activations (inputs, outputs and state stay fp32)",
+                        choices=DTYPES)
+    quant: str = option("none", "block-quantize the layers' matrices with onnxruntime's MatMulNBits (embedding and"
+                        " head keep --dtype)", flag="--onnx-quant", choices=QUANTS)
+    graphs: str = option("both", "the one-token step graph (OUT), the sequence graph (OUT with .seq.onnx), or both;"
+                         " --graph step|sequence writes that one graph to OUT itself", flag="--graph", choices=GRAPHS)
+    logits: str = option("all", "the sequence graph's logits for every position or only the last (faster prefill)",
+                         choices=LOGITS)
+    external_data: bool | None = option(None, "weights in OUT.data beside the graphs (the default for two graphs,"
+                                        " which share it, and above protobuf's 2 GB limit) or inside the one graph"
+                                        " written", flag="--external-data/--inline-data")
+
+
+def supports(spec: ModelSpec) -> str | None:
     if spec.deep_embed:
-        raise UnsupportedError(f"{path} is an RWKV-7 DeepEmbed model ({DEEP_EMBED_KEYS[0]}): no ONNX export for it yet")
+        return f"this is an RWKV-7 DeepEmbed model ({DEEP_EMBED_KEYS[0]}): no ONNX export for it yet"
+    return None
 
 
-def convert_to_onnx(source, output, dtype: str = "fp32", quant: str = "none", graphs: str = "both",
-                    logits: str = "all", external_data: bool | None = None) -> list[Path]:
+def write(ckpt: Checkpoint, output: Path, options: OnnxOptions) -> list[Path]:
     """Write the step graph to `output` and the sequence graph beside it (model.seq.onnx), or one of them
     (graphs="step"|"sequence": then to `output` itself). external_data None: the weights go to one data file
     (output + ".data") shared by both graphs, or inline when one graph is written and fits protobuf's 2 GB.
     Returns the paths written (data file last)."""
     _onnx()  # a clear error before any work when onnx is missing
-    if dtype not in DTYPES or quant not in QUANTS or logits not in LOGITS or graphs not in ("both", "step",
-                                                                                            "sequence"):
-        raise RwkvConvertError(f"unknown ONNX option: dtype {dtype!r} (choose {'/'.join(DTYPES)}), quant {quant!r}"
-                               f" ({'/'.join(QUANTS)}), logits {logits!r} ({'/'.join(LOGITS)}), graphs {graphs!r}")
-    ckpt = read_checkpoint(check_input_file(source))
-    spec = ckpt.spec
-    _check_supported(spec, ckpt.path)
-    output = Path(output)
+    spec, dtype, quant, logits = ckpt.spec, options.dtype, options.quant, options.logits
     if output.suffix != ".onnx":
         raise RwkvConvertError(f"the ONNX output name should end in .onnx (got {output.name})")
-    if not output.parent.is_dir():
-        raise RwkvConvertError(f"output directory {output.parent} does not exist")
     kinds = {"both": [("step", output), ("sequence", sequence_path(output))], "step": [("step", output)],
-             "sequence": [("sequence", output)]}[graphs]
+             "sequence": [("sequence", output)]}[options.graphs]
     rescale = parse_strategy("cpu fp16").rescale_layer(spec.major) if dtype == "fp16" and spec.major < 7 else 0
     weight_bytes = spec.n_params * (2 if dtype == "fp16" else 4)
+    external_data = options.external_data
     if external_data is None:  # two graphs share one copy of the weights; one graph keeps them inline if it can
         external_data = len(kinds) > 1 or weight_bytes > INLINE_LIMIT
-    data_path = output.with_name(output.name + ".data") if external_data else None
-    temps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for _, p in kinds]
-    data_tmp = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp") if data_path else None
-    try:
-        store = WeightStore(data_tmp, data_path.name if data_path else None)
+    data = data_path(output) if external_data else None
+    finals = ([data] if data else []) + [p for _, p in kinds]  # the data first: the graphs refer to it
+    with AtomicOutput(*finals) as out:
+        store = WeightStore(out.temp(data) if data else None, data.name if data else None)
         try:
             models = []
             for kind, _ in kinds:
@@ -205,23 +208,10 @@ def convert_to_onnx(source, output, dtype: str = "fp32", quant: str = "none", gr
                 models.append(g.model(doc, _metadata(ckpt, spec, kind, dtype, quant, logits, rescale)))
         finally:
             store.close()
-        for model, tmp in zip(models, temps, strict=True):
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-        if data_path:
-            os.replace(data_tmp, data_path)
-        for (_, final), tmp in zip(kinds, temps, strict=True):
-            os.replace(tmp, final)
-    except OSError as e:
-        raise RwkvConvertError(f"could not write {output}: {e.strerror or e}") from None
-    except ValueError as e:  # protobuf refuses a message over 2 GB
-        raise RwkvConvertError(f"could not write {output}: {e}; use --external-data") from None
-    finally:
-        for tmp in [*temps, data_tmp]:
-            if tmp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-    return [p for _, p in kinds] + ([data_path] if data_path else [])
-
+        for model, (_, final) in zip(models, kinds, strict=True):
+            try:
+                serialized = model.SerializeToString()
+            except ValueError as e:  # protobuf refuses a message over 2 GB
+                raise RwkvConvertError(f"could not write {output}: {e}; use --external-data") from None
+            out.temp(final).write_bytes(serialized)
+    return [p for _, p in kinds] + ([data] if data else [])

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import RwkvConvertError
+
 OPSET = 17  # LayerNormalization is opset 17; onnxruntime >= 1.14 runs it
 IR_VERSION = 8  # onnx 1.23 writes IR 14 by default, which onnxruntime rejects
 MS_DOMAIN = "com.microsoft"  # MatMulNBits
@@ -16,8 +18,6 @@ EXTERNAL_ALIGN = 64  # bytes: lets onnxruntime mmap the data file with aligned t
 
 
 def _onnx():
-    from ...errors import RwkvConvertError
-
     try:
         import onnx
     except ImportError:

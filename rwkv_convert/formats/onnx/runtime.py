@@ -12,12 +12,7 @@ import torch
 
 from ...errors import RwkvConvertError
 from ...spec import ModelSpec
-from .export import FORMAT_TAG, sequence_path
-
-
-def is_onnx(path) -> bool:
-    """An ONNX protobuf by its name (the format has no magic bytes)."""
-    return Path(path).suffix.lower() == ".onnx"
+from .layout import FORMAT_TAG, sequence_path
 
 
 def _ort():
@@ -82,6 +77,18 @@ class OnnxModel:
 
     def step_or_sequence_providers(self) -> list[str]:
         return (self.step or self.sequence).get_providers()
+
+    @property
+    def runner_name(self) -> str:
+        return f"onnxruntime {', '.join(self.step_or_sequence_providers())}"
+
+    @property
+    def strategy(self) -> str:
+        return f"{self.scheme} export"
+
+    @property
+    def weight_schemes(self) -> set[str]:
+        return {self.scheme}
 
     @property
     def scheme(self) -> str:

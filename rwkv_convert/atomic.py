@@ -1,0 +1,101 @@
+"""Outputs appear whole or not at all. Every file (or directory) of an output is written under a hidden temp
+name in its target directory and renamed into place only once all of it is complete and synced; on any
+failure, KeyboardInterrupt included, the temps are removed. Every writer uses this, so a failed write reads
+the same whatever the format."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from .errors import RwkvConvertError
+
+TEMP_SUFFIX = ".rwkv-tmp"  # temps are named .NAME.PID.rwkv-tmp
+
+
+def temp_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def write_error(path: Path, e: OSError) -> RwkvConvertError:
+    return RwkvConvertError(f"cannot write {path}: {e.strerror or e}")
+
+
+def check_target_directory(path: Path) -> None:
+    """The one wording for an output whose directory is missing."""
+    if not path.parent.is_dir():
+        raise RwkvConvertError(f"cannot write {path}: the directory {path.parent} does not exist; create it first")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicOutput:
+    """with AtomicOutput(final, ...) as out: write each file to out.temp(final); on a clean exit they are
+    synced and renamed into place in the order given (put a file the others refer to first). directory=True:
+    each final is a directory (it may exist if empty) and its temp is a fresh directory."""
+
+    def __init__(self, *finals: Path, directory: bool = False):
+        self.finals = [Path(f) for f in finals]
+        self.directory = directory
+        self._temps = {final: temp_path(final) for final in self.finals}
+
+    def temp(self, final: Path | None = None) -> Path:
+        return self._temps[Path(final) if final is not None else self.finals[0]]
+
+    def __enter__(self) -> AtomicOutput:
+        for final in self.finals:
+            check_target_directory(final)
+            if self.directory:
+                if final.exists() and (not final.is_dir() or any(final.iterdir())):
+                    raise RwkvConvertError(f"{final} exists and is not an empty directory; give a new directory")
+            elif final.is_dir():
+                raise RwkvConvertError(f"{final} is a directory; give the output file's name")
+        if self.directory:
+            try:
+                for tmp in self._temps.values():
+                    tmp.mkdir()
+            except OSError as e:
+                self._remove()
+                raise write_error(self.finals[0], e) from None
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._remove()
+            if isinstance(exc, OSError):
+                raise write_error(self.finals[0], exc) from None
+            return
+        try:
+            for final, tmp in self._temps.items():
+                for path in (sorted(tmp.rglob("*")) if self.directory else [tmp]):
+                    if path.is_file():
+                        _fsync(path)
+                if self.directory and final.exists():
+                    final.rmdir()  # empty (checked on entry)
+                os.replace(tmp, final)
+        except BaseException as e:
+            self._remove()
+            if isinstance(e, OSError):
+                raise write_error(self.finals[0], e) from None
+            raise
+
+    def _remove(self) -> None:
+        for tmp in self._temps.values():
+            with contextlib.suppress(OSError):
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with AtomicOutput(Path(path)) as out:
+        out.temp().write_text(text, encoding="utf-8")

@@ -1,0 +1,134 @@
+"""What every file format declares for the registry (formats/registry.py), the probe that sniffs a path
+once, and the base of the formats' write options.
+
+A format module declares one `Format`: how to recognise its files (`sniff`), how to read them (`read` ->
+an original-weights Checkpoint, or `load` -> a runnable model), how to write them (`write` with its
+`options` dataclass), which models it can hold (`supports(spec)` -> None or the reason why not: the one
+place that says so), and the runtime its users run it in (`runtime`, and `native` to run a file there for
+`verify`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import Checkpoint, load_raw
+from ..errors import RwkvConvertError
+from ..spec import ModelSpec
+from .safetensors_io import is_safetensors, read_header
+
+
+class Probe:
+    """A path being identified. Each format's sniff asks it for what it needs; the first bytes, a
+    safetensors header and a torch file's top-level dict are each read at most once."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @cached_property
+    def head(self) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read(16)
+        except OSError:
+            return b""
+
+    @property
+    def suffix(self) -> str:
+        return self.path.suffix.lower()
+
+    @cached_property
+    def is_torch_file(self) -> bool:
+        """A zip (torch >= 1.6) or a pickle (older torch.save): what torch.load reads."""
+        return self.path.is_file() and (self.head.startswith(b"PK\x03\x04") or self.head[:1] == b"\x80")
+
+    @cached_property
+    def safetensors_header(self) -> tuple[dict[str, tuple[int, ...]], dict[str, str]] | None:
+        """({tensor name: shape}, __metadata__) of a safetensors file (checked: a damaged header is one line),
+        else None."""
+        if not self.path.is_file() or not is_safetensors(self.path):
+            return None
+        entries, metadata, _ = read_header(self.path)
+        return {name: tuple(entry[1]) for name, entry in entries.items()}, metadata
+
+    @property
+    def safetensors_metadata(self) -> dict[str, str] | None:
+        header = self.safetensors_header
+        return None if header is None else header[1]
+
+    @cached_property
+    def torch_raw(self) -> tuple[dict, bool]:
+        """(top-level dict, mmapped) of a torch file, read once with weights_only=True."""
+        return load_raw(self.path)
+
+
+@dataclass(frozen=True)
+class NativeRun:
+    """A file run by the runtime its users run it in, on verify's token streams."""
+    runner: str  # e.g. "llama.cpp (llama-cpp-python)"
+    strategy: str  # what the candidate ran as
+    outputs: dict[str, dict]  # stream name -> {"seq", "one", "split" logits [T, V]; "*_state" where known}
+    schemes: set[str]  # tolerance keys of the weight types that ran (rwkv_convert.verify.TOLERANCES)
+
+
+def option(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
+    """A write option: a dataclass field that the CLI turns into `flag` (default --NAME) under its format."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Options:
+    """Base of the formats' write options: values are checked against their choices on construction."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise RwkvConvertError(f"unknown {flag_of(f)} {value!r}; choose from {', '.join(map(str, choices))}")
+
+    @classmethod
+    def build(cls, format_name: str, given: dict[str, Any]) -> Options:
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            takes = ", ".join(names) or "no options"
+            raise RwkvConvertError(f"{format_name} does not take {', '.join(unknown)} (it takes {takes})")
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class NoOptions(Options):
+    pass
+
+
+def always(spec: ModelSpec) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str  # as `convert --to` and `rwkv_convert.convert(to=...)` name it
+    summary: str  # one line: what the file is for
+    runtime: str  # the runtime its users run it in
+    sniff: Callable[[Probe], bool]
+    read: Callable[[Probe], Checkpoint] | None = None  # original weights: a convert source
+    load: Callable[[Probe, str | None], Any] | None = None  # a runnable model (files read -> Model otherwise)
+    write: Callable[[Checkpoint, Path, Any], list[Path]] | None = None  # returns the paths written
+    options: type[Options] = NoOptions
+    supports: Callable[[ModelSpec], str | None] = always
+    native: Callable[..., NativeRun] | None = None  # (path, strategy, streams, split, spec) in `runtime`
+    family: str | None = None  # "safetensors": `convert --to safetensors --layout NAME`
+
+    @property
+    def target(self) -> str:
+        """How the CLI names this format as a convert target."""
+        return f"{self.family} --layout {self.name}" if self.family else self.name

@@ -1,0 +1,21 @@
+"""BlinkDL's original checkpoints: a torch.save'd dict of tensors (`.pth`), read with weights_only=True and
+mmap. The registry's last resort: any file no other format claims is tried as one, so that a damaged
+checkpoint gets torch's reason in one line."""
+
+from __future__ import annotations
+
+from ..checkpoint import Checkpoint, checkpoint_from_tensors, tensors_only
+from .base import Format, Probe
+
+
+def sniff(probe: Probe) -> bool:
+    return probe.path.is_file()
+
+
+def read(probe: Probe) -> Checkpoint:
+    raw, mmapped = probe.torch_raw
+    return checkpoint_from_tensors(probe.path, tensors_only(probe.path, raw), mmapped)
+
+
+FORMAT = Format(name="pth", summary="an original BlinkDL checkpoint", runtime="BlinkDL's training code and the"
+                " rwkv pip package", sniff=sniff, read=read)

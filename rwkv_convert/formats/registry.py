@@ -1,0 +1,128 @@
+"""The registry of file formats: the one place that decides what a file is (`detect`), what reads it
+(`read_checkpoint`, `load`), what converts to what (`convert`, `capabilities`). Each entry is a format
+module's FORMAT (formats/base.py says what one declares); adding a format is adding its module and one line
+here. Sniffing goes in this order, first match wins: cheap, unambiguous markers first, torch files last."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import Checkpoint
+from ..errors import RwkvConvertError, UnsupportedError
+from ..runner import Model, runnable
+from . import gguf_file, hf, onnx, pip_pth, prepared, pth, safetensors_blinkdl, web_rwkv
+from .base import Format, Probe
+
+FORMATS: tuple[Format, ...] = (
+    hf.FORMAT,  # a directory with config.json
+    gguf_file.FORMAT,  # magic bytes
+    onnx.FORMAT,  # .onnx (no magic bytes)
+    prepared.FORMAT,  # safetensors with our layout tag
+    web_rwkv.FORMAT,  # safetensors with web-rwkv's names
+    safetensors_blinkdl.FORMAT,  # any other safetensors
+    pip_pth.FORMAT,  # a torch file with _strategy
+    pth.FORMAT,  # anything else: tried as an original checkpoint
+)
+DEFAULT_STRATEGY = "cpu fp32"
+
+
+def by_name(name: str) -> Format:
+    for fmt in FORMATS:
+        if fmt.name == name:
+            return fmt
+    raise RwkvConvertError(f"unknown format {name!r}; the formats are {', '.join(f.name for f in FORMATS)}")
+
+
+def writers() -> list[Format]:
+    return [fmt for fmt in FORMATS if fmt.write is not None]
+
+
+def targets() -> list[str]:
+    """What `convert --to` accepts: each writable format's name, a family (safetensors) once."""
+    seen: list[str] = []
+    for fmt in writers():
+        name = fmt.family or fmt.name
+        if name not in seen:
+            seen.append(name)
+    return seen
+
+
+def writer_for(to: str, layout: str | None = None) -> Format:
+    """The format `convert(to=..., layout=...)` writes: to="safetensors" needs a layout."""
+    family = [fmt for fmt in writers() if fmt.family == to]
+    if family:
+        names = ", ".join(f.name for f in family)
+        if layout is None:
+            raise RwkvConvertError(f"--to {to} needs --layout ({names})")
+        for fmt in family:
+            if fmt.name == layout:
+                return fmt
+        raise RwkvConvertError(f"unknown {to} layout {layout!r}; choose from {names}")
+    if layout is not None:
+        raise RwkvConvertError(f"--layout is for --to {', '.join(sorted({f.family for f in writers() if f.family}))},"
+                               f" not --to {to}")
+    for fmt in writers():
+        if fmt.name == to:
+            return fmt
+    raise RwkvConvertError(f"cannot convert to {to!r}; choose from {', '.join(targets())}")
+
+
+def detect(path: str | os.PathLike) -> tuple[Format, Probe]:
+    p = Path(path)
+    if not p.exists():
+        raise RwkvConvertError(f"{p}: no such file")
+    probe = Probe(p)
+    if p.is_dir() and not hf.FORMAT.sniff(probe):
+        raise RwkvConvertError(f"{p} is a directory; give the path of a checkpoint file inside it")
+    if p.is_file() and p.stat().st_size == 0:
+        raise RwkvConvertError(f"{p} is empty (0 bytes); re-download or re-save the checkpoint")
+    for fmt in FORMATS:
+        if fmt.sniff(probe):
+            return fmt, probe
+    raise RwkvConvertError(f"{p} is not a file rwkv-convert reads")  # pth claims every file: not reached
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Original weights from any format that holds them (a .pth, safetensors, an HF directory, a GGUF)."""
+    fmt, probe = detect(path)
+    if fmt.read is None:
+        raise RwkvConvertError(f"{probe.path} is {fmt.summary}, not an original checkpoint: rwkv_convert.load(),"
+                               " run and verify run it; convert from the source checkpoint")
+    return fmt.read(probe)
+
+
+def load(path: str | os.PathLike, strategy: str | None = None):
+    """A runnable model from any readable file: original weights with `strategy` (default "cpu fp32"); files
+    made for one strategy (pip-converted, prepared) with theirs (`strategy` must be that one or None); ONNX
+    exports in onnxruntime (no strategy)."""
+    fmt, probe = detect(path)
+    if fmt.load is not None:
+        return fmt.load(probe, strategy)
+    return Model(fmt.read(probe), DEFAULT_STRATEGY if strategy is None else strategy)
+
+
+def convert(source: str | os.PathLike, to: str, output: str | os.PathLike, **options: Any) -> list[Path]:
+    """Convert SOURCE (original weights in any readable format) to the format `to` at `output`, with that
+    format's options (e.g. quant="q8_0" for gguf; layout="hf" selects the safetensors layout). The source is
+    read once and handed to the writer. Returns the paths written; nothing is left behind on failure."""
+    fmt = writer_for(to, options.pop("layout", None))
+    opts = fmt.options.build(fmt.target, options)
+    ckpt = read_checkpoint(source)
+    reason = fmt.supports(ckpt.spec)
+    if reason:
+        raise UnsupportedError(f"cannot convert {ckpt.path.name} to {fmt.target}: {reason}")
+    return fmt.write(ckpt, Path(output), opts)
+
+
+def capabilities(ckpt: Checkpoint) -> dict[str, str]:
+    """What can be done with this checkpoint, by the same `supports` that convert obeys."""
+    can: dict[str, str] = {"inspect": "yes"}
+    why_not = runnable(ckpt.spec)
+    can["run"] = f"no: {why_not}" if why_not else "yes: any strategy (cpu|cuda|mps, fp32|fp16|bf16, i8, *N, *N+, ->)"
+    for fmt in writers():
+        reason = fmt.supports(ckpt.spec)
+        can[f"convert --to {fmt.target}"] = f"no: {reason}" if reason else f"yes: {fmt.summary} ({fmt.runtime})"
+    can["verify"] = "yes: against this file as --reference"
+    return can
