@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .checkpoint import Checkpoint
 from .formats.registry import capabilities
+from .units import human_size
 
 VERSION_NAMES = {"4": "RWKV-4", "5.0": "RWKV-5.0", "5.1": "RWKV-5.1", "5.2": "RWKV-5.2 (Eagle)",
                  "6": "RWKV-6 (Finch)", "7": "RWKV-7 (Goose)"}
@@ -18,14 +19,6 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict:
     info["unused_keys"] = ckpt.unused_keys
     info["capabilities"] = capabilities(ckpt)
     return info
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def format_description(info: dict) -> str:

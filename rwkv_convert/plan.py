@@ -9,6 +9,7 @@ import torch
 
 from . import arch, passes
 from .strategy import Strategy, allocate, parse_strategy
+from .units import human_size
 
 _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -49,7 +50,7 @@ def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy
     strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
     placements = allocate(strategy, spec.n_layer)
     module = arch.module_for(spec.version)
-    rescale = strategy.rescale_layer(spec.major)
+    rescale = arch.rescale_interval(spec, strategy)
     plan = Plan(str(strategy), spec.n_layer, rescale, [])
     plan.passes = [passes.FOLD_LN0] + ([passes.RESCALE] if rescale else []) + [passes.DECAY]
     if any(p.weights != "i8" for p in placements[:-1]):
@@ -92,8 +93,6 @@ def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy
 
 
 def format_plan(plan: Plan) -> str:
-    from .describe import human_size
-
     lines = [f"strategy  {plan.strategy}   ({plan.n_layer} layers + head)", "",
              f"{'slot':<6}{'device':<10}{'activations':<13}{'weights':<9}{'streamed':<10}{'size':>10}"]
     for s in plan.slots:

@@ -108,8 +108,8 @@ class Model:
         self.module = arch.module_for(spec.version)
         self.recurrence = recurrence_for(self.module, kernels)
         if rescale_layer is None:
-            rescale_layer = self.strategy.rescale_layer(spec.major)
-        self.rescale_layer = 0 if spec.major >= 7 else rescale_layer
+            rescale_layer = arch.rescale_interval(spec, self.strategy)
+        self.rescale_layer = rescale_layer if self.module.FP16_RESCALE else 0
         self.source = source
         devices = {p.device for p in self.placements}
         self._graph = None

@@ -62,11 +62,10 @@ class Strategy:
     def uses_fp16(self) -> bool:
         return any(s.dtype == "fp16" for s in self.segments)
 
-    def rescale_layer(self, major_version: int) -> int:
+    def rescale_layer(self) -> int:
         """The fp16 rescale interval, as the pip package chooses it: 6 whenever the string has fp16,
-        RWKV_RESCALE_LAYER overriding it (0 disables); v7 never rescales."""
-        if major_version >= 7:
-            return 0
+        RWKV_RESCALE_LAYER overriding it (0 disables). Versions without a rescale (RWKV-7) ignore it: ask
+        rwkv_convert.arch.rescale_interval."""
         env = os.environ.get("RWKV_RESCALE_LAYER")
         return int(env) if env else (DEFAULT_RESCALE_LAYER if self.uses_fp16 else 0)
 

@@ -70,6 +70,7 @@ def test_evil_pickle_never_runs(tmp_path, fixture_dir):
     bad_files(tmp_path, fixture_dir)
     proc = cli("inspect", tmp_path / "evil.pth")
     assert "this ran" not in proc.stdout + proc.stderr
+    assert_one_line_error(proc, "refusing to load")
 
 
 @pytest.mark.parametrize("strategy,pattern", [
@@ -107,8 +108,9 @@ def test_run_streams_the_greedy_continuation(fixture_dir):
 
 def test_run_same_seed_same_text(fixture_dir):
     path = fixture_path("v4", directory=fixture_dir)
-    runs = [cli("run", path, "--tokens", "10", "--seed", "7").stdout for _ in range(2)]
-    assert runs[0] == runs[1]
+    runs = [cli("run", path, "--tokens", "10", "--seed", "7") for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout) > len("\nUser: Hello!\n\nAssistant:")
 
 
 def test_run_with_a_hugging_face_tokenizer(tmp_path, fixture_dir):

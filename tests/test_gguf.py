@@ -15,6 +15,7 @@ from rwkv_convert.verify import TOLERANCES, compare
 
 from .conftest import save_atomic, tokens_for
 from .test_cli import assert_one_line_error, cli
+from .test_formats import gguf_py_tensor_names
 
 if os.environ.get("RWKV_CONVERT_REQUIRE_LLAMA") == "1":  # CI: a missing llama-cpp-python must fail, not skip
     import gguf
@@ -96,26 +97,21 @@ def test_four_and_five_bit_ggufs_run_and_beat_chance(quant, references, fixture_
     assert torch.isfinite(ours).all() and compare(logits, ours)[3] > 5 / 512
 
 
+QUANTIZED = {"token_embd", "output", "time_mix_key", "time_mix_value", "time_mix_receptance", "time_mix_gate",
+             "time_mix_output", "channel_mix_key", "channel_mix_value", "channel_mix_receptance"}
+
+
 def expected_tensor_set(arch: str, n_layer: int) -> dict[str, str]:
-    """llama.cpp's rwkv6/rwkv7 loader's tensor list, with the types a --quant q8_0 file must have."""
-    names = {"token_embd.weight": "Q8_0", "output.weight": "Q8_0"}
-    names |= {f"{n}.{p}": "F32" for n in ("token_embd_norm", "output_norm") for p in ("weight", "bias")}
-    if arch == "rwkv7":
-        block = {"time_mix_lerp_fused": "F32", **{f"time_mix_{x}{k}": "F32" for x in "wav" for k in "012"},
-                 "time_mix_g1": "F32", "time_mix_g2": "F32", "time_mix_k_k": "F32", "time_mix_k_a": "F32",
-                 "time_mix_r_k": "F32", "channel_mix_lerp_k": "F32",
-                 **{f"time_mix_{m}": "Q8_0" for m in ("key", "value", "receptance", "output")},
-                 "channel_mix_key": "Q8_0", "channel_mix_value": "Q8_0"}
-    else:
-        block = {"time_mix_lerp_x": "F32", "time_mix_lerp_fused": "F32", "time_mix_w1": "F32", "time_mix_w2": "F32",
-                 "time_mix_decay": "F32", "time_mix_decay_w1": "F32", "time_mix_decay_w2": "F32",
-                 "time_mix_first": "F32", "channel_mix_lerp_k": "F32", "channel_mix_lerp_r": "F32",
-                 **{f"time_mix_{m}": "Q8_0" for m in ("key", "value", "receptance", "gate", "output")},
-                 **{f"channel_mix_{m}": "Q8_0" for m in ("key", "value", "receptance")}}
-    for i in range(n_layer):
-        names |= {f"blk.{i}.{n}.weight": t for n, t in block.items()}
-        names |= {f"blk.{i}.{n}.{p}": "F32" for n in ("attn_norm", "attn_norm_2", "time_mix_ln")
-                  for p in ("weight", "bias")}
+    """llama.cpp's rwkv6/rwkv7 tensor list as gguf-py declares it (less rwkv6's optional per-mix lerps, which
+    the fused lerp replaces), with the types a --quant q8_0 file must have: the large matrices Q8_0, the rest
+    F32. Norms have a weight and a bias."""
+    names = {}
+    for template in gguf_py_tensor_names(arch):
+        for i in range(n_layer) if "{bid}" in template else [0]:
+            name = template.format(bid=i)
+            kind = name.split(".")[-1]
+            parts = ("weight", "bias") if kind.endswith(("norm", "norm_2", "time_mix_ln")) else ("weight",)
+            names |= {f"{name}.{p}": "Q8_0" if kind in QUANTIZED else "F32" for p in parts}
     return names
 
 

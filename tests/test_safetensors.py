@@ -20,7 +20,6 @@ from rwkv_convert.verify import TOLERANCES, compare
 from .conftest import save_atomic, tokens_for
 from .test_cli import assert_one_line_error, cli
 
-RUNNABLE = [v for v in VARIANTS if v != "v7-deepembed"]
 TOKENS = tokens_for(512)
 SPLIT = 20
 
@@ -28,7 +27,7 @@ SPLIT = 20
 @pytest.fixture(scope="module")
 def references(fixture_dir):
     return {v: rwkv_convert.load(fixture_path(v, directory=fixture_dir)).forward(TOKENS, full_output=True)[0]
-            for v in RUNNABLE}
+            for v in VARIANTS}
 
 
 # ---- web-rwkv ----------------------------------------------------------------------------------------
@@ -53,7 +52,7 @@ def runner_expectation(sd: dict, version: str) -> dict[str, tuple[str, tuple]]:
     return out
 
 
-@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_web_rwkv_layout_matches_runner_rules_and_reads_back(variant, references, fixture_dir, tmp_path):
     src = fixture_path(variant, directory=fixture_dir)
     (out,) = rwkv_convert.convert(src, "safetensors", tmp_path / "m.st", layout="web-rwkv")
@@ -171,7 +170,7 @@ def test_hf_refuses_what_no_client_runs(variant, fixture_dir, tmp_path):
 
 
 # ---- prepared ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp16", "cpu fp32i8 *3 -> cpu bf16"])
 def test_prepared_equals_the_in_memory_conversion_bit_for_bit(variant, strategy, fixture_dir, tmp_path):
     src = fixture_path(variant, directory=fixture_dir)

@@ -71,10 +71,6 @@ DOCUMENTED = {
 N_LAYERS = (1, 4, 7, 24)
 
 
-def test_at_least_forty_hand_picked_strings():
-    assert len(HAND_PICKED) >= 40
-
-
 @pytest.mark.parametrize("strategy", HAND_PICKED)
 @pytest.mark.parametrize("n_layer", N_LAYERS)
 def test_allocation_equals_the_package(strategy, n_layer):

@@ -9,6 +9,7 @@ from types import ModuleType
 
 from ..errors import RwkvConvertError
 from ..spec import ModelSpec
+from ..strategy import Strategy
 from . import v4, v5, v6, v7
 from .common import squeezed
 
@@ -24,6 +25,11 @@ def module_for(version: str) -> ModuleType:
         if version in module.VERSIONS:
             return module
     raise RwkvConvertError(f"unknown RWKV version {version!r}")
+
+
+def rescale_interval(spec: ModelSpec, strategy: Strategy) -> int:
+    """The fp16 rescale interval of this model under this strategy (0: none; versions without it never)."""
+    return strategy.rescale_layer() if module_for(spec.version).FP16_RESCALE else 0
 
 
 def detect_version(shapes: dict[str, tuple[int, ...]], source: str = "the file") -> str:

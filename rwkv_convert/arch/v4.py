@@ -12,6 +12,14 @@ MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.
             "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 FP32_PARAMS = ("att.time_decay", "att.time_first")
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight")
+# Facts other layers ask of a version (the formats never branch on version numbers themselves):
+FP16_RESCALE = True  # x is halved every few layers under fp16 (the pip package's rescale)
+WKV_STATE_DOC = "aa, bb, pp per channel (fresh: 0, 0, -1e30)"  # the wkv parts of STATE_NAMES, stacked
+LLAMA_CPP_ARCH: dict[str, str] = {}  # llama.cpp has no RWKV-4
+HF_MODEL_TYPE = "rwkv"  # transformers' RwkvForCausalLM
+PIP_CONVERTED = True  # the pip package loads files converted for a strategy
+PIP_V7_LOADER = False
+BONUS_FORMS = False  # the bonus is always time_first (no u / log u choice)
 
 
 def matches(shapes: dict) -> str | None:
@@ -41,6 +49,25 @@ def prepare_layer(lw: dict, spec, layer_id: int) -> dict:
     lw["att.time_decay"] = -torch.exp(lw["att.time_decay"].float().flatten())
     lw["att.time_first"] = lw["att.time_first"].float().flatten()
     return lw
+
+
+def wkv_state_shape(spec) -> tuple[int, ...]:
+    return (3, spec.att_dim)
+
+
+def pip_parameter(name: str, t: torch.Tensor, spec) -> torch.Tensor | None:
+    """The pip package's load-time transform of this version's own parameters (name without blocks.i.), or
+    None for the tensors every version treats alike."""
+    if name == "att.time_decay":
+        return -torch.exp(t.float())
+    if name == "att.time_first":
+        return t.float()
+    return None
+
+
+def from_pip(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor] | None:
+    """A pip-converted file's parameter as the runner holds it, or None when it is already that."""
+    return None
 
 
 def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]:

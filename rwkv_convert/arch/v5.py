@@ -14,6 +14,13 @@ MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.
             "att.output.weight", "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 FP32_PARAMS = ("att.time_decay", "att.time_first", "att.time_faaaa", "att.ln_x.weight", "att.ln_x.bias")
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.gate.weight")
+FP16_RESCALE = True
+WKV_STATE_DOC = "per head [key, value] matrix"
+LLAMA_CPP_ARCH = {"5.2": "rwkv6"}  # v6 with zero LoRAs is v5.2 exactly; 5.0/5.1 have no llama.cpp architecture
+HF_MODEL_TYPE = None  # transformers has no RWKV-5; fla's needs Triton (no CPU)
+PIP_CONVERTED = True
+PIP_V7_LOADER = False
+BONUS_FORMS = True  # time_faaaa (u) or, in 5.0/5.1 files, time_first (log u)
 
 
 def matches(shapes: dict) -> str | None:
@@ -68,6 +75,27 @@ def prepare_layer(lw: dict, spec, layer_id: int) -> dict:
     lw["att.ln_x.weight"] = lw["att.ln_x.weight"].float()
     lw["att.ln_x.bias"] = lw["att.ln_x.bias"].float()
     return lw
+
+
+def wkv_state_shape(spec) -> tuple[int, ...]:
+    return (spec.n_head, spec.head_size, spec.head_size)
+
+
+def pip_parameter(name: str, t: torch.Tensor, spec) -> torch.Tensor | None:
+    """The pip package's load-time transform of this version's own parameters, or None for the rest."""
+    if name == "att.time_decay":
+        return torch.exp(-torch.exp(t.float())).reshape(spec.n_head, -1, 1)
+    if name in ("att.time_first", "att.time_faaaa"):
+        u = t.float() if name == "att.time_faaaa" else torch.exp(t.float())
+        return u.reshape(spec.n_head, -1, 1)
+    return None
+
+
+def from_pip(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor] | None:
+    """A pip-converted file's parameter as the runner holds it, or None when it is already that."""
+    if name in ("att.time_first", "att.time_faaaa"):
+        return "att.bonus", t.float().reshape(spec.n_head, -1, 1)
+    return None
 
 
 def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ from .v5 import CUDA_KERNEL as CUDA_KERNEL  # v5.2's recurrence with a per-token
 from .v5 import RECURRENCE as RECURRENCE
 from .v5 import init_state as init_state  # same state layout and time_state handling as v5
 from .v5 import wkv
+from .v5 import wkv_state_shape as wkv_state_shape
 
 VERSIONS = ("6",)
 STATE_NAMES = ("att_shift", "att_kv", "ffn_shift")
@@ -18,6 +19,13 @@ MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.
 FP32_PARAMS = ("att.time_decay", "att.time_faaaa", "att.ln_x.weight", "att.ln_x.bias")
 MAA_ORDER = ("w", "k", "v", "r", "g")  # slice order of time_maa_w2
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.gate.weight")
+FP16_RESCALE = True
+WKV_STATE_DOC = "per head [key, value] matrix"
+LLAMA_CPP_ARCH = {"6": "rwkv6"}
+HF_MODEL_TYPE = None  # fla's RWKV-6 needs Triton (no CPU)
+PIP_CONVERTED = True
+PIP_V7_LOADER = False
+BONUS_FORMS = True
 
 
 def matches(shapes: dict) -> str | None:
@@ -49,6 +57,22 @@ def expected_shapes(spec) -> dict:
         if spec.time_state:
             shapes[b + "att.time_state"] = (H, N, N)
     return shapes
+
+
+def pip_parameter(name: str, t: torch.Tensor, spec) -> torch.Tensor | None:
+    """The pip package's load-time transform of this version's own parameters, or None for the rest."""
+    if name in ("att.time_decay", "att.time_faaaa"):  # the decay stays a log-log value: the LoRA adds to it
+        return t.float().reshape(spec.n_head, -1, 1)
+    return None
+
+
+def from_pip(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor] | None:
+    """A pip-converted file's parameter as the runner holds it, or None when it is already that."""
+    if name in ("att.time_first", "att.time_faaaa"):
+        return "att.bonus", t.float().reshape(spec.n_head, -1, 1)
+    if name == "att.time_decay":
+        return name, t.float().reshape(spec.n_head, -1)
+    return None
 
 
 def prepare_layer(lw: dict, spec, layer_id: int) -> dict:

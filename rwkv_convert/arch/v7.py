@@ -18,6 +18,13 @@ FP32_PARAMS = ()
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight")
 MIXES = ("r", "w", "k", "v", "a", "g")
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1)
+FP16_RESCALE = False  # RWKV-7 never rescales
+WKV_STATE_DOC = "per head [value, key] matrix"
+LLAMA_CPP_ARCH = {"7": "rwkv7"}
+HF_MODEL_TYPE = "rwkv7"  # the fla-hub layout (rwkv7-hf, fla)
+PIP_CONVERTED = False  # the package's RWKV-7 loader reads only original checkpoints
+PIP_V7_LOADER = True  # the package needs RWKV_V7_ON=1 (a process of its own) for RWKV-7
+BONUS_FORMS = False
 DEEP_EMBED_KEYS = ("ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s0", "ffn.s1", "ffn.s2")
 
 
@@ -62,6 +69,18 @@ def prepare_layer(lw: dict, spec, layer_id: int) -> dict:
         for name in ("att.v0", "att.v1", "att.v2"):
             lw.pop(name, None)  # present in some files but never used: layer 0 defines v_first
     return lw
+
+
+def wkv_state_shape(spec) -> tuple[int, ...]:
+    return (spec.n_head, spec.head_size, spec.head_size)
+
+
+def pip_parameter(name: str, t: torch.Tensor, spec) -> torch.Tensor | None:
+    return None  # no pip-converted RWKV-7 files (PIP_CONVERTED)
+
+
+def from_pip(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor] | None:
+    return None
 
 
 def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..arch import module_for
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import RwkvConvertError, UnsupportedError
@@ -25,10 +26,9 @@ from ..spec import ModelSpec
 from ..strategy import Strategy, allocate, parse_strategy
 from ..tokenizer import WorldTokenizer
 from .base import Format, NativeRun, Options, option
+from .gguf_tables import GLOBAL, READ_TABLES, V52_LORA_RANK, WRITE_TABLES, Row
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-ARCHS = {"5.2": "rwkv6", "6": "rwkv6", "7": "rwkv7"}
-V52_LORA_RANK = 32  # v5.2 as rwkv6: zero LoRAs of this rank (llama.cpp reads the ranks from the shapes)
 CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
 EOT_TOKEN = 261  # "\n\n" in the World vocabulary
 
@@ -50,152 +50,33 @@ class TensorJob:
     layer: int  # the strategy slot that decides its type (n_layer for globals)
 
 
-def _vec(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1)
+def _source(row: Row, tensors: dict, spec: ModelSpec, i: int) -> torch.Tensor:
+    """The row's tensor, made from our tensors as the file holds it."""
+    keys = row.layer0 if i == 0 and row.layer0 else row.ours
+    sources = [tensors[k.format(i=i)] for k in keys]
+    shape = row.shape(spec, i)
+    if row.make is not None:
+        t = row.make(sources, shape)
+    elif len(sources) > 1:
+        t = torch.stack([s.reshape(shape[1:]) for s in sources])
+    else:
+        t = sources[0]
+    if row.layout == "t":
+        t = t.t()
+    elif row.layout == "swap12":
+        t = t.permute(0, 2, 1)
+    return t.reshape(shape)
 
 
-def global_jobs(ckpt: Checkpoint) -> list[TensorJob]:
-    """Both architectures: the raw embedding (llama.cpp applies ln0 itself), ln0, ln_out and the head."""
+def tensor_jobs(ckpt: Checkpoint) -> list[TensorJob]:
+    """Every tensor of the file, in order: the globals, then each layer's rows."""
     spec, T = ckpt.spec, ckpt.tensors
-    L, C, V = spec.n_layer, spec.n_embd, spec.vocab_size
-    return [
-        TensorJob("token_embd.weight", (V, C), True, lambda: T["emb.weight"], 0),
-        TensorJob("token_embd_norm.weight", (C,), False, lambda: T["blocks.0.ln0.weight"], L),
-        TensorJob("token_embd_norm.bias", (C,), False, lambda: T["blocks.0.ln0.bias"], L),
-        TensorJob("output_norm.weight", (C,), False, lambda: T["ln_out.weight"], L),
-        TensorJob("output_norm.bias", (C,), False, lambda: T["ln_out.bias"], L),
-        TensorJob("output.weight", (V, C), True, lambda: T["head.weight"], L),
-    ]
-
-
-def norm_jobs(ckpt: Checkpoint, i: int) -> list[TensorJob]:
-    T, C = ckpt.tensors, ckpt.spec.n_embd
-    return [TensorJob(f"blk.{i}.{gname}.{part}", (C,), False, lambda k=f"blocks.{i}.{src}.{part}": T[k], i)
-            for gname, src in (("attn_norm", "ln1"), ("attn_norm_2", "ln2")) for part in ("weight", "bias")]
-
-
-def projection_jobs(ckpt: Checkpoint, i: int, names: tuple[str, ...]) -> list[TensorJob]:
-    """The attention's large matrices and its ln_x, the same in rwkv6 and rwkv7 (gate only in v6)."""
-    T, C, A = ckpt.tensors, ckpt.spec.n_embd, ckpt.spec.att_dim
-    b, g = f"blocks.{i}.", f"blk.{i}."
-    jobs = [TensorJob(g + f"time_mix_{n}.weight", (A, C), True, lambda k=b + f"att.{n}.weight": T[k], i)
-            for n in names]
-    jobs += [TensorJob(g + f"time_mix_ln.{p}", (A,), False, lambda k=b + f"att.ln_x.{p}": T[k], i)
-             for p in ("weight", "bias")]
-    jobs.append(TensorJob(g + "time_mix_output.weight", (C, A), True, lambda k=b + "att.output.weight": T[k], i))
-    return jobs
-
-
-def v7_jobs(ckpt: Checkpoint) -> list[TensorJob]:
-    spec, T = ckpt.spec, ckpt.tensors
-    L, C = spec.n_layer, spec.n_embd
-    jobs = global_jobs(ckpt)
-    ranks = spec.lora_ranks
-    for i in range(L):
-        b, g = f"blocks.{i}.", f"blk.{i}."
-
-        def src(name, b=b):
-            return lambda: T[b + name]
-
-        def lora_t(name, b=b):
-            return lambda: T[b + name].t()
-
-        # Layer 0 has no value residual; llama.cpp still loads v0/v1/v2 there, with the iclr rank: copies of a.
-        v = "a" if i == 0 else "v"
-        v_rank = ranks["a"] if i == 0 else ranks["v"]
-        jobs += norm_jobs(ckpt, i) + [
-            TensorJob(g + "time_mix_lerp_fused.weight", (6, 1, 1, C), False,
-                      lambda b=b: torch.stack([T[b + f"att.x_{n}"].reshape(1, 1, C) for n in "rwkvag"]), i),
-            TensorJob(g + "time_mix_w0.weight", (C,), False, lambda b=b: _vec(T[b + "att.w0"]), i),
-            TensorJob(g + "time_mix_w1.weight", (ranks["w"], C), False, lora_t("att.w1"), i),
-            TensorJob(g + "time_mix_w2.weight", (C, ranks["w"]), False, lora_t("att.w2"), i),
-            TensorJob(g + "time_mix_a0.weight", (C,), False, lambda b=b: _vec(T[b + "att.a0"]), i),
-            TensorJob(g + "time_mix_a1.weight", (ranks["a"], C), False, lora_t("att.a1"), i),
-            TensorJob(g + "time_mix_a2.weight", (C, ranks["a"]), False, lora_t("att.a2"), i),
-            TensorJob(g + "time_mix_v0.weight", (C,), False, lambda b=b, v=v: _vec(T[b + f"att.{v}0"]), i),
-            TensorJob(g + "time_mix_v1.weight", (v_rank, C), False, lora_t(f"att.{v}1"), i),
-            TensorJob(g + "time_mix_v2.weight", (C, v_rank), False, lora_t(f"att.{v}2"), i),
-            TensorJob(g + "time_mix_g1.weight", (ranks["g"], C), False, lora_t("att.g1"), i),
-            TensorJob(g + "time_mix_g2.weight", (C, ranks["g"]), False, lora_t("att.g2"), i),
-            TensorJob(g + "time_mix_k_k.weight", (C,), False, lambda b=b: _vec(T[b + "att.k_k"]), i),
-            TensorJob(g + "time_mix_k_a.weight", (C,), False, lambda b=b: _vec(T[b + "att.k_a"]), i),
-            TensorJob(g + "time_mix_r_k.weight", (C,), False, lambda b=b: _vec(T[b + "att.r_k"]), i),
-        ] + projection_jobs(ckpt, i, ("key", "value", "receptance")) + [
-            TensorJob(g + "channel_mix_lerp_k.weight", (C,), False, lambda b=b: _vec(T[b + "ffn.x_k"]), i),
-            TensorJob(g + "channel_mix_key.weight", (spec.ffn_dim, C), True, src("ffn.key.weight"), i),
-            TensorJob(g + "channel_mix_value.weight", (C, spec.ffn_dim), True, src("ffn.value.weight"), i),
-        ]
-    return jobs
-
-
-def v6_jobs(ckpt: Checkpoint) -> list[TensorJob]:
-    spec, T = ckpt.spec, ckpt.tensors
-    L, C, A, F = spec.n_layer, spec.n_embd, spec.att_dim, spec.ffn_dim
-    Dm, Dd = spec.lora_ranks["maa"], spec.lora_ranks["decay"]
-    jobs = global_jobs(ckpt)
-    for i in range(L):
-        b, g = f"blocks.{i}.", f"blk.{i}."
-
-        def src(name, b=b):
-            return lambda: T[b + name]
-
-        jobs += norm_jobs(ckpt, i) + [
-            TensorJob(g + "time_mix_lerp_x.weight", (1, 1, C), False, src("att.time_maa_x"), i),
-            TensorJob(g + "time_mix_lerp_fused.weight", (5, 1, 1, C), False,
-                      lambda b=b: torch.stack([T[b + f"att.time_maa_{n}"].reshape(1, 1, C) for n in "wkvrg"]), i),
-            TensorJob(g + "time_mix_w1.weight", (5 * Dm, C), False, lambda b=b: T[b + "att.time_maa_w1"].t(), i),
-            TensorJob(g + "time_mix_w2.weight", (5, C, Dm), False,
-                      lambda b=b: T[b + "att.time_maa_w2"].permute(0, 2, 1), i),
-            TensorJob(g + "time_mix_decay.weight", (A,), False, lambda b=b: _vec(T[b + "att.time_decay"]), i),
-            TensorJob(g + "time_mix_decay_w1.weight", (Dd, C), False, lambda b=b: T[b + "att.time_decay_w1"].t(), i),
-            TensorJob(g + "time_mix_decay_w2.weight", (A, Dd), False, lambda b=b: T[b + "att.time_decay_w2"].t(), i),
-            TensorJob(g + "time_mix_first.weight", (spec.n_head, spec.head_size), False, src("att.time_faaaa"), i),
-        ] + projection_jobs(ckpt, i, ("key", "value", "receptance", "gate")) + [
-            TensorJob(g + "channel_mix_lerp_k.weight", (1, 1, C), False, src("ffn.time_maa_k"), i),
-            TensorJob(g + "channel_mix_lerp_r.weight", (1, 1, C), False, src("ffn.time_maa_r"), i),
-            TensorJob(g + "channel_mix_key.weight", (F, C), True, src("ffn.key.weight"), i),
-            TensorJob(g + "channel_mix_value.weight", (C, F), True, src("ffn.value.weight"), i),
-            TensorJob(g + "channel_mix_receptance.weight", (C, C), True, src("ffn.receptance.weight"), i),
-        ]
-    return jobs
-
-
-def v52_jobs(ckpt: Checkpoint) -> list[TensorJob]:
-    """RWKV-5.2 as llama.cpp's rwkv6: v6 with its two LoRAs at zero is v5.2 exactly. v6 mixes as
-    x + (sx - x) * maa where v5 has x * mix + sx * (1 - mix), so maa = 1 - mix; the decay LoRA adds 0 to
-    time_decay, so w = exp(-exp(time_decay)) as in v5.2; the bonus is time_faaaa; the FFN is the same."""
-    spec, T = ckpt.spec, ckpt.tensors
-    L, C, A, F, R = spec.n_layer, spec.n_embd, spec.att_dim, spec.ffn_dim, V52_LORA_RANK
-    jobs = global_jobs(ckpt)
-    for i in range(L):
-        b, g = f"blocks.{i}.", f"blk.{i}."
-
-        def rest(name, b=b):  # 1 - mix, as a v6 maa
-            return lambda: 1 - T[b + name].float().reshape(1, 1, C)
-
-        def zeros(*shape):
-            return lambda: torch.zeros(shape)
-
-        jobs += norm_jobs(ckpt, i) + [
-            TensorJob(g + "time_mix_lerp_x.weight", (1, 1, C), False, zeros(1, 1, C), i),
-            TensorJob(g + "time_mix_lerp_fused.weight", (5, 1, 1, C), False,  # w (unused by v5), k, v, r, g
-                      lambda b=b: torch.stack([torch.zeros(1, 1, C)] + [1 - T[b + f"att.time_mix_{n}"].float()
-                                                                         .reshape(1, 1, C) for n in "kvrg"]), i),
-            TensorJob(g + "time_mix_w1.weight", (5 * R, C), False, zeros(5 * R, C), i),
-            TensorJob(g + "time_mix_w2.weight", (5, C, R), False, zeros(5, C, R), i),
-            TensorJob(g + "time_mix_decay.weight", (A,), False, lambda b=b: _vec(T[b + "att.time_decay"]), i),
-            TensorJob(g + "time_mix_decay_w1.weight", (R, C), False, zeros(R, C), i),
-            TensorJob(g + "time_mix_decay_w2.weight", (A, R), False, zeros(A, R), i),
-            TensorJob(g + "time_mix_first.weight", (spec.n_head, spec.head_size), False,
-                      lambda b=b: T[b + "att.time_faaaa"], i),
-        ] + projection_jobs(ckpt, i, ("key", "value", "receptance", "gate")) + [
-            TensorJob(g + "channel_mix_lerp_k.weight", (1, 1, C), False, rest("ffn.time_mix_k"), i),
-            TensorJob(g + "channel_mix_lerp_r.weight", (1, 1, C), False, rest("ffn.time_mix_r"), i),
-            TensorJob(g + "channel_mix_key.weight", (F, C), True, lambda b=b: T[b + "ffn.key.weight"], i),
-            TensorJob(g + "channel_mix_value.weight", (C, F), True, lambda b=b: T[b + "ffn.value.weight"], i),
-            TensorJob(g + "channel_mix_receptance.weight", (C, C), True, lambda b=b: T[b + "ffn.receptance.weight"],
-                      i),
-        ]
+    slots = {"first": 0, "head": spec.n_layer}
+    jobs = [TensorJob(row.gguf, row.shape(spec, 0), row.quantizable, lambda row=row: _source(row, T, spec, 0),
+                      slots[row.slot]) for row in GLOBAL]
+    for i in range(spec.n_layer):
+        jobs += [TensorJob(row.gguf.format(i=i), row.shape(spec, i), row.quantizable,
+                           lambda row=row, i=i: _source(row, T, spec, i), i) for row in WRITE_TABLES[spec.version]]
     return jobs
 
 
@@ -274,7 +155,8 @@ class GgufOptions(Options):
 
 
 def supports(spec: ModelSpec) -> str | None:
-    if spec.version not in ARCHS:
+    arch = module_for(spec.version).LLAMA_CPP_ARCH.get(spec.version)
+    if arch is None:
         return (f"llama.cpp has no architecture for RWKV-{spec.version} (rwkv6 runs v5.2 and v6, rwkv7 v7); for this"
                 " version use --to onnx, --to safetensors or --to pip")
     if spec.time_state:
@@ -282,7 +164,7 @@ def supports(spec: ModelSpec) -> str | None:
                 " --to onnx, --to safetensors or --to pip, which keep it")
     if spec.deep_embed:
         return "llama.cpp's rwkv7 has no DeepEmbed (ffn.s_emb) tensors; this model cannot be expressed as GGUF"
-    if spec.major == 7 and spec.head_size % 64:
+    if arch == "rwkv7" and spec.head_size % 64:
         # Measured with llama.cpp through llama-cpp-python 0.3.36: rwkv7 with head sizes 16, 32 and 96 loads but
         # gives wrong logits (max |Δ| 2.6-4.8); 64, 128 and 256 match the reference to 2e-5. rwkv6 runs all.
         return (f"llama.cpp's rwkv7 computes wrong results for head size {spec.head_size} (only multiples of 64"
@@ -293,9 +175,9 @@ def supports(spec: ModelSpec) -> str | None:
 def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
     gguf = _gguf()
     spec, quant, strategy = ckpt.spec, options.quant, options.strategy
-    arch = ARCHS[spec.version]
+    arch = module_for(spec.version).LLAMA_CPP_ARCH[spec.version]
     slot_quants = quant_for_strategy(parse_strategy(strategy), spec.n_layer) if strategy else None
-    jobs = {"5.2": v52_jobs, "6": v6_jobs, "7": v7_jobs}[spec.version](ckpt)
+    jobs = tensor_jobs(ckpt)
 
     def qtype_of(job: TensorJob):
         name = (slot_quants[job.layer] if slot_quants else quant) if job.quantizable else "f32"
@@ -324,7 +206,7 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
     main_quant = max(slot_quants, key=slot_quants.count) if slot_quants else quant  # the most used type
     writer.add_file_type(getattr(gguf.LlamaFileType, file_type[main_quant]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if spec.major == 7:
+    if arch == "rwkv7":
         writer.add_decay_lora_rank(spec.lora_ranks["w"])
         writer.add_iclr_lora_rank(spec.lora_ranks["a"])
         writer.add_value_residual_mix_lora_rank(spec.lora_ranks.get("v", spec.lora_ranks["a"]))
@@ -357,53 +239,18 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
-def _blinkdl_from_rwkv7(get, n_layer: int, c: int) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for i in range(n_layer):
-        b, g = f"blocks.{i}.", f"blk.{i}."
-        for n, t in zip("rwkvag", get(g + "time_mix_lerp_fused.weight").reshape(6, 1, 1, c), strict=True):
-            out[b + f"att.x_{n}"] = t.clone()
-        for name in ("w", "a", "v", "g"):
-            if i == 0 and name == "v":
-                continue  # layer 0 carries copies of a (llama.cpp needs them; BlinkDL files have none)
-            out[b + f"att.{name}1"] = get(g + f"time_mix_{name}1.weight").t().contiguous()
-            out[b + f"att.{name}2"] = get(g + f"time_mix_{name}2.weight").t().contiguous()
-            if name != "g":
-                out[b + f"att.{name}0"] = get(g + f"time_mix_{name}0.weight").reshape(1, 1, c)
-        out[b + "att.k_k"] = get(g + "time_mix_k_k.weight").reshape(1, 1, c)
-        out[b + "att.k_a"] = get(g + "time_mix_k_a.weight").reshape(1, 1, c)
-        out[b + "att.r_k"] = get(g + "time_mix_r_k.weight")  # reshaped to [H, N] once H is known
-        for name in ("key", "value", "receptance", "output"):
-            out[b + f"att.{name}.weight"] = get(g + f"time_mix_{name}.weight")
-        out[b + "ffn.x_k"] = get(g + "channel_mix_lerp_k.weight").reshape(1, 1, c)
-        out[b + "ffn.key.weight"] = get(g + "channel_mix_key.weight")
-        out[b + "ffn.value.weight"] = get(g + "channel_mix_value.weight")
-    return out
-
-
-def _blinkdl_from_rwkv6(get, n_layer: int, c: int, rescale_every: int) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for i in range(n_layer):
-        b, g = f"blocks.{i}.", f"blk.{i}."
-        scale = 2 ** (i // rescale_every) if rescale_every > 0 else 1  # undo a writer's fp16 rescale
-        out[b + "att.time_maa_x"] = get(g + "time_mix_lerp_x.weight").reshape(1, 1, c)
-        for n, t in zip("wkvrg", get(g + "time_mix_lerp_fused.weight").reshape(5, 1, 1, c), strict=True):
-            out[b + f"att.time_maa_{n}"] = t.clone()
-        out[b + "att.time_maa_w1"] = get(g + "time_mix_w1.weight").t().contiguous()
-        out[b + "att.time_maa_w2"] = get(g + "time_mix_w2.weight").permute(0, 2, 1).contiguous()
-        out[b + "att.time_decay"] = get(g + "time_mix_decay.weight").reshape(1, 1, -1)
-        out[b + "att.time_decay_w1"] = get(g + "time_mix_decay_w1.weight").t().contiguous()
-        out[b + "att.time_decay_w2"] = get(g + "time_mix_decay_w2.weight").t().contiguous()
-        out[b + "att.time_faaaa"] = get(g + "time_mix_first.weight")
-        for name in ("key", "value", "receptance", "gate"):
-            out[b + f"att.{name}.weight"] = get(g + f"time_mix_{name}.weight")
-        out[b + "att.output.weight"] = get(g + "time_mix_output.weight") * scale
-        out[b + "ffn.time_maa_k"] = get(g + "channel_mix_lerp_k.weight").reshape(1, 1, c)
-        out[b + "ffn.time_maa_r"] = get(g + "channel_mix_lerp_r.weight").reshape(1, 1, c)
-        out[b + "ffn.key.weight"] = get(g + "channel_mix_key.weight")
-        out[b + "ffn.value.weight"] = get(g + "channel_mix_value.weight") * scale
-        out[b + "ffn.receptance.weight"] = get(g + "channel_mix_receptance.weight")
-    return out
+def _read_row(row: Row, get, i: int, head_size: int) -> dict[str, torch.Tensor]:
+    """Our tensors back from the row's GGUF tensor (the inverse of _source)."""
+    t = get(row.gguf.format(i=i))
+    if row.layout == "t":
+        t = t.t().contiguous()
+    elif row.layout == "swap12":
+        t = t.permute(0, 2, 1).contiguous()
+    parts = [p.clone() for p in t.unbind(0)] if len(row.ours) > 1 else [t]
+    if row.ours_shape is not None:
+        shape = tuple(head_size if d == "N" else d for d in row.ours_shape)
+        parts = [p.reshape(shape) for p in parts]
+    return {key.format(i=i): part for key, part in zip(row.ours, parts, strict=True)}
 
 
 def read_gguf(path: Path) -> Checkpoint:
@@ -434,24 +281,18 @@ def read_gguf(path: Path) -> Checkpoint:
         data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
         return torch.from_numpy(np.array(data, dtype=np.float32))  # a writable copy of the mapped data
 
-    n_layer = meta("block_count")
-    emb = get("token_embd.weight")
-    c = emb.shape[1]
-    sd = {"emb.weight": emb, "blocks.0.ln0.weight": get("token_embd_norm.weight"),
-          "blocks.0.ln0.bias": get("token_embd_norm.bias"), "ln_out.weight": get("output_norm.weight"),
-          "ln_out.bias": get("output_norm.bias"), "head.weight": get("output.weight")}
+    n_layer, head_size = meta("block_count"), meta("wkv.head_size", 64)
+    rescale_every = meta("rescale_every_n_layers", 0)
+    sd: dict[str, torch.Tensor] = {}
+    for row in GLOBAL:
+        sd |= _read_row(row, get, 0, head_size)
     for i in range(n_layer):
-        b, g = f"blocks.{i}.", f"blk.{i}."
-        for src, dst in (("attn_norm", "ln1"), ("attn_norm_2", "ln2"), ("time_mix_ln", "att.ln_x")):
-            sd[b + dst + ".weight"] = get(g + src + ".weight")
-            sd[b + dst + ".bias"] = get(g + src + ".bias")
-    if arch == "rwkv7":
-        sd |= _blinkdl_from_rwkv7(get, n_layer, c)
-        head_size = meta("wkv.head_size", 64)
-        for i in range(n_layer):
-            sd[f"blocks.{i}.att.r_k"] = sd[f"blocks.{i}.att.r_k"].reshape(-1, head_size)
-    else:
-        sd |= _blinkdl_from_rwkv6(get, n_layer, c, meta("rescale_every_n_layers", 0))
+        for row in READ_TABLES[arch]:
+            if row.make is None and not (i == 0 and row.layer0):
+                sd |= _read_row(row, get, i, head_size)
+        if rescale_every > 0:  # undo a writer's fp16 rescale
+            for key in (f"blocks.{i}.att.output.weight", f"blocks.{i}.ffn.value.weight"):
+                sd[key] = sd[key] * 2 ** (i // rescale_every)
     return checkpoint_from_tensors(path, sd, mmapped=False)
 
 

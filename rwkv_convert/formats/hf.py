@@ -7,35 +7,113 @@ directories back."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from ..arch import module_for
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import RwkvConvertError
 from ..spec import ModelSpec
 from ..tokenizer import world_vocab_path
+from ..units import parse_size
 from .base import Format, Options, Probe, option
 from .safetensors_io import SafetensorsWriter, read_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-V4_ATT = {"time_mix_k": "time_mix_key", "time_mix_v": "time_mix_value", "time_mix_r": "time_mix_receptance"}
-V4_FFN = {"time_mix_k": "time_mix_key", "time_mix_r": "time_mix_receptance"}
-V7_PROJ = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj", "ln_x": "g_norm"}
-V7_NORMS = {"ln0": "pre_norm", "ln1": "attn_norm", "ln2": "ffn_norm"}
-V7_LORA = {"0": "lora.2.bias", "1": "lora.0.weight", "2": "lora.2.weight"}
-# the same tables read backwards (HF -> BlinkDL)
-V4_ATT_BACK, V4_FFN_BACK = ({v: k for k, v in t.items()} for t in (V4_ATT, V4_FFN))
-V7_PROJ_BACK, V7_NORMS_BACK, V7_LORA_BACK = ({v: k for k, v in t.items()} for t in (V7_PROJ, V7_NORMS, V7_LORA))
+
+
+@dataclass(frozen=True)
+class Name:
+    """One tensor in both namings. {i}: the layer. kind: "same"; "vector" (their [C] for our [1, 1, C]); "t"
+    (transposed: their LoRAs are nn.Linear [out, in], ours x @ W [in, out])."""
+    ours: str
+    theirs: str
+    kind: str = "same"
+    skip_layer0: bool = False  # layer 0's value-residual LoRA: never used there, and not in the HF model
+
+
+def _layer(rows: list[tuple], **kw) -> tuple[Name, ...]:
+    return tuple(Name(f"blocks.{{i}}.{ours}", theirs, *rest, **kw) for ours, theirs, *rest in rows)
+
+
+# transformers' RwkvForCausalLM (model_type "rwkv")
+V4_NAMES = (
+    Name("emb.weight", "rwkv.embeddings.weight"),
+    Name("blocks.0.ln0.weight", "rwkv.blocks.0.pre_ln.weight"), Name("blocks.0.ln0.bias", "rwkv.blocks.0.pre_ln.bias"),
+    Name("ln_out.weight", "rwkv.ln_out.weight"), Name("ln_out.bias", "rwkv.ln_out.bias"),
+    Name("head.weight", "head.weight"),
+) + _layer([(f"{n}.{p}", f"rwkv.blocks.{{i}}.{n}.{p}") for n in ("ln1", "ln2") for p in ("weight", "bias")]
+           + [(f"att.time_mix_{k}", f"rwkv.blocks.{{i}}.attention.time_mix_{hf}")
+              for k, hf in (("k", "key"), ("v", "value"), ("r", "receptance"))]
+           + [(f"att.{n}", f"rwkv.blocks.{{i}}.attention.{n}") for n in ("time_decay", "time_first", "key.weight",
+                                                                         "value.weight", "receptance.weight",
+                                                                         "output.weight")]
+           + [(f"ffn.time_mix_{k}", f"rwkv.blocks.{{i}}.feed_forward.time_mix_{hf}")
+              for k, hf in (("k", "key"), ("r", "receptance"))]
+           + [(f"ffn.{n}.weight", f"rwkv.blocks.{{i}}.feed_forward.{n}.weight")
+              for n in ("key", "value", "receptance")])
+
+# the fla-hub layout (model_type "rwkv7"): rwkv7-hf and fla
+_V7_LAYER = "model.layers.{i}."
+V7_NAMES = (
+    Name("emb.weight", "model.embeddings.weight"),
+    Name("blocks.0.ln0.weight", "model.layers.0.pre_norm.weight"),
+    Name("blocks.0.ln0.bias", "model.layers.0.pre_norm.bias"),
+    Name("ln_out.weight", "model.norm.weight"), Name("ln_out.bias", "model.norm.bias"),
+    Name("head.weight", "lm_head.weight"),
+) + _layer([(f"{n}.{p}", f"{_V7_LAYER}{hf}.{p}") for n, hf in (("ln1", "attn_norm"), ("ln2", "ffn_norm"))
+            for p in ("weight", "bias")]
+           + [(f"att.x_{n}", f"{_V7_LAYER}attn.x_{n}") for n in "rwkvag"]
+           + [(f"att.{n}", f"{_V7_LAYER}attn.{n}", "vector") for n in ("k_k", "k_a")]
+           + [("att.r_k", f"{_V7_LAYER}attn.r_k")]
+           + [(f"att.{n}.weight", f"{_V7_LAYER}attn.{hf}.weight")
+              for n, hf in (("receptance", "r_proj"), ("key", "k_proj"), ("value", "v_proj"), ("output", "o_proj"))]
+           + [(f"att.ln_x.{p}", f"{_V7_LAYER}attn.g_norm.{p}") for p in ("weight", "bias")]
+           + [(f"att.{x}{k}", f"{_V7_LAYER}attn.{x}_lora.{hf}", kind) for x in "wag"
+              for k, hf, kind in (("0", "lora.2.bias", "vector"), ("1", "lora.0.weight", "t"),
+                                  ("2", "lora.2.weight", "t")) if (x, k) != ("g", "0")]
+           + [("ffn.x_k", f"{_V7_LAYER}ffn.x_k", "vector")]
+           + [(f"ffn.{n}.weight", f"{_V7_LAYER}ffn.{n}.weight") for n in ("key", "value")]) + _layer(
+    [(f"att.v{k}", f"{_V7_LAYER}attn.v_lora.{hf}", kind)
+     for k, hf, kind in (("0", "lora.2.bias", "vector"), ("1", "lora.0.weight", "t"), ("2", "lora.2.weight", "t"))],
+    skip_layer0=True)
+NAME_TABLES = {"rwkv": V4_NAMES, "rwkv7": V7_NAMES}  # by HF model_type
+
+
+@lru_cache(maxsize=16)
+def name_map(model_type: str, n_layer: int, forward: bool) -> dict[str, tuple[str, str]]:
+    """{our name: (their name, kind)} (forward) or {their name: (our name, kind)}, for every layer."""
+    out = {}
+    for row in NAME_TABLES[model_type]:
+        layers = range(n_layer) if "{i}" in row.ours else [0]
+        for i in layers:
+            if row.skip_layer0 and i == 0:
+                continue
+            ours, theirs = row.ours.format(i=i), row.theirs.format(i=i)
+            out.update({ours: (theirs, row.kind)} if forward else {theirs: (ours, row.kind)})
+    return out
+
+
+def _to_theirs(t: torch.Tensor, kind: str) -> torch.Tensor:
+    return t.reshape(-1) if kind == "vector" else t.t() if kind == "t" else t
+
+
+def _to_ours(t: torch.Tensor, kind: str) -> torch.Tensor:
+    return t.reshape(1, 1, -1) if kind == "vector" else t.t() if kind == "t" else t
+
+
+def model_type(spec: ModelSpec) -> str | None:
+    return module_for(spec.version).HF_MODEL_TYPE
 
 
 def supports(spec: ModelSpec) -> str | None:
-    if spec.major not in (4, 7):
+    if model_type(spec) is None:
         return (f"no Hugging Face class runs RWKV-{spec.version} on CPU (transformers has RWKV-4 only, fla's"
                 " RWKV-5/6 need Triton); use --layout web-rwkv or prepared, --to onnx, or --to gguf (v5.2, v6)")
     if spec.deep_embed:
@@ -46,56 +124,12 @@ def supports(spec: ModelSpec) -> str | None:
 # ---- BlinkDL -> HF ----------------------------------------------------------------------------------
 def hf_tensor(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor] | None:
     """(HF name, tensor in the HF template's shape), or None for a tensor the HF model does not have."""
-    if spec.major == 4:
-        return _v4_name(name), t
-    return _v7_tensor(name, t, spec)
-
-
-def _v4_name(name: str) -> str:
-    if name == "head.weight":
-        return name
-    if name == "emb.weight":
-        return "rwkv.embeddings.weight"
-    if name.startswith("ln_out."):
-        return "rwkv." + name
-    parts = name.split(".")  # blocks.N.(ln0|ln1|ln2|att|ffn).rest
-    if parts[2] == "ln0":
-        parts[2] = "pre_ln"
-    elif parts[2] in ("att", "ffn"):
-        table = V4_ATT if parts[2] == "att" else V4_FFN
-        parts[3] = table.get(parts[3], parts[3])
-        parts[2] = "attention" if parts[2] == "att" else "feed_forward"
-    return "rwkv." + ".".join(parts)
-
-
-def _v7_tensor(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor] | None:
-    top = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
-           "ln_out.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
-    if name in top:
-        return top[name], t
-    parts = name.split(".")
-    layer, group, rest = int(parts[1]), parts[2], parts[3:]
-    if layer == 0 and group == "att" and rest[0] in ("v0", "v1", "v2"):
-        return None  # layer 0 defines v_first: its value-residual LoRA is never used
-    prefix = f"model.layers.{layer}."
-    if group in V7_NORMS:
-        return prefix + V7_NORMS[group] + "." + ".".join(rest), t
-    if group == "ffn":
-        return prefix + "ffn." + ".".join(rest), (t.reshape(-1) if rest[0] == "x_k" else t)
-    m = re.fullmatch(r"([wavg])([012])", rest[0])
-    if m:
-        kind, idx = m.groups()
-        t = t.reshape(-1) if idx == "0" else t.t()
-        return prefix + f"attn.{kind}_lora.{V7_LORA[idx]}", t
-    if rest[0] in V7_PROJ:
-        return prefix + "attn." + V7_PROJ[rest[0]] + "." + ".".join(rest[1:]), t
-    if rest[0] in ("k_k", "k_a"):
-        t = t.reshape(-1)
-    return prefix + "attn." + ".".join(rest), t
+    found = name_map(model_type(spec), spec.n_layer, True).get(name)
+    return None if found is None else (found[0], _to_theirs(t, found[1]))
 
 
 def config(spec) -> dict:
-    if spec.major == 4:
+    if model_type(spec) == "rwkv":
         return {"architectures": ["RwkvForCausalLM"], "model_type": "rwkv", "vocab_size": spec.vocab_size,
                 "context_length": 1024, "hidden_size": spec.n_embd, "num_hidden_layers": spec.n_layer,
                 "attention_hidden_size": spec.att_dim, "intermediate_size": spec.ffn_dim,
@@ -118,7 +152,7 @@ def write_tokenizer_files(directory: Path, spec, tokenizer_json: Path | None) ->
         shutil.copyfile(tokenizer_json, directory / "tokenizer.json")
         return
     shutil.copyfile(world_vocab_path(), directory / "rwkv_vocab_v20230424.txt")
-    if spec.major == 7:
+    if model_type(spec) == "rwkv7":  # rwkv7-hf's tokenizer class
         tok = {"tokenizer_class": "RWKV7Tokenizer", "model_vocab_size": spec.vocab_size,
                "pad_token": "<|padding|>", "eos_token": "<|endoftext|>", "errors": "replace"}
         (directory / "tokenizer_config.json").write_text(json.dumps(tok, indent=2) + "\n")
@@ -126,17 +160,6 @@ def write_tokenizer_files(directory: Path, spec, tokenizer_json: Path | None) ->
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SHARD = "5GB"
-
-
-def parse_size(text: str | int) -> int:
-    """500MB, 2GB, 1.5G, 1000 -> bytes (decimal units, as Hugging Face's max_shard_size)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", str(text).upper())
-    if not m:
-        raise RwkvConvertError(f"--shard-size {text!r} is not a size like 500MB or 2GB")
-    unit = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[m.group(2)]
-    return int(float(m.group(1)) * unit)
 
 
 @dataclass(frozen=True)
@@ -205,9 +228,9 @@ def read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RwkvConvertError(f"{path}/config.json is not readable JSON: {e}") from None
-    model_type = cfg.get("model_type")
-    if model_type not in ("rwkv", "rwkv7"):
-        raise RwkvConvertError(f"{path} holds a {model_type!r} model; rwkv-convert reads model_type rwkv (v4) and"
+    hf_type = cfg.get("model_type")
+    if hf_type not in NAME_TABLES:
+        raise RwkvConvertError(f"{path} holds a {hf_type!r} model; rwkv-convert reads model_type rwkv (v4) and"
                                " rwkv7 directories")
     if (path / INDEX_NAME).is_file():
         index = json.loads((path / INDEX_NAME).read_text())
@@ -221,49 +244,15 @@ def read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
         if "/" in name or name.startswith("."):
             raise RwkvConvertError(f"{path}/{INDEX_NAME} names a shard outside the directory: {name!r}")
         tensors.update(read_safetensors(path / name)[0])
-    to_blinkdl = _from_v4 if model_type == "rwkv" else _from_v7
-    return dict(to_blinkdl(k, v, cfg) for k, v in tensors.items())
-
-
-def _from_v4(name: str, t: torch.Tensor, cfg) -> tuple[str, torch.Tensor]:
-    if name == "head.weight":
-        return name, t
-    name = name.removeprefix("rwkv.")
-    if name == "embeddings.weight":
-        return "emb.weight", t
-    if name.startswith("ln_out."):
-        return name, t
-    parts = name.split(".")
-    if parts[2] == "pre_ln":
-        parts[2] = "ln0"
-    elif parts[2] in ("attention", "feed_forward"):
-        table = V4_ATT_BACK if parts[2] == "attention" else V4_FFN_BACK
-        parts[3] = table.get(parts[3], parts[3])
-        parts[2] = "att" if parts[2] == "attention" else "ffn"
-    return ".".join(parts), t
-
-
-def _from_v7(name: str, t: torch.Tensor, cfg) -> tuple[str, torch.Tensor]:
-    top = {"model.embeddings.weight": "emb.weight", "model.norm.weight": "ln_out.weight",
-           "model.norm.bias": "ln_out.bias", "lm_head.weight": "head.weight"}
-    if name in top:
-        return top[name], t
-    parts = name.split(".")  # model.layers.N.group.rest
-    layer, group, rest = parts[2], parts[3], parts[4:]
-    prefix = f"blocks.{layer}."
-    if group in V7_NORMS_BACK:
-        return prefix + V7_NORMS_BACK[group] + "." + ".".join(rest), t
-    if group == "ffn":
-        return prefix + "ffn." + ".".join(rest), (t.reshape(1, 1, -1) if rest[0] == "x_k" else t)
-    m = re.fullmatch(r"([wavg])_lora", rest[0])
-    if m:
-        idx = V7_LORA_BACK[".".join(rest[1:])]
-        return prefix + f"att.{m.group(1)}{idx}", (t.reshape(1, 1, -1) if idx == "0" else t.t())
-    if rest[0] in V7_PROJ_BACK:
-        return prefix + "att." + V7_PROJ_BACK[rest[0]] + "." + ".".join(rest[1:]), t
-    if rest[0] in ("k_k", "k_a"):
-        t = t.reshape(1, 1, -1)
-    return prefix + "att." + ".".join(rest), t
+    n_layer = cfg.get("num_hidden_layers")
+    if not isinstance(n_layer, int) or n_layer < 1:
+        raise RwkvConvertError(f"{path}/config.json has no valid num_hidden_layers ({n_layer!r})")
+    names = name_map(hf_type, n_layer, False)
+    out = {}
+    for name, t in tensors.items():
+        ours, kind = names.get(name, (name, "same"))  # a tensor we do not know is kept: inspect lists it as unused
+        out[ours] = _to_ours(t, kind)
+    return out
 
 
 def read(probe: Probe) -> Checkpoint:

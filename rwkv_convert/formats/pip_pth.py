@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import passes
-from ..arch import build_spec, detect_version, module_for
+from ..arch import build_spec, detect_version, module_for, rescale_interval
 from ..arch.common import PROJECTIONS_KEY
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint
@@ -52,23 +52,15 @@ def _key_order(names: list[str]) -> list[str]:
 
 def transform(name: str, t: torch.Tensor, spec, placement, rescale_layer: int, layer: int) -> dict[str, torch.Tensor]:
     """The package's load-time transform of one tensor (its `RWKV.__init__`, in the same op order)."""
-    major = spec.major
     if rescale_layer > 0 and ("att.output.weight" in name or "ffn.value.weight" in name):
         t = t / (2 ** int(layer // rescale_layer))
     if ".time_" in name:
         t = t.squeeze()
     is_matrix = any(s in name for s in MATRIX_SUFFIXES)
-    if ".time_decay" in name and "_w" not in name:
-        if major == 4:
-            return {name: -torch.exp(t.float())}
-        if major == 5:
-            return {name: torch.exp(-torch.exp(t.float())).reshape(spec.n_head, -1, 1)}
-        return {name: t.float().reshape(spec.n_head, -1, 1)}
-    if ".time_first" in name or ".time_faaaa" in name:
-        if major == 4:
-            return {name: t.float()}
-        u = t.float() if ".time_faaaa" in name else torch.exp(t.float())
-        return {name: u.reshape(spec.n_head, -1, 1)}
+    own = module_for(spec.version).pip_parameter(name.split(".", 2)[2], t, spec) if name.startswith("blocks.") \
+        else None
+    if own is not None:  # the version's decay and bonus
+        return {name: own}
     if ".ln_x" in name:
         return {name: t.float()}
     if t.dim() == 2 and "emb" not in name and "_w1" not in name and "_w2" not in name:
@@ -88,9 +80,9 @@ class PipOptions(Options):
 
 
 def supports(spec: ModelSpec) -> str | None:
-    if spec.major >= 7:
-        return ("the rwkv pip package cannot load converted RWKV-7 files (its v7 loader reads only original"
-                " checkpoints); give it the original .pth")
+    if not module_for(spec.version).PIP_CONVERTED:
+        return (f"the rwkv pip package cannot load converted RWKV-{spec.version} files (its loader for them reads"
+                " only original checkpoints); give it the original .pth")
     return None
 
 
@@ -98,7 +90,7 @@ def write(ckpt: Checkpoint, out: Path, options: PipOptions) -> list[Path]:
     spec, tensors = ckpt.spec, ckpt.tensors
     strategy = parse_strategy(options.strategy)
     placements = allocate(strategy, spec.n_layer)
-    rescale_layer = strategy.rescale_layer(spec.major)
+    rescale_layer = rescale_interval(spec, strategy)
     with torch.no_grad(), AtomicOutput(out) as target, StreamingTorchWriter(target.temp()) as writer:
         for name in _key_order(list(tensors)):
             if name.startswith("blocks.0.ln0."):
@@ -169,10 +161,8 @@ def read_pip_converted(path: Path, tensors: dict, strategy: str | None = None) -
                     lw[name] = RwkvInt8Weight(t, *(weights[key + c] for c in COMPANIONS))
                 else:
                     lw[name] = FloatWeight(t.t())  # [in, out] stored: a column-major [out, in] view
-            elif spec.major >= 5 and name in ("att.time_first", "att.time_faaaa"):
-                lw["att.bonus"] = t.float().reshape(spec.n_head, -1, 1)
-            elif spec.major == 6 and name == "att.time_decay":
-                lw[name] = t.float().reshape(spec.n_head, -1)
+            elif (own := module.from_pip(name, t, spec)) is not None:
+                lw[own[0]] = own[1]
             else:
                 lw[name] = t
         layers.append(passes.stack_projections(lw, module.PROJECTIONS))
@@ -201,7 +191,7 @@ def native(path: Path, strategy: str | None, streams: dict[str, list[int]], spli
                                " strategy (or convert again)")
     jobs = [{"kind": "run", "path": str(path), "strategy": made_for, "tokens": toks, "split": split}
             for toks in streams.values()]
-    outputs = run_in_pip_package(jobs, v7=spec.major >= 7)
+    outputs = run_in_pip_package(jobs, v7=module_for(spec.version).PIP_V7_LOADER)
     for out in outputs:
         if "error" in out:
             raise RwkvConvertError(f"the rwkv pip package could not run {path}: {out['error'][:300]}")

@@ -84,9 +84,13 @@ class StreamingTorchWriter:
         self._done = False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach().to("cpu")
+        # A transposed matrix keeps its layout, as torch.save keeps it: the pip package multiplies with the
+        # column-major view its own load makes, and some CPUs' bf16 kernels round differently by layout.
+        if not (t.is_contiguous() or (t.dim() == 2 and t.t().is_contiguous())):
+            t = t.contiguous()
         if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()  # a view into a larger storage: write only its own bytes
+            t = t.clone(memory_format=torch.preserve_format)  # a view into a larger storage: only its own bytes
         key = str(self._n)
         self._n += 1
         self._zip.write_record(f"data/{key}", t.untyped_storage(), t.numel() * t.element_size())

@@ -35,7 +35,9 @@ def is_transposed(web_name: str) -> bool:
 
 def to_web_rwkv(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor]:
     new = web_rwkv_name(name)
-    if spec.version == "5.1" and name.endswith(("att.time_decay", "att.time_faaaa")) and t.dim() == 1:
+    # RWKV-Runner's own rule names the version: 5.1's per-head decay and bonus are stored per channel
+    per_head = spec.version == "5.1"  # a rule of this name table, keyed by version as RWKV-Runner keys it
+    if per_head and name.endswith(("att.time_decay", "att.time_faaaa")) and t.dim() == 1:
         t = t.reshape(-1, 1).expand(-1, spec.head_size)
     if is_transposed(new) and t.dim() >= 2:
         t = t.transpose(-2, -1)

@@ -30,7 +30,7 @@ from ...strategy import parse_strategy
 from ..base import Options, option
 from . import v4, v5, v6, v7
 from .emit import Emitter
-from .graph import Graph, WeightStore, _onnx
+from .graph import Graph, WeightStore, onnx_module
 from .layout import FORMAT_TAG, data_path, sequence_path
 
 DTYPES = ("fp32", "fp16")
@@ -38,11 +38,12 @@ QUANTS = ("none", "int8", "int4")
 LOGITS = ("all", "last")
 GRAPHS = ("both", "step", "sequence")
 INLINE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB limit, less room for the graph itself
-_MODULES = {4: v4, 5: v5, 6: v6, 7: v7}
+GRAPH_MODULES = {version: module for module in (v4, v5, v6, v7) for version in module.VERSIONS}
 
 
 def _layer_tensors(ckpt, spec, i: int, rescale: int) -> dict:
     module = arch.module_for(spec.version)
+    graphs = GRAPH_MODULES[spec.version]
     prefix = f"blocks.{i}."
     lw = {}
     for k, t in ckpt.tensors.items():
@@ -54,9 +55,7 @@ def _layer_tensors(ckpt, spec, i: int, rescale: int) -> dict:
             lw[name] = as_vector(t.float())
     if rescale:
         lw = rescale_for_fp16(lw, i, rescale)
-    if spec.major == 5:  # log of the decay exp(-exp(d)), for the sequence graph's chunked recurrence
-        lw["att.log_decay"] = -torch.exp(lw["att.time_decay"])
-    return module.prepare_layer(lw, spec, i)
+    return graphs.prepare_layer(lw, spec, i)
 
 
 class _Lazy:
@@ -94,9 +93,9 @@ def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant:
 
     g = Graph(store, single_step=single_step)
     E = Emitter(g, dtype, quant)
-    mod = _MODULES[spec.major]
+    mod = GRAPH_MODULES[spec.version]
     L, C, V = spec.n_layer, spec.n_embd, spec.vocab_size
-    wkv_shape = mod.wkv_state_shape(spec)
+    wkv_shape = arch.module_for(spec.version).wkv_state_shape(spec)
     if single_step:
         tokens = g.unsqueeze(g.input("token", TensorProto.INT64, ["batch"]), 1)
     else:
@@ -138,13 +137,11 @@ def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant:
 
 
 def _metadata(ckpt, spec, graph: str, dtype: str, quant: str, logits: str, rescale: int) -> dict[str, str]:
-    mod = _MODULES[spec.major]
+    version = arch.module_for(spec.version)
     layout = {
         "shift": f"[B, {spec.n_layer}, 2, {spec.n_embd}]: per layer the attention's then the FFN's token-shift"
                  " vector (the LayerNorm output of the last token)",
-        "wkv": f"[B, {spec.n_layer}, {', '.join(map(str, mod.wkv_state_shape(spec)))}]: "
-               + {4: "aa, bb, pp per channel (fresh: 0, 0, -1e30)",
-                  7: "per head [value, key] matrix"}.get(spec.major, "per head [key, value] matrix"),
+        "wkv": f"[B, {spec.n_layer}, {', '.join(map(str, version.wkv_state_shape(spec)))}]: {version.WKV_STATE_DOC}",
     }
     meta = {
         "rwkv.format": FORMAT_TAG, "rwkv.graph": graph, "rwkv.version": spec.version,
@@ -185,13 +182,13 @@ def write(ckpt: Checkpoint, output: Path, options: OnnxOptions) -> list[Path]:
     (graphs="step"|"sequence": then to `output` itself). external_data None: the weights go to one data file
     (output + ".data") shared by both graphs, or inline when one graph is written and fits protobuf's 2 GB.
     Returns the paths written (data file last)."""
-    _onnx()  # a clear error before any work when onnx is missing
+    onnx_module()  # a clear error before any work when onnx is missing
     spec, dtype, quant, logits = ckpt.spec, options.dtype, options.quant, options.logits
     if output.suffix != ".onnx":
         raise RwkvConvertError(f"the ONNX output name should end in .onnx (got {output.name})")
     kinds = {"both": [("step", output), ("sequence", sequence_path(output))], "step": [("step", output)],
              "sequence": [("sequence", output)]}[options.graphs]
-    rescale = parse_strategy("cpu fp16").rescale_layer(spec.major) if dtype == "fp16" and spec.major < 7 else 0
+    rescale = arch.rescale_interval(spec, parse_strategy("cpu fp16")) if dtype == "fp16" else 0
     weight_bytes = spec.n_params * (2 if dtype == "fp16" else 4)
     external_data = options.external_data
     if external_data is None:  # two graphs share one copy of the weights; one graph keeps them inline if it can

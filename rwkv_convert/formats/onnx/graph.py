@@ -17,7 +17,7 @@ MS_DOMAIN = "com.microsoft"  # MatMulNBits
 EXTERNAL_ALIGN = 64  # bytes: lets onnxruntime mmap the data file with aligned tensors
 
 
-def _onnx():
+def onnx_module():
     try:
         import onnx
     except ImportError:
@@ -31,7 +31,7 @@ class WeightStore:
     export holds one tensor at a time whatever the model's size."""
 
     def __init__(self, data_path: Path | None, location: str | None):
-        self.onnx = _onnx()
+        self.onnx = onnx_module()
         self.protos: dict[str, object] = {}
         self.location = location
         self._data = open(data_path, "wb") if data_path is not None else None  # noqa: SIM115 (closed in close())
@@ -74,7 +74,7 @@ class Graph:
     graph; a body reads them from the outer scope."""
 
     def __init__(self, store: WeightStore, single_step: bool = False, parent: Graph | None = None):
-        self.onnx = _onnx()
+        self.onnx = onnx_module()
         self.store = store
         self.single_step = single_step  # a one-token graph: recurrences are one plain step, no Scan
         self.parent = parent

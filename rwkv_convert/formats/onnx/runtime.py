@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...arch import module_for
 from ...errors import RwkvConvertError
 from ...spec import ModelSpec
 from .layout import FORMAT_TAG, sequence_path
@@ -52,6 +53,10 @@ class OnnxModel:
         self.path = path
         self.meta = meta
         self.spec = ModelSpec(**json.loads(meta["rwkv.spec"]))
+        # The runner's per-layer state is [att_shift, *wkv parts, ffn_shift]; the export stacks the wkv parts
+        # (v4's aa, bb, pp) into one tensor per layer, or holds the one part (v5-v7's matrix) as it is.
+        self.version = module_for(self.spec.version)
+        self.per_layer = len(self.version.STATE_NAMES)
         self.dtype, self.quant = meta["rwkv.dtype"], meta["rwkv.quant"]
         self.step = self.sequence = None
         self.sequence_logits = None
@@ -101,10 +106,13 @@ class OnnxModel:
         if self._initial_wkv is not None:
             wkv = np.repeat(self._initial_wkv[None], batch, axis=0).copy()
         else:
-            wkv = np.zeros((batch, *self.wkv_shape), np.float32)
-            if self.spec.major == 4:
-                wkv[:, :, 2] = -1e30  # pp: no token seen yet
+            fresh = self.version.init_state(self.spec, {}, torch.float32, "cpu")  # v4's pp starts at -1e30
+            wkv = np.repeat(np.stack([self._pack_wkv(fresh)] * self.spec.n_layer)[None], batch, axis=0)
         return shift, wkv
+
+    def _pack_wkv(self, layer_state: list) -> np.ndarray:
+        parts = [torch.as_tensor(t).float().cpu().numpy() for t in layer_state[1:-1]]
+        return np.stack(parts) if len(parts) > 1 else parts[0]
 
     def _check_batch_state(self, state, batch: int) -> tuple[np.ndarray, np.ndarray]:
         if state is None:
@@ -124,13 +132,14 @@ class OnnxModel:
         """Batch row 0 as the runner's per-layer state list."""
         state = []
         for i in range(self.spec.n_layer):
-            layer_wkv = [torch.from_numpy(wkv[0, i, j].copy()) for j in range(3)] if self.spec.major == 4 \
+            n_parts = self.per_layer - 2
+            layer_wkv = [torch.from_numpy(wkv[0, i, j].copy()) for j in range(n_parts)] if n_parts > 1 \
                 else [torch.from_numpy(wkv[0, i].copy())]
             state += [torch.from_numpy(shift[0, i, 0].copy()), *layer_wkv, torch.from_numpy(shift[0, i, 1].copy())]
         return state
 
     def from_runner_state(self, state) -> tuple[np.ndarray, np.ndarray]:
-        per_layer = 5 if self.spec.major == 4 else 3
+        per_layer = self.per_layer
         if not isinstance(state, (list, tuple)) or len(state) != per_layer * self.spec.n_layer:
             n = len(state) if isinstance(state, (list, tuple)) else type(state).__name__
             raise RwkvConvertError(f"state has {n} tensors; this RWKV-{self.spec.version} export with"
@@ -140,10 +149,7 @@ class OnnxModel:
             layer = [torch.as_tensor(t).float().cpu().numpy() for t in state[i * per_layer:(i + 1) * per_layer]]
             try:
                 shift[0, i, 0], shift[0, i, 1] = layer[0], layer[-1]
-                if self.spec.major == 4:
-                    wkv[0, i] = np.stack(layer[1:4])
-                else:
-                    wkv[0, i] = layer[1]
+                wkv[0, i] = self._pack_wkv(layer)
             except ValueError:
                 raise RwkvConvertError(f"state of layer {i} has shapes {[tuple(t.shape) for t in layer]}, expected"
                                        f" shift {self.shift_shape[-1:]} and wkv {self.wkv_shape[1:]}") from None

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+from ...arch.v4 import VERSIONS as VERSIONS
+from ...arch.v4 import prepare_layer as prepare_layer
 from .emit import Emitter
-
-
-def wkv_state_shape(spec) -> list[int]:
-    return [3, spec.att_dim]
 
 
 def _step(E: Emitter, w: str, u: str):

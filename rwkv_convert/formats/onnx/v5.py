@@ -4,12 +4,17 @@ every token at once outside the Scan). Layer state: wkv [B, H, N_key, N_value], 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from ...arch import v5 as arch_v5
+from ...arch.v5 import VERSIONS as VERSIONS
 from .emit import Emitter
 
 
-def wkv_state_shape(spec) -> list[int]:
-    return [spec.n_head, spec.head_size, spec.head_size]
+def prepare_layer(lw: dict, spec, layer_id: int) -> dict:
+    # the log of the decay exp(-exp(d)), computed from d, for the sequence graph's chunked recurrence
+    lw["att.log_decay"] = -torch.exp(lw["att.time_decay"])
+    return arch_v5.prepare_layer(lw, spec, layer_id)
 
 
 def wkv_step(w_const: str | None):

@@ -4,9 +4,10 @@ slices) and a per-token decay that enters the Scan as a sequence."""
 from __future__ import annotations
 
 from ...arch.v6 import MAA_ORDER
+from ...arch.v6 import VERSIONS as VERSIONS
+from ...arch.v6 import prepare_layer as prepare_layer
 from .emit import Emitter
 from .v5 import wkv
-from .v5 import wkv_state_shape as wkv_state_shape
 
 
 def time_mix(E: Emitter, spec, lw: dict, prefix: str, x: str, last: str, state: str, ctx: dict):

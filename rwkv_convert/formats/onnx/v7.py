@@ -7,11 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from ...arch.v7 import DECAY_SCALE, MIXES
+from ...arch.v7 import VERSIONS as VERSIONS
+from ...arch.v7 import prepare_layer as prepare_layer
 from .emit import Emitter
-
-
-def wkv_state_shape(spec) -> list[int]:
-    return [spec.n_head, spec.head_size, spec.head_size]
 
 
 def _step(g, states, slices):
