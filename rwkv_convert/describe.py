@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+from .arch import module_for
 from .checkpoint import Checkpoint
 from .formats.registry import capabilities
 from .units import human_size
 
-VERSION_NAMES = {"4": "RWKV-4", "5.0": "RWKV-5.0", "5.1": "RWKV-5.1", "5.2": "RWKV-5.2 (Eagle)",
-                 "6": "RWKV-6 (Finch)", "7": "RWKV-7 (Goose)"}
-
 
 def describe_checkpoint(ckpt: Checkpoint) -> dict:
-    spec = ckpt.spec
+    spec, version = ckpt.spec, module_for(ckpt.spec.version)
     info = {"path": str(ckpt.path), "file_size": ckpt.file_size,
-            "architecture": VERSION_NAMES[spec.version], **spec.to_dict()}
-    if spec.major not in (5, 6):  # only v5.x/v6 have a bonus that may be stored as log(u)
+            "architecture": version.DISPLAY_NAMES[spec.version], **spec.to_dict()}
+    if not version.BONUS_FORMS:  # only v5.x/v6 have a bonus that may be stored as log(u)
         info.pop("bonus_is_log")
     info["unused_keys"] = ckpt.unused_keys
     info["capabilities"] = capabilities(ckpt)

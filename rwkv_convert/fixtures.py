@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import AtomicOutput
 from .paths import cache_root
 
 GENERATOR_VERSION = 1  # bump when values change, so cached files are remade
@@ -142,7 +143,6 @@ def fixture_path(variant: str = DEFAULT_VARIANT, dtype: str = "fp32", n_layer: i
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
         sd = {k: v.to(DTYPES[dtype]).contiguous() for k, v in make_state_dict(variant, n_layer, n_embd, vocab).items()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(sd, tmp)
-        os.replace(tmp, path)
+        with AtomicOutput(path) as out:
+            torch.save(sd, out.temp())
     return path

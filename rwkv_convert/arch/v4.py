@@ -13,6 +13,7 @@ MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.
 FP32_PARAMS = ("att.time_decay", "att.time_first")
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight")
 # Facts other layers ask of a version (the formats never branch on version numbers themselves):
+DISPLAY_NAMES = {"4": "RWKV-4"}
 FP16_RESCALE = True  # x is halved every few layers under fp16 (the pip package's rescale)
 WKV_STATE_DOC = "aa, bb, pp per channel (fresh: 0, 0, -1e30)"  # the wkv parts of STATE_NAMES, stacked
 LLAMA_CPP_ARCH: dict[str, str] = {}  # llama.cpp has no RWKV-4

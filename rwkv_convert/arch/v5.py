@@ -14,6 +14,7 @@ MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.
             "att.output.weight", "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 FP32_PARAMS = ("att.time_decay", "att.time_first", "att.time_faaaa", "att.ln_x.weight", "att.ln_x.bias")
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.gate.weight")
+DISPLAY_NAMES = {"5.0": "RWKV-5.0", "5.1": "RWKV-5.1", "5.2": "RWKV-5.2 (Eagle)"}
 FP16_RESCALE = True
 WKV_STATE_DOC = "per head [key, value] matrix"
 LLAMA_CPP_ARCH = {"5.2": "rwkv6"}  # v6 with zero LoRAs is v5.2 exactly; 5.0/5.1 have no llama.cpp architecture

@@ -19,6 +19,7 @@ MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.
 FP32_PARAMS = ("att.time_decay", "att.time_faaaa", "att.ln_x.weight", "att.ln_x.bias")
 MAA_ORDER = ("w", "k", "v", "r", "g")  # slice order of time_maa_w2
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.gate.weight")
+DISPLAY_NAMES = {"6": "RWKV-6 (Finch)"}
 FP16_RESCALE = True
 WKV_STATE_DOC = "per head [key, value] matrix"
 LLAMA_CPP_ARCH = {"6": "rwkv6"}

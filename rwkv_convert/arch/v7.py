@@ -18,6 +18,7 @@ FP32_PARAMS = ()
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight")
 MIXES = ("r", "w", "k", "v", "a", "g")
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1)
+DISPLAY_NAMES = {"7": "RWKV-7 (Goose)"}
 FP16_RESCALE = False  # RWKV-7 never rescales
 WKV_STATE_DOC = "per head [value, key] matrix"
 LLAMA_CPP_ARCH = {"7": "rwkv7"}

@@ -12,8 +12,9 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..errors import RwkvConvertError, UnsupportedError
 from ..runner import Model, runnable
-from . import gguf_file, hf, onnx, pip_pth, prepared, pth, safetensors_blinkdl, web_rwkv
+from . import gguf_file, hf, pip_pth, prepared, pth, safetensors_blinkdl, web_rwkv
 from .base import Format, Probe
+from .onnx import format as onnx
 
 FORMATS: tuple[Format, ...] = (
     hf.FORMAT,  # a directory with config.json

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RwkvConvertError
-
 _STORAGE_TYPES = {dtype: getattr(torch, name) for dtype, name in torch.storage._dtype_to_storage_type_map().items()
                   if hasattr(torch, name)}
 
@@ -69,15 +67,11 @@ class _Sink:
 
 class StreamingTorchWriter:
     """with StreamingTorchWriter(path) as w: w.add("name", tensor); w.add_value("_meta", "x")
-    The file appears at `path` only when the block ends without an error (temp file, then rename)."""
+    `path` is the temp file of an AtomicOutput, which publishes it (or removes it) and words any OSError."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-        try:
-            self._sink = _Sink(self.tmp)
-        except OSError as e:
-            raise RwkvConvertError(f"cannot write {self.path}: {e.strerror or e}") from None
+        self._sink = _Sink(self.path)
         self._zip = torch._C.PyTorchFileWriter(self._sink)
         self._entries: dict[str, object] = {}
         self._n = 0
@@ -95,7 +89,7 @@ class StreamingTorchWriter:
         self._n += 1
         self._zip.write_record(f"data/{key}", t.untyped_storage(), t.numel() * t.element_size())
         if self._sink.error is not None:  # e.g. the disk is full: stop now
-            raise self._failure(self._sink.error)
+            raise self._sink.error
         self._entries[name] = _TensorRef(_StorageRef(key, t.dtype, t.numel()), tuple(t.shape), t.stride())
 
     def add_value(self, name: str, value: str | int | float) -> None:
@@ -104,17 +98,12 @@ class StreamingTorchWriter:
     def close(self) -> None:
         try:
             self._finish()
-            if self._sink.error is not None:
-                raise self._sink.error
-            os.fsync(self._sink.file.fileno())
-            self._sink.file.close()
-        except (RuntimeError, OSError) as e:
-            raise self._failure(e) from None
-
-    def _failure(self, e: Exception) -> RwkvConvertError:
-        cause = self._sink.error or e
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0]
-        return RwkvConvertError(f"cannot write {self.path}: {reason[:200]}")
+        except RuntimeError as e:  # the zip writer's own failures
+            raise OSError(str(e).splitlines()[0][:200]) from None
+        if self._sink.error is not None:
+            raise self._sink.error
+        os.fsync(self._sink.file.fileno())
+        self._sink.file.close()
 
     def _finish(self) -> None:
         buf = io.BytesIO()
@@ -133,18 +122,13 @@ class StreamingTorchWriter:
         if exc_type is None:
             try:
                 self.close()
-                os.replace(self.tmp, self.path)
-                return
-            except OSError as e:
-                self._discard()
-                raise RwkvConvertError(f"cannot write {self.path}: {e.strerror or e}") from None
-            except RwkvConvertError:
+            except BaseException:
                 self._discard()
                 raise
+            return
         self._discard()
 
     def _discard(self) -> None:
         self._sink.error = self._sink.error or OSError("discarded")  # the writer's destructor writes nothing
         self._zip = None
         self._sink.file.close()
-        self.tmp.unlink(missing_ok=True)

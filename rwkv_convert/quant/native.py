@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import AtomicOutput
 from ..paths import kernels_dir
 
 _SOURCE = Path(__file__).with_name("int8_cpu.c")
@@ -39,14 +40,14 @@ def _build() -> ctypes.CDLL:
     folder.mkdir(parents=True, exist_ok=True)
     lib_path = folder / f"int8_cpu-{key}.so"
     if not lib_path.exists():
-        tmp = folder / f".int8_cpu-{key}.{os.getpid()}.so"
         flags = ["-O3", "-shared", "-fPIC", "-fopenmp"]
         if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
             flags.append("-march=native")
-        proc = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
-        os.replace(tmp, lib_path)
+        with AtomicOutput(lib_path) as out:  # another process may build the same library at the same time
+            proc = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(out.temp())], capture_output=True,
+                                  text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
     lib = ctypes.CDLL(str(lib_path))
     lib.rwkv_int8_gemv.restype = None
     lib.rwkv_int8_gemv.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]

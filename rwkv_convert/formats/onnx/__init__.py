@@ -1,21 +1,3 @@
-"""ONNX: step and sequence graphs for every version (export.py, one graph module per version) and running
-exported files in onnxruntime (runtime.py, which never imports the exporter)."""
-
-from __future__ import annotations
-
-from ...errors import RwkvConvertError
-from ..base import Format, Probe
-from .export import OnnxOptions, supports, write
-from .runtime import OnnxModel
-
-
-def load(probe: Probe, strategy: str | None) -> OnnxModel:
-    if strategy is not None:
-        raise RwkvConvertError("an ONNX export runs as it was exported: drop the strategy")
-    return OnnxModel(probe.path)
-
-
-FORMAT = Format(
-    name="onnx", summary="an ONNX export", runtime="onnxruntime",
-    sniff=lambda probe: probe.suffix == ".onnx",  # the format has no magic bytes
-    load=load, write=write, options=OnnxOptions, supports=supports)
+"""ONNX: step and sequence graphs for every version (export.py, one graph module per version), running
+exported files in onnxruntime (runtime.py, which never imports the exporter), and the registry entry
+(format.py)."""
