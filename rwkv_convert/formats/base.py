@@ -44,7 +44,8 @@ class Probe:
     @cached_property
     def is_torch_file(self) -> bool:
         """A zip (torch >= 1.6) or a pickle (older torch.save): what torch.load reads."""
-        return self.path.is_file() and (self.head.startswith(b"PK\x03\x04") or self.head[:1] == b"\x80")
+        pickle = self.head[:1] == b"\x80" and self.head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # PROTO 2-5
+        return self.path.is_file() and (self.head.startswith(b"PK\x03\x04") or pickle)
 
     @cached_property
     def safetensors_header(self) -> tuple[dict[str, tuple[int, ...]], dict[str, str]] | None:

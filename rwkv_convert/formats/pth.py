@@ -5,6 +5,7 @@ checkpoint gets torch's reason in one line."""
 from __future__ import annotations
 
 from ..checkpoint import Checkpoint, checkpoint_from_tensors, tensors_only
+from ..errors import RwkvConvertError
 from .base import Format, Probe
 
 
@@ -13,6 +14,9 @@ def sniff(probe: Probe) -> bool:
 
 
 def read(probe: Probe) -> Checkpoint:
+    if not probe.is_torch_file:
+        raise RwkvConvertError(f"{probe.path} is not a readable PyTorch checkpoint (neither a zip nor a pickle),"
+                               " nor a safetensors, GGUF or ONNX file, nor a Hugging Face directory")
     raw, mmapped = probe.torch_raw
     return checkpoint_from_tensors(probe.path, tensors_only(probe.path, raw), mmapped)
 

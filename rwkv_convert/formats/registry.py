@@ -124,6 +124,6 @@ def capabilities(ckpt: Checkpoint) -> dict[str, str]:
     can["run"] = f"no: {why_not}" if why_not else "yes: any strategy (cpu|cuda|mps, fp32|fp16|bf16, i8, *N, *N+, ->)"
     for fmt in writers():
         reason = fmt.supports(ckpt.spec)
-        can[f"convert --to {fmt.target}"] = f"no: {reason}" if reason else f"yes: {fmt.summary} ({fmt.runtime})"
+        can[f"convert --to {fmt.target}"] = f"no: {reason}" if reason else f"yes: {fmt.summary}, for {fmt.runtime}"
     can["verify"] = "yes: against this file as --reference"
     return can
