@@ -35,6 +35,7 @@ def assert_one_line_error(proc, pattern=None):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.slow
 def test_inspect_json_reports_version_and_dims(variant, fixture_dir):
     proc = cli("inspect", fixture_path(variant, "bf16", directory=fixture_dir), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -60,6 +61,7 @@ def test_inspect_v7_shows_lora_ranks_and_unused_layer0_keys(fixture_dir):
     assert "blocks.0.att.v0" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_one_line(tmp_path, fixture_dir):
     for _name, path, pattern in bad_files(tmp_path, fixture_dir):
         assert_one_line_error(cli("inspect", path), pattern)
@@ -81,6 +83,7 @@ def test_evil_pickle_never_runs(tmp_path, fixture_dir):
     ("cuda fp16", "no CUDA device"),
     ("", "empty strategy"),
 ])
+@pytest.mark.slow
 def test_bad_strategy_exits_2(strategy, pattern, fixture_dir):
     assert_one_line_error(cli("run", fixture_path("v6", directory=fixture_dir), "--strategy", strategy), pattern)
 
@@ -106,6 +109,7 @@ def test_run_streams_the_greedy_continuation(fixture_dir):
     assert proc.stdout == "The cat" + expected + "\n"
 
 
+@pytest.mark.slow
 def test_run_same_seed_same_text(fixture_dir):
     path = fixture_path("v4", directory=fixture_dir)
     runs = [cli("run", path, "--tokens", "10", "--seed", "7") for _ in range(2)]
@@ -113,6 +117,7 @@ def test_run_same_seed_same_text(fixture_dir):
     assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout) > len("\nUser: Hello!\n\nAssistant:")
 
 
+@pytest.mark.slow
 def test_run_with_a_hugging_face_tokenizer(tmp_path, fixture_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -130,6 +135,7 @@ def test_run_with_a_hugging_face_tokenizer(tmp_path, fixture_dir):
                               tmp_path / "broken.json"), "not a readable tokenizer.json")
 
 
+@pytest.mark.slow
 def test_make_fixture_writes_a_loadable_file(tmp_path):
     proc = cli("make-fixture", "v5.1", "--dtype", "bf16", "--layers", "2", "-o", tmp_path)
     assert proc.returncode == 0, proc.stderr

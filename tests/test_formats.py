@@ -56,7 +56,6 @@ def _checkpoints(directory: Path) -> dict[str, Path]:
     return found
 
 
-@pytest.mark.slow
 def test_inspect_capabilities_say_exactly_what_convert_does(fixture_dir, tmp_path):
     runner = CliRunner()
     for name, src in _checkpoints(fixture_dir).items():

@@ -17,6 +17,8 @@ from .conftest import save_atomic, tokens_for
 from .test_cli import assert_one_line_error, cli
 from .test_formats import gguf_py_tensor_names
 
+pytestmark = pytest.mark.slow  # llama.cpp runs every file
+
 if os.environ.get("RWKV_CONVERT_REQUIRE_LLAMA") == "1":  # CI: a missing llama-cpp-python must fail, not skip
     import gguf
     import llama_cpp  # noqa: F401

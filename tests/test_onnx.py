@@ -195,6 +195,7 @@ def test_wrong_states_and_foreign_files_get_clear_errors(fp32_exports, tmp_path)
         rwkv_convert.load(tmp_path / "garbage.onnx")
 
 
+@pytest.mark.slow
 def test_cli_inspect_says_what_an_export_is_and_run_runs_it(fp32_exports):
     step = fp32_exports["v7"][0]
     assert_one_line_error(cli("inspect", step), "ONNX export, not an original checkpoint")
@@ -202,6 +203,7 @@ def test_cli_inspect_says_what_an_export_is_and_run_runs_it(fp32_exports):
     assert proc.returncode == 0 and "Assistant:" in proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_convert_and_verify(fixture_dir, tmp_path):
     src = fixture_path("v6", directory=fixture_dir)
     proc = cli("convert", src, "--to", "onnx", "--onnx-quant", "int8", "-o", tmp_path / "m.onnx", "--verify")
@@ -209,6 +211,7 @@ def test_cli_convert_and_verify(fixture_dir, tmp_path):
     assert "onnxruntime" in proc.stdout and "int8-block" in proc.stdout and "PASS" in proc.stdout
 
 
+@pytest.mark.slow
 def test_refusals_are_one_line_and_leave_no_file(fixture_dir, tmp_path):
     proc = cli("convert", fixture_path("v7-deepembed", directory=fixture_dir), "--to", "onnx", "-o",
                tmp_path / "m.onnx")
@@ -225,6 +228,7 @@ def test_refusals_are_one_line_and_leave_no_file(fixture_dir, tmp_path):
     assert_one_line_error(cli("convert", src, "--to", "onnx", "-o", tmp_path / "m.bin"), "should end in .onnx")
 
 
+@pytest.mark.slow
 def test_readme_example_runs_with_plain_onnxruntime(tmp_path):
     """The README's example, as written, on full-vocabulary v4 (its -1e30 start) and v7 models."""
     import re

@@ -11,6 +11,8 @@ from rwkv_convert.pip_runtime import run_in_pip_package
 
 from .conftest import tokens_for
 
+pytestmark = pytest.mark.slow  # every test runs the rwkv package in subprocesses
+
 V4_TO_V6 = ["v4", "v5.0", "v5.1", "v5.2", "v5.2-state", "v6"]
 INT8_STRATEGIES = ["cpu fp16i8", "cpu fp32i8", "cpu bf16i8"]
 RUN_STRATEGIES = ["cpu fp32", "cpu fp32i8", "cpu fp32i8 *3 -> cpu fp32", "cpu bf16"]

@@ -79,6 +79,7 @@ def test_one_token_matmul_equals_the_dequantised_matrix(atype):
     assert torch.allclose(seq[0].float(), out[0].float(), atol=1e-2 if atype != torch.float32 else 1e-4)
 
 
+@pytest.mark.slow
 def test_without_the_native_kernel_the_torch_path_gives_the_same_logits(fixture_dir):
     from rwkv_convert.fixtures import fixture_path
 

@@ -82,6 +82,7 @@ def test_foreign_web_rwkv_file_without_our_metadata_reads_back(fixture_dir, tmp_
         assert compare(references[variant], got)[0] <= TOLERANCES["fp16"].max_abs, variant
 
 
+@pytest.mark.slow
 def test_web_rwkv_refuses_other_dtypes_and_converts_onward(fixture_dir, tmp_path, references):
     src = fixture_path("v7", directory=fixture_dir)
     assert_one_line_error(cli("convert", src, "--to", "safetensors", "--layout", "web-rwkv", "--dtype", "bf16",
@@ -105,6 +106,7 @@ def test_blinkdl_keyed_safetensors_equals_the_pth(fixture_dir, tmp_path, referen
 
 
 # ---- Hugging Face ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_hf_v4_runs_in_transformers(fixture_dir, tmp_path, references):
     transformers = pytest.importorskip("transformers")
     src = fixture_path("v4", directory=fixture_dir)
@@ -127,6 +129,7 @@ def test_hf_v4_runs_in_transformers(fixture_dir, tmp_path, references):
 
 
 @pytest.mark.parametrize("variant", ["v7", "v7-layer0-v"])
+@pytest.mark.slow
 def test_hf_v7_runs_in_rwkv7_hf(variant, fixture_dir, tmp_path, references):
     rwkv7_hf = pytest.importorskip("rwkv7_hf")
     src = fixture_path(variant, directory=fixture_dir)
@@ -147,6 +150,7 @@ def test_hf_v7_runs_in_rwkv7_hf(variant, fixture_dir, tmp_path, references):
     assert torch.equal(rwkv_convert.load(out).forward(TOKENS, full_output=True)[0], ref)
 
 
+@pytest.mark.slow
 def test_hf_v7_tokenizer_matches_the_pip_package(tmp_path):
     rwkv7_hf = pytest.importorskip("rwkv7_hf")
     from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
@@ -162,6 +166,7 @@ def test_hf_v7_tokenizer_matches_the_pip_package(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["v5.2", "v6", "v7-deepembed"])
+@pytest.mark.slow
 def test_hf_refuses_what_no_client_runs(variant, fixture_dir, tmp_path):
     proc = cli("convert", fixture_path(variant, directory=fixture_dir), "--to", "safetensors", "--layout", "hf",
                "-o", tmp_path / "out")
@@ -185,6 +190,7 @@ def test_prepared_equals_the_in_memory_conversion_bit_for_bit(variant, strategy,
         assert all(torch.equal(x, y) for x, y in zip(state_a, state_b, strict=True))
 
 
+@pytest.mark.slow
 def test_prepared_records_its_plan_and_refuses_another(fixture_dir, tmp_path):
     src = fixture_path("v6", directory=fixture_dir)
     (out,) = rwkv_convert.convert(src, "safetensors", tmp_path / "m.safetensors", layout="prepared",
@@ -213,6 +219,7 @@ def _file(tmp_path, name: str, header: bytes | dict, data: bytes = b"", declared
     ("truncated", "truncated"), ("not-json", "corrupt safetensors header"), ("huge", "declares a"),
     ("overlap", "overlap"), ("out-of-range", "ends at byte"), ("wrong-size", "needs 16 bytes"),
 ])
+@pytest.mark.slow
 def test_malformed_safetensors_get_one_line(case, pattern, fixture_dir, tmp_path):
     entry = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
     if case == "truncated":

@@ -28,6 +28,7 @@ def test_encoding_equals_the_pip_package(both, text):
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=60))
+@pytest.mark.slow
 def test_round_trip_and_equal_to_pip_on_any_text(text):
     ours, pip = _cached()
     assert ours.encode(text) == pip.encode(text)

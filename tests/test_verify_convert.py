@@ -16,6 +16,7 @@ from .conftest import save_atomic
 from .test_cli import assert_one_line_error, cli
 
 
+@pytest.mark.slow
 def test_verify_passes_a_faithful_pip_file_and_writes_json(fixture_dir, tmp_path):
     src = fixture_path("v5.2", directory=fixture_dir)
     out = tmp_path / "v52-i8.pth"
@@ -48,6 +49,7 @@ def test_verify_reports_v7_int8_error(fixture_dir):
     assert 1e-3 < worst < TOLERANCES["i8"].max_abs
 
 
+@pytest.mark.slow
 def test_verify_bad_input_exits_2(fixture_dir, tmp_path):
     src = fixture_path("v6", directory=fixture_dir)
     assert_one_line_error(cli("verify", src, "--reference", src, "--strategy", "cpu fp61"), "not a dtype")
@@ -57,6 +59,7 @@ def test_verify_bad_input_exits_2(fixture_dir, tmp_path):
     assert_one_line_error(cli("verify", other, "--reference", src), "is not a conversion of")
 
 
+@pytest.mark.slow
 def test_converted_file_for_another_strategy_is_refused(fixture_dir, tmp_path):
     src = fixture_path("v4", directory=fixture_dir)
     out = tmp_path / "v4.pth"
@@ -70,6 +73,7 @@ def test_converted_file_for_another_strategy_is_refused(fixture_dir, tmp_path):
     ("cuda fp16 *2+ -> cpu fp32", "has no \\*N, but segment 1"),
     ("cpu fp32 -> ", "segment 2 is empty"),
 ])
+@pytest.mark.slow
 def test_convert_bad_strategy_exits_2_and_writes_nothing(strategy, pattern, fixture_dir, tmp_path):
     proc = cli("convert", fixture_path("v6", directory=fixture_dir), "--to", "pip", "--strategy", strategy,
                "-o", tmp_path / "out.pth")
@@ -97,6 +101,7 @@ def test_convert_into_a_full_or_read_only_directory(options, pattern, fixture_di
         subprocess.run(["umount", str(target)], check=False)
 
 
+@pytest.mark.slow
 def test_plan_table_and_json(fixture_dir):
     src = fixture_path("v6", directory=fixture_dir)
     proc = cli("plan", "--strategy", "cpu fp32i8 *3 -> cpu bf16 *10 -> cpu fp16", src, "--json")
