@@ -8,10 +8,7 @@ import sys
 
 import click
 
-import rwkv_convert
-
 from . import __version__
-from .checkpoint import Checkpoint
 from .describe import describe_checkpoint, format_description
 from .errors import RwkvConvertError
 from .fixtures import DEFAULT_VARIANT, EXTRA_VARIANTS, VARIANTS, fixture_path
@@ -104,7 +101,7 @@ def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 def plan(path: str, strategy: str, as_json: bool) -> None:
     """Per-layer placement of a strategy on PATH: device, dtypes, weight scheme, streaming, memory."""
-    ckpt: Checkpoint = registry.read_checkpoint(path)
+    ckpt = registry.read_checkpoint(path)
     result = make_plan(ckpt.spec, {k: tuple(v.shape) for k, v in ckpt.tensors.items()}, strategy)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
 
@@ -189,7 +186,7 @@ def convert(source: str, target: str, layout, output: str, then_verify: bool, to
       rwkv-convert convert model.pth --to safetensors --layout hf -o model-hf/
     """
     options = format_options(target, layout, flags)
-    written = rwkv_convert.convert(source, to=target, output=output, layout=layout, **options)
+    written = registry.convert(source, to=target, output=output, layout=layout, **options)
     for path in written:
         click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)", err=True)
     if then_verify:

@@ -187,12 +187,16 @@ def reference_run(reference: str | Path, tokens: int = 64, seed: int = 0) -> Ref
 RUNNERS = ("native", "ours")
 
 
+def _check_runner(runner: str) -> None:
+    if runner not in RUNNERS:
+        raise RwkvConvertError(f"unknown runner {runner!r}; use native or ours")
+
+
 def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None = None, runner: str = "native",
                   reference: str | Path = "the reference") -> NativeRun:
     """The candidate on the reference's streams: in its format's runtime (runner "native", where the registry
     names one), else loaded by our reader (ONNX: onnxruntime) and run like the reference."""
-    if runner not in RUNNERS:
-        raise RwkvConvertError(f"unknown runner {runner!r}; use native or ours")
+    _check_runner(runner)
     fmt, probe = detect(candidate)
     if runner == "native" and fmt.native is not None:
         return fmt.native(probe.path, strategy, ref.streams, ref.split, ref.spec)
@@ -239,8 +243,7 @@ def verify(candidate: str | Path, reference: str | Path, strategy: str | None = 
            seed: int = 0, runner: str = "native") -> VerifyReport:
     """runner: "native" runs the candidate in the runtime its format is for (the rwkv pip package for its
     converted files); "ours" runs it with rwkv-convert's reader and runner."""
-    if runner not in RUNNERS:
-        raise RwkvConvertError(f"unknown runner {runner!r}; use native or ours")
+    _check_runner(runner)
     detect(candidate)  # a missing or unreadable candidate fails before the reference is run
     ref = reference_run(reference, tokens, seed)
     return score(ref, candidate_run(candidate, ref, strategy, runner, reference), candidate, reference)
