@@ -65,7 +65,8 @@ def _source(row: Row, tensors: dict, spec: ModelSpec, i: int) -> torch.Tensor:
         t = t.t()
     elif row.layout == "swap12":
         t = t.permute(0, 2, 1)
-    return t.reshape(shape)
+    # llama.cpp's 1-D vectors ([1, 1, C] mixes, [H, N] r_k); any other shape must already match (_encode checks)
+    return t.reshape(-1) if len(shape) == 1 else t
 
 
 def tensor_jobs(ckpt: Checkpoint) -> list[TensorJob]:
