@@ -6,8 +6,10 @@ the same whatever the format."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import RwkvConvertError
@@ -21,6 +23,38 @@ def temp_path(final: Path) -> Path:
 
 def write_error(path: Path, e: OSError) -> RwkvConvertError:
     return RwkvConvertError(f"cannot write {path}: {e.strerror or e}")
+
+
+_PROTECTED: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("protected", default=())
+
+
+@contextlib.contextmanager
+def protecting(*inputs: Path) -> Iterator[None]:
+    """Within the block, no AtomicOutput may publish over one of these inputs (a file, or a directory and
+    everything in it), whatever the path it is given: the same name, a hard link or a symlink to it."""
+    token = _PROTECTED.set(_PROTECTED.get() + tuple(Path(p) for p in inputs))
+    try:
+        yield
+    finally:
+        _PROTECTED.reset(token)
+
+
+def _is_or_inside(final: Path, source: Path) -> bool:
+    try:
+        if final.exists() and source.exists() and os.path.samefile(final, source):
+            return True
+    except OSError:
+        pass
+    target, protected = final.resolve(), source.resolve()
+    return target == protected or (protected.is_dir() and target.is_relative_to(protected))
+
+
+def check_not_an_input(final: Path) -> None:
+    for source in _PROTECTED.get():
+        if _is_or_inside(final, source):
+            where = "is" if not source.is_dir() or final.resolve() == source.resolve() else "is inside"
+            raise RwkvConvertError(f"refusing to write {final}: it {where} the input {source}; a conversion never"
+                                   " changes its input - choose another output")
 
 
 def check_target_directory(path: Path) -> None:
@@ -52,6 +86,7 @@ class AtomicOutput:
 
     def __enter__(self) -> AtomicOutput:
         for final in self.finals:
+            check_not_an_input(final)
             check_target_directory(final)
             if self.directory:
                 if final.exists() and (not final.is_dir() or any(final.iterdir())):

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..atomic import protecting
 from ..checkpoint import Checkpoint
 from ..errors import RwkvConvertError, UnsupportedError
 from ..runner import Model, runnable
@@ -114,7 +115,8 @@ def convert(source: str | os.PathLike, to: str, output: str | os.PathLike, **opt
     reason = fmt.supports(ckpt.spec)
     if reason:
         raise UnsupportedError(f"cannot convert {ckpt.path.name} to {fmt.target}: {reason}")
-    return fmt.write(ckpt, Path(output), opts)
+    with protecting(ckpt.path):  # no file of the output may be the source (or inside a source directory)
+        return fmt.write(ckpt, Path(output), opts)
 
 
 def capabilities(ckpt: Checkpoint) -> dict[str, str]:
