@@ -9,12 +9,80 @@ import contextlib
 import contextvars
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import RwkvConvertError
 
-TEMP_SUFFIX = ".rwkv-tmp"  # temps are named .NAME.PID.rwkv-tmp
+TEMP_SUFFIX = ".rwkv-tmp"  # temps are named .NAME.PID.rwkv-tmp (and .NAME.PID.rwkv-tmp.data for scratch data)
+CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while an output was being written: raised like SIGINT's KeyboardInterrupt, so that
+    the temps are removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Within the block (main thread only), SIGTERM and SIGHUP raise Interrupted instead of killing the process
+    where it stands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in CLEANUP_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, _raise_interrupted)
+        except (ValueError, OSError):  # not allowed here (an embedding interpreter)
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _delete(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def remove_stale_temps(final: Path) -> None:
+    """Temps of `final` left by a run that died without cleaning up (SIGKILL, a power cut): removed once
+    their process is gone. Only our own naming is touched."""
+    prefix = f".{final.name}."
+    with contextlib.suppress(OSError):
+        for path in final.parent.iterdir():
+            name = path.name
+            if not name.startswith(prefix) or TEMP_SUFFIX not in name:
+                continue
+            pid = name[len(prefix):].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                _delete(path)
 
 
 def temp_path(final: Path) -> Path:
@@ -88,21 +156,31 @@ class AtomicOutput:
         for final in self.finals:
             check_not_an_input(final)
             check_target_directory(final)
+            remove_stale_temps(final)
             if self.directory:
                 if final.exists() and (not final.is_dir() or any(final.iterdir())):
                     raise RwkvConvertError(f"{final} exists and is not an empty directory; give a new directory")
             elif final.is_dir():
                 raise RwkvConvertError(f"{final} is a directory; give the output file's name")
+        self._signals = signals_interrupt()
+        self._signals.__enter__()
         if self.directory:
             try:
                 for tmp in self._temps.values():
                     tmp.mkdir()
             except OSError as e:
                 self._remove()
+                self._signals.__exit__(None, None, None)
                 raise write_error(self.finals[0], e) from None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._finish(exc_type, exc)
+        finally:
+            self._signals.__exit__(None, None, None)
+
+    def _finish(self, exc_type, exc) -> None:
         if exc_type is not None:
             self._remove()
             if isinstance(exc, OSError):
@@ -124,11 +202,8 @@ class AtomicOutput:
 
     def _remove(self) -> None:
         for tmp in self._temps.values():
-            with contextlib.suppress(OSError):
-                if tmp.is_dir() and not tmp.is_symlink():
-                    shutil.rmtree(tmp)
-                else:
-                    tmp.unlink(missing_ok=True)
+            _delete(tmp)
+            _delete(tmp.with_name(tmp.name + ".data"))  # a writer's scratch data beside it
 
 
 def write_text_atomic(path: Path, text: str) -> None:

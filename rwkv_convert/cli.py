@@ -9,6 +9,7 @@ import sys
 import click
 
 from . import __version__
+from .atomic import Interrupted
 from .describe import describe_checkpoint, format_description
 from .errors import RwkvConvertError
 from .fixtures import DEFAULT_VARIANT, EXTRA_VARIANTS, VARIANTS, fixture_path
@@ -33,6 +34,12 @@ class Group(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except Interrupted as e:  # SIGTERM/SIGHUP during a write: its temps are gone; exit as the signal would
+            click.echo(f"error: stopped by {e.args[0]}; no partial output was left", err=True)
+            sys.exit(128 + e.signum)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; no partial output was left", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

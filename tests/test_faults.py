@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import rwkv_convert
-from rwkv_convert.fixtures import fixture_path
+from rwkv_convert.atomic import TEMP_SUFFIX
+from rwkv_convert.fixtures import fixture_path, make_state_dict
 
+from .conftest import save_atomic
 from .test_cli import assert_one_line_error, cli
 
 # ONNX outputs end in .onnx: the case of an ONNX file that is an input is the data-file test below.
@@ -55,3 +61,59 @@ def test_output_inside_an_input_hf_directory_is_refused(fixture_dir, tmp_path):
     assert_one_line_error(cli("convert", hf, "--to", "gguf", "-o", hf / "m.gguf"), "is inside the input")
     assert_one_line_error(cli("convert", hf, "--to", "safetensors", "--layout", "hf", "-o", hf), "is the input")
     assert digest(hf) == before and sorted(p.name for p in hf.iterdir()) == names
+
+
+@pytest.fixture(scope="module")
+def big_source(tmp_path_factory) -> Path:
+    """Big enough (0.3 GB) that a conversion is still writing when a signal arrives."""
+    path = tmp_path_factory.mktemp("big") / "big-v7.pth"
+    return save_atomic(make_state_dict("v7", n_layer=4, n_embd=512, vocab=65536), path)
+
+
+SIGNAL_CASES = [(signal.SIGTERM, ["--to", "gguf", "--quant", "q8_0"], "m.gguf"),
+                (signal.SIGTERM, ["--to", "safetensors", "--layout", "hf"], "hf"),
+                (signal.SIGTERM, ["--to", "onnx"], "m.onnx"),
+                (signal.SIGHUP, ["--to", "safetensors", "--layout", "web-rwkv"], "m.st"),
+                (signal.SIGTERM, ["--to", "safetensors", "--layout", "prepared", "--strategy", "cpu fp32i8"], "p.st"),
+                (signal.SIGINT, ["--to", "gguf", "--quant", "q8_0"], "m.gguf")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,target,name", SIGNAL_CASES, ids=lambda c: getattr(c, "name", None))
+def test_a_signal_mid_write_leaves_nothing(sig, target, name, big_source, tmp_path):
+    before = digest(big_source)
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-m", "rwkv_convert.cli", "convert", str(big_source), *target,
+                              "-o", str(out / name)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(TEMP_SUFFIX in p.name for p in out.iterdir()):  # writing has begun
+        assert child.poll() is None, f"finished before it could be interrupted: {child.stderr.read()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    child.send_signal(sig)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 128 + sig, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "no partial output was left" in lines[0] and "Traceback" not in err, err
+    assert list(out.iterdir()) == []
+    assert digest(big_source) == before
+
+
+def test_a_later_run_removes_temps_of_dead_runs_only(fixture_dir, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".m.gguf.{dead_pid}{TEMP_SUFFIX}"
+        stale_dir = tmp_path / f".m.gguf.{dead_pid}{TEMP_SUFFIX}.data"
+        busy = tmp_path / f".m.gguf.{alive.pid}{TEMP_SUFFIX}"
+        other = tmp_path / f".other.gguf.{dead_pid}{TEMP_SUFFIX}"
+        for path in (stale, busy, other):
+            path.write_bytes(b"x" * 100)
+        stale_dir.write_bytes(b"x")
+        proc = cli("convert", fixture_path("v6", directory=fixture_dir), "--to", "gguf", "-o", tmp_path / "m.gguf")
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([busy.name, other.name, "m.gguf"])
+    finally:
+        alive.kill()
