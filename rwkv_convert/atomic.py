@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import secrets
 import shutil
 import signal
 import threading
@@ -16,7 +17,12 @@ from pathlib import Path
 
 from .errors import RwkvConvertError
 
-TEMP_SUFFIX = ".rwkv-tmp"  # temps are named .NAME.PID.rwkv-tmp (and .NAME.PID.rwkv-tmp.data for scratch data)
+try:
+    import fcntl
+except ImportError:  # not on Windows: publishing is then only as atomic as each rename
+    fcntl = None
+
+TEMP_SUFFIX = ".rwkv-tmp"  # temps: .NAME.PID.TOKEN.rwkv-tmp (and that + .data for scratch data)
 CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
@@ -86,7 +92,9 @@ def remove_stale_temps(final: Path) -> None:
 
 
 def temp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{os.getpid()}{TEMP_SUFFIX}")
+    """Hidden, in the target's directory, unique to this writer (threads of one process too), with the PID
+    that lets a later run tell a dead run's leftovers."""
+    return final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
 def write_error(path: Path, e: OSError) -> RwkvConvertError:
@@ -94,6 +102,19 @@ def write_error(path: Path, e: OSError) -> RwkvConvertError:
 
 
 _PROTECTED: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("protected", default=())
+_PUBLISHED: contextvars.ContextVar[dict[Path, int] | None] = contextvars.ContextVar("published", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[Path, int]]:
+    """{path: size} of every file published within the block, as this run wrote it (another run may replace
+    it a moment later: report these sizes, not a later stat)."""
+    published: dict[Path, int] = {}
+    token = _PUBLISHED.set(published)
+    try:
+        yield published
+    finally:
+        _PUBLISHED.reset(token)
 
 
 @contextlib.contextmanager
@@ -129,6 +150,23 @@ def check_target_directory(path: Path) -> None:
     """The one wording for an output whose directory is missing."""
     if not path.parent.is_dir():
         raise RwkvConvertError(f"cannot write {path}: the directory {path.parent} does not exist; create it first")
+
+
+@contextlib.contextmanager
+def _publishing(directories: set[Path]) -> Iterator[None]:
+    """An exclusive flock on the target directories while one output's files are renamed into place: two runs
+    writing the same output publish one after the other, each as a whole (the later one wins), never a mix."""
+    fds = []
+    try:
+        for directory in sorted(directories):
+            fd = os.open(directory, os.O_RDONLY)
+            fds.append(fd)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # releases the lock
 
 
 def _fsync(path: Path) -> None:
@@ -187,13 +225,20 @@ class AtomicOutput:
                 raise write_error(self.finals[0], exc) from None
             return
         try:
+            sizes = {}
             for final, tmp in self._temps.items():
                 for path in (sorted(tmp.rglob("*")) if self.directory else [tmp]):
                     if path.is_file():
                         _fsync(path)
-                if self.directory and final.exists():
-                    final.rmdir()  # empty (checked on entry)
-                os.replace(tmp, final)
+                        sizes[final / path.relative_to(tmp) if self.directory else final] = path.stat().st_size
+            with _publishing({final.parent for final in self.finals}):
+                for final, tmp in self._temps.items():
+                    if self.directory and final.exists():
+                        final.rmdir()  # empty (checked on entry)
+                    os.replace(tmp, final)
+            published = _PUBLISHED.get()
+            if published is not None:
+                published.update(sizes)
         except BaseException as e:
             self._remove()
             if isinstance(e, OSError):

@@ -9,7 +9,7 @@ import sys
 import click
 
 from . import __version__
-from .atomic import Interrupted
+from .atomic import Interrupted, recording
 from .describe import describe_checkpoint, format_description
 from .errors import RwkvConvertError
 from .fixtures import DEFAULT_VARIANT, EXTRA_VARIANTS, VARIANTS, fixture_path
@@ -193,9 +193,10 @@ def convert(source: str, target: str, layout, output: str, then_verify: bool, to
       rwkv-convert convert model.pth --to safetensors --layout hf -o model-hf/
     """
     options = format_options(target, layout, flags)
-    written = registry.convert(source, to=target, output=output, layout=layout, **options)
+    with recording() as published:  # the sizes this run wrote, even if another run replaces the files
+        written = registry.convert(source, to=target, output=output, layout=layout, **options)
     for path in written:
-        click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)", err=True)
+        click.echo(f"wrote {path} ({published.get(path, path.stat().st_size):,} bytes)", err=True)
     if then_verify:
         _verify_and_exit(output, source, None, tokens, 0, None)
 

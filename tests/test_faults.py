@@ -8,14 +8,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import rwkv_convert
-from rwkv_convert.atomic import TEMP_SUFFIX
+from rwkv_convert.atomic import TEMP_SUFFIX, AtomicOutput
 from rwkv_convert.fixtures import fixture_path, make_state_dict
+from rwkv_convert.formats.onnx.runtime import OnnxModel
 
 from .conftest import save_atomic
 from .test_cli import assert_one_line_error, cli
@@ -117,3 +120,45 @@ def test_a_later_run_removes_temps_of_dead_runs_only(fixture_dir, tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([busy.name, other.name, "m.gguf"])
     finally:
         alive.kill()
+
+
+def test_outputs_published_at_the_same_moment_are_never_mixed(tmp_path):
+    """Two writers of one three-file output publish at once (a barrier holds both just before): every time, all
+    three files come from the same writer. (Without the publishing lock about half of these runs mix.)"""
+    finals = [tmp_path / "m.onnx.data", tmp_path / "m.onnx", tmp_path / "m.seq.onnx"]
+    for _ in range(200):
+        barrier = threading.Barrier(2)
+
+        def write(tag: str, barrier: threading.Barrier = barrier) -> None:
+            with AtomicOutput(*finals) as out:
+                for final in finals:
+                    out.temp(final).write_text(tag)
+                barrier.wait()
+
+        threads = [threading.Thread(target=write, args=(tag,)) for tag in "AB"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len({f.read_text() for f in finals}) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in finals)
+
+
+@pytest.mark.slow
+def test_two_concurrent_onnx_exports_to_one_path_leave_one_whole_export(fixture_dir, tmp_path):
+    src = fixture_path("v6", directory=fixture_dir)
+    out = tmp_path / "m.onnx"
+    for _ in range(3):
+        runs = [subprocess.Popen([sys.executable, "-m", "rwkv_convert.cli", "convert", str(src), "--to", "onnx",
+                                  "--dtype", dtype, "-o", str(out)], stderr=subprocess.PIPE, text=True)
+                for dtype in ("fp32", "fp16")]
+        errors = [run.communicate(timeout=300)[1] for run in runs]
+        assert [run.returncode for run in runs] == [0, 0], errors
+        for err in errors:  # each run reports the sizes it wrote itself
+            assert len([line for line in err.splitlines() if line.startswith("wrote ")]) == 3, err
+        model = OnnxModel(out)
+        graphs = {model.step.get_modelmeta().custom_metadata_map["rwkv.dtype"],
+                  model.sequence.get_modelmeta().custom_metadata_map["rwkv.dtype"]}
+        assert len(graphs) == 1  # both graphs from one run, with its data file (the forward would fail otherwise)
+        assert torch.isfinite(model.forward([1, 2, 3])[0]).all()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "m.seq.onnx"]
