@@ -8,6 +8,7 @@ import pickle
 import re
 import sys
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,19 +19,53 @@ from .errors import RwkvConvertError
 from .spec import ModelSpec
 
 
+class CheckedTensors(Mapping):
+    """A checkpoint's tensors by name. Each is checked for NaN and infinity the first time it is read, which is
+    while a conversion or the runner streams through it (no extra pass over the file), so a damaged or diverged
+    checkpoint is refused with the tensor's name instead of being written or run."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], source: Path, mmapped: bool):
+        self._tensors, self._source, self._mmapped, self._checked = tensors, source, mmapped, set()
+
+    def unchecked(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self._tensors[name]
+        if name not in self._checked:
+            if t.is_floating_point() and t.numel():
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    raise RwkvConvertError(
+                        f"{self._source}: tensor {name} holds {bad:,} NaN or infinite values (of {t.numel():,}); the"
+                        " file is damaged or was saved from a diverged run - use another copy")
+                if self._mmapped:  # checked ahead of its use: do not keep its pages resident until then
+                    drop_file_pages(t)
+            self._checked.add(name)
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 @dataclass
 class Checkpoint:
     path: Path
-    tensors: dict[str, torch.Tensor]  # mmap-backed: reading a tensor's data pages it in
+    tensors: Mapping[str, torch.Tensor]  # mmap-backed: reading a tensor's data pages it in (and checks it)
     spec: ModelSpec
     unused_keys: list[str] = field(default_factory=list)
     mmapped: bool = True  # tensors are views of a read-only file mapping (False for legacy-format files)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # without reading (or checking) any data
 
     def release(self, name: str) -> None:
         """Done with a tensor: let the kernel drop its pages from this process's memory (they are read
         from the file again if it is used later), so that streaming conversions keep a small RSS."""
         if self.mmapped:
-            drop_file_pages(self.tensors[name])
+            tensors = self.tensors
+            drop_file_pages(tensors.unchecked(name) if isinstance(tensors, CheckedTensors) else tensors[name])
 
     @property
     def file_size(self) -> int:
@@ -107,4 +142,5 @@ def checkpoint_from_tensors(p: Path, tensors: dict[str, torch.Tensor], mmapped: 
     dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
     spec = build_spec(shapes, dtypes, source=str(p))
     unused = check_shapes(spec, shapes, source=str(p))
-    return Checkpoint(path=p, tensors=tensors, spec=spec, unused_keys=unused, mmapped=mmapped)
+    return Checkpoint(path=p, tensors=CheckedTensors(tensors, p, mmapped), spec=spec, unused_keys=unused,
+                      mmapped=mmapped, shapes=shapes)

@@ -109,7 +109,7 @@ def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_
 def plan(path: str, strategy: str, as_json: bool) -> None:
     """Per-layer placement of a strategy on PATH: device, dtypes, weight scheme, streaming, memory."""
     ckpt = registry.read_checkpoint(path)
-    result = make_plan(ckpt.spec, {k: tuple(v.shape) for k, v in ckpt.tensors.items()}, strategy)
+    result = make_plan(ckpt.spec, ckpt.shapes, strategy)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
 
 

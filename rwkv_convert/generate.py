@@ -15,6 +15,9 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 0.85,
     """Nucleus sampling as the pip package does it; temperature 0 is greedy (argmax)."""
     if temperature < 0 or not 0 <= top_p <= 1:
         raise RwkvConvertError("temperature must be >= 0 and top-p within [0, 1]")
+    if not torch.isfinite(logits).all():
+        raise RwkvConvertError("the model produced NaN or infinite logits (an overflow: try a wider dtype, e.g."
+                               ' --strategy "cpu fp32", or check the checkpoint)')
     if temperature == 0 or top_p == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float(), dim=-1)

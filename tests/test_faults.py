@@ -162,3 +162,37 @@ def test_two_concurrent_onnx_exports_to_one_path_leave_one_whole_export(fixture_
         assert len(graphs) == 1  # both graphs from one run, with its data file (the forward would fail otherwise)
         assert torch.isfinite(model.forward([1, 2, 3])[0]).all()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "m.seq.onnx"]
+
+
+@pytest.fixture(scope="module")
+def non_finite_sources(fixture_dir, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("non-finite")
+    found = {}
+    for name, value, key in (("nan", float("nan"), "blocks.3.att.key.weight"), ("inf", float("inf"), "emb.weight"),
+                             ("bf16-inf", float("-inf"), "blocks.6.ffn.value.weight")):
+        dtype = "bf16" if name.startswith("bf16") else "fp32"
+        sd = torch.load(fixture_path("v6", dtype, directory=fixture_dir), weights_only=True)
+        sd[key] = sd[key].clone()
+        sd[key].view(-1)[7] = value
+        found[name] = (save_atomic(sd, folder / f"{name}.pth"), key)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["nan", "inf", "bf16-inf"])
+@pytest.mark.parametrize("target", TARGETS + [["--to", "onnx"]], ids=lambda t: t[-1])
+def test_non_finite_weights_are_refused_with_the_tensors_name(case, target, non_finite_sources, tmp_path):
+    src, key = non_finite_sources[case]
+    before = digest(src)
+    proc = cli("convert", src, *target, "-o", tmp_path / ("out.onnx" if "onnx" in target else "out"))
+    assert_one_line_error(proc, f"tensor {key} holds 1 NaN or infinite values")
+    assert list(tmp_path.iterdir()) == [] and digest(src) == before
+
+
+def test_run_refuses_non_finite_weights_and_logits(non_finite_sources, fixture_dir, tmp_path):
+    assert_one_line_error(cli("run", non_finite_sources["nan"][0], "--tokens", "3"), "holds 1 NaN or infinite")
+    # finite weights whose logits overflow: a huge head in fp16
+    sd = torch.load(fixture_path("v7", directory=fixture_dir), weights_only=True)
+    sd["head.weight"] = sd["head.weight"] * 1e6
+    src = save_atomic(sd, tmp_path / "overflow.pth")
+    assert_one_line_error(cli("run", src, "--tokens", "3", "--strategy", "cpu fp16"), "NaN or infinite logits")
