@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .arch import build_spec, check_shapes
-from .errors import RwkvConvertError
+from .errors import RwkvConvertError, brief
 from .spec import ModelSpec
 
 
@@ -121,7 +121,7 @@ def load_raw(path: Path) -> tuple[dict, bool]:
     except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, KeyError, ...)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RwkvConvertError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {reason[:160]}") from None
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {brief(reason)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
+from pathlib import Path
 
 import click
 
 from . import __version__
-from .atomic import Interrupted, recording
+from .atomic import Interrupted, check_target_directory, recording
 from .describe import describe_checkpoint, format_description
 from .errors import RwkvConvertError
 from .fixtures import DEFAULT_VARIANT, EXTRA_VARIANTS, VARIANTS, fixture_path
@@ -71,7 +73,9 @@ def inspect(path: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("path", required=False, type=click.Path(dir_okay=True, path_type=str))
-@click.option("--prompt", default="\nUser: Hello!\n\nAssistant:", show_default=True, help="Text to continue.")
+@click.option("--prompt", default="\nUser: Hello!\n\nAssistant:", show_default=True,
+              callback=lambda ctx, param, value: unescape(value),
+              help="Text to continue; \\n and \\t in it are a newline and a tab (\\\\ for a backslash).")
 @click.option("--tokens", "max_tokens", default=64, show_default=True, type=click.IntRange(0, None),
               help="How many tokens to generate.")
 @click.option("--strategy", default=None,
@@ -96,10 +100,16 @@ def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_
             raise RwkvConvertError(f"this model has the GPT-NeoX vocabulary ({vocab} ids), not World; pass"
                                    " --tokenizer 20B_tokenizer.json")
         tokenizer = WorldTokenizer(vocab_size=vocab if vocab < 65536 else None)
-    click.echo(prompt, nl=False)
+    # The prompt is echoed once the model has read it, so that an error (a tokenizer the model does not fit)
+    # is a line of its own, not glued to the prompt.
+    shown = printable if sys.stdout.isatty() else str
+    echoed = False
     for piece in generate(model, tokenizer, prompt, max_tokens, temperature, top_p, seed):
-        click.echo(piece, nl=False)
-    click.echo()
+        if not echoed:
+            click.echo(shown(prompt), nl=False)
+            echoed = True
+        click.echo(shown(piece), nl=False)
+    click.echo(shown(prompt) if not echoed else "")
 
 
 @main.command()
@@ -111,6 +121,19 @@ def plan(path: str, strategy: str, as_json: bool) -> None:
     ckpt = registry.read_checkpoint(path)
     result = make_plan(ckpt.spec, ckpt.shapes, strategy)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
+
+
+def unescape(text: str) -> str:
+    r"""--prompt "User: hi\n\nAssistant:" as the shell passes it (a backslash and an n) means a newline."""
+    return re.sub(r"\\(\\|n|t)", lambda m: {"\\": "\\", "n": "\n", "t": "\t"}[m.group(1)], text)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """Text for a terminal: control bytes (escape sequences that would drive it) shown as \\xNN."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _format_flags() -> dict[str, click.Option]:
@@ -182,7 +205,10 @@ def format_options(target: str, layout: str | None, given: dict) -> dict:
               help="The output file (hf: a new or empty directory; onnx: the step graph, the others beside it).")
 @click.option("--verify", "then_verify", is_flag=True, help="Verify the written files against SOURCE.")
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(2, None), help="With --verify.")
-def convert(source: str, target: str, layout, output: str, then_verify: bool, tokens: int, **flags) -> None:
+@click.option("--runner", default="native", show_default=True, type=click.Choice(["native", "ours"]),
+              help="With --verify: run the file in its format's runtime, or with rwkv-convert's reader.")
+def convert(source: str, target: str, layout, output: str, then_verify: bool, tokens: int, runner: str,
+            **flags) -> None:
     """Convert SOURCE (original weights: .pth, safetensors, an HF directory, GGUF) for a runtime. Written
     tensor by tensor, atomically.
 
@@ -198,13 +224,15 @@ def convert(source: str, target: str, layout, output: str, then_verify: bool, to
     for path in written:
         click.echo(f"wrote {path} ({published.get(path, path.stat().st_size):,} bytes)", err=True)
     if then_verify:
-        _verify_and_exit(output, source, None, tokens, 0, None)
+        _verify_and_exit(output, source, None, tokens, 0, None, runner)
 
 
 convert.params.extend(FORMAT_FLAGS.values())
 
 
 def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner="native") -> None:
+    if json_path:  # before the run: a report that cannot be written must not follow a PASS
+        check_target_directory(Path(json_path))
     report = verify(candidate, reference, strategy, tokens, seed, runner)
     click.echo(format_report(report))
     if json_path:
@@ -225,7 +253,7 @@ def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, ru
 @click.option("--runner", default="native", show_default=True, type=click.Choice(["native", "ours"]),
               help="native: the runtime the format is for (the rwkv pip package for its files); ours: our reader.")
 def verify_command(candidate, reference, strategy, tokens, seed, json_path, runner) -> None:
-    """Compare CANDIDATE's outputs with the reference runner on SOURCE: exit 0 pass, 1 fail, 2 bad input.
+    """Compare CANDIDATE's outputs with the reference runner on --reference: exit 0 pass, 1 fail, 2 bad input.
 
     Runs a fixed and a random token stream in sequence mode, token by token and in two chunks with the
     state carried, and reports max |Δlogit|, relative L2, KL, top-1 agreement and the state difference

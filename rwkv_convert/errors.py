@@ -9,3 +9,14 @@ class RwkvConvertError(Exception):
 
 class UnsupportedError(RwkvConvertError):
     """A valid request this version of rwkv-convert cannot carry out (say so, and what works instead)."""
+
+
+def brief(text: object, limit: int = 200) -> str:
+    """Another tool's error message for one of our lines: its first non-empty line, cut at a word boundary
+    (never mid-word) with "..." when longer than `limit`."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    first = lines[0] if lines else type(text).__name__
+    if len(first) <= limit:
+        return first
+    cut = first[:limit].rsplit(" ", 1)[0].rstrip(" ,;:")
+    return cut + " ..."

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from .errors import RwkvConvertError
+from .errors import RwkvConvertError, brief
 
 
 def _llama_class():
@@ -43,7 +43,7 @@ class LlamaCppRunner:
                 # path that crashes quantized RWKV models on multi-token batches.
                 self.llm = Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, use_extra_bufts=False)
             except Exception as e:  # llama-cpp-python raises ValueError on a failed load
-                raise RwkvConvertError(f"llama.cpp could not load {path}: {str(e).splitlines()[0][:200]}") from None
+                raise RwkvConvertError(f"llama.cpp could not load {path}: {brief(e)}") from None
 
     def logits(self, chunks: list[list[int]]) -> torch.Tensor:
         """[T, V] logits of every token, fed chunk by chunk (the state carried), from a fresh state."""

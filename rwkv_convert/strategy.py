@@ -13,8 +13,9 @@ from .errors import RwkvConvertError
 
 DEFAULT_RESCALE_LAYER = 6
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
-_COUNT = re.compile(r"^\*(\d+)(\+?)$")
+# [0-9], not \d: Python's \d takes any Unicode digit ("*١" would be a layer count)
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:[0-9]{1,4})?)$")  # a device index of at most 4 digits
+_COUNT = re.compile(r"^\*([0-9]+)(\+?)$")
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,13 @@ class Strategy:
         """The fp16 rescale interval, as the pip package chooses it: 6 whenever the string has fp16,
         RWKV_RESCALE_LAYER overriding it (0 disables). Versions without a rescale (RWKV-7) ignore it: ask
         rwkv_convert.arch.rescale_interval."""
-        env = os.environ.get("RWKV_RESCALE_LAYER")
-        return int(env) if env else (DEFAULT_RESCALE_LAYER if self.uses_fp16 else 0)
+        env = os.environ.get("RWKV_RESCALE_LAYER", "").strip()
+        if not env:
+            return DEFAULT_RESCALE_LAYER if self.uses_fp16 else 0
+        if not (env.isascii() and env.isdigit()):
+            raise RwkvConvertError(f"RWKV_RESCALE_LAYER={env!r} is not a whole number of layers (0 turns the fp16"
+                                   " rescale off); fix or unset it")
+        return int(env)
 
 
 def _bad(text: str, token: str, where: str, expected: str) -> RwkvConvertError:
@@ -91,7 +97,7 @@ def parse_strategy(text: str) -> Strategy:
         dtype_token = tokens[1]
         base, suffix = dtype_token[:4], dtype_token[4:]
         if base not in DTYPES or suffix not in ("", "i8"):
-            if base in DTYPES and re.fullmatch(r"i\d+", suffix):
+            if base in DTYPES and re.fullmatch(r"i[0-9]+", suffix):
                 raise _bad(text, dtype_token, where,
                            f"supported: {suffix} weights do not exist; use {base}i8 or {base}")
             raise _bad(text, dtype_token, where, "a dtype; expected fp32, fp16 or bf16, optionally with i8 (fp16i8)")

@@ -8,7 +8,7 @@ import codecs
 from importlib import resources
 from pathlib import Path
 
-from .errors import RwkvConvertError
+from .errors import RwkvConvertError, brief
 
 END_OF_TEXT = 0  # id 0 is not in the vocabulary file: it ends a document
 
@@ -91,7 +91,7 @@ class HFTokenizer:
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises plain Exceptions with a message
-            raise RwkvConvertError(f"{path} is not a readable tokenizer.json: {str(e).splitlines()[0][:160]}") from None
+            raise RwkvConvertError(f"{path} is not a readable tokenizer.json: {brief(e)}") from None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids

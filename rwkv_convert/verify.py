@@ -202,7 +202,7 @@ def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None
         return fmt.native(probe.path, strategy, ref.streams, ref.split, ref.spec)
     model = load(candidate, strategy)
     _check_same_model(model, candidate, ref.spec, reference)
-    schemes = set(model.weight_schemes)
+    schemes = set(model.weight_schemes) | (fmt.stored(probe.path) if fmt.stored else set())
     stored = stored_precision(model.spec)  # a file stored less precisely than its reference: a web-rwkv .st (F16)
     if _PRECISION_ORDER.index(stored) > _PRECISION_ORDER.index(stored_precision(ref.spec)):
         schemes.add(stored)

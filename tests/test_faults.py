@@ -17,6 +17,8 @@ import torch
 
 import rwkv_convert
 from rwkv_convert.atomic import TEMP_SUFFIX, AtomicOutput
+from rwkv_convert.cli import printable, unescape
+from rwkv_convert.errors import brief
 from rwkv_convert.fixtures import fixture_path, make_state_dict
 from rwkv_convert.formats.onnx.runtime import OnnxModel
 
@@ -48,6 +50,7 @@ def test_output_equal_to_the_input_is_refused_and_the_input_kept(target, fixture
     assert sorted(p.name for p in tmp_path.iterdir()) == names
 
 
+@pytest.mark.slow
 def test_no_file_of_a_multi_file_output_may_be_the_input(fixture_dir, tmp_path):
     """An ONNX export writes OUT.data beside the graph: a source of that name is refused, not overwritten."""
     src = tmp_path / "m.onnx.data"
@@ -57,6 +60,7 @@ def test_no_file_of_a_multi_file_output_may_be_the_input(fixture_dir, tmp_path):
     assert digest(src) == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx.data"]
 
 
+@pytest.mark.slow
 def test_output_inside_an_input_hf_directory_is_refused(fixture_dir, tmp_path):
     hf = tmp_path / "hf"
     rwkv_convert.convert(fixture_path("v7", directory=fixture_dir), "safetensors", hf, layout="hf")
@@ -103,6 +107,7 @@ def test_a_signal_mid_write_leaves_nothing(sig, target, name, big_source, tmp_pa
     assert digest(big_source) == before
 
 
+@pytest.mark.slow
 def test_a_later_run_removes_temps_of_dead_runs_only(fixture_dir, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
@@ -189,6 +194,7 @@ def test_non_finite_weights_are_refused_with_the_tensors_name(case, target, non_
     assert list(tmp_path.iterdir()) == [] and digest(src) == before
 
 
+@pytest.mark.slow
 def test_run_refuses_non_finite_weights_and_logits(non_finite_sources, fixture_dir, tmp_path):
     assert_one_line_error(cli("run", non_finite_sources["nan"][0], "--tokens", "3"), "holds 1 NaN or infinite")
     # finite weights whose logits overflow: a huge head in fp16
@@ -196,3 +202,32 @@ def test_run_refuses_non_finite_weights_and_logits(non_finite_sources, fixture_d
     sd["head.weight"] = sd["head.weight"] * 1e6
     src = save_atomic(sd, tmp_path / "overflow.pth")
     assert_one_line_error(cli("run", src, "--tokens", "3", "--strategy", "cpu fp16"), "NaN or infinite logits")
+
+
+@pytest.mark.slow
+def test_small_faults_are_one_line(fixture_dir, tmp_path):
+    v6 = fixture_path("v6", directory=fixture_dir)
+    assert_one_line_error(cli("run", v6, "--strategy", "cpu fp16", "--tokens", "2",
+                              env_extra={"RWKV_RESCALE_LAYER": "abc"}), "RWKV_RESCALE_LAYER='abc' is not a whole")
+    assert_one_line_error(cli("plan", v6, "--strategy", "cuda:99999999999 fp16"), "is not a device")
+    assert_one_line_error(cli("plan", v6, "--strategy", "cpu fp16 *١"), "is not a layer count")
+    proc = cli("verify", v6, "--reference", v6, "--json", tmp_path / "missing" / "r.json")
+    assert_one_line_error(proc, "the directory .* does not exist")
+    assert "PASS" not in proc.stdout  # refused before the run, not after it printed a verdict
+
+
+def test_prompt_escapes_and_terminal_safe_text():
+    assert unescape(r"User: hi\n\nAssistant:") == "User: hi\n\nAssistant:"
+    assert unescape(r"a\tb \\n") == "a\tb \\n"
+    assert printable("ok\n\ttab \x1b[2J\x07") == "ok\n\ttab \\x1b[2J\\x07"
+    assert brief("word " * 100, 30) == "word word word word word word ..." and len(brief("x" * 10)) == 10
+
+
+@pytest.mark.slow
+def test_run_takes_newlines_in_the_prompt_and_convert_verifies_with_our_reader(fixture_dir, tmp_path):
+    proc = cli("run", fixture_path("v5.2", directory=fixture_dir), "--prompt", r"User: hi\n\nAssistant:",
+               "--tokens", "3", "--seed", "1")
+    assert proc.returncode == 0 and proc.stdout.startswith("User: hi\n\nAssistant:"), proc.stderr
+    proc = cli("convert", fixture_path("v7", directory=fixture_dir), "--to", "gguf", "-o", tmp_path / "m.gguf",
+               "--verify", "--runner", "ours", "--tokens", "8")
+    assert proc.returncode == 0 and "rwkv-convert runner" in proc.stdout, proc.stdout + proc.stderr

@@ -127,6 +127,9 @@ class Format:
     options: type[Options] = NoOptions
     supports: Callable[[ModelSpec], str | None] = always
     native: Callable[..., NativeRun] | None = None  # (path, strategy, streams, split, spec) in `runtime`
+    # the precisions the file stores its weights in, as tolerance keys, when reading it back cannot tell
+    # (a GGUF is dequantized to fp32 on reading)
+    stored: Callable[[Path], set[str]] | None = None
     family: str | None = None  # "safetensors": `convert --to safetensors --layout NAME`
 
     @property

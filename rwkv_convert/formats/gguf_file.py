@@ -20,7 +20,7 @@ import torch
 from ..arch import module_for
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
-from ..errors import RwkvConvertError, UnsupportedError
+from ..errors import RwkvConvertError, UnsupportedError, brief
 from ..llama_runtime import LlamaCppRunner
 from ..spec import ModelSpec
 from ..strategy import Strategy, allocate, parse_strategy
@@ -261,7 +261,7 @@ def read_gguf(path: Path) -> Checkpoint:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/struct errors on damaged files
-        raise RwkvConvertError(f"{path} is not a readable GGUF file: {str(e).splitlines()[0][:160]}") from None
+        raise RwkvConvertError(f"{path} is not a readable GGUF file: {brief(e)}") from None
     field = reader.fields.get("general.architecture")
     arch = bytes(field.parts[field.data[0]]).decode() if field else "?"
     if arch not in ("rwkv6", "rwkv7"):
@@ -318,4 +318,4 @@ def native(path: Path, strategy: str | None, streams: dict[str, list[int]], spli
 FORMAT = Format(
     name="gguf", summary="a GGUF file for llama.cpp", runtime="llama.cpp (llama-cpp-python, ollama, LM Studio)",
     sniff=lambda probe: probe.head.startswith(b"GGUF"), read=lambda probe: read_gguf(probe.path), write=write,
-    options=GgufOptions, supports=supports, native=native)
+    options=GgufOptions, supports=supports, native=native, stored=tensor_schemes)

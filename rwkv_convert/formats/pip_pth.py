@@ -22,7 +22,7 @@ from ..arch import build_spec, detect_version, module_for, rescale_interval
 from ..arch.common import PROJECTIONS_KEY
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint
-from ..errors import RwkvConvertError
+from ..errors import RwkvConvertError, brief
 from ..pip_runtime import run_in_pip_package
 from ..quant.float_weights import FloatWeight
 from ..quant.rwkv_int8 import RwkvInt8Weight, quantize_rwkv_int8
@@ -194,7 +194,7 @@ def native(path: Path, strategy: str | None, streams: dict[str, list[int]], spli
     outputs = run_in_pip_package(jobs, v7=module_for(spec.version).PIP_V7_LOADER)
     for out in outputs:
         if "error" in out:
-            raise RwkvConvertError(f"the rwkv pip package could not run {path}: {out['error'][:300]}")
+            raise RwkvConvertError(f"the rwkv pip package could not run {path}: {brief(out['error'], 300)}")
     schemes = {p.precision for p in allocate(parse_strategy(made_for), spec.n_layer)}
     return NativeRun("rwkv pip package", made_for, dict(zip(streams, outputs, strict=True)), schemes)
 

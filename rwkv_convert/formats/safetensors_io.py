@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RwkvConvertError
+from ..errors import RwkvConvertError, brief
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -66,14 +66,14 @@ def read_header(path: Path) -> tuple[dict, dict, int]:
     tensors: dict = {}
     for name, entry in header.items():
         if not isinstance(entry, dict):
-            raise RwkvConvertError(f"{path}: safetensors entry {name!r} is malformed ({str(entry)[:120]})")
+            raise RwkvConvertError(f"{path}: safetensors entry {name!r} is malformed ({brief(entry, 120)})")
         try:
             dtype, shape, (begin, end) = DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
             if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int) \
                     or not isinstance(end, int):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise RwkvConvertError(f"{path}: safetensors entry {name!r} is malformed ({str(entry)[:120]})") from None
+            raise RwkvConvertError(f"{path}: safetensors entry {name!r} is malformed ({brief(entry, 120)})") from None
         numel = 1
         for d in shape:
             numel *= d

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ...arch import module_for
-from ...errors import RwkvConvertError
+from ...errors import RwkvConvertError, brief
 from ...spec import ModelSpec
 from .layout import FORMAT_TAG, sequence_path
 
@@ -33,7 +33,7 @@ def _session(path: Path, providers):
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RwkvConvertError(f"onnxruntime could not load {path}: {first[:300]}") from None
+        raise RwkvConvertError(f"onnxruntime could not load {path}: {brief(first, 300)}") from None
 
 
 class OnnxModel:
