@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .arch import build_spec, check_shapes
-from .errors import RwkvConvertError, brief
+from .errors import CastWarning, RwkvConvertError, brief
 from .spec import ModelSpec
 
 
@@ -142,5 +142,14 @@ def checkpoint_from_tensors(p: Path, tensors: dict[str, torch.Tensor], mmapped: 
     dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
     spec = build_spec(shapes, dtypes, source=str(p))
     unused = check_shapes(spec, shapes, source=str(p))
+    used = [k for k in tensors if k not in set(unused)]
+    for name in used:  # integers, booleans or complex numbers cannot be a weight: a cast would lose or invent values
+        if not tensors[name].dtype.is_floating_point:
+            raise RwkvConvertError(f"{p}: tensor {name} is {dtypes[name]}; RWKV weights are floating point (fp32,"
+                                   " fp16, bf16 or fp64) - the file is damaged or not a checkpoint of weights")
+    wide = [name for name in used if tensors[name].dtype == torch.float64]
+    if wide:
+        warnings.warn(f"{len(wide)} float64 tensors (e.g. {wide[0]}) are cast to float32 or narrower as they are"
+                      " read: no format or runtime here holds fp64 weights", CastWarning, stacklevel=2)
     return Checkpoint(path=p, tensors=CheckedTensors(tensors, p, mmapped), spec=spec, unused_keys=unused,
                       mmapped=mmapped, shapes=shapes)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -13,7 +14,7 @@ import click
 from . import __version__
 from .atomic import Interrupted, check_target_directory, recording
 from .describe import describe_checkpoint, format_description
-from .errors import RwkvConvertError
+from .errors import CastWarning, RwkvConvertError
 from .fixtures import DEFAULT_VARIANT, EXTRA_VARIANTS, VARIANTS, fixture_path
 from .formats import registry
 from .formats.base import flag_of
@@ -60,6 +61,18 @@ def main(ctx: click.Context, debug: bool) -> None:
       rwkv-convert verify 1.5B-q8_0.gguf --reference RWKV-x070-World-1.5B.pth
     """
     ctx.obj = {"debug": debug}
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our notes (CastWarning) as one line; other warnings as Python shows them."""
+    if issubclass(category, CastWarning):
+        click.echo(f"note: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
 
 
 @main.command()

@@ -7,6 +7,10 @@ class RwkvConvertError(Exception):
     exit_code = 2
 
 
+class CastWarning(UserWarning):
+    """A value the input holds more precisely than anything downstream can (fp64 weights): said once, as a note."""
+
+
 class UnsupportedError(RwkvConvertError):
     """A valid request this version of rwkv-convert cannot carry out (say so, and what works instead)."""
 

@@ -231,3 +231,20 @@ def test_run_takes_newlines_in_the_prompt_and_convert_verifies_with_our_reader(f
     proc = cli("convert", fixture_path("v7", directory=fixture_dir), "--to", "gguf", "-o", tmp_path / "m.gguf",
                "--verify", "--runner", "ours", "--tokens", "8")
     assert proc.returncode == 0 and "rwkv-convert runner" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_weights_that_are_not_floats_are_refused_and_fp64_is_said(fixture_dir, tmp_path):
+    sd = torch.load(fixture_path("v6", directory=fixture_dir), weights_only=True)
+    key = "blocks.1.att.key.weight"
+    for name, value in (("i64", (sd[key] * 100).long()), ("c64", sd[key].to(torch.complex64)),
+                        ("bool", sd[key] > 0)):
+        src = save_atomic({**sd, key: value}, tmp_path / f"{name}.pth")
+        assert_one_line_error(cli("convert", src, "--to", "gguf", "-o", tmp_path / "m.gguf"),
+                              f"tensor {key} is {str(value.dtype).removeprefix('torch.')}; RWKV weights are floating")
+    assert not (tmp_path / "m.gguf").exists()
+    wide = save_atomic({k: v.double() for k, v in sd.items()}, tmp_path / "f64.pth")
+    proc = cli("convert", wide, "--to", "gguf", "-o", tmp_path / "m.gguf")
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "float64 tensors" in notes[0] and "cast to float32" in notes[0], proc.stderr
