@@ -19,7 +19,7 @@ from .errors import RwkvConvertError
 
 try:
     import fcntl
-except ImportError:  # not on Windows: publishing is then only as atomic as each rename
+except ImportError:  # Windows: no flock, so concurrent runs are only as safe as each rename
     fcntl = None
 
 TEMP_SUFFIX = ".rwkv-tmp"  # temps: .NAME.PID.TOKEN.rwkv-tmp (and that + .data for scratch data)
@@ -155,18 +155,38 @@ def check_target_directory(path: Path) -> None:
 @contextlib.contextmanager
 def _publishing(directories: set[Path]) -> Iterator[None]:
     """An exclusive flock on the target directories while one output's files are renamed into place: two runs
-    writing the same output publish one after the other, each as a whole (the later one wins), never a mix."""
-    fds = []
+    writing the same output publish one after the other, each as a whole (the later one wins), never a mix.
+    A signal that arrives meanwhile (SIGINT too) waits until the renames are done, then interrupts."""
+    fds, received = [], []
+    with _signals_deferred(received):
+        try:
+            for directory in sorted(directories):
+                fd = os.open(directory, os.O_RDONLY)
+                fds.append(fd)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            for fd in fds:
+                os.close(fd)  # releases the lock
+    if received:
+        raise KeyboardInterrupt() if received[0] == signal.SIGINT else Interrupted(received[0])
+
+
+@contextlib.contextmanager
+def _signals_deferred(received: list) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in (signal.SIGINT, *CLEANUP_SIGNALS):
+        with contextlib.suppress(ValueError, OSError):
+            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
-        for directory in sorted(directories):
-            fd = os.open(directory, os.O_RDONLY)
-            fds.append(fd)
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        for fd in fds:
-            os.close(fd)  # releases the lock
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _fsync(path: Path) -> None:
