@@ -218,6 +218,7 @@ def _file(tmp_path, name: str, header: bytes | dict, data: bytes = b"", declared
 @pytest.mark.parametrize("case,pattern", [
     ("truncated", "truncated"), ("not-json", "corrupt safetensors header"), ("huge", "declares a"),
     ("overlap", "overlap"), ("out-of-range", "ends at byte"), ("wrong-size", "needs 16 bytes"),
+    ("huge-empty-shape", "is malformed"),
 ])
 @pytest.mark.slow
 def test_malformed_safetensors_get_one_line(case, pattern, fixture_dir, tmp_path):
@@ -233,6 +234,8 @@ def test_malformed_safetensors_get_one_line(case, pattern, fixture_dir, tmp_path
         path = _file(tmp_path, "bad.st", {"a": entry}, bytes(16), declared=2 ** 40)
     elif case == "overlap":
         path = _file(tmp_path, "bad.st", {"a": entry, "b": {**entry, "data_offsets": [8, 24]}}, bytes(32))
+    elif case == "huge-empty-shape":  # 0 bytes, but no tensor can have a dimension of 10**20
+        path = _file(tmp_path, "bad.st", {"a": {**entry, "shape": [10 ** 20, 0], "data_offsets": [0, 0]}}, b"")
     elif case == "out-of-range":
         path = _file(tmp_path, "bad.st", {"a": {**entry, "data_offsets": [16, 32]}}, bytes(16))
     else:

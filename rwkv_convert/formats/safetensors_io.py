@@ -69,7 +69,8 @@ def read_header(path: Path) -> tuple[dict, dict, int]:
             raise RwkvConvertError(f"{path}: safetensors entry {name!r} is malformed ({brief(entry, 120)})")
         try:
             dtype, shape, (begin, end) = DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int) \
+            # torch indexes sizes with int64: a larger dimension (even of an empty tensor) cannot be a tensor
+            if not all(isinstance(d, int) and 0 <= d < 2 ** 63 for d in shape) or not isinstance(begin, int) \
                     or not isinstance(end, int):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
