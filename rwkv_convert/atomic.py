@@ -40,23 +40,26 @@ def _raise_interrupted(signum, frame):
 
 
 @contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
-    """Within the block (main thread only), SIGTERM and SIGHUP raise Interrupted instead of killing the process
-    where it stands."""
+def _handling(signals: tuple, handler) -> Iterator[None]:
+    """`handler` for these signals within the block, the previous handlers after it (main thread only: other
+    threads cannot set handlers, and signals are delivered to the main thread anyway)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {}
-    for sig in CLEANUP_SIGNALS:
-        try:
-            previous[sig] = signal.signal(sig, _raise_interrupted)
-        except (ValueError, OSError):  # not allowed here (an embedding interpreter)
-            pass
+    for sig in signals:
+        with contextlib.suppress(ValueError, OSError):  # not allowed here (an embedding interpreter)
+            previous[sig] = signal.signal(sig, handler)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def signals_interrupt():
+    """Within the block, SIGTERM and SIGHUP raise Interrupted instead of killing the process where it stands."""
+    return _handling(CLEANUP_SIGNALS, _raise_interrupted)
 
 
 def _alive(pid: int) -> bool:
@@ -158,7 +161,7 @@ def _publishing(directories: set[Path]) -> Iterator[None]:
     writing the same output publish one after the other, each as a whole (the later one wins), never a mix.
     A signal that arrives meanwhile (SIGINT too) waits until the renames are done, then interrupts."""
     fds, received = [], []
-    with _signals_deferred(received):
+    with _handling((signal.SIGINT, *CLEANUP_SIGNALS), lambda signum, frame: received.append(signum)):
         try:
             for directory in sorted(directories):
                 fd = os.open(directory, os.O_RDONLY)
@@ -173,20 +176,6 @@ def _publishing(directories: set[Path]) -> Iterator[None]:
         raise KeyboardInterrupt() if received[0] == signal.SIGINT else Interrupted(received[0])
 
 
-@contextlib.contextmanager
-def _signals_deferred(received: list) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-    for sig in (signal.SIGINT, *CLEANUP_SIGNALS):
-        with contextlib.suppress(ValueError, OSError):
-            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _fsync(path: Path) -> None:
