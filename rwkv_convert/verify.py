@@ -18,7 +18,7 @@ import torch
 from .atomic import write_text_atomic
 from .errors import RwkvConvertError
 from .formats.base import NativeRun
-from .formats.registry import detect, load, read_checkpoint
+from .formats.registry import detect, load_detected, read_checkpoint
 from .runner import Model
 from .spec import ModelSpec
 from .tokenizer import WorldTokenizer
@@ -200,7 +200,7 @@ def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None
     fmt, probe = detect(candidate)
     if runner == "native" and fmt.native is not None:
         return fmt.native(probe.path, strategy, ref.streams, ref.split, ref.spec)
-    model = load(candidate, strategy)
+    model = load_detected(fmt, probe, strategy)  # the probe already holds what sniffing read
     _check_same_model(model, candidate, ref.spec, reference)
     schemes = set(model.weight_schemes) | (fmt.stored(probe.path) if fmt.stored else set())
     stored = stored_precision(model.spec)  # a file stored less precisely than its reference: a web-rwkv .st (F16)

@@ -99,7 +99,11 @@ def load(path: str | os.PathLike, strategy: str | None = None):
     """A runnable model from any readable file: original weights with `strategy` (default "cpu fp32"); files
     made for one strategy (pip-converted, prepared) with theirs (`strategy` must be that one or None); ONNX
     exports in onnxruntime (no strategy)."""
-    fmt, probe = detect(path)
+    return load_detected(*detect(path), strategy)
+
+
+def load_detected(fmt: Format, probe: Probe, strategy: str | None = None):
+    """load() of a path already detected (its probe keeps what sniffing read)."""
     if fmt.load is not None:
         return fmt.load(probe, strategy)
     return Model(fmt.read(probe), DEFAULT_STRATEGY if strategy is None else strategy)
