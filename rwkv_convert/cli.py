@@ -20,7 +20,7 @@ from .formats import registry
 from .formats.base import flag_of
 from .generate import generate
 from .plan import format_plan, make_plan
-from .tokenizer import HFTokenizer, WorldTokenizer
+from .tokenizer import HFTokenizer, WorldTokenizer, check_fits
 from .verify import format_report, verify, write_json
 
 NEOX_VOCABS = (50277, 50304)  # RWKV-4 Pile/Raven models (GPT-NeoX 20B tokenizer)
@@ -108,6 +108,9 @@ def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_
     vocab = model.spec.vocab_size
     if tokenizer_file:
         tokenizer = HFTokenizer(tokenizer_file)
+        note = check_fits(tokenizer, vocab)
+        if note:
+            click.echo(f"note: {note}", err=True)
     else:
         if vocab in NEOX_VOCABS:
             raise RwkvConvertError(f"this model has the GPT-NeoX vocabulary ({vocab} ids), not World; pass"

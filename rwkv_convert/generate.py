@@ -35,7 +35,8 @@ def generate(model, tokenizer, prompt: str, max_tokens: int, temperature: float 
     """Yields text pieces as tokens are produced (prompt is prefilled in one sequence call)."""
     prompt_tokens = tokenizer.encode(prompt)
     if not prompt_tokens:
-        raise RwkvConvertError("the prompt is empty; give some text with --prompt")
+        raise RwkvConvertError("the prompt is empty; give some text with --prompt" if not prompt else
+                               f"the tokenizer turns the prompt {prompt[:40]!r} into no tokens; check --tokenizer")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     logits, state = model.forward(prompt_tokens)
     decoder = StreamDecoder(tokenizer)

@@ -92,6 +92,8 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises plain Exceptions with a message
             raise RwkvConvertError(f"{path} is not a readable tokenizer.json: {brief(e)}") from None
+        self.path = path
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
@@ -101,6 +103,18 @@ class HFTokenizer:
 
     def token_bytes(self, token: int) -> bytes:
         return self._tok.decode([token]).encode("utf-8")
+
+
+def check_fits(tokenizer: HFTokenizer, model_vocab: int) -> str | None:
+    """Refuses a tokenizer with ids the model has no row for; returns a note when the model has many ids the
+    tokenizer never makes (most likely the wrong tokenizer; models pad their vocabulary by a few dozen)."""
+    if tokenizer.vocab_size > model_vocab:
+        raise RwkvConvertError(f"{tokenizer.path} has {tokenizer.vocab_size} token ids but the model's vocabulary has"
+                               f" {model_vocab}: it is not this model's tokenizer; pass the one it was trained with")
+    if tokenizer.vocab_size < model_vocab - 256:
+        return (f"{tokenizer.path} has {tokenizer.vocab_size} token ids and the model {model_vocab}: check that it"
+                " is the tokenizer the model was trained with")
+    return None
 
 
 class StreamDecoder:

@@ -248,3 +248,35 @@ def test_weights_that_are_not_floats_are_refused_and_fp64_is_said(fixture_dir, t
     assert proc.returncode == 0, proc.stderr
     notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "float64 tensors" in notes[0] and "cast to float32" in notes[0], proc.stderr
+
+
+def save_tokenizer(path: Path, vocab_size: int, unknown: str | None = "[UNK]") -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=unknown))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = ["the cat sat on the mat " * 20 + " ".join(str(i) for i in range(3000))]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[unknown or "[PAD]"]))
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_a_tokenizer_that_does_not_fit_the_model_is_one_line(fixture_dir, tmp_path):
+    v4 = fixture_path("v4", directory=fixture_dir)  # 512 ids
+    wide = save_tokenizer(tmp_path / "wide.json", 2000)
+    proc = cli("run", v4, "--tokenizer", wide, "--prompt", "the cat", "--tokens", "3")
+    assert_one_line_error(proc, "has 2000 token ids but the model's vocabulary has 512")
+    assert proc.stdout == ""  # nothing of the prompt printed before the error
+    narrow = save_tokenizer(tmp_path / "narrow.json", 60)
+    proc = cli("run", v4, "--tokenizer", narrow, "--prompt", "the cat", "--tokens", "3", "--seed", "1")
+    assert proc.returncode == 0 and proc.stdout.startswith("the cat"), proc.stderr
+    assert proc.stderr.startswith("note: ") and "60 token ids and the model 512" in proc.stderr
+    no_unknown = save_tokenizer(tmp_path / "no-unk.json", 60, unknown=None)
+    proc = cli("run", v4, "--tokenizer", no_unknown, "--prompt", "ZZZ", "--tokens", "3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    last = proc.stderr.splitlines()[-1]
+    assert last == "error: the tokenizer turns the prompt 'ZZZ' into no tokens; check --tokenizer"
+    neox = make_state_dict("v4", n_layer=1, n_embd=64, vocab=50277)
+    assert_one_line_error(cli("run", save_atomic(neox, tmp_path / "neox.pth"), "--tokens", "2"),
+                          "GPT-NeoX vocabulary .* pass --tokenizer 20B_tokenizer.json")
