@@ -6,9 +6,12 @@ import ctypes
 import mmap
 import pickle
 import re
+import struct
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +27,10 @@ class CheckedTensors(Mapping):
     while a conversion or the runner streams through it (no extra pass over the file), so a damaged or diverged
     checkpoint is refused with the tensor's name instead of being written or run."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], source: Path, mmapped: bool):
+    def __init__(self, tensors: dict[str, torch.Tensor], source: Path, mmapped: bool,
+                 check_record: Callable[[str, torch.Tensor], None] | None = None):
         self._tensors, self._source, self._mmapped, self._checked = tensors, source, mmapped, set()
+        self._check_record = check_record
 
     def unchecked(self, name: str) -> torch.Tensor:
         return self._tensors[name]
@@ -33,6 +38,8 @@ class CheckedTensors(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self._tensors[name]
         if name not in self._checked:
+            if self._check_record is not None:  # damaged bytes first: they are why values would be non-finite
+                self._check_record(name, t)
             if t.is_floating_point() and t.numel():
                 bad = int((~torch.isfinite(t)).sum())
                 if bad:
@@ -129,6 +136,64 @@ def load_raw(path: Path) -> tuple[dict, bool]:
     return obj, mmapped
 
 
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then (at byte 26) the name and extra-field lengths
+
+
+class ZipRecordCheck:
+    """Checks each tensor's bytes against the CRC-32 its zip record was written with, the first time the tensor is
+    read. torch.load(mmap=True) maps the records without checking them, so a flipped byte would otherwise be
+    converted silently. A record's data lies at a fixed offset in the file and torch maps each storage at base +
+    that offset, so storages are matched to records by their addresses (no name is kept by torch)."""
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]):
+        self.path = path
+        try:
+            with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+                records = {}
+                for info in archive.infolist():
+                    if "/data/" not in info.filename or not info.file_size:
+                        continue
+                    f.seek(info.header_offset)
+                    magic, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+                    if magic != b"PK\x03\x04":
+                        raise zipfile.BadZipFile(f"no local header for {info.filename}")
+                    start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+                    records[start] = (info.filename.partition("/")[2], info.file_size, info.CRC)
+        except (zipfile.BadZipFile, struct.error, OSError) as e:
+            raise RwkvConvertError(f"{path} is not a readable PyTorch checkpoint (its zip directory is damaged:"
+                                   f" {brief(e)}); download or copy it again") from None
+        storages = {}
+        for t in tensors.values():
+            storage = t.untyped_storage()
+            if storage.nbytes():
+                storages[storage.data_ptr()] = storage.nbytes()
+        self._by_address: dict[int, tuple[str, int, int]] = {}
+        self._checked: set[int] = set()
+        if not storages:
+            return
+        # The lowest storage is one of the records (the first, unless the dict skips some of the file's tensors).
+        for first in sorted(records):
+            base = min(storages) - first
+            found = {address: records.get(address - base) for address in storages}
+            if all(r is not None and r[1] == storages[a] for a, r in found.items()):
+                self._by_address = found
+                return
+        raise RwkvConvertError(f"{path}: its tensors' data is not where the zip directory puts its records; the"
+                               " archive is damaged - download or copy it again")
+
+    def __call__(self, name: str, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        address = storage.data_ptr()
+        if address in self._checked or address not in self._by_address:
+            return
+        record, _, crc = self._by_address[address]
+        data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+        if zlib.crc32(data) != crc:
+            raise RwkvConvertError(f"{self.path}: the bytes of tensor {name} (record {record}) do not match the CRC-32"
+                                   " the archive stores for them; the file is damaged - download or copy it again")
+        self._checked.add(address)
+
+
 def tensors_only(path: Path, obj: dict) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
@@ -136,8 +201,10 @@ def tensors_only(path: Path, obj: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def checkpoint_from_tensors(p: Path, tensors: dict[str, torch.Tensor], mmapped: bool) -> Checkpoint:
-    """BlinkDL-named tensors (from any reader) as a Checkpoint: the version detected, every shape checked."""
+def checkpoint_from_tensors(p: Path, tensors: dict[str, torch.Tensor], mmapped: bool,
+                            check_record: Callable[[str, torch.Tensor], None] | None = None) -> Checkpoint:
+    """BlinkDL-named tensors (from any reader) as a Checkpoint: the version detected, every shape checked.
+    check_record(name, tensor), where given, checks a tensor's stored bytes the first time it is read."""
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
     spec = build_spec(shapes, dtypes, source=str(p))
@@ -151,5 +218,5 @@ def checkpoint_from_tensors(p: Path, tensors: dict[str, torch.Tensor], mmapped: 
     if wide:
         warnings.warn(f"{len(wide)} float64 tensors (e.g. {wide[0]}) are cast to float32 or narrower as they are"
                       " read: no format or runtime here holds fp64 weights", CastWarning, stacklevel=2)
-    return Checkpoint(path=p, tensors=CheckedTensors(tensors, p, mmapped), spec=spec, unused_keys=unused,
+    return Checkpoint(path=p, tensors=CheckedTensors(tensors, p, mmapped, check_record), spec=spec, unused_keys=unused,
                       mmapped=mmapped, shapes=shapes)

@@ -280,3 +280,68 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_one_line(fixture_dir, tmp_pa
     neox = make_state_dict("v4", n_layer=1, n_embd=64, vocab=50277)
     assert_one_line_error(cli("run", save_atomic(neox, tmp_path / "neox.pth"), "--tokens", "2"),
                           "GPT-NeoX vocabulary .* pass --tokenizer 20B_tokenizer.json")
+
+
+def flip_bits(path: Path, start: int, count: int, mask: int = 0x40) -> None:
+    """XOR `mask` into `count` bytes from `start`, in place (a damaged download or disk)."""
+    with open(path, "r+b") as f:
+        f.seek(start)
+        data = bytearray(f.read(count))
+        f.seek(start)
+        f.write(bytes(b ^ mask for b in data))
+
+
+def zip_record_start(path: Path, index: int) -> int:
+    import struct
+    import zipfile
+
+    info = [i for i in zipfile.ZipFile(path).infolist() if "/data/" in i.filename][index]
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+@pytest.mark.slow
+def test_a_pth_whose_bytes_no_longer_match_their_crc_is_refused(fixture_dir, tmp_path):
+    src = tmp_path / "damaged.pth"
+    shutil.copyfile(fixture_path("v6", directory=fixture_dir), src)
+    flip_bits(src, zip_record_start(src, 0) + 100, 1)  # a mantissa bit of one emb.weight value: still finite
+    before = digest(src)
+    (tmp_path / "out").mkdir()
+    for target in TARGETS + [["--to", "onnx"]]:
+        proc = cli("convert", src, *target, "-o", tmp_path / "out" / ("m.onnx" if "onnx" in target else "m"))
+        assert_one_line_error(proc, r"tensor emb.weight \(record data/0\) do not match the CRC-32")
+    assert_one_line_error(cli("run", src, "--tokens", "2"), "do not match the CRC-32")
+    assert digest(src) == before and not list((tmp_path / "out").iterdir())
+    pip_file = tmp_path / "p.pth"
+    assert cli("convert", fixture_path("v6", directory=fixture_dir), "--to", "pip", "--strategy", "cpu fp32i8",
+               "-o", pip_file).returncode == 0
+    flip_bits(pip_file, zip_record_start(pip_file, 3) + 5, 1)
+    assert_one_line_error(cli("run", pip_file, "--tokens", "2"), "do not match the CRC-32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [["--to", "gguf"], ["--to", "safetensors", "--layout", "web-rwkv"],
+                                    ["--to", "safetensors", "--layout", "prepared"]], ids=lambda t: t[-1])
+def test_verify_catches_altered_data_in_formats_without_checksums(target, fixture_dir, tmp_path):
+    """GGUF and safetensors store no checksum: an altered matrix (exponent bits of 64 values) fails verify."""
+    src = fixture_path("v6", directory=fixture_dir)
+    out = tmp_path / "m"
+    assert cli("convert", src, *target, "-o", out).returncode == 0
+    if "gguf" in target:
+        from gguf import GGUFReader
+
+        tensor = next(t for t in GGUFReader(out).tensors if t.name == "blk.2.time_mix_output.weight")
+        start, width = tensor.data_offset, tensor.data.dtype.itemsize
+    else:
+        from rwkv_convert.formats.safetensors_io import read_header
+
+        entries, _, data_start = read_header(out)
+        name = next(k for k in entries if k == "blocks.2.att.output.weight")
+        dtype, _, begin, _ = entries[name]
+        start, width = data_start + begin, {"F32": 4, "F16": 2, "BF16": 2}.get(dtype, 1)
+    for i in range(64):  # the top byte of each value: its exponent
+        flip_bits(out, start + i * width + width - 1, 1, mask=0x08)
+    proc = cli("verify", out, "--reference", src, "--tokens", "16")
+    assert proc.returncode == 1 and "FAIL" in proc.stdout and "Traceback" not in proc.stderr, proc.stdout + proc.stderr

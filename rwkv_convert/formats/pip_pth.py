@@ -21,7 +21,7 @@ from .. import passes
 from ..arch import build_spec, detect_version, module_for, rescale_interval
 from ..arch.common import PROJECTIONS_KEY
 from ..atomic import AtomicOutput
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, ZipRecordCheck
 from ..errors import RwkvConvertError, brief
 from ..pip_runtime import run_in_pip_package
 from ..quant.float_weights import FloatWeight
@@ -137,13 +137,18 @@ def _original_shapes(tensors: dict[str, torch.Tensor], major_hint: str) -> dict[
     return shapes
 
 
-def read_pip_converted(path: Path, tensors: dict, strategy: str | None = None) -> Model:
-    """A Model that runs a converted file with our runner (the file's own strategy)."""
+def read_pip_converted(path: Path, tensors: dict, mmapped: bool = False, strategy: str | None = None) -> Model:
+    """A Model that runs a converted file with our runner (the file's own strategy). A mapped (zip) file's tensors
+    are checked against their records' CRC-32 first: the runner holds all of them, so each is read anyway."""
     file_strategy = tensors.get("_strategy")
     if strategy is not None and str(parse_strategy(strategy)) != file_strategy:
         raise RwkvConvertError(f'{path} was converted for "{file_strategy}", not "{strategy}"; load it with that'
                                " strategy or convert the original again")
     weights = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    if mmapped:
+        check = ZipRecordCheck(path, weights)
+        for name, t in weights.items():
+            check(name, t)
     hint = detect_version({k: tuple(v.shape) for k, v in weights.items()}, str(path))
     shapes = _original_shapes(weights, hint)
     spec = build_spec(shapes, {k: str(v.dtype).removeprefix("torch.") for k, v in weights.items()}, str(path))
@@ -202,5 +207,5 @@ def native(path: Path, strategy: str | None, streams: dict[str, list[int]], spli
 FORMAT = Format(
     name="pip", summary="a pip-converted file (the rwkv pip package's format)", runtime="the rwkv pip package",
     sniff=lambda probe: converted_for(probe) is not None,
-    load=lambda probe, strategy: read_pip_converted(probe.path, probe.torch_raw[0], strategy),
+    load=lambda probe, strategy: read_pip_converted(probe.path, *probe.torch_raw, strategy=strategy),
     write=write, options=PipOptions, supports=supports, native=native)

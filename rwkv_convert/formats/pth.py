@@ -4,7 +4,7 @@ checkpoint gets torch's reason in one line."""
 
 from __future__ import annotations
 
-from ..checkpoint import Checkpoint, checkpoint_from_tensors, tensors_only
+from ..checkpoint import Checkpoint, ZipRecordCheck, checkpoint_from_tensors, tensors_only
 from ..errors import RwkvConvertError
 from .base import Format, Probe
 
@@ -18,7 +18,10 @@ def read(probe: Probe) -> Checkpoint:
         raise RwkvConvertError(f"{probe.path} is not a readable PyTorch checkpoint (neither a zip nor a pickle),"
                                " nor a safetensors, GGUF or ONNX file, nor a Hugging Face directory")
     raw, mmapped = probe.torch_raw
-    return checkpoint_from_tensors(probe.path, tensors_only(probe.path, raw), mmapped)
+    tensors = tensors_only(probe.path, raw)
+    # mmapped files are zip archives (torch >= 1.6), whose records carry a CRC-32; legacy pickles have none
+    check = ZipRecordCheck(probe.path, tensors) if mmapped else None
+    return checkpoint_from_tensors(probe.path, tensors, mmapped, check)
 
 
 FORMAT = Format(name="pth", summary="an original BlinkDL checkpoint", runtime="BlinkDL's training code and the"
