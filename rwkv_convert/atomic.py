@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -101,7 +103,14 @@ def temp_path(final: Path) -> Path:
 
 
 def write_error(path: Path, e: OSError) -> RwkvConvertError:
-    return RwkvConvertError(f"cannot write {path}: {e.strerror or e}")
+    short = re.fullmatch(r"(\d+) requested and (\d+) written", str(e))  # numpy's tofile on a full disk
+    if e.errno is None and short:
+        return RwkvConvertError(f"cannot write {path}: only {int(short[2]):,} of {int(short[1]):,} bytes of a block"
+                                " could be written (is the disk full?); free some space or choose another output")
+    why = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        why += "; free some space or choose another output"
+    return RwkvConvertError(f"cannot write {path}: {why}")
 
 
 _PROTECTED: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("protected", default=())
@@ -150,9 +159,14 @@ def check_not_an_input(final: Path) -> None:
 
 
 def check_target_directory(path: Path) -> None:
-    """The one wording for an output whose directory is missing."""
-    if not path.parent.is_dir():
-        raise RwkvConvertError(f"cannot write {path}: the directory {path.parent} does not exist; create it first")
+    """The one wording for an output whose directory is missing or cannot be written, said before any work."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise RwkvConvertError(f"cannot write {path}: the directory {directory} does not exist; create it first")
+    if not os.access(directory, os.W_OK | os.X_OK):  # also false on a read-only mount, even for root
+        read_only = hasattr(os, "statvfs") and os.statvfs(directory).f_flag & os.ST_RDONLY
+        why = "is on a read-only file system" if read_only else "is not writable by this user"
+        raise RwkvConvertError(f"cannot write {path}: the directory {directory} {why}; choose another output")
 
 
 @contextlib.contextmanager

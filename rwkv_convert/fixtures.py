@@ -5,6 +5,7 @@ weights near 1) so that nothing is degenerate. Files are made on demand into a c
 
 from __future__ import annotations
 
+import io
 import os
 import zlib
 from pathlib import Path
@@ -143,6 +144,8 @@ def fixture_path(variant: str = DEFAULT_VARIANT, dtype: str = "fp32", n_layer: i
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
         sd = {k: v.to(DTYPES[dtype]).contiguous() for k, v in make_state_dict(variant, n_layer, n_embd, vocab).items()}
-        with AtomicOutput(path) as out:
-            torch.save(sd, out.temp())
+        buffer = io.BytesIO()  # torch.save into a file raises RuntimeError on a failed write; f.write an OSError
+        torch.save(sd, buffer)
+        with AtomicOutput(path) as out, open(out.temp(), "wb") as f:
+            f.write(buffer.getbuffer())
     return path

@@ -345,3 +345,63 @@ def test_verify_catches_altered_data_in_formats_without_checksums(target, fixtur
         flip_bits(out, start + i * width + width - 1, 1, mask=0x08)
     proc = cli("verify", out, "--reference", src, "--tokens", "16")
     assert proc.returncode == 1 and "FAIL" in proc.stdout and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+
+
+def mounted_tmpfs(path: Path, options: str):
+    """A tmpfs mounted at path (root only): a real read-only or full file system. None where it cannot be."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        return None
+    return path
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only tmpfs; without the rights to mount one, a directory this (non-root) user cannot write."""
+    path = mounted_tmpfs(tmp_path / "ro", "ro,size=1m")
+    if path is None:
+        import os
+
+        if os.geteuid() == 0:
+            pytest.skip("cannot mount a tmpfs here, and root writes to any directory")
+        path = tmp_path / "ro"
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture
+def full_dir(tmp_path):
+    """A 256 KiB tmpfs: every conversion of the fixture runs out of space part-way."""
+    path = mounted_tmpfs(tmp_path / "full", "size=256k")
+    if path is None:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+WRITERS = TARGETS + [["--to", "onnx"], ["--to", "safetensors", "--layout", "hf"]]
+
+
+@pytest.mark.slow
+def test_every_writer_on_a_read_only_or_full_file_system_is_one_line_and_leaves_nothing(
+        fixture_dir, read_only_dir, full_dir, tmp_path):
+    v6, src = fixture_path("v6", directory=fixture_dir), fixture_path("v7", directory=fixture_dir)
+    before = digest(v6), digest(src)
+    for target in WRITERS:
+        name = "m.onnx" if "onnx" in target else "hf" if "hf" in target else "m"
+        src = fixture_path("v7" if "hf" in target else "v6", directory=fixture_dir)  # hf: v4/v7; pip: v4-v6
+        assert_one_line_error(cli("convert", src, *target, "-o", read_only_dir / name),
+                              r"the directory .* (is on a read-only file system|is not writable)")
+        assert_one_line_error(cli("convert", src, *target, "-o", full_dir / name),
+                              r"No space left on device|is the disk full\?")
+        assert list(full_dir.iterdir()) == []
+    assert_one_line_error(cli("make-fixture", "v7", "-o", read_only_dir), "read-only file system|not writable")
+    assert_one_line_error(cli("make-fixture", "v7", "-o", full_dir), "No space left on device")
+    proc = cli("verify", src, "--reference", src, "--tokens", "4", "--json", read_only_dir / "r.json")
+    assert_one_line_error(proc, "read-only file system|not writable")
+    assert "PASS" not in proc.stdout  # refused before the run
+    assert list(full_dir.iterdir()) == [] and (digest(v6), digest(src)) == before
