@@ -151,7 +151,12 @@ class ZipRecordCheck:
             with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
                 records = {}
                 for info in archive.infolist():
-                    if "/data/" not in info.filename or not info.file_size:
+                    if "/data/" not in info.filename:
+                        # data.pkl (shapes, strides, dtypes) and the small records: torch does not check their
+                        # CRC either; zipfile does as it reads them (BadZipFile on a mismatch)
+                        archive.read(info)
+                        continue
+                    if not info.file_size:
                         continue
                     f.seek(info.header_offset)
                     magic, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
@@ -159,9 +164,9 @@ class ZipRecordCheck:
                         raise zipfile.BadZipFile(f"no local header for {info.filename}")
                     start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
                     records[start] = (info.filename.partition("/")[2], info.file_size, info.CRC)
-        except (zipfile.BadZipFile, struct.error, OSError) as e:
-            raise RwkvConvertError(f"{path} is not a readable PyTorch checkpoint (its zip directory is damaged:"
-                                   f" {brief(e)}); download or copy it again") from None
+        except (zipfile.BadZipFile, struct.error, OSError, EOFError, ValueError, NotImplementedError) as e:
+            raise RwkvConvertError(f"{path} is a damaged PyTorch checkpoint ({brief(e)}); download or copy it"
+                                   " again") from None
         storages = {}
         for t in tensors.values():
             storage = t.untyped_storage()

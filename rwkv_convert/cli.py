@@ -272,8 +272,9 @@ def verify_command(candidate, reference, strategy, tokens, seed, json_path, runn
     """Compare CANDIDATE's outputs with the reference runner on --reference: exit 0 pass, 1 fail, 2 bad input.
 
     Runs a fixed and a random token stream in sequence mode, token by token and in two chunks with the
-    state carried, and reports max |Δlogit|, relative L2, KL, top-1 agreement and the state difference
-    against one tolerance table (by the candidate's least precise weight scheme)."""
+    state carried, and reports max |Δlogit|, relative L2, KL, top-1 agreement and the state difference.
+    Bounds: the table of the candidate's least precise weight scheme, widened to what that scheme itself
+    does to this model (the reference run in the scheme); see docs/verification.md."""
     _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner)
 
 

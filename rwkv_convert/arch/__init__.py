@@ -53,16 +53,21 @@ def build_spec(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], sourc
     module = module_for(version)
     layers = {int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))}
     n_layer = max(layers) + 1
-    vocab, n_embd = shapes["emb.weight"]
     try:
+        vocab, n_embd = shapes["emb.weight"]
         details = module.describe(shapes)
+        ffn_dim, att_dim = shapes["blocks.0.ffn.key.weight"][0], shapes["blocks.0.att.key.weight"][0]
     except KeyError as e:
         raise RwkvConvertError(f"{source} is an RWKV-{version} checkpoint without {e.args[0]}") from None
+    except (IndexError, ValueError, TypeError):  # a tensor with fewer (or more) dimensions than its role has
+        raise RwkvConvertError(
+            f"{source} is an RWKV-{version} checkpoint whose tensor shapes do not fit together (emb.weight"
+            f" {list(shapes['emb.weight'])}): the file is damaged or was saved with reshaped tensors") from None
     counts = Counter(dtypes.values())
     n_params = sum(math.prod(shape) for shape in shapes.values())
     spec = ModelSpec(
         version=version, n_layer=n_layer, n_embd=int(n_embd), vocab_size=int(vocab),
-        ffn_dim=int(shapes["blocks.0.ffn.key.weight"][0]), att_dim=int(shapes["blocks.0.att.key.weight"][0]),
+        ffn_dim=int(ffn_dim), att_dim=int(att_dim),
         time_state=any(k.endswith("att.time_state") for k in shapes),
         dtypes=dict(sorted(counts.items())), n_params=n_params, **details)
     return spec

@@ -254,6 +254,22 @@ def _read_row(row: Row, get, i: int, head_size: int) -> dict[str, torch.Tensor]:
     return {key.format(i=i): part for key, part in zip(row.ours, parts, strict=True)}
 
 
+def _check_layout(path: Path, reader) -> None:
+    """Tensor data aligned and never overlapping, as every GGUF writer lays it out: a damaged offset in the tensor
+    infos (the format keeps no checksum) would otherwise read another tensor's bytes without a word."""
+    field = reader.fields.get("general.alignment")
+    align = int(field.parts[field.data[0]][0]) if field else 32
+    spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in reader.tensors)
+    for begin, _, name in spans:
+        if align <= 0 or (begin - reader.data_offset) % align:
+            raise RwkvConvertError(f"{path}: tensor {name} starts at byte {begin:,}, not on the file's {align}-byte"
+                                   " alignment; the tensor infos are damaged")
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise RwkvConvertError(f"{path}: tensors {a} and {b} overlap in the data section; the tensor infos are"
+                                   " damaged")
+
+
 def read_gguf(path: Path) -> Checkpoint:
     """An RWKV-6/7 GGUF (ours or upstream-converted with the same tensor set) as a BlinkDL-keyed checkpoint,
     dequantised to fp32 with the gguf package."""
@@ -262,14 +278,19 @@ def read_gguf(path: Path) -> Checkpoint:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/struct errors on damaged files
         raise RwkvConvertError(f"{path} is not a readable GGUF file: {brief(e)}") from None
+    _check_layout(path, reader)
     field = reader.fields.get("general.architecture")
-    arch = bytes(field.parts[field.data[0]]).decode() if field else "?"
+    arch = bytes(field.parts[field.data[0]]).decode(errors="replace") if field else "?"
     if arch not in ("rwkv6", "rwkv7"):
         raise RwkvConvertError(f"{path} is a GGUF for architecture {arch!r}, not rwkv6 or rwkv7")
 
     def meta(key: str, default=None):
         f = reader.fields.get(f"{arch}.{key}")
-        return int(f.parts[f.data[0]][0]) if f else default
+        if f is None:
+            if default is None:
+                raise RwkvConvertError(f"{path} has no {arch}.{key}: it is damaged or not a complete {arch} GGUF")
+            return default
+        return int(f.parts[f.data[0]][0])
 
     tensors = {t.name: t for t in reader.tensors}
 
@@ -279,7 +300,11 @@ def read_gguf(path: Path) -> Checkpoint:
                                    " tensor set")
         t = tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml ne -> numpy order
-        data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        except (ValueError, TypeError, NotImplementedError) as e:  # a type or shape its data does not fit
+            raise RwkvConvertError(f"{path}: tensor {name} ({t.tensor_type.name}, {list(shape)}) cannot be read:"
+                                   f" {brief(e)}; the file is damaged") from None
         return torch.from_numpy(np.array(data, dtype=np.float32))  # a writable copy of the mapped data
 
     n_layer, head_size = meta("block_count"), meta("wkv.head_size", 64)

@@ -90,6 +90,15 @@ def read_header(path: Path) -> tuple[dict, dict, int]:
     for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
         if begin_b < end_a:
             raise RwkvConvertError(f"{path}: tensors {a!r} and {b!r} overlap in the data section (corrupt file)")
+        if begin_b > end_a:
+            raise RwkvConvertError(f"{path}: the data section has a gap between tensors {a!r} and {b!r} (corrupt"
+                                   " file: safetensors data is contiguous)")
+    # The tensors cover the data section exactly (as the format requires): a header length off by a few bytes
+    # that still parses (trailing spaces) would otherwise shift every tensor's data silently.
+    covered = (spans[0][0], spans[-1][1]) if spans else (0, 0)
+    if covered != (0, data_size):
+        raise RwkvConvertError(f"{path}: its tensors cover bytes {covered[0]:,}-{covered[1]:,} of a {data_size:,}-byte"
+                               " data section; the header length or offsets are damaged")
     return tensors, metadata, data_start
 
 

@@ -1,0 +1,171 @@
+"""Property: no corruption of a checkpoint makes a reader trace back or return other weights than the file's.
+Every corrupted file is either refused with one RwkvConvertError or read back to exactly the original tensors
+(a change that does not touch what a conversion uses, e.g. a metadata string). Corruptions: truncation at any
+offset, byte flips anywhere (a .pth's data is covered by its zip CRC-32) or in the header (GGUF and safetensors
+store no checksum of their data; verify is what catches altered data there, see test_faults), non-float
+dtypes, changed shapes, missing and extra tensors. 500 examples per reader."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rwkv_convert
+from rwkv_convert.errors import RwkvConvertError
+from rwkv_convert.fixtures import make_state_dict
+from rwkv_convert.formats.registry import read_checkpoint
+from rwkv_convert.formats.safetensors_io import read_header
+
+from .conftest import save_atomic
+
+EXAMPLES = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+                    database=None)
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory) -> dict[str, tuple[Path, dict, int]]:
+    """format -> (file, its tensors as read, where its data starts): small v6 and v7 models."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    v6 = make_state_dict("v6", n_layer=2, n_embd=64, vocab=256)
+    src = save_atomic(v6, folder / "v6.pth")
+    files = {"pth": src}
+    files["web-rwkv"] = rwkv_convert.convert(src, "safetensors", folder / "m.st", layout="web-rwkv")[0]
+    files["gguf"] = rwkv_convert.convert(src, "gguf", folder / "m.gguf", quant="f32")[0]
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in v6.items()}, str(folder / "blinkdl.safetensors"))
+    files["safetensors"] = folder / "blinkdl.safetensors"
+    found = {}
+    for name, path in files.items():
+        ckpt = read_checkpoint(path)
+        tensors = {k: ckpt.tensors[k].clone() for k in ckpt.tensors if k not in ckpt.unused_keys}
+        if name == "gguf":
+            from gguf import GGUFReader
+
+            start = min(int(t.data_offset) for t in GGUFReader(path).tensors)
+        elif name == "pth":
+            start = 0  # every byte is checked: headers by zip and pickle, data by CRC-32
+        else:
+            start = read_header(path)[2]
+        found[name] = (path, tensors, start)
+    return found
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ckpt = read_checkpoint(path)
+        return {k: ckpt.tensors[k] for k in ckpt.tensors if k not in ckpt.unused_keys}
+
+
+def refused_or_unchanged(path: Path, original: dict[str, torch.Tensor]) -> None:
+    try:
+        got = read_all(path)
+    except RwkvConvertError as e:
+        assert "\n" not in str(e) and str(e), repr(e)
+        return
+    assert got.keys() == original.keys(), "a corrupted file read back with other tensors"
+    for k, v in original.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), f"{k} changed silently"
+
+
+def byte_corruptions(size: int, start: int):
+    truncate = st.integers(0, size - 1).map(lambda n: ("truncate", n, 0))
+    header = st.tuples(st.just("flip"), st.integers(0, max(start, 1) - 1), st.integers(1, 255))
+    anywhere = st.tuples(st.just("flip"), st.integers(0, size - 1), st.integers(1, 255))
+    return st.one_of(truncate, header if start else anywhere)
+
+
+def apply(original: Path, target: Path, corruption) -> None:
+    kind, offset, mask = corruption
+    data = bytearray(original.read_bytes())
+    if kind == "truncate":
+        data = data[:offset]
+    else:
+        data[offset] ^= mask
+    target.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["pth", "safetensors", "web-rwkv", "gguf"])
+def test_byte_corruptions_are_refused_or_harmless(fmt, originals, tmp_path):
+    path, tensors, start = originals[fmt]
+    size = path.stat().st_size
+
+    @EXAMPLES
+    @given(corruption=byte_corruptions(size, start))
+    def check(corruption):
+        damaged = tmp_path / f"damaged{path.suffix}"
+        apply(path, damaged, corruption)
+        refused_or_unchanged(damaged, tensors)
+
+    check()
+
+
+def structural_changes(keys: list[str]):
+    key = st.sampled_from(keys)
+    return st.one_of(
+        st.tuples(st.just("dtype"), key, st.sampled_from([torch.int64, torch.int32, torch.bool, torch.uint8])),
+        st.tuples(st.just("shape"), key, st.sampled_from(["flatten", "transpose", "drop-row", "add-dim"])),
+        st.tuples(st.just("missing"), key, st.none()),
+        st.tuples(st.just("extra"), st.text(min_size=1, max_size=20), st.integers(0, 3)),
+    )
+
+
+def change(sd: dict[str, torch.Tensor], edit) -> tuple[dict[str, torch.Tensor], bool]:
+    """(changed dict, whether the result is still the same model: an extra key is ignored)."""
+    kind, key, arg = edit
+    sd = dict(sd)
+    if kind == "dtype":
+        sd[key] = (sd[key] * 10).to(arg)
+    elif kind == "shape":
+        t = sd[key]
+        sd[key] = {"flatten": lambda: t.reshape(-1) if t.ndim > 1 else t.reshape(1, -1),
+                   "transpose": lambda: t.t().contiguous() if t.ndim == 2 and t.shape[0] != t.shape[1]
+                   else t.unsqueeze(0), "drop-row": lambda: t[1:] if t.shape[0] > 1 else t.unsqueeze(-1),
+                   "add-dim": lambda: t.unsqueeze(0)}[arg]()
+    elif kind == "missing":
+        del sd[key]
+    else:
+        sd[key if key not in sd else key + "_x"] = torch.zeros(arg + 1)
+        return sd, True
+    return sd, False
+
+
+@pytest.mark.slow
+def test_changed_dtypes_shapes_and_keys_are_refused_or_harmless(originals, tmp_path):
+    path, tensors, _ = originals["pth"]
+    sd = torch.load(path, weights_only=True)
+
+    @EXAMPLES
+    @given(edit=structural_changes(sorted(tensors)))
+    def check(edit):
+        changed, same_model = change(sd, edit)
+        damaged = save_atomic(changed, tmp_path / "changed.pth")
+        try:
+            got = read_all(damaged)
+        except RwkvConvertError:
+            assert not same_model, f"{edit}: a file with an extra key is still the model"
+            return
+        # read: only right if it is the same model (an extra key, or a shape the format allows, e.g. [1, 1, C]
+        # for a [C] vector, holding the same values)
+        assert got.keys() == tensors.keys(), f"{edit} was read with other tensors"
+        for k, v in tensors.items():
+            assert torch.equal(got[k].reshape(v.shape), v) and got[k].numel() == v.numel(), f"{edit} changed {k}"
+
+    check()
+
+
+@pytest.mark.slow
+def test_a_copy_with_nothing_changed_reads_back_exactly(originals, tmp_path):
+    for path, tensors, _ in originals.values():  # the property's other half: an intact file is never refused
+        copy = tmp_path / path.name
+        shutil.copyfile(path, copy)
+        refused_or_unchanged(copy, tensors)
+        assert read_all(copy).keys() == tensors.keys()
