@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RwkvConvertError, brief
+from .spans import check_spans
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -86,19 +87,7 @@ def read_header(path: Path) -> tuple[dict, dict, int]:
             raise RwkvConvertError(f"{path}: tensor {name!r} ends at byte {end:,} of a {data_size:,}-byte data"
                                    " section (truncated file or bad offsets)")
         tensors[name] = (dtype, tuple(shape), begin, end)
-    spans = sorted((b, e, name) for name, (_, _, b, e) in tensors.items() if e > b)
-    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
-        if begin_b < end_a:
-            raise RwkvConvertError(f"{path}: tensors {a!r} and {b!r} overlap in the data section (corrupt file)")
-        if begin_b > end_a:
-            raise RwkvConvertError(f"{path}: the data section has a gap between tensors {a!r} and {b!r} (corrupt"
-                                   " file: safetensors data is contiguous)")
-    # The tensors cover the data section exactly (as the format requires): a header length off by a few bytes
-    # that still parses (trailing spaces) would otherwise shift every tensor's data silently.
-    covered = (spans[0][0], spans[-1][1]) if spans else (0, 0)
-    if covered != (0, data_size):
-        raise RwkvConvertError(f"{path}: its tensors cover bytes {covered[0]:,}-{covered[1]:,} of a {data_size:,}-byte"
-                               " data section; the header length or offsets are damaged")
+    check_spans(path, [(b, e, name) for name, (_, _, b, e) in tensors.items() if e > b], packed_size=data_size)
     return tensors, metadata, data_start
 
 

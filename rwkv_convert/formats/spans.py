@@ -1,0 +1,25 @@
+"""Where tensors' bytes lie in a file's data section: checks that the header's offsets can be right (no format
+here keeps a checksum of its offsets, and a damaged one would read other bytes without a word)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import RwkvConvertError
+
+
+def check_spans(path: Path, spans: list[tuple[int, int, str]], packed_size: int | None = None) -> None:
+    """spans: (begin, end, name) of each non-empty tensor. Raises when two overlap; with packed_size (formats
+    whose data has no gaps: safetensors), also on a gap or a section the tensors do not cover exactly."""
+    spans = sorted(spans)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise RwkvConvertError(f"{path}: tensors {a!r} and {b!r} overlap in the data section (corrupt file)")
+        if packed_size is not None and begin_b > end_a:
+            raise RwkvConvertError(f"{path}: the data section has a gap between tensors {a!r} and {b!r} (corrupt"
+                                   " file: its data is contiguous)")
+    # A safetensors header length off by a few bytes that still parses (trailing spaces) shifts every tensor.
+    covered = (spans[0][0], spans[-1][1]) if spans else (0, 0)
+    if packed_size is not None and covered != (0, packed_size):
+        raise RwkvConvertError(f"{path}: its tensors cover bytes {covered[0]:,}-{covered[1]:,} of a"
+                               f" {packed_size:,}-byte data section; the header length or offsets are damaged")
