@@ -1,9 +1,10 @@
 """Property: no corruption of a checkpoint makes a reader trace back or return other weights than the file's.
 Every corrupted file is either refused with one RwkvConvertError or read back to exactly the original tensors
 (a change that does not touch what a conversion uses, e.g. a metadata string). Corruptions: truncation at any
-offset, byte flips anywhere (a .pth's data is covered by its zip CRC-32) or in the header (GGUF and safetensors
-store no checksum of their data; verify is what catches altered data there, see test_faults), non-float
-dtypes, changed shapes, missing and extra tensors. 500 examples per reader."""
+offset, byte flips anywhere (a .pth's data is covered by its zip CRC-32s, our safetensors files by the CRC-32s
+we store) or in the header (GGUF and other tools' safetensors store no checksum of their data; verify is what
+catches altered data there, see test_faults), non-float dtypes, changed shapes, missing and extra tensors.
+500 examples per reader."""
 
 from __future__ import annotations
 
@@ -49,10 +50,10 @@ def originals(tmp_path_factory) -> dict[str, tuple[Path, dict, int]]:
             from gguf import GGUFReader
 
             start = min(int(t.data_offset) for t in GGUFReader(path).tensors)
-        elif name == "pth":
-            start = 0  # every byte is checked: headers by zip and pickle, data by CRC-32
-        else:
+        elif name == "safetensors":  # written by the safetensors library: no checksum of its data
             start = read_header(path)[2]
+        else:  # every byte is checked: a .pth by zip and pickle and its CRC-32s, ours by the CRC-32s we store
+            start = 0
         found[name] = (path, tensors, start)
     return found
 
@@ -136,6 +137,72 @@ def change(sd: dict[str, torch.Tensor], edit) -> tuple[dict[str, torch.Tensor], 
         sd[key if key not in sd else key + "_x"] = torch.zeros(arg + 1)
         return sd, True
     return sd, False
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("fuzz-hf")
+    src = save_atomic(make_state_dict("v7", n_layer=3, n_embd=64, vocab=256), folder / "v7.pth")
+    rwkv_convert.convert(src, "safetensors", folder / "hf", layout="hf")
+    return folder / "hf", read_all(folder / "hf")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("part", ["config.json", "model.safetensors"])
+def test_hf_directory_corruptions_are_refused_or_harmless(part, hf_dir, tmp_path):
+    hf, tensors = hf_dir
+    target = hf / part
+    size, start = target.stat().st_size, 0  # our model.safetensors carries CRC-32s of its tensors
+
+    @EXAMPLES
+    @given(corruption=byte_corruptions(size, start))
+    def check(corruption):
+        damaged = tmp_path / "hf"
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(hf, damaged)
+        apply(target, damaged / part, corruption)
+        refused_or_unchanged(damaged, tensors)
+
+    check()
+
+
+@pytest.fixture(scope="module")
+def runnable_files(originals, tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor, int]]:
+    """Files that load as a runnable model (pip-converted, prepared): (file, its logits on TOKENS, data start)."""
+    folder = tmp_path_factory.mktemp("fuzz-run")
+    src = originals["pth"][0]
+    pip_file = rwkv_convert.convert(src, "pip", folder / "i8.pth", strategy="cpu fp32i8")[0]
+    prepared = rwkv_convert.convert(src, "safetensors", folder / "p.st", layout="prepared", strategy="cpu fp32i8")[0]
+    return {"pip": (pip_file, logits_of(pip_file), 0), "prepared": (prepared, logits_of(prepared), 0)}
+
+
+TOKENS = [1, 17, 250, 3]
+
+
+def logits_of(path: Path) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return rwkv_convert.load(path).forward(TOKENS, full_output=True)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["pip", "prepared"])
+def test_corrupted_runnable_files_are_refused_or_run_as_before(fmt, runnable_files, tmp_path):
+    path, logits, start = runnable_files[fmt]
+
+    @EXAMPLES
+    @given(corruption=byte_corruptions(path.stat().st_size, start))
+    def check(corruption):
+        damaged = tmp_path / path.name
+        apply(path, damaged, corruption)
+        try:
+            got = logits_of(damaged)
+        except RwkvConvertError as e:
+            assert "\n" not in str(e) and str(e), repr(e)
+            return
+        assert torch.equal(got, logits), "a corrupted file ran with other outputs"
+
+    check()
 
 
 @pytest.mark.slow

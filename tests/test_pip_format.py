@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import rwkv_convert
-from rwkv_convert.fixtures import fixture_path
+from rwkv_convert.fixtures import fixture_path, make_state_dict
 from rwkv_convert.pip_runtime import run_in_pip_package
 
-from .conftest import tokens_for
+from .conftest import save_atomic, tokens_for
 
 pytestmark = pytest.mark.slow  # every test runs the rwkv package in subprocesses
 
@@ -123,3 +123,12 @@ def test_verify_with_our_reader(fixture_dir, tmp_path):
     ours, native = verify(out, src, tokens=16, runner="ours"), verify(out, src, tokens=16)
     assert ours.passed and native.passed
     assert "reading a pip-converted file" in ours.runner and "rwkv pip package" in native.runner
+
+
+@pytest.mark.parametrize("variant", ["v5.1", "v5.2", "v6"])
+def test_a_pip_file_of_a_one_head_model_reads_back(variant, tmp_path):
+    """Per-head tensors are stored [H, N, 1]: with one head, squeezing them lost H (a traceback on loading)."""
+    src = save_atomic(make_state_dict(variant, n_layer=1, n_embd=64, vocab=256), tmp_path / "one-head.pth")
+    out = rwkv_convert.convert(src, "pip", tmp_path / "one-head-pip.pth", strategy="cpu fp32")[0]
+    expected = rwkv_convert.load(src).forward([1, 2, 3])[0]
+    assert torch.equal(rwkv_convert.load(out).forward([1, 2, 3])[0], expected)

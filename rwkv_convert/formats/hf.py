@@ -7,6 +7,7 @@ directories back."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,7 +18,7 @@ import torch
 from ..arch import module_for
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
-from ..errors import RwkvConvertError
+from ..errors import RwkvConvertError, brief
 from ..spec import ModelSpec
 from ..tokenizer import world_vocab_path
 from ..units import parse_size
@@ -224,17 +225,16 @@ def is_hf_dir(path: Path) -> bool:
 
 def read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
     """BlinkDL-named tensors (mmap views) from a directory this module wrote, or one like it."""
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RwkvConvertError(f"{path}/config.json is not readable JSON: {e}") from None
+    cfg = _read_json(path / "config.json")
     hf_type = cfg.get("model_type")
     if hf_type not in NAME_TABLES:
         raise RwkvConvertError(f"{path} holds a {hf_type!r} model; rwkv-convert reads model_type rwkv (v4) and"
                                " rwkv7 directories")
     if (path / INDEX_NAME).is_file():
-        index = json.loads((path / INDEX_NAME).read_text())
-        files = sorted(set(index.get("weight_map", {}).values()))
+        weight_map = _read_json(path / INDEX_NAME).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise RwkvConvertError(f"{path}/{INDEX_NAME} has no weight_map of tensor names to files")
+        files = sorted(set(weight_map.values()))
     elif (path / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
     else:
@@ -252,7 +252,21 @@ def read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
     for name, t in tensors.items():
         ours, kind = names.get(name, (name, "same"))  # a tensor we do not know is kept: inspect lists it as unused
         out[ours] = _to_ours(t, kind)
+    held = {int(m.group(1)) for name in tensors if (m := re.search(r"\.(\d+)\.", name))}
+    if held and max(held) + 1 != n_layer:  # else a smaller count would drop layers without a word
+        raise RwkvConvertError(f"{path}/config.json says num_hidden_layers {n_layer} but the weights hold"
+                               f" {max(held) + 1} layers; the directory is damaged or mixed")
     return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        found = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RwkvConvertError(f"{path} is not readable JSON: {brief(e)}") from None
+    if not isinstance(found, dict):
+        raise RwkvConvertError(f"{path} holds a JSON {type(found).__name__}, not an object")
+    return found
 
 
 def read(probe: Probe) -> Checkpoint:

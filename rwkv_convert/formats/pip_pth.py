@@ -130,7 +130,10 @@ def _original_shapes(tensors: dict[str, torch.Tensor], major_hint: str) -> dict[
         if any(name.endswith(s) for s in MATRIX_SUFFIXES):
             shape = shape[::-1]  # stored [in, out]
         elif ".time_decay" in name and "_w" not in name or ".time_first" in name or ".time_faaaa" in name:
-            shape = tuple(d for d in shape if d != 1) or (1,)
+            if len(shape) == 3 and shape[2] == 1:  # per-head, stored [H, N, 1] (v5.2, v6) or [H, 1, 1] (v5.0/5.1)
+                shape = shape[:1] if shape[1] == 1 else shape[:2]  # a squeeze would lose H when it is 1
+            else:
+                shape = tuple(d for d in shape if d != 1) or (1,)
         shapes[name.replace(".time_first", ".time_faaaa") if major_hint == "6" else name] = shape
     c = shapes["emb.weight"][1]
     shapes["blocks.0.ln0.weight"] = shapes["blocks.0.ln0.bias"] = (c,)

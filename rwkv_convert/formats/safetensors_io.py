@@ -12,10 +12,12 @@ import mmap
 import os
 import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import drop_file_pages
 from ..errors import RwkvConvertError, brief
 from .spans import check_spans
 
@@ -24,6 +26,8 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 NAMES = {v: k for k, v in DTYPES.items()}
+# Our writer stores each tensor's CRC-32 here (JSON {name: crc}); the format itself keeps no checksum.
+CHECKSUMS_KEY = "rwkv_convert.crc32"
 
 
 def is_safetensors(path) -> bool:
@@ -98,6 +102,8 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict]:
     entries, metadata, start = read_header(path)
     with open(path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if CHECKSUMS_KEY in metadata:
+        _check_checksums(path, mapping, entries, start, metadata[CHECKSUMS_KEY])
     tensors = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "buffer is not writable": the weights are never written to
@@ -111,6 +117,32 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict]:
                                         offset=start + begin)
                 tensors[name] = flat.reshape(shape)
     return tensors, metadata
+
+
+def _check_checksums(path: Path, mapping: mmap.mmap, entries: dict, start: int, stored: str) -> None:
+    """Every tensor's bytes against the CRC-32 our writer stored, one tensor at a time (its pages are dropped
+    after: memory does not grow with the file). A file of ours with a renamed, missing or altered tensor is
+    refused here instead of being read as other weights."""
+    try:
+        crcs = json.loads(stored)
+        if not isinstance(crcs, dict):
+            raise ValueError
+    except ValueError:
+        raise RwkvConvertError(f"{path}: its {CHECKSUMS_KEY} metadata is damaged; the file cannot be trusted") from None
+    names = {n for n in entries if not n.startswith(SafetensorsWriter.PADDING_PREFIX)}
+    if set(crcs) != names:
+        odd = sorted(names ^ set(crcs))[0]
+        raise RwkvConvertError(f"{path}: tensor {odd!r} is not among the tensors the file was written with (its"
+                               " header is damaged)")
+    with memoryview(mapping) as view, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "buffer is not writable": the view is only read
+        for name in sorted(names, key=lambda n: entries[n][2]):
+            _, _, begin, end = entries[name]
+            if zlib.crc32(view[start + begin:start + end]) != crcs[name]:
+                raise RwkvConvertError(f"{path}: the bytes of tensor {name!r} do not match the CRC-32 stored for"
+                                       " them; the file is damaged - copy or convert it again")
+            if end > begin:
+                drop_file_pages(torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=start + begin))
 
 
 class SafetensorsWriter:
@@ -129,6 +161,7 @@ class SafetensorsWriter:
         self._data_tmp = self.path.with_name(self.path.name + ".data")
         self._data = open(self._data_tmp, "wb")  # noqa: SIM115 (closed in close/abort)
         self.entries: dict[str, dict] = {}
+        self.crcs: dict[str, int] = {}
         self.nbytes = 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
@@ -142,8 +175,9 @@ class SafetensorsWriter:
             self.entries[f"{self.PADDING_PREFIX}{len(self.entries)}"] = {
                 "dtype": "U8", "shape": [gap], "data_offsets": [start, start + gap]}
         begin = self._data.tell()
-        if t.numel():
-            self._data.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        data = memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b""
+        self._data.write(data)
+        self.crcs[name] = zlib.crc32(data)
         self.entries[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape),
                               "data_offsets": [begin, self._data.tell()]}
         self.nbytes = self._data.tell()
@@ -151,6 +185,7 @@ class SafetensorsWriter:
     def close(self, metadata: dict[str, str]) -> Path:
         try:
             self._data.close()
+            metadata = {**metadata, CHECKSUMS_KEY: json.dumps(self.crcs, separators=(",", ":"))}
             header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
             header += b" " * (-(8 + len(header)) % max(self.align, 8))  # the data section starts aligned
             with open(self.path, "wb") as out, open(self._data_tmp, "rb") as data:
