@@ -1,8 +1,8 @@
 """Property: no corruption of a checkpoint makes a reader trace back or return other weights than the file's.
 Every corrupted file is either refused with one RwkvConvertError or read back to exactly the original tensors
 (a change that does not touch what a conversion uses, e.g. a metadata string). Corruptions: truncation at any
-offset, byte flips anywhere (a .pth's data is covered by its zip CRC-32s, our safetensors files by the CRC-32s
-we store) or in the header (GGUF and other tools' safetensors store no checksum of their data; verify is what
+offset, byte flips anywhere (a .pth's data is covered by its zip CRC-32s, our GGUF and safetensors files by the
+CRC-32s we store) or in the header (other tools' safetensors store no checksum of their data; verify is what
 catches altered data there, see test_faults), non-float dtypes, changed shapes, missing and extra tensors.
 500 examples per reader."""
 
@@ -46,13 +46,9 @@ def originals(tmp_path_factory) -> dict[str, tuple[Path, dict, int]]:
     for name, path in files.items():
         ckpt = read_checkpoint(path)
         tensors = {k: ckpt.tensors[k].clone() for k in ckpt.tensors if k not in ckpt.unused_keys}
-        if name == "gguf":
-            from gguf import GGUFReader
-
-            start = min(int(t.data_offset) for t in GGUFReader(path).tensors)
-        elif name == "safetensors":  # written by the safetensors library: no checksum of its data
+        if name == "safetensors":  # written by the safetensors library: no checksum of its data
             start = read_header(path)[2]
-        else:  # every byte is checked: a .pth by zip and pickle and its CRC-32s, ours by the CRC-32s we store
+        else:  # every byte is checked: a .pth by zip and pickle and its CRC-32s, our files by the CRC-32s we store
             start = 0
         found[name] = (path, tensors, start)
     return found

@@ -9,6 +9,7 @@ See ../shared/reference/gguf.md (in the project's docs) for the facts this follo
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .spans import check_spans
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
 EOT_TOKEN = 261  # "\n\n" in the World vocabulary
+CHECKSUMS_KEY = "rwkv_convert.tensor_crc32"  # ours: each tensor's CRC-32, in tensor-info order (GGUF keeps none)
 
 
 def _gguf():
@@ -226,6 +228,9 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
             byte_shape = gguf.quant_shape_to_byte_shape(job.shape, qtype)
             writer.add_tensor_info(job.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype)
 
+    # Placeholders, filled in once the data is written (the key-value section comes first in the file).
+    writer.add_key_value(CHECKSUMS_KEY, [0] * len(jobs), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+    crcs = []
     with AtomicOutput(out) as target:
         try:
             writer.write_header_to_file(target.temp())
@@ -233,11 +238,23 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
             writer.write_ti_data_to_file()
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
                 for n, (job, qtype) in enumerate(zip(jobs, types, strict=True)):
-                    writer.write_tensor_data(_encode(gguf, pool, job, qtype))
+                    data = _encode(gguf, pool, job, qtype)
+                    crcs.append(zlib.crc32(data))
+                    writer.write_tensor_data(data)
                     _release_finished(ckpt, job, jobs[n + 1] if n + 1 < len(jobs) else None)
         finally:
             writer.close()
+        _fill_checksums(gguf, target.temp(), crcs)
     return [out]
+
+
+def _fill_checksums(gguf, path: Path, crcs: list[int]) -> None:
+    reader = gguf.GGUFReader(path, "r+")
+    field = reader.fields[CHECKSUMS_KEY]
+    for index, crc in zip(field.data, crcs, strict=True):
+        field.parts[index][0] = crc
+    reader.data.flush()
+    del reader
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
@@ -253,6 +270,42 @@ def _read_row(row: Row, get, i: int, head_size: int) -> dict[str, torch.Tensor]:
         shape = tuple(head_size if d == "N" else d for d in row.ours_shape)
         parts = [p.reshape(shape) for p in parts]
     return {key.format(i=i): part for key, part in zip(row.ours, parts, strict=True)}
+
+
+def _checksums(path: Path, reader) -> dict[str, int] | None:
+    """{tensor name: CRC-32 of its data} where our writer stored them (None in other writers' files)."""
+    field = reader.fields.get(CHECKSUMS_KEY)
+    if field is None:
+        return None
+    crcs = [int(field.parts[i][0]) for i in field.data]
+    if len(crcs) != len(reader.tensors):
+        raise RwkvConvertError(f"{path}: {CHECKSUMS_KEY} has {len(crcs)} entries for {len(reader.tensors)} tensors;"
+                               " the file is damaged")
+    return {t.name: crc for t, crc in zip(reader.tensors, crcs, strict=True)}
+
+
+def _open(path: Path):
+    """A GGUFReader on the file, its tensor layout checked."""
+    try:
+        reader = _gguf().GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/struct errors on damaged files
+        raise RwkvConvertError(f"{path} is not a readable GGUF file: {brief(e)}") from None
+    _check_layout(path, reader)
+    return reader
+
+
+def _check_tensor(path: Path, tensor, crcs: dict[str, int] | None) -> None:
+    if crcs is not None and zlib.crc32(np.ascontiguousarray(tensor.data)) != crcs[tensor.name]:
+        raise RwkvConvertError(f"{path}: the bytes of tensor {tensor.name} do not match the CRC-32 stored for them;"
+                               " the file is damaged - copy or convert it again")
+
+
+def check_checksums(path: Path) -> None:
+    """Every tensor of one of our GGUFs against its stored CRC-32 (nothing to check in other writers' files)."""
+    reader = _open(path)
+    crcs = _checksums(path, reader)
+    for tensor in reader.tensors:
+        _check_tensor(path, tensor, crcs)
 
 
 def _check_layout(path: Path, reader) -> None:
@@ -272,11 +325,7 @@ def read_gguf(path: Path) -> Checkpoint:
     """An RWKV-6/7 GGUF (ours or upstream-converted with the same tensor set) as a BlinkDL-keyed checkpoint,
     dequantised to fp32 with the gguf package."""
     gguf = _gguf()
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/struct errors on damaged files
-        raise RwkvConvertError(f"{path} is not a readable GGUF file: {brief(e)}") from None
-    _check_layout(path, reader)
+    reader = _open(path)
     field = reader.fields.get("general.architecture")
     arch = bytes(field.parts[field.data[0]]).decode(errors="replace") if field else "?"
     if arch not in ("rwkv6", "rwkv7"):
@@ -291,12 +340,14 @@ def read_gguf(path: Path) -> Checkpoint:
         return int(f.parts[f.data[0]][0])
 
     tensors = {t.name: t for t in reader.tensors}
+    crcs = _checksums(path, reader)
 
     def get(name: str) -> torch.Tensor:
         if name not in tensors:
             raise RwkvConvertError(f"{path}: tensor {name} is missing; this GGUF does not have llama.cpp's {arch}"
                                    " tensor set")
         t = tensors[name]
+        _check_tensor(path, t, crcs)
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml ne -> numpy order
         try:
             data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
@@ -332,6 +383,7 @@ def native(path: Path, strategy: str | None, streams: dict[str, list[int]], spli
     """Runs the file in llama.cpp (llama-cpp-python)."""
     if strategy:
         raise RwkvConvertError("a GGUF runs in llama.cpp as it is: drop --strategy (or use --runner ours)")
+    check_checksums(path)  # llama.cpp would run altered data as it is
     tokens = len(next(iter(streams.values())))
     llama = LlamaCppRunner(path, n_ctx=max(64, 2 * tokens))
     outputs = {name: llama.run(toks, split) for name, toks in streams.items()}
