@@ -74,6 +74,9 @@ class NativeRun:
     strategy: str  # what the candidate ran as
     outputs: dict[str, dict]  # stream name -> {"seq", "one", "split" logits [T, V]; "*_state" where known}
     schemes: set[str]  # tolerance keys of the weight types that ran (rwkv_convert.verify.TOLERANCES)
+    # A strategy whose math our runner reproduces for this file exactly (the pip package's converted files:
+    # the strategy they were made for), so verify can also compare it with the reference run that way.
+    twin: str | None = None
 
 
 def option(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:

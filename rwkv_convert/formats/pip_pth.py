@@ -204,7 +204,7 @@ def native(path: Path, strategy: str | None, streams: dict[str, list[int]], spli
         if "error" in out:
             raise RwkvConvertError(f"the rwkv pip package could not run {path}: {brief(out['error'], 300)}")
     schemes = {p.precision for p in allocate(parse_strategy(made_for), spec.n_layer)}
-    return NativeRun("rwkv pip package", made_for, dict(zip(streams, outputs, strict=True)), schemes)
+    return NativeRun("rwkv pip package", made_for, dict(zip(streams, outputs, strict=True)), schemes, twin=made_for)
 
 
 FORMAT = Format(
