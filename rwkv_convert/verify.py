@@ -131,11 +131,12 @@ def scheme_noise(ref: ReferenceRun, scheme: str) -> Metrics | None:
         rounded = {k: round_to_blocks(v, bits) if k in matrices | {"emb.weight", "head.weight"} else v
                    for k, v in ref.ckpt.tensors.items()}
         model = Model(checkpoint_from_tensors(ref.ckpt.path, rounded, mmapped=False), "cpu fp32")
+        logits = {name: model.forward(tokens, full_output=True)[0] for name, tokens in ref.streams.items()}
     else:
-        model = Model(ref.ckpt, how)
+        logits = strategy_logits(ref, how)
     worst = Metrics(0.0, 0.0, 0.0, 1.0, None)
-    for name, tokens in ref.streams.items():
-        max_abs, rel_l2, kl, top1 = compare(ref.outputs[name]["seq"], model.forward(tokens, full_output=True)[0])
+    for name in ref.streams:
+        max_abs, rel_l2, kl, top1 = compare(ref.outputs[name]["seq"], logits[name])
         worst = Metrics(max(worst.max_abs, max_abs), max(worst.rel_l2, rel_l2), max(worst.kl, kl),
                         min(worst.top1, top1), None)
     return worst
@@ -254,6 +255,7 @@ class ReferenceRun:
     split: int
     outputs: dict[str, dict]
     ckpt: Checkpoint | None = None  # what the scheme's own error is measured on (scheme_noise)
+    strategy_runs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # strategy_logits' cache
 
 
 def reference_run(reference: str | Path, tokens: int = 64, seed: int = 0) -> ReferenceRun:
@@ -286,8 +288,17 @@ def twin_run(ref: ReferenceRun, strategy: str | None) -> dict[str, torch.Tensor]
     placements = allocate(parse_strategy(strategy), ref.spec.n_layer)
     if any(p.atype != torch.float32 for p in placements):
         return None
-    model = Model(ref.ckpt, strategy)
-    return {name: model.forward(tokens, full_output=True)[0] for name, tokens in ref.streams.items()}
+    return strategy_logits(ref, strategy)
+
+
+def strategy_logits(ref: ReferenceRun, strategy: str) -> dict[str, torch.Tensor]:
+    """Sequence-mode logits of the reference checkpoint run with `strategy`, per stream; each strategy runs once
+    (an int8 candidate's scheme noise and its same-strategy twin are the same run)."""
+    key = str(parse_strategy(strategy))
+    if key not in ref.strategy_runs:
+        model = Model(ref.ckpt, key)
+        ref.strategy_runs[key] = {name: model.forward(t, full_output=True)[0] for name, t in ref.streams.items()}
+    return ref.strategy_runs[key]
 
 
 def _check_runner(runner: str) -> None:
