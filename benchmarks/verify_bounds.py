@@ -30,6 +30,21 @@ VALID = {  # name: (convert target, options, verify runner)
 }
 DAMAGED_TARGETS = {"pip fp32 (ours)": VALID["pip fp32 (ours)"], "gguf f16 (llama.cpp)": VALID["gguf f16 (llama.cpp)"],
                    "pip fp32i8 (pip)": VALID["pip fp32i8 (pip)"]}
+# The pip package cannot load converted RWKV-7 files: v7's fp32 and int8 files are prepared safetensors instead
+# (run by our runner, which reproduces their strategy exactly: the same-strategy check applies to them too).
+def _prepared(strategy: str) -> tuple:
+    return "safetensors", {"layout": "prepared", "strategy": strategy}, "ours"
+
+
+V7_INSTEAD = {"pip fp32 (ours)": ("prepared fp32 (ours)", _prepared("cpu fp32")),
+              "pip fp32i8 (pip)": ("prepared fp32i8 (ours)", _prepared("cpu fp32i8")),
+              "pip fp16 (ours)": ("prepared fp16 (ours)", _prepared("cpu fp16"))}
+
+
+def for_version(version: str, targets: dict) -> dict:
+    if version != "v7":
+        return targets
+    return dict(V7_INSTEAD.get(name, (name, spec)) for name, spec in targets.items())
 
 
 def damage(sd: dict, how: str, n_layer: int) -> dict:
@@ -73,17 +88,15 @@ def main() -> None:
                 src = Path(tmp) / f"{version}-{size}.pth"
                 torch.save(sd, src)
                 ref = reference_run(src, args.tokens)
-                cases = [(name, spec, "valid", src) for name, spec in VALID.items()]
+                cases = [(name, spec, "valid", src) for name, spec in for_version(version, VALID).items()]
                 for how in ("1% noise in one matrix", "transposed matrix", "dropped rescale"):
                     bad = Path(tmp) / f"{version}-{size}-{how.replace(' ', '_').replace('%', '')}.pth"
                     torch.save(damage(sd, how, n_layer), bad)
-                    cases += [(name, spec, how, bad) for name, spec in DAMAGED_TARGETS.items()]
+                    cases += [(name, spec, how, bad) for name, spec in for_version(version, DAMAGED_TARGETS).items()]
                 for name, (target, options, runner), case, source in cases:
                     if args.cases and name not in args.cases:
                         continue
-                    if version == "v7" and target == "pip" and runner == "native":
-                        continue  # the pip package cannot load converted v7 files
-                    out = Path(tmp) / {"onnx": "out.onnx", "pip": "out.pth"}.get(target, "out")  # pip: needs .pth
+                    out = Path(tmp) / {"onnx": "out.onnx", "pip": "out.pth", "safetensors": "out.st"}.get(target, "out")
                     try:
                         rwkv_convert.convert(source, target, out, **options)
                         cand = candidate_run(out, ref, runner=runner, reference=src)

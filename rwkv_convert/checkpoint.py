@@ -10,7 +10,6 @@ import struct
 import sys
 import warnings
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .arch import build_spec, check_shapes
-from .errors import CastWarning, RwkvConvertError, brief
+from .errors import CastWarning, RwkvConvertError, brief, check_crc32
 from .spec import ModelSpec
 
 
@@ -193,9 +192,7 @@ class ZipRecordCheck:
             return
         record, _, crc = self._by_address[address]
         data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-        if zlib.crc32(data) != crc:
-            raise RwkvConvertError(f"{self.path}: the bytes of tensor {name} (record {record}) do not match the CRC-32"
-                                   " the archive stores for them; the file is damaged - download or copy it again")
+        check_crc32(self.path, f"tensor {name} (record {record})", data, crc, "the archive stores for them")
         self._checked.add(address)
 
 

@@ -1,5 +1,7 @@
 """Errors a user can cause and fix. The CLI prints them as one line and exits with code 2."""
 
+import zlib
+
 
 class RwkvConvertError(Exception):
     """Bad input or usage: a missing file, a file that is not an RWKV checkpoint, a bad strategy."""
@@ -24,3 +26,11 @@ def brief(text: object, limit: int = 200) -> str:
         return first
     cut = first[:limit].rsplit(" ", 1)[0].rstrip(" ,;:")
     return cut + " ..."
+
+
+def check_crc32(path: object, what: str, data, expected: int, keeper: str = "stored for them") -> None:
+    """Refuse `data` (anything with the buffer protocol) whose CRC-32 is not `expected`: one wording for every
+    file that carries checksums (zip records, our GGUF, safetensors and ONNX exports)."""
+    if zlib.crc32(data) != expected:
+        raise RwkvConvertError(f"{path}: the bytes of {what} do not match the CRC-32 {keeper}; the file is damaged"
+                               " - copy, download or convert it again")

@@ -324,7 +324,14 @@ def test_a_pth_whose_bytes_no_longer_match_their_crc_is_refused(fixture_dir, tmp
 
 def alter_one_matrix(out: Path) -> None:
     """The exponent bits of 64 values of layer 2's attention output matrix, in place."""
-    if out.suffix == ".gguf":
+    if out.suffix == ".onnx":  # the weights live in the data file beside the graphs
+        import onnx
+
+        tensor = next(t for t in onnx.load(str(out), load_external_data=False).graph.initializer
+                      if t.name == "blocks.2.att.output.weight")
+        start, width = int({e.key: e.value for e in tensor.external_data}["offset"]), 4
+        out = out.with_name(out.name + ".data")
+    elif out.suffix == ".gguf":
         from gguf import GGUFReader
 
         tensor = next(t for t in GGUFReader(out).tensors if t.name == "blk.2.time_mix_output.weight")
@@ -355,16 +362,19 @@ def test_verify_catches_altered_data_in_files_without_checksums(fixture_dir, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [["--to", "gguf"], ["--to", "safetensors", "--layout", "web-rwkv"],
-                                    ["--to", "safetensors", "--layout", "prepared"]], ids=lambda t: t[-1])
+                                    ["--to", "safetensors", "--layout", "prepared"], ["--to", "onnx"]],
+                         ids=lambda t: t[-1])
 def test_our_exports_carry_checksums_that_refuse_altered_data(target, fixture_dir, tmp_path):
     src = fixture_path("v6", directory=fixture_dir)
-    out = tmp_path / ("m.gguf" if "gguf" in target else "m.st")
+    out = tmp_path / {"gguf": "m.gguf", "onnx": "m.onnx"}.get(target[1], "m.st")
     assert cli("convert", src, *target, "-o", out).returncode == 0
     alter_one_matrix(out)
-    name = "blk.2.time_mix_output.weight" if "gguf" in target else "'blocks.2.att.output.weight'"
-    for runner in ("native", "ours"):
+    name = {"gguf": "tensor blk.2.time_mix_output.weight", "onnx": "weight blocks.2.att.output.weight"}.get(
+        target[1], "tensor 'blocks.2.att.output.weight'")
+    runners = ("native",) if target[1] == "onnx" else ("native", "ours")  # onnxruntime is the only ONNX runner
+    for runner in runners:
         assert_one_line_error(cli("verify", out, "--reference", src, "--tokens", "16", "--runner", runner),
-                              f"tensor {re.escape(name)} do not match the CRC-32 stored")
+                              f"{re.escape(name)} do not match the CRC-32 stored")
     assert_one_line_error(cli("run", out, "--tokens", "2"), "do not match the CRC-32 stored")
 
 

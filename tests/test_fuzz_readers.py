@@ -1,9 +1,9 @@
 """Property: no corruption of a checkpoint makes a reader trace back or return other weights than the file's.
 Every corrupted file is either refused with one RwkvConvertError or read back to exactly the original tensors
 (a change that does not touch what a conversion uses, e.g. a metadata string). Corruptions: truncation at any
-offset, byte flips anywhere (a .pth's data is covered by its zip CRC-32s, our GGUF and safetensors files by the
-CRC-32s we store) or in the header (other tools' safetensors store no checksum of their data; verify is what
-catches altered data there, see test_faults), non-float dtypes, changed shapes, missing and extra tensors.
+offset, byte flips anywhere (a .pth's data is covered by its zip CRC-32s; our GGUF, safetensors and ONNX files
+by the CRC-32s we store) or in the header (other tools' safetensors store no checksum of their data; verify is
+what catches altered data there, see test_faults), non-float dtypes, changed shapes, missing and extra tensors.
 500 examples per reader."""
 
 from __future__ import annotations
@@ -197,6 +197,43 @@ def test_corrupted_runnable_files_are_refused_or_run_as_before(fmt, runnable_fil
             assert "\n" not in str(e) and str(e), repr(e)
             return
         assert torch.equal(got, logits), "a corrupted file ran with other outputs"
+
+    check()
+
+
+@pytest.fixture(scope="module")
+def onnx_exports(originals, tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
+    """Two ONNX exports of the v6 model: both graphs with their weights in m.onnx.data, and one graph holding
+    its weights inline; (folder, logits on TOKENS)."""
+    src, found = originals["pth"][0], {}
+    for kind, options in (("external", {}), ("inline", {"graphs": "sequence", "external_data": False})):
+        folder = tmp_path_factory.mktemp(f"fuzz-onnx-{kind}")
+        rwkv_convert.convert(src, "onnx", folder / "m.onnx", **options)
+        found[kind] = folder, logits_of(folder / "m.onnx")
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("export,part", [("external", "m.onnx"), ("external", "m.seq.onnx"),
+                                         ("external", "m.onnx.data"), ("inline", "m.onnx")])
+def test_corrupted_onnx_exports_are_refused_or_run_as_before(export, part, onnx_exports, tmp_path):
+    """onnxruntime runs altered weights as they are; the CRC-32s our exports carry (checked before it loads
+    them) are what refuses them."""
+    folder, logits = onnx_exports[export]
+
+    @EXAMPLES
+    @given(corruption=byte_corruptions((folder / part).stat().st_size, 0))
+    def check(corruption):
+        damaged = tmp_path / "export"
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(folder, damaged)
+        apply(folder / part, damaged / part, corruption)
+        try:
+            got = logits_of(damaged / "m.onnx")
+        except RwkvConvertError as e:
+            assert "\n" not in str(e) and str(e), repr(e)
+            return
+        assert torch.equal(got, logits), "a corrupted export ran with other outputs"
 
     check()
 

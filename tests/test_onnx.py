@@ -191,7 +191,7 @@ def test_wrong_states_and_foreign_files_get_clear_errors(fp32_exports, tmp_path)
     with pytest.raises(RwkvConvertError, match="not an ONNX export of rwkv-convert"):
         rwkv_convert.load(tmp_path / "foreign.onnx")
     (tmp_path / "garbage.onnx").write_bytes(b"\x08\x07garbage")
-    with pytest.raises(RwkvConvertError, match="onnxruntime could not load"):
+    with pytest.raises(RwkvConvertError, match="not a readable ONNX model"):
         rwkv_convert.load(tmp_path / "garbage.onnx")
 
 
@@ -264,3 +264,31 @@ def test_chunked_recurrence_survives_extreme_decays(variant, tmp_path):
     ref = rwkv_convert.load(src).forward(toks, full_output=True)[0]
     got = exported.forward(toks, full_output=True)[0]
     assert torch.isfinite(got).all() and (got - ref).abs().max().item() <= 1e-4
+
+
+def test_checksums_cover_the_model_and_its_data_and_older_exports_still_load(tmp_path):
+    """Our exports carry CRC-32s (rwkv.checksums) of the model file and each external weight; an export
+    written before them (no entry) loads as it did, and an altered inline weight is refused before it runs."""
+    from rwkv_convert.formats.onnx.checksums import CHECKSUMS_KEY
+
+    src = save_atomic(make_state_dict("v6", n_layer=2, n_embd=64, vocab=256), tmp_path / "m.pth")
+    out = rwkv_convert.convert(src, "onnx", tmp_path / "m.onnx", graphs="step", external_data=False)[0]
+    want = rwkv_convert.load(out).forward([1, 2, 3])[0]
+    model = onnx.load(str(out))
+    assert any(p.key == CHECKSUMS_KEY for p in model.metadata_props)
+    # an older export: the same file without the entry
+    old = tmp_path / "old.onnx"
+    entry = next(p for p in model.metadata_props if p.key == CHECKSUMS_KEY)
+    model.metadata_props.remove(entry)
+    onnx.save(model, str(old))
+    assert torch.equal(rwkv_convert.load(old).forward([1, 2, 3])[0], want)
+    # one inline weight altered (a matrix under 1 KiB stays inline: the ln weights)
+    model = onnx.load(str(out))
+    weight = next(t for t in model.graph.initializer if t.name == "blocks.1.ln1.weight")
+    raw = bytearray(weight.raw_data)
+    raw[3] ^= 0x40
+    weight.raw_data = bytes(raw)
+    altered = tmp_path / "altered.onnx"
+    onnx.save(model, str(altered))
+    with pytest.raises(RwkvConvertError, match="the bytes of the model do not match the CRC-32"):
+        rwkv_convert.load(altered)

@@ -21,7 +21,7 @@ import torch
 from ..arch import module_for
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
-from ..errors import RwkvConvertError, UnsupportedError, brief
+from ..errors import RwkvConvertError, UnsupportedError, brief, check_crc32
 from ..llama_runtime import LlamaCppRunner
 from ..spec import ModelSpec
 from ..strategy import Strategy, allocate, parse_strategy
@@ -295,9 +295,8 @@ def _open(path: Path):
 
 
 def _check_tensor(path: Path, tensor, crcs: dict[str, int] | None) -> None:
-    if crcs is not None and zlib.crc32(np.ascontiguousarray(tensor.data)) != crcs[tensor.name]:
-        raise RwkvConvertError(f"{path}: the bytes of tensor {tensor.name} do not match the CRC-32 stored for them;"
-                               " the file is damaged - copy or convert it again")
+    if crcs is not None:
+        check_crc32(path, f"tensor {tensor.name}", np.ascontiguousarray(tensor.data), crcs[tensor.name])
 
 
 def check_checksums(path: Path) -> None:

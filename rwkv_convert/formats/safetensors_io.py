@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import drop_file_pages
-from ..errors import RwkvConvertError, brief
+from ..errors import RwkvConvertError, brief, check_crc32
 from .spans import check_spans
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -138,9 +138,7 @@ def _check_checksums(path: Path, mapping: mmap.mmap, entries: dict, start: int, 
         warnings.simplefilter("ignore")  # "buffer is not writable": the view is only read
         for name in sorted(names, key=lambda n: entries[n][2]):
             _, _, begin, end = entries[name]
-            if zlib.crc32(view[start + begin:start + end]) != crcs[name]:
-                raise RwkvConvertError(f"{path}: the bytes of tensor {name!r} do not match the CRC-32 stored for"
-                                       " them; the file is damaged - copy or convert it again")
+            check_crc32(path, f"tensor {name!r}", view[start + begin:start + end], crcs[name])
             if end > begin:
                 drop_file_pages(torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=start + begin))
 

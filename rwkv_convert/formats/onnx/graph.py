@@ -4,12 +4,14 @@ file, and recurrences that become a Scan over the time axis (or one plain step i
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import RwkvConvertError
+from . import checksums
 
 OPSET = 17  # LayerNormalization is opset 17; onnxruntime >= 1.14 runs it
 IR_VERSION = 8  # onnx 1.23 writes IR 14 by default, which onnxruntime rejects
@@ -36,6 +38,7 @@ class WeightStore:
         self.location = location
         self._data = open(data_path, "wb") if data_path is not None else None  # noqa: SIM115 (closed in close())
         self.nbytes = 0
+        self.data_crcs: dict[str, int] = {}  # of the externally stored arrays (checksums.py)
         # Shared by every graph of the export: names stay unique across files that share initializers.
         self.counter = [0]
         self.consts: dict = {}
@@ -51,7 +54,9 @@ class WeightStore:
             pad = -self._data.tell() % EXTERNAL_ALIGN
             self._data.write(b"\0" * pad)
             offset = self._data.tell()
-            self._data.write(memoryview(array).cast("B"))  # no bytes copy of a large tensor
+            data = memoryview(array).cast("B")  # no bytes copy of a large tensor
+            self._data.write(data)
+            self.data_crcs[name] = zlib.crc32(data)
             proto = onnx.TensorProto(name=name, dims=list(array.shape),
                                      data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
             proto.data_location = onnx.TensorProto.EXTERNAL
@@ -176,4 +181,5 @@ class Graph:
         model = helper.make_model(graph, opset_imports=opsets, producer_name="rwkv-convert", doc_string=doc)
         model.ir_version = IR_VERSION
         helper.set_model_props(model, metadata)
+        checksums.seal(model, {n: self.store.data_crcs[n] for n in self.used if n in self.store.data_crcs})
         return model

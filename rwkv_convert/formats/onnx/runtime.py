@@ -13,6 +13,8 @@ import torch
 from ...arch import module_for
 from ...errors import RwkvConvertError, brief
 from ...spec import ModelSpec
+from . import checksums
+from .graph import onnx_module
 from .layout import FORMAT_TAG, sequence_path
 
 
@@ -25,8 +27,9 @@ def _ort():
     return onnxruntime
 
 
-def _session(path: Path, providers):
+def _session(path: Path, providers, checked: set):
     ort = _ort()
+    checksums.check(path, onnx_module(), checked)  # before onnxruntime, which would run altered weights as is
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
@@ -45,7 +48,8 @@ class OnnxModel:
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        first = _session(path, providers)
+        checked: set = set()  # weights the two graphs share are checked once
+        first = _session(path, providers, checked)
         meta = first.get_modelmeta().custom_metadata_map
         if meta.get("rwkv.format") != FORMAT_TAG:
             raise RwkvConvertError(f"{path} is not an ONNX export of rwkv-convert (no rwkv.* metadata): this"
@@ -64,14 +68,14 @@ class OnnxModel:
             self.step = first
             sibling = sequence_path(path)
             if sibling.exists():
-                self.sequence = _session(sibling, providers)
+                self.sequence = _session(sibling, providers, checked)
                 self.sequence_logits = self.sequence.get_modelmeta().custom_metadata_map["rwkv.logits"]
         else:
             self.sequence, self.sequence_logits = first, meta["rwkv.logits"]
             if path.name.endswith(".seq.onnx"):
                 sibling = path.with_name(path.name[: -len(".seq.onnx")] + ".onnx")
                 if sibling.exists():
-                    self.step = _session(sibling, providers)
+                    self.step = _session(sibling, providers, checked)
         graph = self.step or self.sequence
         shapes = {i.name: i.shape for i in graph.get_inputs()}
         self.shift_shape = tuple(shapes["shift_in"][1:])

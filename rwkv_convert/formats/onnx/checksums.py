@@ -1,0 +1,90 @@
+"""The CRC-32s our ONNX exports carry (ONNX keeps none, and onnxruntime runs altered weights as they are): one of
+the model file itself (graph, inline weights, metadata: everything but this entry) and one per weight in the
+external data file. Shared by the writer and the runtime, like layout.py."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import warnings
+import zlib
+from pathlib import Path
+
+import torch
+
+from ...checkpoint import drop_file_pages
+from ...errors import RwkvConvertError, brief, check_crc32
+
+CHECKSUMS_KEY = "rwkv.checksums"  # JSON {"model": crc, "data": {initializer: crc}}
+
+
+def _entry(model):
+    return next((p for p in model.metadata_props if p.key == CHECKSUMS_KEY), None)
+
+
+def seal(model, data_crcs: dict[str, int]) -> None:
+    """Add the checksum entry to a finished model: the CRC-32 of the model as serialized without it, and those
+    of its external weights."""
+    if _entry(model) is not None:
+        raise ValueError("the model is sealed already")
+    model_crc = zlib.crc32(model.SerializeToString())
+    entry = model.metadata_props.add()
+    entry.key = CHECKSUMS_KEY
+    entry.value = json.dumps({"model": model_crc, "data": data_crcs}, separators=(",", ":"))
+
+
+def check(path: Path, onnx, checked: set) -> None:
+    """Refuse an export of ours whose model file or external weights are not what was written. `checked` holds
+    the (data file, offset, length) ranges already checked for a sibling graph, so shared weights are read once.
+    Files without the entry (other writers', or ours from before it) are not checked here."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and onnx's own errors
+        raise RwkvConvertError(f"{path} is not a readable ONNX model ({brief(e, 160)})") from None
+    entry = _entry(model)
+    if entry is None:
+        return
+    try:
+        stored = json.loads(entry.value)
+        model_crc, data_crcs = int(stored["model"]), dict(stored["data"])
+    except (ValueError, KeyError, TypeError):
+        raise RwkvConvertError(f"{path}: its {CHECKSUMS_KEY} metadata is damaged; the file cannot be trusted") from None
+    model.metadata_props.remove(entry)
+    check_crc32(path, "the model", model.SerializeToString(), model_crc)
+    # The model's checksum covers each weight's location, offset and length; what lies there is checked here.
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    by_file: dict[str, list] = {}
+    for tensor in external:
+        info = {e.key: e.value for e in tensor.external_data}
+        span = (info["location"], int(info.get("offset", 0)), int(info["length"]))
+        if span not in checked:
+            by_file.setdefault(span[0], []).append((tensor.name, span))
+    for location, tensors in by_file.items():
+        _check_data(path.parent / location, tensors, data_crcs, checked)
+
+
+def _check_data(data_file: Path, tensors: list, data_crcs: dict, checked: set) -> None:
+    try:
+        with open(data_file, "rb") as f:
+            size = data_file.stat().st_size
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    except OSError as e:
+        raise RwkvConvertError(f"cannot read {data_file}, the weights of this ONNX export: {e.strerror}") from None
+    # Not closed in a finally: an error's traceback still holds the slice it was raised on (the mapping goes
+    # with the traceback).
+    with memoryview(mapping) as view, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "buffer is not writable": the view is only read
+        for name, span in sorted(tensors, key=lambda t: t[1][1]):
+            _, offset, length = span
+            if name not in data_crcs:
+                raise RwkvConvertError(f"{data_file}: no CRC-32 is stored for weight {name}; the export's"
+                                       f" {CHECKSUMS_KEY} metadata is damaged")
+            if offset + length > size:
+                raise RwkvConvertError(f"{data_file} is shorter than its ONNX export needs (weight {name} ends"
+                                       f" at byte {offset + length} of {size}): copy or convert the export again")
+            check_crc32(data_file, f"weight {name}", view[offset:offset + length], data_crcs[name])
+            if length:  # memory stays flat: each weight's pages go once it is checked
+                drop_file_pages(torch.frombuffer(mapping, dtype=torch.uint8, count=length, offset=offset))
+            checked.add(span)
+    if size:
+        mapping.close()
