@@ -17,7 +17,7 @@ import torch
 
 import rwkv_convert
 from rwkv_convert.fixtures import make_state_dict
-from rwkv_convert.verify import candidate_run, reference_run, score
+from rwkv_convert.verify import TWIN, candidate_run, reference_run, score
 
 VALID = {  # name: (convert target, options, verify runner)
     "pip fp32 (ours)": ("pip", {"strategy": "cpu fp32"}, "ours"),
@@ -69,6 +69,8 @@ def worst_ratio(report) -> float:
     for m in report.rows.values():
         worst = max(worst, m.max_abs / tol.max_abs, m.rel_l2 / tol.rel_l2, m.kl / tol.kl if tol.kl else 0,
                     (1 - m.top1) / max(1 - tol.top1, 1e-9))
+    for m in report.twin.values():  # the same-strategy rows (pip/prepared files with fp32 activations)
+        worst = max(worst, m.rel_l2 / TWIN.rel_l2, m.kl / TWIN.kl)
     return worst if math.isfinite(worst) else float("inf")
 
 
