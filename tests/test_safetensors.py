@@ -5,7 +5,10 @@ the in-memory conversion bit for bit; malformed files get one line."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -163,6 +166,61 @@ def test_hf_v7_tokenizer_matches_the_pip_package(tmp_path):
     pip = TRIE_TOKENIZER(str(world_vocab_path()))
     for text in ["Hello world!", "User: 你好，世界。\n\nAssistant: 🙂 ñ", "   spaces  \t tabs"]:
         assert tok.encode(text, add_special_tokens=False) == pip.encode(text)
+
+
+AUTO_LOAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+with torch.no_grad():
+    logits = model(torch.tensor([json.loads(sys.argv[2])])).logits[0]
+chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+print(json.dumps({"model": type(model).__name__, "tokenizer": type(tok).__name__, "logits": logits.tolist(),
+                  "ids": tok("User: hello world\\n\\nAssistant:").input_ids, "chat": chat}))
+"""
+
+
+def auto_load(directory, tokens) -> dict:
+    """The directory loaded the way Hugging Face users load it, in a fresh process (nothing registered by us)."""
+    proc = subprocess.run([sys.executable, "-c", AUTO_LOAD, str(directory), json.dumps(tokens)], capture_output=True,
+                          text=True, timeout=600, cwd=directory.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_hf_v7_loads_through_the_auto_classes_like_rwkv7_hf_s_own_conversion(tmp_path):
+    """AutoModelForCausalLM and AutoTokenizer with trust_remote_code, as for a directory of rwkv7-hf's own
+    converter: the same files and settings (listed differences aside), logits within 1e-4 of our runner."""
+    pytest.importorskip("rwkv7_hf")
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    from rwkv_convert.tokenizer import world_vocab_path
+
+    src = save_atomic(make_state_dict("v7", n_layer=2, n_embd=128, vocab=65536), tmp_path / "v7.pth")
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    assert cli("convert", src, "--to", "safetensors", "--layout", "hf", "--dtype", "fp32", "-o", ours).returncode == 0
+    converter = shutil.which("rwkv7-hf-convert")
+    subprocess.run([converter, "--input", src, "--output", theirs, "--precision", "fp32", "--vocab-file",
+                    world_vocab_path()], check=True, capture_output=True, timeout=600)
+    # the same files, but for the licence of the model code we copy
+    assert {p.name for p in ours.iterdir()} - {"LICENSE.rwkv7-hf"} == {p.name for p in theirs.iterdir()}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        assert json.loads((ours / name).read_text()) == json.loads((theirs / name).read_text()), name
+    deliberate = {"rwkv_convert_source", "transformers_version"}  # ours names its source; theirs its writer
+    for name in ("config.json", "generation_config.json"):
+        mine, other = json.loads((ours / name).read_text()), json.loads((theirs / name).read_text())
+        assert {k: v for k, v in mine.items() if k not in deliberate} == \
+            {k: v for k, v in other.items() if k not in deliberate}, name
+    tokens = tokens_for(65536)[:24]
+    want = rwkv_convert.load(src).forward(tokens, full_output=True)[0]
+    got, reference = auto_load(ours, tokens), auto_load(theirs, tokens)
+    assert (got["model"], got["tokenizer"]) == ("RWKV7ForCausalLM", "RWKV7Tokenizer")
+    assert (torch.tensor(got["logits"]) - want).abs().max().item() <= 1e-4
+    assert got["ids"] == reference["ids"] == TRIE_TOKENIZER(str(world_vocab_path())).encode(
+        "User: hello world\n\nAssistant:")
+    assert got["chat"] == reference["chat"] == "User: hi\nAssistant:"
 
 
 @pytest.mark.parametrize("variant", ["v5.2", "v6", "v7-deepembed"])

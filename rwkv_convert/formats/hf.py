@@ -143,7 +143,15 @@ def config(spec) -> dict:
             "hidden_ratio": spec.ffn_dim / spec.n_embd, "decay_low_rank_dim": r["w"], "a_low_rank_dim": r["a"],
             "v_low_rank_dim": r.get("v", 32), "gate_low_rank_dim": r["g"], "value_dim": [spec.att_dim] * spec.n_layer,
             "norm_eps": 1e-5, "norm_bias": True, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 0,
-            "tie_word_embeddings": False, "use_cache": True}
+            "tie_word_embeddings": False, "use_cache": True, "num_attention_heads": spec.n_head,
+            "attn_mode": "chunk", "fuse_norm": False, "initializer_range": 0.02}  # the last: as rwkv7-hf writes
+
+
+def generation_config(cfg: dict) -> dict:
+    """What save_pretrained writes beside config.json: the special ids generate() starts and stops with."""
+    return {"_from_model_config": True, **{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                          if k in cfg}, "output_attentions": False, "output_hidden_states": False,
+            "use_cache": True}
 
 
 def write_tokenizer_files(directory: Path, spec, tokenizer_json: Path | None) -> None:
@@ -153,10 +161,63 @@ def write_tokenizer_files(directory: Path, spec, tokenizer_json: Path | None) ->
         shutil.copyfile(tokenizer_json, directory / "tokenizer.json")
         return
     shutil.copyfile(world_vocab_path(), directory / "rwkv_vocab_v20230424.txt")
-    if model_type(spec) == "rwkv7":  # rwkv7-hf's tokenizer class
-        tok = {"tokenizer_class": "RWKV7Tokenizer", "model_vocab_size": spec.vocab_size,
-               "pad_token": "<|padding|>", "eos_token": "<|endoftext|>", "errors": "replace"}
-        (directory / "tokenizer_config.json").write_text(json.dumps(tok, indent=2) + "\n")
+    if model_type(spec) == "rwkv7":  # rwkv7-hf's tokenizer class, found by AutoTokenizer through auto_map
+        template = directory / "chat_template.jinja"  # the model code's (reference layout)
+        tok = {"tokenizer_class": "RWKV7Tokenizer",
+               "auto_map": {"AutoTokenizer": ["tokenization_rwkv7.RWKV7Tokenizer", None]},
+               "model_vocab_size": spec.vocab_size, "pad_token": "<|padding|>", "eos_token": "<|endoftext|>",
+               "errors": "replace",
+               "chat_template": template.read_text(encoding="utf-8") if template.is_file() else None}
+        _write_json(directory / "tokenizer_config.json", tok)
+        _write_json(directory / "special_tokens_map.json", {"pad_token": "<|padding|>", "eos_token": "<|endoftext|>"})
+
+
+# RWKV-7 directories carry the model code that `trust_remote_code=True` runs, as rwkv7-hf's converter writes
+# them by default: its self-contained implementation (needs only transformers to load), copied from the
+# installed package. (Its other layout, three entrypoints importing rwkv7-hf, fails in generate() with
+# transformers 5.24: RWKV7Config has no use_cache.)
+REFERENCE_FILES = ("configuration_rwkv7.py", "cache_rwkv7.py", "ops_rwkv7.py", "modeling_rwkv7.py",
+                   "tokenization_rwkv7.py", "chat_template.jinja")
+AUTO_MAP = {"AutoConfig": "configuration_rwkv7.RWKV7Config", "AutoModel": "modeling_rwkv7.RWKV7Model",
+            "AutoModelForCausalLM": "modeling_rwkv7.RWKV7ForCausalLM"}
+
+
+def _rwkv7_hf_folder() -> Path:
+    try:
+        import rwkv7_hf
+    except ImportError:
+        raise RwkvConvertError("an RWKV-7 Hugging Face directory carries rwkv7-hf's model code, copied from the"
+                               " installed package: pip install rwkv7-hf") from None
+    folder = Path(rwkv7_hf.__file__).parent
+    missing = [name for name in REFERENCE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise RwkvConvertError(f"the installed rwkv7-hf ({folder}) has no {missing[0]}; rwkv-convert copies the"
+                               " model code of rwkv7-hf 0.9: pip install rwkv7-hf==0.9.0")
+    return folder
+
+
+def write_model_code(directory: Path) -> None:
+    folder = _rwkv7_hf_folder()
+    for name in REFERENCE_FILES:
+        shutil.copyfile(folder / name, directory / name)
+    licence = _licence_file("rwkv7-hf")
+    if licence is not None:  # MIT: the notice goes with the copied code
+        shutil.copyfile(licence, directory / "LICENSE.rwkv7-hf")
+
+
+def _licence_file(distribution: str) -> Path | None:
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution(distribution).files or []
+    except metadata.PackageNotFoundError:
+        return None
+    found = [f for f in files if f.name.upper().startswith("LICENSE")]
+    return Path(found[0].locate()) if found else None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -180,6 +241,8 @@ def write(ckpt: Checkpoint, output: Path, options: HfOptions) -> list[Path]:
     if dtype is None:  # the file's own (most common) float type
         dtype = max(DTYPES, key=lambda d: spec.dtypes.get(str(DTYPES[d]).removeprefix("torch."), 0))
     target = DTYPES[dtype]
+    if model_type(spec) == "rwkv7":
+        _rwkv7_hf_folder()  # before any weight is written
     jobs = []
     for name, t in ckpt.tensors.items():
         mapped = hf_tensor(name, t, spec)
@@ -212,8 +275,12 @@ def write(ckpt: Checkpoint, output: Path, options: HfOptions) -> list[Path]:
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        cfg = config(spec) | {"torch_dtype": str(target).removeprefix("torch."), "rwkv_convert_source": ckpt.path.name}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        cfg = config(spec) | {"dtype": str(target).removeprefix("torch."), "rwkv_convert_source": ckpt.path.name}
+        if model_type(spec) == "rwkv7":
+            write_model_code(tmp)
+            cfg |= {"auto_map": AUTO_MAP, "rwkv7_hf_adapter_layout": "reference"}
+        _write_json(tmp / "config.json", cfg)
+        _write_json(tmp / "generation_config.json", generation_config(cfg))
         write_tokenizer_files(tmp, spec, Path(options.tokenizer) if options.tokenizer else None)
     return sorted(output.iterdir())
 
