@@ -98,6 +98,9 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
+    def vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def decode(self, tokens: list[int]) -> str:
         return self._tok.decode(tokens)
 

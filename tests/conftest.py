@@ -39,6 +39,32 @@ def save_atomic(sd: dict, path: Path) -> Path:
     return path
 
 
+TOKENIZER_TEXT = ["The quick brown fox jumps over the lazy dog. " * 4, "Pile models read text through GPT-NeoX's BPE,",
+                  "numbers 12345 and 3.14159, tabs\t and  spaces", "ünïcödé café naïve 你好世界 🙂"] * 40
+
+
+def gpt_neox_style_tokenizer(path: Path, vocab_size: int = 400) -> Path:
+    """A tokenizer.json shaped like GPT-NeoX's 20B (the Pile models'): NFC normalizer, byte-level BPE,
+    <|endoftext|> and <|padding|> as added tokens; trained here on a few lines (the real file is 3.5 MB)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TOKENIZER_TEXT, trainer)
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def neox_tokenizer(tmp_path_factory) -> Path:
+    return gpt_neox_style_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
+
+
 class Oracle:
     """Results of the pip package for named jobs, computed in two subprocesses the first time asked."""
 

@@ -110,12 +110,13 @@ def test_blinkdl_keyed_safetensors_equals_the_pth(fixture_dir, tmp_path, referen
 
 # ---- Hugging Face ------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_hf_v4_runs_in_transformers(fixture_dir, tmp_path, references):
+def test_hf_v4_runs_in_transformers(fixture_dir, tmp_path, references, neox_tokenizer):
     transformers = pytest.importorskip("transformers")
     src = fixture_path("v4", directory=fixture_dir)
     out = tmp_path / "hf4"
     # a small shard size forces shards and an index
-    rwkv_convert.convert(src, "safetensors", out, layout="hf", dtype="fp32", shard_size=2_000_000)
+    rwkv_convert.convert(src, "safetensors", out, layout="hf", dtype="fp32", shard_size=2_000_000,
+                         tokenizer=neox_tokenizer)
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     model, info = transformers.RwkvForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
@@ -223,6 +224,71 @@ def test_hf_v7_loads_through_the_auto_classes_like_rwkv7_hf_s_own_conversion(tmp
     assert got["chat"] == reference["chat"] == "User: hi\nAssistant:"
 
 
+TOKENIZE = """
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+texts = json.loads(sys.argv[2])
+print(json.dumps({"ids": [tok(t).input_ids for t in texts], "decoded": [tok.decode(tok(t).input_ids) for t in texts],
+                  "special": [tok.bos_token, tok.eos_token, tok.pad_token]}))
+"""
+
+
+@pytest.mark.slow
+def test_hf_v4_ships_the_given_tokenizer_and_refuses_a_wrong_one(tmp_path, neox_tokenizer):
+    """AutoTokenizer on a v4 directory encodes exactly as the tokenizers library does on the tokenizer.json it
+    was given (the Pile models' GPT-NeoX BPE); a tokenizer with more ids than the model, or none for a model
+    that is not World-sized, is refused before anything is written."""
+    from tokenizers import Tokenizer
+
+    src = save_atomic(make_state_dict("v4", n_layer=1, n_embd=64, vocab=448), tmp_path / "v4.pth")
+    out = tmp_path / "hf"
+    assert cli("convert", src, "--to", "safetensors", "--layout", "hf", "--tokenizer", neox_tokenizer,
+               "-o", out).returncode == 0
+    texts = ["hello world", "The quick brown fox", "ünïcödé café 你好 🙂", "tabs\t and  spaces 3.14",
+             "<|endoftext|>between<|padding|>"]
+    proc = subprocess.run([sys.executable, "-c", TOKENIZE, str(out), json.dumps(texts)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    library = Tokenizer.from_file(str(neox_tokenizer))
+    assert got["ids"] == [library.encode(t).ids for t in texts]
+    assert all(got["ids"][:4]), "an encoding came back empty"
+    assert got["decoded"][:4] == [library.decode(library.encode(t).ids) for t in texts[:4]]
+    assert got["special"] == ["<|endoftext|>", "<|endoftext|>", "<|padding|>"]
+    # a model with fewer ids than the tokenizer makes
+    small = save_atomic(make_state_dict("v4", n_layer=1, n_embd=64, vocab=300), tmp_path / "small.pth")
+    assert_one_line_error(cli("convert", small, "--to", "safetensors", "--layout", "hf", "--tokenizer",
+                              neox_tokenizer, "-o", tmp_path / "small"),
+                          r"has \d+ token ids but the model's vocabulary has 300")
+    # a Pile-shaped model without its tokenizer: not the World vocabulary
+    pile = save_atomic(make_state_dict("v4", n_layer=1, n_embd=32, vocab=50277), tmp_path / "pile.pth")
+    assert_one_line_error(cli("convert", pile, "--to", "safetensors", "--layout", "hf", "-o", tmp_path / "pile"),
+                          "50277 token ids, not the World vocabulary's 65536: pass the tokenizer")
+    assert not (tmp_path / "small").exists() and not (tmp_path / "pile").exists()
+
+
+@pytest.mark.slow
+def test_hf_v4_world_model_gets_the_world_tokenizer(tmp_path):
+    """A 65536-id RWKV-4 World model without --tokenizer: the World vocabulary through AutoTokenizer
+    (rwkv7-hf's tokenizer code beside it), encoding as the pip package does."""
+    pytest.importorskip("rwkv7_hf")
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    from rwkv_convert.tokenizer import world_vocab_path
+
+    src = save_atomic(make_state_dict("v4", n_layer=1, n_embd=32, vocab=65536), tmp_path / "world.pth")
+    out = tmp_path / "hf"
+    assert cli("convert", src, "--to", "safetensors", "--layout", "hf", "-o", out).returncode == 0
+    texts = ["hello world", "User: 你好\n\nAssistant: 🙂"]
+    script = TOKENIZE.replace("(sys.argv[1])", "(sys.argv[1], trust_remote_code=True)")
+    proc = subprocess.run([sys.executable, "-c", script, str(out), json.dumps(texts)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pip = TRIE_TOKENIZER(str(world_vocab_path()))
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ids"] == [pip.encode(t) for t in texts]
+
+
 @pytest.mark.parametrize("variant", ["v5.2", "v6", "v7-deepembed"])
 @pytest.mark.slow
 def test_hf_refuses_what_no_client_runs(variant, fixture_dir, tmp_path):
@@ -303,11 +369,12 @@ def test_malformed_safetensors_get_one_line(case, pattern, fixture_dir, tmp_path
         rwkv_convert.load(path)
 
 
-def test_safetensors_writer_leaves_no_file_on_failure(fixture_dir, tmp_path):
+def test_safetensors_writer_leaves_no_file_on_failure(fixture_dir, tmp_path, neox_tokenizer):
     with pytest.raises(UnsupportedError):
         rwkv_convert.convert(fixture_path("v6", directory=fixture_dir), "safetensors", tmp_path / "out", layout="hf")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(RwkvConvertError, match="not an empty directory"):
-        rwkv_convert.convert(fixture_path("v4", directory=fixture_dir), "safetensors", tmp_path / "busy", layout="hf")
+        rwkv_convert.convert(fixture_path("v4", directory=fixture_dir), "safetensors", tmp_path / "busy", layout="hf",
+                             tokenizer=neox_tokenizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]

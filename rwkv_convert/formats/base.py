@@ -129,6 +129,9 @@ class Format:
     write: Callable[[Checkpoint, Path, Any], list[Path]] | None = None  # returns the paths written
     options: type[Options] = NoOptions
     supports: Callable[[ModelSpec], str | None] = always
+    # what a model needs of the options, where the defaults will not do (hf: a v4 Pile model's tokenizer):
+    # None, or the reason convert refuses with them
+    needs: Callable[[ModelSpec, Any], str | None] | None = None
     native: Callable[..., NativeRun] | None = None  # (path, strategy, streams, split, spec) in `runtime`
     # the precisions the file stores its weights in, as tolerance keys, when reading it back cannot tell
     # (a GGUF is dequantized to fp32 on reading)

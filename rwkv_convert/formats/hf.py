@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,9 +19,9 @@ import torch
 from ..arch import module_for
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
-from ..errors import RwkvConvertError, brief
+from ..errors import CastWarning, RwkvConvertError, brief
 from ..spec import ModelSpec
-from ..tokenizer import world_vocab_path
+from ..tokenizer import HFTokenizer, check_fits, world_vocab_path
 from ..units import parse_size
 from .base import Format, Options, Probe, option
 from .safetensors_io import SafetensorsWriter, read_safetensors
@@ -154,22 +155,59 @@ def generation_config(cfg: dict) -> dict:
             "use_cache": True}
 
 
+WORLD_VOCAB = 65536  # ids in the World vocabulary's models
+
+
 def write_tokenizer_files(directory: Path, spec, tokenizer_json: Path | None) -> None:
-    """v7: the World vocabulary with rwkv7-hf's RWKV7Tokenizer; v4: a given tokenizer.json (e.g. GPT-NeoX's
-    for Pile models), else the World vocabulary file alone."""
+    """A given tokenizer.json (e.g. GPT-NeoX's 20B for the Pile models) as the fast tokenizer it is; else the
+    World vocabulary with rwkv7-hf's RWKV7Tokenizer (its code beside it: AutoTokenizer finds it through
+    auto_map, for v4 World models too)."""
     if tokenizer_json is not None:
         shutil.copyfile(tokenizer_json, directory / "tokenizer.json")
+        special = _special_tokens(tokenizer_json)
+        # PreTrainedTokenizerFast runs tokenizer.json as it is; GPTNeoXTokenizer (what model_type "rwkv" picks
+        # without a tokenizer_config) rebuilds it from its own defaults
+        _write_json(directory / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                          "clean_up_tokenization_spaces": False, **special})
+        _write_json(directory / "special_tokens_map.json", special)
         return
     shutil.copyfile(world_vocab_path(), directory / "rwkv_vocab_v20230424.txt")
-    if model_type(spec) == "rwkv7":  # rwkv7-hf's tokenizer class, found by AutoTokenizer through auto_map
-        template = directory / "chat_template.jinja"  # the model code's (reference layout)
-        tok = {"tokenizer_class": "RWKV7Tokenizer",
-               "auto_map": {"AutoTokenizer": ["tokenization_rwkv7.RWKV7Tokenizer", None]},
-               "model_vocab_size": spec.vocab_size, "pad_token": "<|padding|>", "eos_token": "<|endoftext|>",
-               "errors": "replace",
-               "chat_template": template.read_text(encoding="utf-8") if template.is_file() else None}
-        _write_json(directory / "tokenizer_config.json", tok)
-        _write_json(directory / "special_tokens_map.json", {"pad_token": "<|padding|>", "eos_token": "<|endoftext|>"})
+    if not (directory / "tokenization_rwkv7.py").is_file():  # v4: the tokenizer's code alone
+        shutil.copyfile(_rwkv7_hf_folder() / "tokenization_rwkv7.py", directory / "tokenization_rwkv7.py")
+    template = directory / "chat_template.jinja"  # the model code's (v7)
+    tok = {"tokenizer_class": "RWKV7Tokenizer",
+           "auto_map": {"AutoTokenizer": ["tokenization_rwkv7.RWKV7Tokenizer", None]},
+           "model_vocab_size": spec.vocab_size, "pad_token": "<|padding|>", "eos_token": "<|endoftext|>",
+           "errors": "replace",
+           "chat_template": template.read_text(encoding="utf-8") if template.is_file() else None}
+    _write_json(directory / "tokenizer_config.json", tok)
+    _write_json(directory / "special_tokens_map.json", {"pad_token": "<|padding|>", "eos_token": "<|endoftext|>"})
+
+
+def _special_tokens(tokenizer_json: Path) -> dict[str, str]:
+    """GPT-NeoX's convention: <|endoftext|> begins, ends and stands for unknown text; <|padding|> pads."""
+    vocab = HFTokenizer(tokenizer_json).vocab()
+    special = {}
+    if "<|endoftext|>" in vocab:
+        special |= {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    if "<|padding|>" in vocab:
+        special["pad_token"] = "<|padding|>"
+    return special
+
+
+def needs(spec: ModelSpec, options: HfOptions) -> str | None:
+    """What a model needs of the options: the tokenizer it was trained with (checked against its vocabulary
+    before anything is written)."""
+    if options.tokenizer is not None:
+        note = check_fits(HFTokenizer(options.tokenizer), spec.vocab_size)  # refuses more ids than the model has
+        if note:
+            warnings.warn(note, CastWarning, stacklevel=2)
+        return None
+    if spec.vocab_size != WORLD_VOCAB and model_type(spec) == "rwkv":
+        return (f"this RWKV-4 model has {spec.vocab_size} token ids, not the World vocabulary's {WORLD_VOCAB}: pass"
+                " the tokenizer it was trained with, --tokenizer tokenizer.json (the Pile models: GPT-NeoX's 20B"
+                " tokenizer)")
+    return None
 
 
 # RWKV-7 directories carry the model code that `trust_remote_code=True` runs, as rwkv7-hf's converter writes
@@ -241,8 +279,8 @@ def write(ckpt: Checkpoint, output: Path, options: HfOptions) -> list[Path]:
     if dtype is None:  # the file's own (most common) float type
         dtype = max(DTYPES, key=lambda d: spec.dtypes.get(str(DTYPES[d]).removeprefix("torch."), 0))
     target = DTYPES[dtype]
-    if model_type(spec) == "rwkv7":
-        _rwkv7_hf_folder()  # before any weight is written
+    if model_type(spec) == "rwkv7" or options.tokenizer is None:
+        _rwkv7_hf_folder()  # its model or tokenizer code is copied: found before any weight is written
     jobs = []
     for name, t in ckpt.tensors.items():
         mapped = hf_tensor(name, t, spec)
@@ -343,4 +381,4 @@ def read(probe: Probe) -> Checkpoint:
 FORMAT = Format(
     name="hf", family="safetensors", summary="a Hugging Face model directory",
     runtime="transformers (RWKV-4) and rwkv7-hf / fla (RWKV-7)", sniff=lambda probe: is_hf_dir(probe.path),
-    read=read, write=write, options=HfOptions, supports=supports)
+    read=read, write=write, options=HfOptions, supports=supports, needs=needs)

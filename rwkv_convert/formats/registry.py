@@ -116,7 +116,7 @@ def convert(source: str | os.PathLike, to: str, output: str | os.PathLike, **opt
     fmt = writer_for(to, options.pop("layout", None))
     opts = fmt.options.build(fmt.target, options)
     ckpt = read_checkpoint(source)
-    reason = fmt.supports(ckpt.spec)
+    reason = fmt.supports(ckpt.spec) or (fmt.needs(ckpt.spec, opts) if fmt.needs else None)
     if reason:
         raise UnsupportedError(f"cannot convert {ckpt.path.name} to {fmt.target}: {reason}")
     with protecting(ckpt.path):  # no file of the output may be the source (or inside a source directory)
@@ -130,6 +130,8 @@ def capabilities(ckpt: Checkpoint) -> dict[str, str]:
     can["run"] = f"no: {why_not}" if why_not else "yes: any strategy (cpu|cuda|mps, fp32|fp16|bf16, i8, *N, *N+, ->)"
     for fmt in writers():
         reason = fmt.supports(ckpt.spec)
-        can[f"convert --to {fmt.target}"] = f"no: {reason}" if reason else f"yes: {fmt.summary}, for {fmt.runtime}"
+        needed = fmt.needs(ckpt.spec, fmt.options()) if fmt.needs and not reason else None
+        can[f"convert --to {fmt.target}"] = f"no: {reason}" if reason else f"with options: {needed}" if needed \
+            else f"yes: {fmt.summary}, for {fmt.runtime}"
     can["verify"] = "yes: against this file as --reference"
     return can
