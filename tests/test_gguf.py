@@ -197,9 +197,14 @@ def test_strategy_picks_per_layer_types(fixture_dir, tmp_path):
     assert np.isfinite(llama_logits(out, None).numpy()).all()
 
 
-def test_llama_cpps_own_converter_reads_our_hf_export_and_we_read_its_gguf(tmp_path):
-    """Upstream interop both ways: llama.cpp's convert_hf_to_gguf.py (same release) converts our fla-hub
-    layout RWKV-7 directory, llama.cpp runs the result, and our GGUF reader reads it back exactly."""
+@pytest.mark.parametrize("variant,shape", [("v7", dict(n_layer=2, n_embd=128)),
+                                           ("v6", dict(n_layer=7, n_embd=192)),
+                                           ("v5.2", dict(n_layer=2, n_embd=128))])
+def test_llama_cpps_own_converter_reads_our_hf_export_and_we_read_its_gguf(variant, shape, tmp_path):
+    """Upstream interop both ways: llama.cpp's convert_hf_to_gguf.py (same release) converts our hf directory
+    (RWKV-7: the fla-hub layout; 6 and 5.2: Rwkv6ForCausalLM, 5.2 as 6 with zero LoRAs), llama.cpp runs the
+    result, and our GGUF reader reads it back. v6 with other LoRA ranks than the converter's table assumes
+    (32/64) and more than 6 layers (its rescale)."""
     import subprocess
     import sys
 
@@ -210,7 +215,7 @@ def test_llama_cpps_own_converter_reads_our_hf_export_and_we_read_its_gguf(tmp_p
         pytest.skip("RWKV_CONVERT_LLAMA_CONVERTER (llama.cpp's convert_hf_to_gguf.py) not set")
 
     # its World vocabulary loader needs the full 65536-token vocabulary
-    src = save_atomic(make_state_dict("v7", n_layer=2, n_embd=128, vocab=65536), tmp_path / "v7.pth")
+    src = save_atomic(make_state_dict(variant, vocab=65536, **shape), tmp_path / "src.pth")
     rwkv_convert.convert(src, "safetensors", tmp_path / "hf", layout="hf", dtype="fp32")
     out = tmp_path / "upstream.gguf"
     proc = subprocess.run([sys.executable, converter, str(tmp_path / "hf"), "--outfile", str(out), "--outtype", "f32"],

@@ -169,6 +169,26 @@ def test_hf_v7_tokenizer_matches_the_pip_package(tmp_path):
         assert tok.encode(text, add_special_tokens=False) == pip.encode(text)
 
 
+@pytest.mark.parametrize("variant", ["v5.2", "v6"])
+def test_hf_v5_2_and_v6_read_back_as_the_model_they_hold(variant, fixture_dir, tmp_path, references):
+    """Rwkv6ForCausalLM directories (llama.cpp's converter reads them: test_gguf): v6 as it is, 5.2 as v6 with
+    zero LoRAs, which computes the same."""
+    out = tmp_path / "hf"
+    rwkv_convert.convert(fixture_path(variant, directory=fixture_dir), "safetensors", out, layout="hf", dtype="fp32")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["architectures"], config["model_type"]) == (["Rwkv6ForCausalLM"], "rwkv6")
+    got = rwkv_convert.load(out).forward(TOKENS, full_output=True)[0]
+    assert (got - references[variant]).abs().max().item() <= (0 if variant == "v6" else 1e-4)
+
+
+def test_hf_v6_with_ranks_llama_cpps_converter_does_not_expect_gets_a_note(tmp_path):
+    src = save_atomic(make_state_dict("v6", n_layer=1, n_embd=128, vocab=256, ranks={"maa": 16, "decay": 40}),
+                      tmp_path / "v6.pth")
+    proc = cli("convert", src, "--to", "safetensors", "--layout", "hf", "-o", tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: this model's LoRA ranks are 16/40; llama.cpp's convert_hf_to_gguf.py assumes 32/64" in proc.stderr
+
+
 AUTO_LOAD = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -289,12 +309,12 @@ def test_hf_v4_world_model_gets_the_world_tokenizer(tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ids"] == [pip.encode(t) for t in texts]
 
 
-@pytest.mark.parametrize("variant", ["v5.2", "v6", "v7-deepembed"])
+@pytest.mark.parametrize("variant", ["v5.0", "v5.1", "v5.2-state", "v7-deepembed"])
 @pytest.mark.slow
-def test_hf_refuses_what_no_client_runs(variant, fixture_dir, tmp_path):
+def test_hf_refuses_what_no_layout_holds(variant, fixture_dir, tmp_path):
     proc = cli("convert", fixture_path(variant, directory=fixture_dir), "--to", "safetensors", "--layout", "hf",
                "-o", tmp_path / "out")
-    assert_one_line_error(proc, "Hugging Face|DeepEmbed")
+    assert_one_line_error(proc, "no Hugging Face layout|DeepEmbed")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -22,7 +22,7 @@ DISPLAY_NAMES = {"7": "RWKV-7 (Goose)"}
 FP16_RESCALE = False  # RWKV-7 never rescales
 WKV_STATE_DOC = "per head [value, key] matrix"
 LLAMA_CPP_ARCH = {"7": "rwkv7"}
-HF_MODEL_TYPE = "rwkv7"  # the fla-hub layout (rwkv7-hf, fla)
+HF_MODEL_TYPE = {"7": "rwkv7"}  # the fla-hub layout (rwkv7-hf, fla)
 PIP_CONVERTED = False  # the package's RWKV-7 loader reads only original checkpoints
 PIP_V7_LOADER = True  # the package needs RWKV_V7_ON=1 (a process of its own) for RWKV-7
 BONUS_FORMS = False

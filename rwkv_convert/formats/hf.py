@@ -85,7 +85,21 @@ V7_NAMES = (
     [(f"att.v{k}", f"{_V7_LAYER}attn.v_lora.{hf}", kind)
      for k, hf, kind in (("0", "lora.2.bias", "vector"), ("1", "lora.0.weight", "t"), ("2", "lora.2.weight", "t"))],
     skip_layer0=True)
-NAME_TABLES = {"rwkv": V4_NAMES, "rwkv7": V7_NAMES}  # by HF model_type
+# RWKV/v6-Finch-*-HF (model_type "rwkv6", Rwkv6ForCausalLM): BlinkDL's tensors and shapes under HF names, the
+# layout llama.cpp's convert_hf_to_gguf.py reads
+V6_NAMES = (
+    Name("emb.weight", "rwkv.embeddings.weight"),
+    Name("blocks.0.ln0.weight", "rwkv.blocks.0.pre_ln.weight"), Name("blocks.0.ln0.bias", "rwkv.blocks.0.pre_ln.bias"),
+    Name("ln_out.weight", "rwkv.ln_out.weight"), Name("ln_out.bias", "rwkv.ln_out.bias"),
+    Name("head.weight", "head.weight"),
+) + _layer([(f"{n}.{p}", f"rwkv.blocks.{{i}}.{n}.{p}") for n in ("ln1", "ln2") for p in ("weight", "bias")]
+           + [(f"att.{n}", f"rwkv.blocks.{{i}}.attention.{n}")
+              for n in [f"time_maa_{x}" for x in ("x", "w", "k", "v", "r", "g", "w1", "w2")]
+              + ["time_decay", "time_decay_w1", "time_decay_w2", "time_faaaa", "ln_x.weight", "ln_x.bias"]
+              + [f"{m}.weight" for m in ("receptance", "key", "value", "gate", "output")]]
+           + [(f"ffn.{n}", f"rwkv.blocks.{{i}}.feed_forward.{n}")
+              for n in ("time_maa_k", "time_maa_r", "key.weight", "receptance.weight", "value.weight")])
+NAME_TABLES = {"rwkv": V4_NAMES, "rwkv6": V6_NAMES, "rwkv7": V7_NAMES}  # by HF model_type
 
 
 @lru_cache(maxsize=16)
@@ -111,13 +125,16 @@ def _to_ours(t: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def model_type(spec: ModelSpec) -> str | None:
-    return module_for(spec.version).HF_MODEL_TYPE
+    return module_for(spec.version).HF_MODEL_TYPE.get(spec.version)
 
 
 def supports(spec: ModelSpec) -> str | None:
     if model_type(spec) is None:
-        return (f"no Hugging Face class runs RWKV-{spec.version} on CPU (transformers has RWKV-4 only, fla's"
-                " RWKV-5/6 need Triton); use --layout web-rwkv or prepared, --to onnx, or --to gguf (v5.2, v6)")
+        return (f"RWKV-{spec.version} has no Hugging Face layout (there are RWKV-4, 5.2 and 6 as Rwkv6ForCausalLM,"
+                " and 7); use --layout web-rwkv or prepared, or --to onnx")
+    if spec.time_state:
+        return ("this is a state-tuned model (att.time_state): no Hugging Face layout has a place for its learned"
+                " initial state; use --layout web-rwkv or prepared, --to onnx or --to pip, which keep it")
     if spec.deep_embed:
         return "this is an RWKV-7 DeepEmbed model: the fla-hub layout has no place for ffn.s_emb"
     return None
@@ -130,7 +147,60 @@ def hf_tensor(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor] | No
     return None if found is None else (found[0], _to_theirs(t, found[1]))
 
 
+def source_tensors(ckpt: Checkpoint):
+    """(source name to release after, our name, tensor) in the naming of the HF layout's version: the
+    checkpoint's own, or for RWKV-5.2 the RWKV-6 model that computes the same (see _v52_as_v6)."""
+    if ckpt.spec.version != "5.2":
+        return ((name, name, t) for name, t in ckpt.tensors.items())
+    return _v52_as_v6(ckpt)
+
+
+def _note_converter_ranks(spec: ModelSpec) -> None:
+    if spec.version != "6":
+        return
+    ranks, expected = (spec.lora_ranks["maa"], spec.lora_ranks["decay"]), converter_lora_ranks(spec.n_embd)
+    if ranks != expected:
+        warnings.warn(f"this model's LoRA ranks are {ranks[0]}/{ranks[1]}; llama.cpp's convert_hf_to_gguf.py assumes"
+                      f" {expected[0]}/{expected[1]} at this width and writes a GGUF that llama.cpp will not load:"
+                      " for llama.cpp use --to gguf", CastWarning, stacklevel=2)
+
+
+def converter_lora_ranks(n_embd: int) -> tuple[int, int]:
+    """The token-shift and decay LoRA ranks llama.cpp's convert_hf_to_gguf.py assumes for an Rwkv6ForCausalLM
+    (it writes them to the GGUF without looking at the tensors; llama.cpp then refuses other shapes)."""
+    return (64, 128) if n_embd == 4096 else (32, 64)
+
+
+def _v52_as_v6(ckpt: Checkpoint):
+    """RWKV-5.2 as RWKV-6 with both LoRAs at zero: the token-shift LoRA adds 0 to each static mix, the decay
+    LoRA 0 to time_decay, so w = exp(-exp(time_decay)) as in 5.2; v5's lerp x*mix + sx*(1-mix) is v6's
+    x + (sx-x)*maa with maa = 1 - mix (the same as the GGUF export's rwkv6-from-5.2 table)."""
+    spec = ckpt.spec
+    C = spec.n_embd
+    rank, decay_rank = converter_lora_ranks(C)
+    for name, t in ckpt.tensors.items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind.startswith("time_mix_"):  # att.time_mix_{k,v,r,g}, ffn.time_mix_{k,r}
+            yield name, name.replace("time_mix_", "time_maa_"), 1 - t.float()
+        elif name.endswith("att.time_decay"):  # per channel [H, N] -> v6's [1, 1, C]
+            yield name, name, t.reshape(1, 1, -1)
+        else:
+            yield name, name, t
+        if name.endswith(".att.key.weight"):  # once per layer: what v6 has and 5.2 does not
+            layer = name[: -len("key.weight")]
+            for extra, shape in (("time_maa_x", (1, 1, C)), ("time_maa_w", (1, 1, C)), ("time_maa_w1", (C, 5 * rank)),
+                                 ("time_maa_w2", (5, rank, C)), ("time_decay_w1", (C, decay_rank)),
+                                 ("time_decay_w2", (decay_rank, spec.att_dim))):
+                yield None, layer + extra, torch.zeros(shape)
+
+
 def config(spec) -> dict:
+    if model_type(spec) == "rwkv6":  # as RWKV/v6-Finch-*-HF; what llama.cpp's converter reads
+        return {"architectures": ["Rwkv6ForCausalLM"], "model_type": "rwkv6", "vocab_size": spec.vocab_size,
+                "hidden_size": spec.n_embd, "num_hidden_layers": spec.n_layer, "attention_hidden_size": spec.att_dim,
+                "head_size": spec.head_size, "head_size_divisor": 8, "num_attention_heads": spec.n_head,
+                "intermediate_size": spec.ffn_dim, "layer_norm_epsilon": 1e-5, "rescale_every": 6,
+                "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": False, "use_cache": True}
     if model_type(spec) == "rwkv":
         return {"architectures": ["RwkvForCausalLM"], "model_type": "rwkv", "vocab_size": spec.vocab_size,
                 "context_length": 1024, "hidden_size": spec.n_embd, "num_hidden_layers": spec.n_layer,
@@ -198,6 +268,7 @@ def _special_tokens(tokenizer_json: Path) -> dict[str, str]:
 def needs(spec: ModelSpec, options: HfOptions) -> str | None:
     """What a model needs of the options: the tokenizer it was trained with (checked against its vocabulary
     before anything is written)."""
+
     if options.tokenizer is not None:
         note = check_fits(HFTokenizer(options.tokenizer), spec.vocab_size)  # refuses more ids than the model has
         if note:
@@ -279,11 +350,12 @@ def write(ckpt: Checkpoint, output: Path, options: HfOptions) -> list[Path]:
     if dtype is None:  # the file's own (most common) float type
         dtype = max(DTYPES, key=lambda d: spec.dtypes.get(str(DTYPES[d]).removeprefix("torch."), 0))
     target = DTYPES[dtype]
+    _note_converter_ranks(spec)
     if model_type(spec) == "rwkv7" or options.tokenizer is None:
         _rwkv7_hf_folder()  # its model or tokenizer code is copied: found before any weight is written
     jobs = []
-    for name, t in ckpt.tensors.items():
-        mapped = hf_tensor(name, t, spec)
+    for name, ours, t in source_tensors(ckpt):
+        mapped = hf_tensor(ours, t, spec)
         if mapped is not None:
             jobs.append((name, *mapped))
     sizes = [t.numel() * target.itemsize for _, _, t in jobs]
@@ -306,7 +378,8 @@ def write(ckpt: Checkpoint, output: Path, options: HfOptions) -> list[Path]:
                 for src_name, hf_name, t in shard:
                     writer.add(hf_name, t.to(target))
                     weight_map[hf_name] = file_name
-                    ckpt.release(src_name)
+                    if src_name is not None:
+                        ckpt.release(src_name)
                 writer.close({"format": "pt"})
             finally:
                 writer.abort()
