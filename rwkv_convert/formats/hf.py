@@ -44,22 +44,25 @@ def _layer(rows: list[tuple], **kw) -> tuple[Name, ...]:
     return tuple(Name(f"blocks.{{i}}.{ours}", theirs, *rest, **kw) for ours, theirs, *rest in rows)
 
 
-# transformers' RwkvForCausalLM (model_type "rwkv")
-V4_NAMES = (
+# the "rwkv." naming transformers' RWKV-4 and the RWKV-6 hub models share
+_RWKV_SHARED = (
     Name("emb.weight", "rwkv.embeddings.weight"),
     Name("blocks.0.ln0.weight", "rwkv.blocks.0.pre_ln.weight"), Name("blocks.0.ln0.bias", "rwkv.blocks.0.pre_ln.bias"),
     Name("ln_out.weight", "rwkv.ln_out.weight"), Name("ln_out.bias", "rwkv.ln_out.bias"),
     Name("head.weight", "head.weight"),
-) + _layer([(f"{n}.{p}", f"rwkv.blocks.{{i}}.{n}.{p}") for n in ("ln1", "ln2") for p in ("weight", "bias")]
-           + [(f"att.time_mix_{k}", f"rwkv.blocks.{{i}}.attention.time_mix_{hf}")
-              for k, hf in (("k", "key"), ("v", "value"), ("r", "receptance"))]
-           + [(f"att.{n}", f"rwkv.blocks.{{i}}.attention.{n}") for n in ("time_decay", "time_first", "key.weight",
-                                                                         "value.weight", "receptance.weight",
-                                                                         "output.weight")]
-           + [(f"ffn.time_mix_{k}", f"rwkv.blocks.{{i}}.feed_forward.time_mix_{hf}")
-              for k, hf in (("k", "key"), ("r", "receptance"))]
-           + [(f"ffn.{n}.weight", f"rwkv.blocks.{{i}}.feed_forward.{n}.weight")
-              for n in ("key", "value", "receptance")])
+) + _layer([(f"{n}.{p}", f"rwkv.blocks.{{i}}.{n}.{p}") for n in ("ln1", "ln2") for p in ("weight", "bias")])
+
+# transformers' RwkvForCausalLM (model_type "rwkv")
+V4_NAMES = _RWKV_SHARED + _layer(
+    [(f"att.time_mix_{k}", f"rwkv.blocks.{{i}}.attention.time_mix_{hf}")
+       for k, hf in (("k", "key"), ("v", "value"), ("r", "receptance"))]
+    + [(f"att.{n}", f"rwkv.blocks.{{i}}.attention.{n}") for n in ("time_decay", "time_first", "key.weight",
+                                                                  "value.weight", "receptance.weight",
+                                                                  "output.weight")]
+    + [(f"ffn.time_mix_{k}", f"rwkv.blocks.{{i}}.feed_forward.time_mix_{hf}")
+       for k, hf in (("k", "key"), ("r", "receptance"))]
+    + [(f"ffn.{n}.weight", f"rwkv.blocks.{{i}}.feed_forward.{n}.weight")
+       for n in ("key", "value", "receptance")])
 
 # the fla-hub layout (model_type "rwkv7"): rwkv7-hf and fla
 _V7_LAYER = "model.layers.{i}."
@@ -87,18 +90,13 @@ V7_NAMES = (
     skip_layer0=True)
 # RWKV/v6-Finch-*-HF (model_type "rwkv6", Rwkv6ForCausalLM): BlinkDL's tensors and shapes under HF names, the
 # layout llama.cpp's convert_hf_to_gguf.py reads
-V6_NAMES = (
-    Name("emb.weight", "rwkv.embeddings.weight"),
-    Name("blocks.0.ln0.weight", "rwkv.blocks.0.pre_ln.weight"), Name("blocks.0.ln0.bias", "rwkv.blocks.0.pre_ln.bias"),
-    Name("ln_out.weight", "rwkv.ln_out.weight"), Name("ln_out.bias", "rwkv.ln_out.bias"),
-    Name("head.weight", "head.weight"),
-) + _layer([(f"{n}.{p}", f"rwkv.blocks.{{i}}.{n}.{p}") for n in ("ln1", "ln2") for p in ("weight", "bias")]
-           + [(f"att.{n}", f"rwkv.blocks.{{i}}.attention.{n}")
-              for n in [f"time_maa_{x}" for x in ("x", "w", "k", "v", "r", "g", "w1", "w2")]
-              + ["time_decay", "time_decay_w1", "time_decay_w2", "time_faaaa", "ln_x.weight", "ln_x.bias"]
-              + [f"{m}.weight" for m in ("receptance", "key", "value", "gate", "output")]]
-           + [(f"ffn.{n}", f"rwkv.blocks.{{i}}.feed_forward.{n}")
-              for n in ("time_maa_k", "time_maa_r", "key.weight", "receptance.weight", "value.weight")])
+V6_NAMES = _RWKV_SHARED + _layer(
+    [(f"att.{n}", f"rwkv.blocks.{{i}}.attention.{n}")
+       for n in [f"time_maa_{x}" for x in ("x", "w", "k", "v", "r", "g", "w1", "w2")]
+       + ["time_decay", "time_decay_w1", "time_decay_w2", "time_faaaa", "ln_x.weight", "ln_x.bias"]
+       + [f"{m}.weight" for m in ("receptance", "key", "value", "gate", "output")]]
+    + [(f"ffn.{n}", f"rwkv.blocks.{{i}}.feed_forward.{n}")
+       for n in ("time_maa_k", "time_maa_r", "key.weight", "receptance.weight", "value.weight")])
 NAME_TABLES = {"rwkv": V4_NAMES, "rwkv6": V6_NAMES, "rwkv7": V7_NAMES}  # by HF model_type
 
 
