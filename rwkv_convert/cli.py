@@ -20,7 +20,7 @@ from .formats import registry
 from .formats.base import flag_of
 from .generate import generate
 from .plan import format_plan, make_plan
-from .tokenizer import HFTokenizer, WorldTokenizer, check_fits
+from .tokenizer import HFTokenizer, check_fits, default_tokenizer
 from .verify import format_report, verify, write_json
 
 NEOX_VOCABS = (50277, 50304)  # RWKV-4 Pile/Raven models (GPT-NeoX 20B tokenizer)
@@ -115,7 +115,7 @@ def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_
         if vocab in NEOX_VOCABS:
             raise RwkvConvertError(f"this model has the GPT-NeoX vocabulary ({vocab} ids), not World; pass"
                                    " --tokenizer 20B_tokenizer.json")
-        tokenizer = WorldTokenizer(vocab_size=vocab if vocab < 65536 else None)
+        tokenizer = default_tokenizer(vocab)
     # The prompt is echoed once the model has read it, so that an error (a tokenizer the model does not fit)
     # is a line of its own, not glued to the prompt.
     shown = printable if sys.stdout.isatty() else str

@@ -25,6 +25,27 @@ def world_vocab_path() -> Path:
     return path
 
 
+WORLD_TOKENS = 65530  # id 0 and the 65529 tokens of rwkv_vocab_v20230424.txt (World models pad to 65536)
+BYTE_TOKENS = 257  # id 0 (end of text) and the 256 single bytes: also the World vocabulary's ids 0..256
+
+
+def model_vocabulary(vocab_size: int) -> str:
+    """The vocabulary a model without a tokenizer file is taken to have: "world" where it has room for the
+    World vocabulary, else "bytes" (a byte-level model: ids 1..256 are single bytes, as in World, and the
+    ids above are ones it never saw as text)."""
+    if vocab_size >= WORLD_TOKENS:
+        return "world"
+    if vocab_size >= BYTE_TOKENS:
+        return "bytes"
+    raise RwkvConvertError(f"this model has {vocab_size} token ids, fewer than the {BYTE_TOKENS} of a byte-level"
+                           " vocabulary (end of text and 256 bytes): give its tokenizer, --tokenizer tokenizer.json")
+
+
+def default_tokenizer(vocab_size: int) -> WorldTokenizer:
+    """The World vocabulary for World-sized models, its single bytes for smaller ones."""
+    return WorldTokenizer(vocab_size=None if model_vocabulary(vocab_size) == "world" else BYTE_TOKENS)
+
+
 class WorldTokenizer:
     """Greedy longest-match tokenizer over bytes. With `vocab_size`, only ids below it are used (small
     test models carry the first V ids of the World vocabulary)."""

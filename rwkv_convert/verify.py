@@ -24,7 +24,7 @@ from .formats.registry import detect, load_detected, read_checkpoint
 from .runner import Model
 from .spec import ModelSpec
 from .strategy import allocate, parse_strategy
-from .tokenizer import WorldTokenizer
+from .tokenizer import BYTE_TOKENS, WORLD_TOKENS, WorldTokenizer
 
 MODES = ("sequence", "one-token", "chunked")
 _MODE_KEYS = {"sequence": "seq", "one-token": "one", "chunked": "split"}
@@ -224,7 +224,8 @@ def state_difference(ref: list, cand: list) -> float | None:
 def token_streams(vocab: int, n: int, seed: int) -> dict[str, list[int]]:
     text = ("RWKV is an RNN with transformer-level performance. It can be directly trained like a GPT "
             "(parallelizable). 你好，世界！ 1234567890 ") * 8
-    fixed = WorldTokenizer(vocab_size=min(vocab, 65536)).encode(text)[:n]
+    # the text as the model's own vocabulary has it (World, or bytes below its size)
+    fixed = WorldTokenizer(vocab_size=None if vocab >= WORLD_TOKENS else min(vocab, BYTE_TOKENS)).encode(text)[:n]
     fixed = (fixed * (n // max(len(fixed), 1) + 1))[:n]
     gen = torch.Generator().manual_seed(seed)
     return {"fixed": fixed, "random": torch.randint(0, vocab, (n,), generator=gen).tolist()}

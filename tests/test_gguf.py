@@ -145,6 +145,55 @@ def test_tokenizer_in_the_file_round_trips_like_the_pip_package(tmp_path):
         assert runner.detokenize(tokens) == text
 
 
+def test_a_byte_level_model_gets_bytes_and_unused_ids_not_world_tokens(tmp_path):
+    """V=320: ids 0 (end of text) and 1..256 (the bytes) are the model's; 257..319 are marked unused, so
+    llama.cpp never makes them from text (the World vocabulary's multi-byte tokens there would be)."""
+    gguf = pytest.importorskip("gguf")
+    src = save_atomic(make_state_dict("v6", n_layer=1, n_embd=64, vocab=320), tmp_path / "bytes.pth")
+    (out,) = rwkv_convert.convert(src, "gguf", tmp_path / "m.gguf", quant="f32")
+    reader = gguf.GGUFReader(out)
+    tokens = [bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in
+              reader.fields["tokenizer.ggml.tokens"].data]
+    types = [int(reader.fields["tokenizer.ggml.token_type"].parts[i][0]) for i in
+             reader.fields["tokenizer.ggml.token_type"].data]
+    assert len(tokens) == 320 and tokens[257:] == [f"[PAD{i}]" for i in range(257, 320)]
+    assert set(types[257:]) == {gguf.TokenType.UNUSED} and set(types[1:257]) == {gguf.TokenType.NORMAL}
+    assert "tokenizer.chat_template" not in reader.fields  # the World chat format is for World models
+    text = "hello, 你好 🙂\n\n"
+    assert llama_runtime.LlamaCppRunner(out, n_ctx=64).tokenize(text) == [b + 1 for b in text.encode("utf-8")]
+
+
+def test_a_given_bpe_tokenizer_is_embedded_as_llama_cpps_gpt2_model(tmp_path, neox_tokenizer):
+    """--tokenizer tokenizer.json (byte-level BPE): llama.cpp tokenizes as the tokenizers library does."""
+    from tokenizers import Tokenizer
+
+    src = save_atomic(make_state_dict("v7", n_layer=1, n_embd=64, vocab=448), tmp_path / "bpe.pth")
+    (out,) = rwkv_convert.convert(src, "gguf", tmp_path / "m.gguf", quant="f32", tokenizer=str(neox_tokenizer))
+    runner = llama_runtime.LlamaCppRunner(out, n_ctx=64)
+    library = Tokenizer.from_file(str(neox_tokenizer))
+    for text in ["hello world", "The quick brown fox jumps over the lazy dog.", "numbers 12345 and 3.14159",
+                 "ünïcödé café 你好 🙂", "tabs\t and  spaces"]:
+        assert runner.tokenize(text) == library.encode(text).ids, text
+        assert runner.detokenize(library.encode(text).ids) == library.decode(library.encode(text).ids)
+
+
+def test_vocabularies_gguf_cannot_hold_are_refused(tmp_path, neox_tokenizer):
+    tiny = save_atomic(make_state_dict("v6", n_layer=1, n_embd=64, vocab=200), tmp_path / "tiny.pth")
+    assert_one_line_error(cli("convert", tiny, "--to", "gguf", "-o", tmp_path / "tiny.gguf"),
+                          "200 token ids, fewer than the 257 of a byte-level vocabulary")
+    small = save_atomic(make_state_dict("v6", n_layer=1, n_embd=64, vocab=300), tmp_path / "small.pth")
+    assert_one_line_error(cli("convert", small, "--to", "gguf", "--tokenizer", neox_tokenizer, "-o",
+                              tmp_path / "small.gguf"), r"has \d+ token ids but the model's vocabulary has 300")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    wordpiece.save(str(tmp_path / "wordpiece.json"))
+    assert_one_line_error(cli("convert", small, "--to", "gguf", "--tokenizer", tmp_path / "wordpiece.json", "-o",
+                              tmp_path / "wp.gguf"), "WordPiece tokenizer without a byte-level pre-tokenizer")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
 @pytest.mark.parametrize("variant,pattern", [
     ("v4", "no architecture for RWKV-4"), ("v5.1", "no architecture for RWKV-5.1"),
     ("v5.2-state", "state-tuned"),
@@ -221,11 +270,35 @@ def test_llama_cpps_own_converter_reads_our_hf_export_and_we_read_its_gguf(varia
     proc = subprocess.run([sys.executable, converter, str(tmp_path / "hf"), "--outfile", str(out), "--outtype", "f32"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the same metadata as our own GGUF of the source, but for the differences we mean
+    (direct,) = rwkv_convert.convert(src, "gguf", tmp_path / "direct.gguf", quant="f32")
+    theirs, mine = gguf_metadata(out), gguf_metadata(direct)
+    arch = "rwkv7" if variant == "v7" else "rwkv6"
+    deliberate = {
+        "general.name",  # theirs: the directory's name; ours: the source file's stem
+        "rwkv_convert.tensor_crc32",  # ours: each tensor's CRC-32
+        f"{arch}.rescale_every_n_layers",  # rwkv6: theirs 6 with att.output/ffn.value divided, ours 0 and undivided
+        "tokenizer.chat_template",  # v7: theirs the hf directory's (rwkv7-hf's), ours llama.cpp's rwkv-world one
+        "tokenizer.ggml.padding_token_id",  # rwkv6: ours names <s> (0) as padding too, theirs none
+    }
+    assert {k: v for k, v in theirs.items() if k not in deliberate} == \
+        {k: v for k, v in mine.items() if k not in deliberate}
+    assert mine["tokenizer.ggml.padding_token_id"] == 0 and mine.get(f"{arch}.rescale_every_n_layers") in (0, None)
+    if variant != "v7":  # from llama.cpp's own template file, as its converter writes it for rwkv6
+        assert mine["tokenizer.chat_template"] == theirs["tokenizer.chat_template"]
     tokens = tokens_for(65536)
     ref = rwkv_convert.load(src).forward(tokens, full_output=True)[0]
     ours = rwkv_convert.load(out).forward(tokens, full_output=True)[0]
     assert (ours - ref).abs().max().item() <= 1e-4
     assert (llama_runtime.LlamaCppRunner(out, n_ctx=128).logits([tokens]) - ref).abs().max().item() <= 1e-3
+
+
+def gguf_metadata(path) -> dict:
+    """Every key-value of a GGUF but the file-format ones, arrays as lists."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
 
 
 def test_v5_2_of_another_shape_runs_as_rwkv6(tmp_path):

@@ -25,14 +25,13 @@ from ..errors import RwkvConvertError, UnsupportedError, brief, check_crc32
 from ..llama_runtime import LlamaCppRunner
 from ..spec import ModelSpec
 from ..strategy import Strategy, allocate, parse_strategy
-from ..tokenizer import WorldTokenizer
+from . import gguf_vocab
 from .base import Format, NativeRun, Options, option
-from .gguf_tables import GLOBAL, READ_TABLES, V52_LORA_RANK, WRITE_TABLES, Row
+from .gguf_tables import GLOBAL, READ_TABLES, WRITE_TABLES, Row, rwkv6_lora_ranks
 from .spans import check_spans
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
-EOT_TOKEN = 261  # "\n\n" in the World vocabulary
 CHECKSUMS_KEY = "rwkv_convert.tensor_crc32"  # ours: each tensor's CRC-32, in tensor-info order (GGUF keeps none)
 
 
@@ -130,32 +129,18 @@ def quant_for_strategy(strategy: Strategy, n_layer: int) -> list[str]:
             for p in allocate(strategy, n_layer)]
 
 
-def _tokenizer(writer, gguf, vocab_size: int) -> None:
-    world = WorldTokenizer(vocab_size=vocab_size)
-    tokens, types = ["<s>"], [gguf.TokenType.CONTROL]
-    for idx in range(1, vocab_size):
-        if idx in world.id_to_bytes:
-            tokens.append(repr(world.id_to_bytes[idx])[2:-1])
-            types.append(gguf.TokenType.NORMAL)
-        else:
-            tokens.append(f"[PAD{idx}]")
-            types.append(gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model("rwkv")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(0)
-    if vocab_size > EOT_TOKEN:
-        writer.add_eot_token_id(EOT_TOKEN)
-    writer.add_chat_template("rwkv-world")
-
-
 @dataclass(frozen=True)
 class GgufOptions(Options):
     quant: str = option("f16", "the type of the large matrices (norms, 1-D parameters and LoRAs stay F32)",
                         choices=QUANTS)
     strategy: str | None = option(None, "per-layer types instead of --quant: fp32 -> F32, fp16 -> F16, bf16 -> BF16,"
                                   " any i8 -> Q8_0")
+    tokenizer: str | None = option(None, "a byte-level BPE tokenizer.json to embed; default the World vocabulary"
+                                   " (World-sized models) or single bytes (smaller ones)")
+
+
+def needs(spec: ModelSpec, options: GgufOptions) -> str | None:
+    return gguf_vocab.needs(spec.vocab_size, options.tokenizer)
 
 
 def supports(spec: ModelSpec) -> str | None:
@@ -216,10 +201,13 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
         writer.add_value_residual_mix_lora_rank(spec.lora_ranks.get("v", spec.lora_ranks["a"]))
         writer.add_gate_lora_rank(spec.lora_ranks["g"])
     else:
-        writer.add_time_mix_extra_dim(spec.lora_ranks.get("maa", V52_LORA_RANK))
-        writer.add_time_decay_extra_dim(spec.lora_ranks.get("decay", V52_LORA_RANK))
+        maa, decay = rwkv6_lora_ranks(spec.n_embd)  # v5.2's zero LoRAs
+        writer.add_time_mix_extra_dim(spec.lora_ranks.get("maa", maa))
+        writer.add_time_decay_extra_dim(spec.lora_ranks.get("decay", decay))
         writer.add_rescale_every_n_layers(0)  # llama.cpp computes in F32: no rescale needed
-    _tokenizer(writer, gguf, spec.vocab_size)
+    gguf_vocab.write_vocabulary(writer, gguf, spec.vocab_size, options.tokenizer)
+    # as llama.cpp's converter labels models (its parameter count: every tensor written)
+    writer.add_size_label(gguf.size_label(sum(int(np.prod(j.shape)) for j in jobs), 0, 0, 0))
     for job, qtype in zip(jobs, types, strict=True):
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             dtype = np.dtype(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
@@ -392,4 +380,4 @@ def native(path: Path, strategy: str | None, streams: dict[str, list[int]], spli
 FORMAT = Format(
     name="gguf", summary="a GGUF file for llama.cpp", runtime="llama.cpp (llama-cpp-python, ollama, LM Studio)",
     sniff=lambda probe: probe.head.startswith(b"GGUF"), read=lambda probe: read_gguf(probe.path), write=write,
-    options=GgufOptions, supports=supports, native=native, stored=tensor_schemes)
+    options=GgufOptions, supports=supports, needs=needs, native=native, stored=tensor_schemes)

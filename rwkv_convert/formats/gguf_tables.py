@@ -17,7 +17,11 @@ import torch
 
 from ..spec import ModelSpec
 
-V52_LORA_RANK = 32  # v5.2 as rwkv6: zero LoRAs of this rank (llama.cpp reads the ranks from the shapes)
+
+def rwkv6_lora_ranks(n_embd: int) -> tuple[int, int]:
+    """The token-shift and decay LoRA ranks of the RWKV-6 models (32/64, 64/128 at width 4096): what llama.cpp's
+    convert_hf_to_gguf.py assumes for every Rwkv6ForCausalLM, and the ranks of v5.2's zero LoRAs here."""
+    return (64, 128) if n_embd == 4096 else (32, 64)
 MIX = (1, 1, -1)  # BlinkDL's [1, 1, C] mixes and offsets
 
 
@@ -155,18 +159,21 @@ def _fused_v52(sources: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Ten
     return torch.stack([torch.zeros(shape[1:])] + [1 - s.float().reshape(shape[1:]) for s in sources])
 
 
-R = V52_LORA_RANK
 # RWKV-5.2 as llama.cpp's rwkv6: v6 with its two LoRAs at zero is v5.2 exactly (the decay LoRA adds 0 to
 # time_decay, so w = exp(-exp(time_decay)) as in v5.2; the bonus is time_faaaa; the FFN is the same).
 RWKV6_FROM_V52 = NORMS + (
     Row("blk.{i}.time_mix_lerp_x.weight", (), lambda s, i: (1, 1, s.n_embd), make=_zeros),
     Row("blk.{i}.time_mix_lerp_fused.weight", tuple(f"blocks.{{i}}.att.time_mix_{n}" for n in "kvrg"),
         lambda s, i: (5, 1, 1, s.n_embd), make=_fused_v52),
-    Row("blk.{i}.time_mix_w1.weight", (), lambda s, i: (5 * R, s.n_embd), make=_zeros),
-    Row("blk.{i}.time_mix_w2.weight", (), lambda s, i: (5, s.n_embd, R), make=_zeros),
+    Row("blk.{i}.time_mix_w1.weight", (), lambda s, i: (5 * rwkv6_lora_ranks(s.n_embd)[0], s.n_embd),
+        make=_zeros),
+    Row("blk.{i}.time_mix_w2.weight", (), lambda s, i: (5, s.n_embd, rwkv6_lora_ranks(s.n_embd)[0]),
+        make=_zeros),
     _vector("time_mix_decay", "att.time_decay", _a),
-    Row("blk.{i}.time_mix_decay_w1.weight", (), lambda s, i: (R, s.n_embd), make=_zeros),
-    Row("blk.{i}.time_mix_decay_w2.weight", (), lambda s, i: (s.att_dim, R), make=_zeros),
+    Row("blk.{i}.time_mix_decay_w1.weight", (), lambda s, i: (rwkv6_lora_ranks(s.n_embd)[1], s.n_embd),
+        make=_zeros),
+    Row("blk.{i}.time_mix_decay_w2.weight", (), lambda s, i: (s.att_dim, rwkv6_lora_ranks(s.n_embd)[1]),
+        make=_zeros),
     Row("blk.{i}.time_mix_first.weight", ("blocks.{i}.att.time_faaaa",), _heads),
     *_projections(("key", "value", "receptance", "gate")),
     *_ffn_v6(lambda n: Row(f"blk.{{i}}.channel_mix_lerp_{n}.weight", (f"blocks.{{i}}.ffn.time_mix_{n}",),

@@ -24,6 +24,7 @@ from ..spec import ModelSpec
 from ..tokenizer import HFTokenizer, check_fits, world_vocab_path
 from ..units import parse_size
 from .base import Format, Options, Probe, option
+from .gguf_tables import rwkv6_lora_ranks
 from .safetensors_io import SafetensorsWriter, read_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
@@ -156,17 +157,11 @@ def source_tensors(ckpt: Checkpoint):
 def _note_converter_ranks(spec: ModelSpec) -> None:
     if spec.version != "6":
         return
-    ranks, expected = (spec.lora_ranks["maa"], spec.lora_ranks["decay"]), converter_lora_ranks(spec.n_embd)
+    ranks, expected = (spec.lora_ranks["maa"], spec.lora_ranks["decay"]), rwkv6_lora_ranks(spec.n_embd)
     if ranks != expected:
         warnings.warn(f"this model's LoRA ranks are {ranks[0]}/{ranks[1]}; llama.cpp's convert_hf_to_gguf.py assumes"
                       f" {expected[0]}/{expected[1]} at this width and writes a GGUF that llama.cpp will not load:"
                       " for llama.cpp use --to gguf", CastWarning, stacklevel=2)
-
-
-def converter_lora_ranks(n_embd: int) -> tuple[int, int]:
-    """The token-shift and decay LoRA ranks llama.cpp's convert_hf_to_gguf.py assumes for an Rwkv6ForCausalLM
-    (it writes them to the GGUF without looking at the tensors; llama.cpp then refuses other shapes)."""
-    return (64, 128) if n_embd == 4096 else (32, 64)
 
 
 def _v52_as_v6(ckpt: Checkpoint):
@@ -175,7 +170,7 @@ def _v52_as_v6(ckpt: Checkpoint):
     x + (sx-x)*maa with maa = 1 - mix (the same as the GGUF export's rwkv6-from-5.2 table)."""
     spec = ckpt.spec
     C = spec.n_embd
-    rank, decay_rank = converter_lora_ranks(C)
+    rank, decay_rank = rwkv6_lora_ranks(C)
     for name, t in ckpt.tensors.items():
         kind = name.rsplit(".", 1)[-1]
         if kind.startswith("time_mix_"):  # att.time_mix_{k,v,r,g}, ffn.time_mix_{k,r}
