@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .arch import build_spec, check_shapes
+from .arch import build_spec, check_shapes, module_for
 from .errors import CastWarning, RwkvConvertError, brief, check_crc32
+from .foreign import Dequantized, check_nothing_foreign
 from .spec import ModelSpec
 
 
@@ -32,7 +33,9 @@ class CheckedTensors(Mapping):
         self._check_record = check_record
 
     def unchecked(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+        """The tensor as stored (the file's bytes: what release() drops the pages of)."""
+        stored = getattr(self._tensors, "stored", None)
+        return stored(name) if stored is not None else self._tensors[name]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self._tensors[name]
@@ -46,7 +49,7 @@ class CheckedTensors(Mapping):
                         f"{self._source}: tensor {name} holds {bad:,} NaN or infinite values (of {t.numel():,}); the"
                         " file is damaged or was saved from a diverged run - use another copy")
                 if self._mmapped:  # checked ahead of its use: do not keep its pages resident until then
-                    drop_file_pages(t)
+                    drop_file_pages(self.unchecked(name))  # the file's bytes (never a tensor computed from them)
             self._checked.add(name)
         return t
 
@@ -203,20 +206,25 @@ def tensors_only(path: Path, obj: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def checkpoint_from_tensors(p: Path, tensors: dict[str, torch.Tensor], mmapped: bool,
+def checkpoint_from_tensors(p: Path, tensors: Mapping[str, torch.Tensor], mmapped: bool,
                             check_record: Callable[[str, torch.Tensor], None] | None = None) -> Checkpoint:
-    """BlinkDL-named tensors (from any reader) as a Checkpoint: the version detected, every shape checked.
-    check_record(name, tensor), where given, checks a tensor's stored bytes the first time it is read."""
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+    """BlinkDL-named tensors (from any reader) as a Checkpoint: the version detected, every shape checked,
+    other tools' quantization and other architectures refused. check_record(name, tensor), where given,
+    checks a tensor's stored bytes the first time it is read."""
+    if isinstance(tensors, Dequantized):  # its shapes and dtypes are known without dequantizing
+        shapes, dtypes = tensors.shapes, tensors.dtypes
+    else:
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
     spec = build_spec(shapes, dtypes, source=str(p))
     unused = check_shapes(spec, shapes, source=str(p))
+    check_nothing_foreign(p, spec, unused, dtypes, getattr(module_for(spec.version), "IGNORED_KEYS", None))
     used = [k for k in tensors if k not in set(unused)]
     for name in used:  # integers, booleans or complex numbers cannot be a weight: a cast would lose or invent values
-        if not tensors[name].dtype.is_floating_point:
+        if not getattr(torch, dtypes[name]).is_floating_point:
             raise RwkvConvertError(f"{p}: tensor {name} is {dtypes[name]}; RWKV weights are floating point (fp32,"
                                    " fp16, bf16 or fp64) - the file is damaged or not a checkpoint of weights")
-    wide = [name for name in used if tensors[name].dtype == torch.float64]
+    wide = [name for name in used if dtypes[name] == "float64"]
     if wide:
         warnings.warn(f"{len(wide)} float64 tensors (e.g. {wide[0]}) are cast to float32 or narrower as they are"
                       " read: no format or runtime here holds fp64 weights", CastWarning, stacklevel=2)

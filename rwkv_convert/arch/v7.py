@@ -4,6 +4,7 @@ residual (`v_first`) that flows from layer 0 to every later layer within one cal
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,10 @@ PIP_CONVERTED = False  # the package's RWKV-7 loader reads only original checkpo
 PIP_V7_LOADER = True  # the package needs RWKV_V7_ON=1 (a process of its own) for RWKV-7
 BONUS_FORMS = False
 DEEP_EMBED_KEYS = ("ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s0", "ffn.s1", "ffn.s2")
+# keys a v7 file may hold that the math does not read: layer 0's value-residual LoRA (unused there) and the
+# DeepEmbed tensors (spec.deep_embed says so; the runner refuses such models)
+IGNORED_KEYS = re.compile(r"^blocks\.0\.att\.v[012]$|^blocks\.\d+\.(" + "|".join(re.escape(k) for k in DEEP_EMBED_KEYS)
+                          + ")$")
 
 
 def matches(shapes: dict) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..checkpoint import Checkpoint, ZipRecordCheck, checkpoint_from_tensors, tensors_only
 from ..errors import RwkvConvertError
+from ..foreign import dequantize_scaled
 from .base import Format, Probe
 
 
@@ -21,7 +22,7 @@ def read(probe: Probe) -> Checkpoint:
     tensors = tensors_only(probe.path, raw)
     # mmapped files are zip archives (torch >= 1.6), whose records carry a CRC-32; legacy pickles have none
     check = ZipRecordCheck(probe.path, tensors) if mmapped else None
-    return checkpoint_from_tensors(probe.path, tensors, mmapped, check)
+    return checkpoint_from_tensors(probe.path, dequantize_scaled(probe.path, raw, tensors, check), mmapped, check)
 
 
 FORMAT = Format(name="pth", summary="an original BlinkDL checkpoint", runtime="BlinkDL's training code and the"
