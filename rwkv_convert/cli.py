@@ -20,10 +20,15 @@ from .formats import registry
 from .formats.base import flag_of
 from .generate import generate
 from .plan import format_plan, make_plan
+from .runner import LN0_FOLDS
 from .tokenizer import HFTokenizer, check_fits, default_tokenizer
 from .verify import format_report, verify, write_json
 
 NEOX_VOCABS = (50277, 50304)  # RWKV-4 Pile/Raven models (GPT-NeoX 20B tokenizer)
+
+
+LN0_HELP = ("How original weights get ln0 folded into the embedding: fp32 (accurate) or package (as the rwkv pip"
+            " package does: v4-v6 in the file's dtype, v7 in the strategy's), to compare with it bit for bit.")
 
 
 class Group(click.Group):
@@ -98,13 +103,14 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
 @click.option("--tokenizer", "tokenizer_file", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="A Hugging Face tokenizer.json (e.g. GPT-NeoX 20B for RWKV-4 Pile models) instead of World.")
-def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_file) -> None:
+@click.option("--ln0-fold", default="fp32", show_default=True, type=click.Choice(LN0_FOLDS), help=LN0_HELP)
+def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_file, ln0_fold) -> None:
     """Generate text from PATH (or the bundled default model), streaming it as it is produced."""
     if path is None:
         path = str(fixture_path(DEFAULT_VARIANT))
         click.echo(f"(no model given: running the bundled tiny random-weight RWKV-7 model {path};"
                    " its text is gibberish by design)", err=True)
-    model = registry.load(path, strategy)
+    model = registry.load(path, strategy, ln0_fold)
     vocab = model.spec.vocab_size
     if tokenizer_file:
         tokenizer = HFTokenizer(tokenizer_file)
@@ -246,10 +252,11 @@ def convert(source: str, target: str, layout, output: str, then_verify: bool, to
 convert.params.extend(FORMAT_FLAGS.values())
 
 
-def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner="native") -> None:
+def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner="native",
+                     ln0_fold=None) -> None:
     if json_path:  # before the run: a report that cannot be written must not follow a PASS
         check_target_directory(Path(json_path))
-    report = verify(candidate, reference, strategy, tokens, seed, runner)
+    report = verify(candidate, reference, strategy, tokens, seed, runner, ln0_fold)
     click.echo(format_report(report))
     if json_path:
         write_json(report, json_path)
@@ -268,14 +275,16 @@ def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, ru
               help="Also write the report as JSON here.")
 @click.option("--runner", default="native", show_default=True, type=click.Choice(["native", "ours"]),
               help="native: the runtime the format is for (the rwkv pip package for its files); ours: our reader.")
-def verify_command(candidate, reference, strategy, tokens, seed, json_path, runner) -> None:
+@click.option("--ln0-fold", default=None, type=click.Choice(LN0_FOLDS),
+              help=LN0_HELP + " Default: the candidate's own (package for pip-converted files, else fp32).")
+def verify_command(candidate, reference, strategy, tokens, seed, json_path, runner, ln0_fold) -> None:
     """Compare CANDIDATE's outputs with the reference runner on --reference: exit 0 pass, 1 fail, 2 bad input.
 
     Runs a fixed and a random token stream in sequence mode, token by token and in two chunks with the
     state carried, and reports max |Δlogit|, relative L2, KL, top-1 agreement and the state difference.
     Bounds: the table of the candidate's least precise weight scheme, widened to what that scheme itself
     does to this model (the reference run in the scheme); see docs/verification.md."""
-    _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner)
+    _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner, ln0_fold)
 
 
 @main.command("make-fixture")

@@ -23,10 +23,11 @@ STACK = "stack-projections"
 ALL_PASSES = (FOLD_LN0, RESCALE, DECAY, STACK)
 
 
-def fold_ln0(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fold_ln0(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """In fp32 (ours); the pip package folds in the file's or the strategy's dtype (Model's ln0_fold)."""
     out = {k: v for k, v in tensors.items() if not k.startswith("blocks.0.ln0.")}
-    out["emb.weight"] = layer_norm(tensors["emb.weight"].float(), tensors["blocks.0.ln0.weight"].float(),
-                                   tensors["blocks.0.ln0.bias"].float())
+    out["emb.weight"] = layer_norm(tensors["emb.weight"].to(dtype), tensors["blocks.0.ln0.weight"].to(dtype),
+                                   tensors["blocks.0.ln0.bias"].to(dtype))
     return out
 
 

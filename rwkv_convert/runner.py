@@ -65,14 +65,23 @@ def _is_matrix(module, name: str) -> bool:
     return name in module.MATRICES or name == PROJECTIONS_KEY
 
 
+LN0_FOLDS = ("fp32", "package")
+
+
 class Model:
     """A runnable RWKV model. `forward(tokens, state=None, full_output=False) -> (logits, state)`."""
 
     def __init__(self, checkpoint: Checkpoint, strategy: str | Strategy = "cpu fp32",
-                 rescale_layer: int | None = None, skip_passes: tuple[str, ...] = (), kernels: str = "auto"):
+                 rescale_layer: int | None = None, skip_passes: tuple[str, ...] = (), kernels: str = "auto",
+                 ln0_fold: str = "fp32"):
         """skip_passes: optional passes to leave out (passes.FOLD_LN0, passes.STACK), for comparisons; the
         rescale is set with rescale_layer (0 = none), since forward() halves x to match it. kernels: "auto"
-        (CUDA kernels on GPU tensors) or "torch" (the torch code everywhere)."""
+        (CUDA kernels on GPU tensors) or "torch" (the torch code everywhere). ln0_fold: "fp32" (ours, the
+        accurate one) or "package" (as the pip package folds it: v4-v6 in the file's dtype, v7 in the
+        strategy's; see docs/numerics.md)."""
+        if ln0_fold not in LN0_FOLDS:
+            raise RwkvConvertError(f"unknown ln0 fold {ln0_fold!r}; choose from {', '.join(LN0_FOLDS)}")
+        self._ln0_fold = ln0_fold
         self._check_runnable(checkpoint)
         self._setup(checkpoint.spec, strategy, rescale_layer, checkpoint.path, kernels)
         unknown = set(skip_passes) - {passes.FOLD_LN0, passes.STACK}
@@ -95,7 +104,7 @@ class Model:
         cls._check_runnable(checkpoint)
         model = cls.__new__(cls)
         model._setup(checkpoint.spec, strategy, None, checkpoint.path)
-        model._skip = set()
+        model._skip, model._ln0_fold = set(), "fp32"
         return model
 
     def _setup(self, spec: ModelSpec, strategy: str | Strategy, rescale_layer: int | None, source,
@@ -169,7 +178,10 @@ class Model:
             # for v4-v6, so bf16 files give it a bf16-rounded table; see docs/numerics.md).
             self.ln0 = None
             if ran(passes.FOLD_LN0):
-                tensors = passes.fold_ln0(tensors)
+                fold_dtype = torch.float32
+                if self._ln0_fold == "package":
+                    fold_dtype = tensors["emb.weight"].dtype if module.PIP_LN0_FOLD == "file" else first.atype
+                tensors = passes.fold_ln0(tensors, fold_dtype)
             else:
                 self.ln0 = tuple(tensors[f"blocks.0.ln0.{n}"].to(first.atype).to(first.device)
                                  for n in ("weight", "bias"))

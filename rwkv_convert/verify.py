@@ -180,6 +180,7 @@ class VerifyReport:
     twin: dict[str, Metrics] = field(default_factory=dict)  # stream -> against the same strategy (TWIN), if run
     passed: bool = True
     worst: str = ""  # the metric furthest beyond (or closest to) its bound, "stream/mode metric"
+    ln0_fold: str = "fp32"  # how the reference runner folded ln0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -257,17 +258,20 @@ class ReferenceRun:
     outputs: dict[str, dict]
     ckpt: Checkpoint | None = None  # what the scheme's own error is measured on (scheme_noise)
     strategy_runs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # strategy_logits' cache
+    ln0_fold: str = "fp32"  # the runner's ln0 fold, for every run of the reference
 
 
-def reference_run(reference: str | Path, tokens: int = 64, seed: int = 0) -> ReferenceRun:
-    """The source checkpoint through our runner at cpu fp32, on a fixed and a random stream."""
+def reference_run(reference: str | Path, tokens: int = 64, seed: int = 0, ln0_fold: str = "fp32") -> ReferenceRun:
+    """The source checkpoint through our runner at cpu fp32, on a fixed and a random stream. ln0_fold
+    "package": ln0 folded as the pip package does (its dtype, not fp32), to compare with it bit for bit."""
     if tokens < 2:
         raise RwkvConvertError("--tokens must be at least 2 (the chunked mode splits the stream)")
     ckpt = read_checkpoint(reference)
-    model = Model(ckpt, "cpu fp32")
+    model = Model(ckpt, "cpu fp32", ln0_fold=ln0_fold)
     streams = token_streams(ckpt.spec.vocab_size, tokens, seed)
     split = max(1, tokens // 3)
-    return ReferenceRun(ckpt.spec, streams, split, {n: run_ours(model, t, split) for n, t in streams.items()}, ckpt)
+    return ReferenceRun(ckpt.spec, streams, split, {n: run_ours(model, t, split) for n, t in streams.items()}, ckpt,
+                        ln0_fold=ln0_fold)
 
 
 RUNNERS = ("native", "ours")
@@ -297,7 +301,7 @@ def strategy_logits(ref: ReferenceRun, strategy: str) -> dict[str, torch.Tensor]
     (an int8 candidate's scheme noise and its same-strategy twin are the same run)."""
     key = str(parse_strategy(strategy))
     if key not in ref.strategy_runs:
-        model = Model(ref.ckpt, key)
+        model = Model(ref.ckpt, key, ln0_fold=ref.ln0_fold)
         ref.strategy_runs[key] = {name: model.forward(t, full_output=True)[0] for name, t in ref.streams.items()}
     return ref.strategy_runs[key]
 
@@ -315,7 +319,8 @@ def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None
     fmt, probe = detect(candidate)
     if runner == "native" and fmt.native is not None:
         return fmt.native(probe.path, strategy, ref.streams, ref.split, ref.spec)
-    model = load_detected(fmt, probe, strategy)  # the probe already holds what sniffing read
+    # the probe already holds what sniffing read; original weights are folded as the reference is
+    model = load_detected(fmt, probe, strategy, ref.ln0_fold if fmt.load is None else "fp32")
     _check_same_model(model, candidate, ref.spec, reference)
     schemes = set(model.weight_schemes) | (fmt.stored(probe.path) if fmt.stored else set())
     stored = stored_precision(model.spec)  # a file stored less precisely than its reference: a web-rwkv .st (F16)
@@ -372,19 +377,26 @@ def score(ref: ReferenceRun, cand: NativeRun, candidate: str | Path, reference: 
 
 
 def verify(candidate: str | Path, reference: str | Path, strategy: str | None = None, tokens: int = 64,
-           seed: int = 0, runner: str = "native") -> VerifyReport:
+           seed: int = 0, runner: str = "native", ln0_fold: str | None = None) -> VerifyReport:
     """runner: "native" runs the candidate in the runtime its format is for (the rwkv pip package for its
-    converted files); "ours" runs it with rwkv-convert's reader and runner."""
+    converted files); "ours" runs it with rwkv-convert's reader and runner. ln0_fold: the reference runner's
+    (and our runner's, for --runner ours) fold of ln0, "fp32" or "package" (docs/numerics.md); None: the
+    candidate's own, i.e. "package" for pip-converted files (they hold the package's fold) and "fp32" else."""
     _check_runner(runner)
-    detect(candidate)  # a missing or unreadable candidate fails before the reference is run
-    ref = reference_run(reference, tokens, seed)
-    return score(ref, candidate_run(candidate, ref, strategy, runner, reference), candidate, reference)
+    fmt, _ = detect(candidate)  # a missing or unreadable candidate fails before the reference is run
+    if ln0_fold is None:
+        ln0_fold = "package" if fmt.name == "pip" else "fp32"
+    ref = reference_run(reference, tokens, seed, ln0_fold)
+    report = score(ref, candidate_run(candidate, ref, strategy, runner, reference), candidate, reference)
+    report.ln0_fold = ln0_fold
+    return report
 
 
 def format_report(report: VerifyReport) -> str:
     tol = report.tolerance
     lines = [f"candidate  {report.candidate}", f"runner     {report.runner}",
-             f"reference  {report.reference} (rwkv-convert runner, cpu fp32)",
+             f"reference  {report.reference} (rwkv-convert runner, cpu fp32"
+             + (", ln0 folded as the pip package folds it)" if report.ln0_fold == "package" else ")"),
              f"tolerance  {report.scheme}: max |Δ| <= {tol.max_abs:g}, rel L2 <= {tol.rel_l2:g}, KL <= {tol.kl:g},"
              f" top-1 >= {tol.top1:.0%}  ({tol.reason})"]
     if report.twin:

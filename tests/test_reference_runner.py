@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import rwkv_convert
-from rwkv_convert.fixtures import VARIANTS, fixture_path
+from rwkv_convert.errors import RwkvConvertError
+from rwkv_convert.fixtures import VARIANTS, fixture_path, make_state_dict
+from rwkv_convert.pip_runtime import run_in_pip_package
 from rwkv_convert.verify import run_ours
 
-from .conftest import ODD_SHAPES, SPLIT
+from .conftest import ODD_SHAPES, SPLIT, save_atomic, tokens_for
 
 FP32_BOUND = 1e-4  # same math in fp32; only summation order differs (measured <= 4e-5)
 # v4-v6 bf16 files: the pip package folds ln0 into emb in bf16, we fold in fp32 (see docs/numerics.md).
@@ -73,6 +75,35 @@ def test_bf16_difference_is_only_the_ln0_fold(variant, oracle):
     ref = oracle[f"{variant}/bf16"]
     diff = max(max_diff(ours_bf16[m], ref[m]) for m in ("seq", "one", "split"))
     assert 0 < diff <= BF16_LN0_FOLD_BOUND
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.startswith("v7")])
+def test_package_ln0_fold_reproduces_the_package_on_bf16_files(variant, oracle):
+    """--ln0-fold package folds in the file's dtype, as the pip package does: the bf16 difference is gone."""
+    bf16_job = oracle.jobs[f"{variant}/bf16"]
+    ours = run_three_ways(rwkv_convert.load(bf16_job["path"], ln0_fold="package"), bf16_job["tokens"])
+    assert_matches(ours, oracle[f"{variant}/bf16"], FP32_BOUND)
+
+
+@pytest.mark.parametrize("version", ["v4", "v5.2", "v6", "v7"])
+def test_fp16_files_ln0_fold_default_and_package(version, tmp_path):
+    """fp16 files (docs/numerics.md): our fp32 fold differs from the package's by fp16 rounding of the table
+    (v4-v6); the package fold matches it as fp32 files do. v7: the package folds in the strategy's dtype,
+    which at cpu fp32 is ours."""
+    sd = {k: v.half() for k, v in make_state_dict(version, n_layer=2, n_embd=128, vocab=512).items()}
+    path = save_atomic(sd, tmp_path / f"{version}-fp16.pth")
+    tokens = tokens_for(512)[:24]
+    pip = run_in_pip_package([{"path": str(path), "strategy": "cpu fp32", "tokens": tokens, "kind": "quick"}],
+                             v7=version == "v7")[0]["seq"]
+    default = rwkv_convert.load(path).forward(tokens, full_output=True)[0]
+    package = rwkv_convert.load(path, ln0_fold="package").forward(tokens, full_output=True)[0]
+    assert (package - pip).abs().max().item() <= FP32_BOUND
+    if version == "v7":
+        assert torch.equal(default, package)
+    else:
+        assert (default - pip).abs().max().item() > 10 * (package - pip).abs().max().item()
+    with pytest.raises(RwkvConvertError, match="unknown ln0 fold"):
+        rwkv_convert.load(path, ln0_fold="bf16")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -198,3 +229,17 @@ def test_v52_bonus_stored_as_log_time_first_gives_the_same_model(tmp_path, fixtu
     tokens = list(range(3, 40))
     expected = rwkv_convert.load(ref_path).forward(tokens, full_output=True)[0]
     assert max_diff(rwkv_convert.load(log_path).forward(tokens, full_output=True)[0], expected) <= 1e-4
+
+
+def test_verify_folds_ln0_as_a_pip_file_holds_it(tmp_path):
+    """A pip-converted file of an fp16 checkpoint holds the package's fp16 fold: verify's reference folds the
+    same way for it by default (with the fp32 fold it differs by that rounding alone, beyond fp32's bound)."""
+    from .test_cli import cli
+
+    sd = {k: v.half() for k, v in make_state_dict("v6", n_layer=3, n_embd=128, vocab=512).items()}
+    src = save_atomic(sd, tmp_path / "v6-fp16.pth")
+    out = tmp_path / "pip.pth"
+    assert cli("convert", src, "--to", "pip", "--strategy", "cpu fp32", "-o", out).returncode == 0
+    proc = cli("verify", out, "--reference", src, "--tokens", "16")
+    assert proc.returncode == 0 and "ln0 folded as the pip package folds it" in proc.stdout, proc.stdout
+    assert cli("verify", out, "--reference", src, "--tokens", "16", "--ln0-fold", "package").returncode == 0

@@ -15,6 +15,7 @@ PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight")
 # Facts other layers ask of a version (the formats never branch on version numbers themselves):
 DISPLAY_NAMES = {"4": "RWKV-4"}
 FP16_RESCALE = True  # x is halved every few layers under fp16 (the pip package's rescale)
+PIP_LN0_FOLD = "file"  # the pip package folds ln0 into emb in the file's dtype (before casting)
 WKV_STATE_DOC = "aa, bb, pp per channel (fresh: 0, 0, -1e30)"  # the wkv parts of STATE_NAMES, stacked
 LLAMA_CPP_ARCH: dict[str, str] = {}  # llama.cpp has no RWKV-4
 HF_MODEL_TYPE = {"4": "rwkv"}  # transformers' RwkvForCausalLM

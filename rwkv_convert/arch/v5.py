@@ -16,6 +16,7 @@ FP32_PARAMS = ("att.time_decay", "att.time_first", "att.time_faaaa", "att.ln_x.w
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.gate.weight")
 DISPLAY_NAMES = {"5.0": "RWKV-5.0", "5.1": "RWKV-5.1", "5.2": "RWKV-5.2 (Eagle)"}
 FP16_RESCALE = True
+PIP_LN0_FOLD = "file"  # the pip package folds ln0 into emb in the file's dtype (before casting)
 WKV_STATE_DOC = "per head [key, value] matrix"
 LLAMA_CPP_ARCH = {"5.2": "rwkv6"}  # v6 with zero LoRAs is v5.2 exactly; 5.0/5.1 have no llama.cpp architecture
 HF_MODEL_TYPE = {"5.2": "rwkv6"}  # as v6 with zero LoRAs (the same math), the layout llama.cpp's converter reads

@@ -21,6 +21,7 @@ MAA_ORDER = ("w", "k", "v", "r", "g")  # slice order of time_maa_w2
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.gate.weight")
 DISPLAY_NAMES = {"6": "RWKV-6 (Finch)"}
 FP16_RESCALE = True
+PIP_LN0_FOLD = "file"  # the pip package folds ln0 into emb in the file's dtype (before casting)
 WKV_STATE_DOC = "per head [key, value] matrix"
 LLAMA_CPP_ARCH = {"6": "rwkv6"}
 HF_MODEL_TYPE = {"6": "rwkv6"}  # RWKV/v6-Finch-*-HF, the layout llama.cpp's convert_hf_to_gguf.py reads

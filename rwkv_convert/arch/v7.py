@@ -21,6 +21,7 @@ MIXES = ("r", "w", "k", "v", "a", "g")
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1)
 DISPLAY_NAMES = {"7": "RWKV-7 (Goose)"}
 FP16_RESCALE = False  # RWKV-7 never rescales
+PIP_LN0_FOLD = "target"  # the pip package folds ln0 into emb in the strategy's dtype (after casting)
 WKV_STATE_DOC = "per head [value, key] matrix"
 LLAMA_CPP_ARCH = {"7": "rwkv7"}
 HF_MODEL_TYPE = {"7": "rwkv7"}  # the fla-hub layout (rwkv7-hf, fla)

@@ -95,18 +95,22 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return fmt.read(probe)
 
 
-def load(path: str | os.PathLike, strategy: str | None = None):
+def load(path: str | os.PathLike, strategy: str | None = None, ln0_fold: str = "fp32"):
     """A runnable model from any readable file: original weights with `strategy` (default "cpu fp32"); files
     made for one strategy (pip-converted, prepared) with theirs (`strategy` must be that one or None); ONNX
-    exports in onnxruntime (no strategy)."""
-    return load_detected(*detect(path), strategy)
+    exports in onnxruntime (no strategy). ln0_fold "package": original weights get ln0 folded as the pip
+    package folds it (docs/numerics.md)."""
+    return load_detected(*detect(path), strategy, ln0_fold)
 
 
-def load_detected(fmt: Format, probe: Probe, strategy: str | None = None):
+def load_detected(fmt: Format, probe: Probe, strategy: str | None = None, ln0_fold: str = "fp32"):
     """load() of a path already detected (its probe keeps what sniffing read)."""
     if fmt.load is not None:
+        if ln0_fold != "fp32":
+            raise RwkvConvertError(f"--ln0-fold applies to original weights; {probe.path} ({fmt.summary}) is run"
+                                   " as it was made")
         return fmt.load(probe, strategy)
-    return Model(fmt.read(probe), DEFAULT_STRATEGY if strategy is None else strategy)
+    return Model(fmt.read(probe), DEFAULT_STRATEGY if strategy is None else strategy, ln0_fold=ln0_fold)
 
 
 def convert(source: str | os.PathLike, to: str, output: str | os.PathLike, **options: Any) -> list[Path]:
