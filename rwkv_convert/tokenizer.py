@@ -129,6 +129,17 @@ class HFTokenizer:
         return self._tok.decode([token]).encode("utf-8")
 
 
+def gpt_neox_special_tokens(vocab: dict[str, int]) -> dict[str, str]:
+    """GPT-NeoX's convention (the Pile models' 20B tokenizer), for the tokens the vocabulary has:
+    <|endoftext|> begins, ends and stands for unknown text; <|padding|> pads."""
+    special = {}
+    if "<|endoftext|>" in vocab:
+        special |= {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    if "<|padding|>" in vocab:
+        special["pad_token"] = "<|padding|>"
+    return special
+
+
 def check_fits(tokenizer: HFTokenizer, model_vocab: int) -> str | None:
     """Refuses a tokenizer with ids the model has no row for; returns a note when the model has many ids the
     tokenizer never makes (most likely the wrong tokenizer; models pad their vocabulary by a few dozen)."""

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import RwkvConvertError, brief
-from ..tokenizer import BYTE_TOKENS, HFTokenizer, WorldTokenizer, check_fits, model_vocabulary
+from ..tokenizer import BYTE_TOKENS, HFTokenizer, WorldTokenizer, check_fits, gpt_neox_special_tokens, model_vocabulary
 
 EOT_TOKEN = 261  # "\n\n" in the World vocabulary: llama.cpp's converter makes it the end of a chat turn
 # llama.cpp's models/templates/llama-cpp-rwkv-world.jinja (MIT, the llama.cpp authors), which its converter
@@ -97,12 +97,13 @@ def _write_bpe(writer, gguf, path: Path, vocab_size: int) -> None:
         raise RwkvConvertError(f"{path} is a {model.get('type')} tokenizer without a byte-level pre-tokenizer; GGUF"
                                " export embeds byte-level BPE tokenizers (GPT-2/GPT-NeoX style), which llama.cpp"
                                " runs as its gpt2 model")
-    by_id = {i: t for t, i in tokenizer.vocab().items()}
+    ids = tokenizer.vocab()
+    by_id = {i: t for t, i in ids.items()}
     if sorted(by_id) != list(range(len(by_id))):
         raise RwkvConvertError(f"{path}: its token ids are not 0..{len(by_id) - 1} without gaps; llama.cpp needs that")
-    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    control_ids = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
     tokens = [by_id[i] for i in range(len(by_id))] + [f"[PAD{i}]" for i in range(len(by_id), vocab_size)]
-    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(by_id))] \
+    types = [gguf.TokenType.CONTROL if i in control_ids else gguf.TokenType.NORMAL for i in range(len(by_id))] \
         + [gguf.TokenType.UNUSED] * (vocab_size - len(by_id))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
@@ -111,9 +112,8 @@ def _write_bpe(writer, gguf, path: Path, vocab_size: int) -> None:
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     writer.add_add_bos_token(False)
-    ids = tokenizer.vocab()
-    if "<|endoftext|>" in ids:  # GPT-NeoX's convention
-        writer.add_bos_token_id(ids["<|endoftext|>"])
-        writer.add_eos_token_id(ids["<|endoftext|>"])
-    if "<|padding|>" in ids:
-        writer.add_pad_token_id(ids["<|padding|>"])
+    special = gpt_neox_special_tokens(ids)
+    for role, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                      ("pad_token", writer.add_pad_token_id)):
+        if role in special:
+            add(ids[special[role]])

@@ -21,7 +21,7 @@ from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import CastWarning, RwkvConvertError, brief
 from ..spec import ModelSpec
-from ..tokenizer import HFTokenizer, check_fits, world_vocab_path
+from ..tokenizer import HFTokenizer, check_fits, gpt_neox_special_tokens, world_vocab_path
 from ..units import parse_size
 from .base import Format, Options, Probe, option
 from .gguf_tables import rwkv6_lora_ranks
@@ -227,7 +227,7 @@ def write_tokenizer_files(directory: Path, spec, tokenizer_json: Path | None) ->
     auto_map, for v4 World models too)."""
     if tokenizer_json is not None:
         shutil.copyfile(tokenizer_json, directory / "tokenizer.json")
-        special = _special_tokens(tokenizer_json)
+        special = gpt_neox_special_tokens(HFTokenizer(tokenizer_json).vocab())
         # PreTrainedTokenizerFast runs tokenizer.json as it is; GPTNeoXTokenizer (what model_type "rwkv" picks
         # without a tokenizer_config) rebuilds it from its own defaults
         _write_json(directory / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
@@ -245,17 +245,6 @@ def write_tokenizer_files(directory: Path, spec, tokenizer_json: Path | None) ->
            "chat_template": template.read_text(encoding="utf-8") if template.is_file() else None}
     _write_json(directory / "tokenizer_config.json", tok)
     _write_json(directory / "special_tokens_map.json", {"pad_token": "<|padding|>", "eos_token": "<|endoftext|>"})
-
-
-def _special_tokens(tokenizer_json: Path) -> dict[str, str]:
-    """GPT-NeoX's convention: <|endoftext|> begins, ends and stands for unknown text; <|padding|> pads."""
-    vocab = HFTokenizer(tokenizer_json).vocab()
-    special = {}
-    if "<|endoftext|>" in vocab:
-        special |= {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-    if "<|padding|>" in vocab:
-        special["pad_token"] = "<|padding|>"
-    return special
 
 
 def needs(spec: ModelSpec, options: HfOptions) -> str | None:
