@@ -33,7 +33,7 @@ EXAMPLES = settings(max_examples=500, deadline=None, suppress_health_check=[Heal
 def originals(tmp_path_factory) -> dict[str, tuple[Path, dict, int]]:
     """format -> (file, its tensors as read, where its data starts): small v6 and v7 models."""
     folder = tmp_path_factory.mktemp("fuzz")
-    v6 = make_state_dict("v6", n_layer=2, n_embd=64, vocab=256)
+    v6 = make_state_dict("v6", n_layer=2, n_embd=64, vocab=320)  # at least 257: GGUF holds a byte-level vocabulary
     src = save_atomic(v6, folder / "v6.pth")
     files = {"pth": src}
     files["web-rwkv"] = rwkv_convert.convert(src, "safetensors", folder / "m.st", layout="web-rwkv")[0]
