@@ -391,7 +391,7 @@ def test_malformed_safetensors_get_one_line(case, pattern, fixture_dir, tmp_path
 
 def test_safetensors_writer_leaves_no_file_on_failure(fixture_dir, tmp_path, neox_tokenizer):
     with pytest.raises(UnsupportedError):
-        rwkv_convert.convert(fixture_path("v6", directory=fixture_dir), "safetensors", tmp_path / "out", layout="hf")
+        rwkv_convert.convert(fixture_path("v5.1", directory=fixture_dir), "safetensors", tmp_path / "out", layout="hf")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(RwkvConvertError, match="not an empty directory"):
