@@ -219,7 +219,8 @@ def checkpoint_from_tensors(p: Path, tensors: Mapping[str, torch.Tensor], mmappe
     spec = build_spec(shapes, dtypes, source=str(p))
     unused = check_shapes(spec, shapes, source=str(p))
     check_nothing_foreign(p, spec, unused, dtypes, getattr(module_for(spec.version), "IGNORED_KEYS", None))
-    used = [k for k in tensors if k not in set(unused)]
+    unused_set = set(unused)
+    used = [k for k in tensors if k not in unused_set]
     for name in used:  # integers, booleans or complex numbers cannot be a weight: a cast would lose or invent values
         if not getattr(torch, dtypes[name]).is_floating_point:
             raise RwkvConvertError(f"{p}: tensor {name} is {dtypes[name]}; RWKV weights are floating point (fp32,"

@@ -80,7 +80,8 @@ def dequantize_scaled(path, raw: dict, tensors: dict[str, torch.Tensor],
 
 def check_nothing_foreign(path, spec, unused: list[str], dtypes: dict[str, str], ignored: re.Pattern | None) -> None:
     """Refuse keys a quantizer or another architecture added: the model would run without them, wrongly."""
-    known = {n: dtypes[n] for n in dtypes if n not in set(unused)}
+    unused_set = set(unused)
+    known = {n: dtypes[n] for n in dtypes if n not in unused_set}
     for name, dtype in known.items():
         if getattr(torch, dtype, None) in FLOAT8:
             raise RwkvConvertError(f"{path}: tensor {name} is {dtype} with no scale beside it: a quantized file"

@@ -33,12 +33,18 @@ def model_vocabulary(vocab_size: int) -> str:
     """The vocabulary a model without a tokenizer file is taken to have: "world" where it has room for the
     World vocabulary, else "bytes" (a byte-level model: ids 1..256 are single bytes, as in World, and the
     ids above are ones it never saw as text)."""
-    if vocab_size >= WORLD_TOKENS:
-        return "world"
+    too_small = vocabulary_too_small(vocab_size)
+    if too_small:
+        raise RwkvConvertError(too_small)
+    return "world" if vocab_size >= WORLD_TOKENS else "bytes"
+
+
+def vocabulary_too_small(vocab_size: int) -> str | None:
+    """Why a model without a tokenizer file has no vocabulary of ours (None: it has one)."""
     if vocab_size >= BYTE_TOKENS:
-        return "bytes"
-    raise RwkvConvertError(f"this model has {vocab_size} token ids, fewer than the {BYTE_TOKENS} of a byte-level"
-                           " vocabulary (end of text and 256 bytes): give its tokenizer, --tokenizer tokenizer.json")
+        return None
+    return (f"this model has {vocab_size} token ids, fewer than the {BYTE_TOKENS} of a byte-level vocabulary (end"
+            " of text and 256 bytes): give its tokenizer, --tokenizer tokenizer.json")
 
 
 def default_tokenizer(vocab_size: int) -> WorldTokenizer:

@@ -8,7 +8,15 @@ import json
 from pathlib import Path
 
 from ..errors import RwkvConvertError, brief
-from ..tokenizer import BYTE_TOKENS, HFTokenizer, WorldTokenizer, check_fits, gpt_neox_special_tokens, model_vocabulary
+from ..tokenizer import (
+    BYTE_TOKENS,
+    HFTokenizer,
+    WorldTokenizer,
+    check_fits,
+    gpt_neox_special_tokens,
+    model_vocabulary,
+    vocabulary_too_small,
+)
 
 EOT_TOKEN = 261  # "\n\n" in the World vocabulary: llama.cpp's converter makes it the end of a chat turn
 # llama.cpp's models/templates/llama-cpp-rwkv-world.jinja (MIT, the llama.cpp authors), which its converter
@@ -51,10 +59,7 @@ RWKV_WORLD_TEMPLATE = """{%- if not add_generation_prompt is defined -%}
 
 def needs(vocab_size: int, tokenizer: str | None) -> str | None:
     """Why the defaults cannot write this model's vocabulary (None: they can)."""
-    if tokenizer is None and vocab_size < BYTE_TOKENS:
-        return (f"this model has {vocab_size} token ids, fewer than the {BYTE_TOKENS} of a byte-level vocabulary"
-                " (end of text and 256 bytes): give its tokenizer, --tokenizer tokenizer.json")
-    return None
+    return vocabulary_too_small(vocab_size) if tokenizer is None else None
 
 
 def write_vocabulary(writer, gguf, vocab_size: int, tokenizer: str | None) -> None:

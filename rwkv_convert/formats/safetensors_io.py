@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import drop_file_pages
-from ..errors import RwkvConvertError, brief, check_crc32
-from .spans import check_spans
+from ..errors import RwkvConvertError, brief
+from .spans import check_mapped_crcs, check_spans
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -134,13 +133,8 @@ def _check_checksums(path: Path, mapping: mmap.mmap, entries: dict, start: int, 
         odd = sorted(names ^ set(crcs))[0]
         raise RwkvConvertError(f"{path}: tensor {odd!r} is not among the tensors the file was written with (its"
                                " header is damaged)")
-    with memoryview(mapping) as view, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "buffer is not writable": the view is only read
-        for name in sorted(names, key=lambda n: entries[n][2]):
-            _, _, begin, end = entries[name]
-            check_crc32(path, f"tensor {name!r}", view[start + begin:start + end], crcs[name])
-            if end > begin:
-                drop_file_pages(torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=start + begin))
+    check_mapped_crcs(path, mapping, ((f"tensor {name!r}", start + entries[name][2], start + entries[name][3],
+                                       crcs[name]) for name in names))
 
 
 class SafetensorsWriter:

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import mmap
-import warnings
 import zlib
 from pathlib import Path
 
-import torch
-
-from ...checkpoint import drop_file_pages
 from ...errors import RwkvConvertError, brief, check_crc32
+from ..spans import check_mapped_crcs
 
 CHECKSUMS_KEY = "rwkv.checksums"  # JSON {"model": crc, "data": {initializer: crc}}
 
@@ -70,21 +67,16 @@ def _check_data(data_file: Path, tensors: list, data_crcs: dict, checked: set) -
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except OSError as e:
         raise RwkvConvertError(f"cannot read {data_file}, the weights of this ONNX export: {e.strerror}") from None
-    # Not closed in a finally: an error's traceback still holds the slice it was raised on (the mapping goes
-    # with the traceback).
-    with memoryview(mapping) as view, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "buffer is not writable": the view is only read
-        for name, span in sorted(tensors, key=lambda t: t[1][1]):
-            _, offset, length = span
-            if name not in data_crcs:
-                raise RwkvConvertError(f"{data_file}: no CRC-32 is stored for weight {name}; the export's"
-                                       f" {CHECKSUMS_KEY} metadata is damaged")
-            if offset + length > size:
-                raise RwkvConvertError(f"{data_file} is shorter than its ONNX export needs (weight {name} ends"
-                                       f" at byte {offset + length} of {size}): copy or convert the export again")
-            check_crc32(data_file, f"weight {name}", view[offset:offset + length], data_crcs[name])
-            if length:  # memory stays flat: each weight's pages go once it is checked
-                drop_file_pages(torch.frombuffer(mapping, dtype=torch.uint8, count=length, offset=offset))
-            checked.add(span)
+    for name, (_, offset, length) in tensors:
+        if name not in data_crcs:
+            raise RwkvConvertError(f"{data_file}: no CRC-32 is stored for weight {name}; the export's"
+                                   f" {CHECKSUMS_KEY} metadata is damaged")
+        if offset + length > size:
+            raise RwkvConvertError(f"{data_file} is shorter than its ONNX export needs (weight {name} ends"
+                                   f" at byte {offset + length} of {size}): copy or convert the export again")
+    # (The mapping is closed only on success: an error's traceback still holds the slice it was raised on.)
+    check_mapped_crcs(data_file, mapping, ((f"weight {name}", offset, offset + length, data_crcs[name])
+                                           for name, (_, offset, length) in tensors))
+    checked.update(span for _, span in tensors)
     if size:
         mapping.close()
