@@ -55,7 +55,8 @@ def test_top1_is_judged_only_where_the_reference_is_confident():
 
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
-    """12 layers, C384, V8192: the table alone (measured at 7 layers, C128) fails its valid int8 artifacts."""
+    """12 layers, C384, V8192: a size the table (measured at 7 layers, C128) was not measured at. (Where the
+    table alone is a false alarm, v6 L12 C768 V65536, is too large for a test: benchmarks/verify_bounds.py.)"""
     folder = tmp_path_factory.mktemp("wide")
     sd = make_state_dict("v6", n_layer=12, n_embd=384, vocab=8192)
     src = save_atomic(sd, folder / "wide.pth")
@@ -78,8 +79,7 @@ def test_bounds_pass_a_valid_int8_artifact_of_another_size_and_fail_a_damaged_on
         cand = candidate_run(out, ref, runner="ours", reference=src)
         report = score(ref, cand, out, src)
         assert report.scheme == "i8" and report.passed == valid, report.worst
-        if valid:  # what the fixed table said on this model: a false alarm
-            assert not score(ref, cand, out, src, calibrate=False).passed
+        if valid:  # the bound is widened to int8's own error here, and the twin agrees exactly
             assert report.tolerance.rel_l2 > TOLERANCES["i8"].rel_l2
             assert max(m.rel_l2 for m in report.twin.values()) < TWIN.rel_l2 / 10
         elif source == noisy:  # within int8's error against fp32; the same strategy on the reference sees it
