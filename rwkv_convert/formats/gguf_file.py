@@ -20,9 +20,11 @@ import torch
 
 from ..arch import module_for
 from ..atomic import AtomicOutput
+from ..calibration import activation_importance
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import RwkvConvertError, UnsupportedError, brief, check_crc32
 from ..llama_runtime import LlamaCppRunner
+from ..quant import gguf_blocks
 from ..spec import ModelSpec
 from ..strategy import Strategy, allocate, parse_strategy
 from . import gguf_vocab
@@ -50,6 +52,7 @@ class TensorJob:
     quantizable: bool  # a large matrix: takes --quant (or the strategy's choice); else F32
     make: Callable[[], torch.Tensor]
     layer: int  # the strategy slot that decides its type (n_layer for globals)
+    source: str | None = None  # our key, where the file's rows are that tensor's rows (calibration applies)
 
 
 def _source(row: Row, tensors: dict, spec: ModelSpec, i: int) -> torch.Tensor:
@@ -76,25 +79,40 @@ def tensor_jobs(ckpt: Checkpoint) -> list[TensorJob]:
     spec, T = ckpt.spec, ckpt.tensors
     slots = {"first": 0, "head": spec.n_layer}
     jobs = [TensorJob(row.gguf, row.shape(spec, 0), row.quantizable, lambda row=row: _source(row, T, spec, 0),
-                      slots[row.slot]) for row in GLOBAL]
+                      slots[row.slot], _same_rows(row, 0)) for row in GLOBAL]
     for i in range(spec.n_layer):
         jobs += [TensorJob(row.gguf.format(i=i), row.shape(spec, i), row.quantizable,
-                           lambda row=row, i=i: _source(row, T, spec, i), i) for row in WRITE_TABLES[spec.version]]
+                           lambda row=row, i=i: _source(row, T, spec, i), i, _same_rows(row, i))
+                 for row in WRITE_TABLES[spec.version]]
     return jobs
+
+
+def _same_rows(row: Row, i: int) -> str | None:
+    """Our key whose [out, in] rows the file's rows are (one source, copied as it is), else None."""
+    keys = row.layer0 if i == 0 and row.layer0 else row.ours
+    if len(keys) != 1 or row.make is not None or row.layout != "copy":
+        return None
+    return keys[0].format(i=i)
 
 
 ROWS_PER_CHUNK = 1024
 
 
-def _encode(gguf, pool: ThreadPoolExecutor, job: TensorJob, qtype) -> np.ndarray:
+def _encode(gguf, pool: ThreadPoolExecutor, job: TensorJob, qtype, importance: dict | None = None) -> np.ndarray:
     """The tensor's bytes in the file's type. Rows are converted in chunks on all cores, into one output
-    array: the fp32 copy of a large matrix never exists whole (a 65536x2048 head would be 0.5 GB)."""
+    array: the fp32 copy of a large matrix never exists whole (a 65536x2048 head would be 0.5 GB). With
+    `importance` (calibration), 4-8-bit blocks are rounded by our importance-weighted scale search."""
     source = job.make()
     if tuple(source.shape) != job.shape:
         raise RwkvConvertError(f"internal: {job.name} has shape {tuple(source.shape)}, expected {job.shape}")
     if qtype == gguf.GGMLQuantizationType.F32:
         return source.to(torch.float32).contiguous().numpy()
     flat = source.reshape(-1, job.shape[-1]) if source.dim() > 1 else source.reshape(1, -1)
+    calibrated = importance is not None and qtype.name.lower() in gguf_blocks.TYPES
+    # columns weighted by their activations where the rows are a matrix we measured; the others (embedding,
+    # stacked or transposed tensors) by the search alone
+    weights = importance.get(job.source) if calibrated and job.source else None
+    column_weights = None if weights is None or weights.numel() != job.shape[-1] else weights.numpy()
     if qtype == gguf.GGMLQuantizationType.F16:
         out = np.empty(flat.shape, dtype=np.float16)
     else:
@@ -104,6 +122,8 @@ def _encode(gguf, pool: ThreadPoolExecutor, job: TensorJob, qtype) -> np.ndarray
         rows = flat[start:start + ROWS_PER_CHUNK].to(torch.float32).numpy()
         if qtype == gguf.GGMLQuantizationType.F16:
             out[start:start + ROWS_PER_CHUNK] = rows.astype(np.float16)
+        elif calibrated:
+            out[start:start + ROWS_PER_CHUNK] = gguf_blocks.quantize(rows, qtype.name.lower(), column_weights)
         else:
             out[start:start + ROWS_PER_CHUNK] = gguf.quants.quantize(rows, qtype)
 
@@ -137,6 +157,9 @@ class GgufOptions(Options):
                                   " any i8 -> Q8_0")
     tokenizer: str | None = option(None, "a byte-level BPE tokenizer.json to embed; default the World vocabulary"
                                    " (World-sized models) or single bytes (smaller ones)")
+    calibration: str | None = option(None, "a text (or 'bundled') run through the reference runner: its activations"
+                                     " weight the rounding of Q8_0/Q5_x/Q4_x blocks (plain GGUF blocks, a better"
+                                     " scale per block)")
 
 
 def needs(spec: ModelSpec, options: GgufOptions) -> str | None:
@@ -180,6 +203,9 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
         return qtype
 
     types = [qtype_of(j) for j in jobs]
+    importance = None
+    if options.calibration:  # activation statistics, before anything is written
+        importance = activation_importance(ckpt, options.calibration)
     file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
                  "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1"}
     writer = gguf.GGUFWriter(None, arch)
@@ -226,7 +252,7 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
             writer.write_ti_data_to_file()
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
                 for n, (job, qtype) in enumerate(zip(jobs, types, strict=True)):
-                    data = _encode(gguf, pool, job, qtype)
+                    data = _encode(gguf, pool, job, qtype, importance)
                     crcs.append(zlib.crc32(data))
                     writer.write_tensor_data(data)
                     _release_finished(ckpt, job, jobs[n + 1] if n + 1 < len(jobs) else None)

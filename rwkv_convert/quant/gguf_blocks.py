@@ -1,0 +1,125 @@
+"""GGUF's 32-value block types (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1) quantized with importance weights.
+
+The blocks are bit for bit the ones llama.cpp reads (the same packing as gguf-py's quantizers); only the
+choice of each block's scale (and minimum) differs: instead of the largest value mapping to the largest
+level, a search over candidate scales keeps the one with the least importance-weighted squared error,
+sum_i w_i (x_i - d q_i)^2, where w_i is the mean square of the activation that meets weight column i on a
+calibration text (what llama.cpp's importance matrix holds). With equal importance it still beats the plain
+rule: the largest value is not the one that matters most to the error."""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 32
+SYMMETRIC = {"q8_0": 128, "q5_0": 16, "q4_0": 8}  # levels -n..n-1 (q8_0: -127..127, as gguf-py writes it)
+AFFINE = {"q5_1": 31, "q4_1": 15}  # levels 0..n
+TYPES = tuple(SYMMETRIC) + tuple(AFFINE)
+STEPS = np.arange(-9, 10) * 0.1  # llama.cpp's make_qx_quants tries the same 19 scale offsets
+REFINE = 3  # rounds of alternating refinement after the search
+
+
+def _symmetric(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per block (rows of x): the scale d and levels q in [-nmax, nmax - 1] minimising sum w (x - d q)^2."""
+    lo, hi = (-127, 127) if nmax == 128 else (-nmax, nmax - 1)
+    top = np.take_along_axis(x, np.abs(x).argmax(-1)[:, None], -1)  # the signed value of largest magnitude
+    best_d = np.zeros((x.shape[0], 1), np.float32)
+    best_score = np.full((x.shape[0], 1), -np.inf, np.float32)
+    sign = 1.0 if nmax == 128 else -1.0  # gguf-py maps the largest value to -nmax (q8_0: to +127)
+    levels = 127.0 if nmax == 128 else float(nmax)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for step in STEPS:
+            iscale = np.where(top == 0, 0, sign * (levels + step) / top)
+            q = np.clip(np.rint(x * iscale), lo, hi)
+            sumlx = (w * x * q).sum(-1, keepdims=True)
+            suml2 = (w * q * q).sum(-1, keepdims=True)
+            score = np.where(suml2 > 0, sumlx * sumlx / suml2, -np.inf)  # the error saved by the best scale
+            better = score > best_score
+            best_score = np.where(better, score, best_score)
+            best_d = np.where(better, np.where(suml2 > 0, sumlx / suml2, 0), best_d)
+        for _ in range(REFINE):  # alternate: nearest levels for the scale, then the best scale for the levels
+            q = np.where(best_d == 0, 0, np.clip(np.rint(x / best_d), lo, hi))
+            sumlx, suml2 = (w * x * q).sum(-1, keepdims=True), (w * q * q).sum(-1, keepdims=True)
+            score = np.where(suml2 > 0, sumlx * sumlx / suml2, -np.inf)
+            better = score > best_score
+            best_score = np.where(better, score, best_score)
+            best_d = np.where(better, np.where(suml2 > 0, sumlx / suml2, 0), best_d)
+    d16 = best_d.astype(np.float16)
+    # the levels again for the scale as stored (fp16), so that each value rounds to its nearest level
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d16 == 0, 0, np.clip(np.rint(x / d16.astype(np.float32)), lo, hi)).astype(np.int8)
+    return d16, q
+
+
+def symmetric_blocks(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """rows [n, k] in blocks of 32 along k -> (scales [n, k / 32] float32, levels [n, k] int8 in
+    [-2^(bits-1), 2^(bits-1) - 1]), each block's scale found by the search (all columns equal)."""
+    n, k = rows.shape
+    blocks = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, BLOCK)
+    d, q = _symmetric(blocks, np.ones_like(blocks), 1 << (bits - 1))
+    return d.astype(np.float32).reshape(n, k // BLOCK), q.reshape(n, k)
+
+
+def _affine(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block: d, m and levels q in [0, nmax] minimising sum w (x - (d q + m))^2 (weighted least squares
+    for d and m given the levels, over candidate level assignments)."""
+    lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+    span = hi - lo
+    best = (np.full_like(lo, np.inf), (span / nmax).astype(np.float32), lo.astype(np.float32))
+    sw = w.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for step in np.concatenate([[0.0], STEPS]):
+            iscale = np.where(span == 0, 0, (nmax + step) / span)
+            q = np.clip(np.rint((x - lo) * iscale), 0, nmax)
+            sq, sqq = (w * q).sum(-1, keepdims=True), (w * q * q).sum(-1, keepdims=True)
+            sx, sqx = (w * x).sum(-1, keepdims=True), (w * q * x).sum(-1, keepdims=True)
+            det = sw * sqq - sq * sq
+            d = np.where(det > 0, (sw * sqx - sq * sx) / det, best[1])
+            m = np.where(det > 0, (sqq * sx - sq * sqx) / det, best[2])
+            err = (w * (x - (d * q + m)) ** 2).sum(-1, keepdims=True)
+            better = err < best[0]
+            best = (np.where(better, err, best[0]), np.where(better, d, best[1]), np.where(better, m, best[2]))
+    d16, m16 = best[1].astype(np.float16), best[2].astype(np.float16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d16 == 0, 0, np.clip(np.rint((x - m16.astype(np.float32)) / d16.astype(np.float32)), 0, nmax))
+    return d16, m16, q.astype(np.uint8)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:  # 32 levels -> 16 bytes: values 0-15 low nibbles, 16-31 high
+    q = q.astype(np.uint8).reshape(q.shape[0], 2, BLOCK // 2)
+    return (q[:, 0] & 0x0F) | (q[:, 1] << 4)
+
+
+def _high_bits(q: np.ndarray) -> np.ndarray:  # bit 4 of each of the 32 levels, as a little-endian uint32
+    return np.packbits((q.astype(np.uint8) >> 4).reshape(q.shape[0], 1, BLOCK), axis=-1,
+                       bitorder="little").reshape(q.shape[0], 4)
+
+
+def quantize(rows: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """rows [n, k] (k a multiple of 32) -> the GGUF blocks as uint8 [n, k / 32 * block bytes].
+    importance: [k] per column (or None: all equal)."""
+    x = np.ascontiguousarray(rows, dtype=np.float32)
+    n, k = x.shape
+    if k % BLOCK:
+        raise ValueError(f"rows of {k} values are not whole blocks of {BLOCK}")
+    w = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
+    if w.shape != (k,):
+        raise ValueError(f"importance has shape {w.shape}, expected ({k},)")
+    w = np.maximum(w, w.max() * 1e-6 if w.max() > 0 else 1.0)  # no column counts for nothing
+    blocks = x.reshape(-1, BLOCK)
+    wb = np.broadcast_to(w.reshape(1, -1, BLOCK), (n, k // BLOCK, BLOCK)).reshape(-1, BLOCK)
+    if qtype in SYMMETRIC:
+        d, q = _symmetric(blocks, wb, SYMMETRIC[qtype])
+        if qtype == "q8_0":
+            parts = [d.view(np.uint8), q.view(np.uint8)]
+        elif qtype == "q4_0":
+            parts = [d.view(np.uint8), _nibbles(q + 8)]
+        else:
+            u = (q + 16).astype(np.uint8)
+            parts = [d.view(np.uint8), _high_bits(u), _nibbles(u)]
+    elif qtype in AFFINE:
+        d, m, q = _affine(blocks, wb, AFFINE[qtype])
+        parts = [d.view(np.uint8), m.view(np.uint8)] + ([_high_bits(q)] if qtype == "q5_1" else []) + [_nibbles(q)]
+    else:
+        raise ValueError(f"no importance-weighted quantizer for {qtype}; choose from {', '.join(TYPES)}")
+    return np.concatenate(parts, axis=-1).reshape(n, -1)
