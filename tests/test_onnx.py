@@ -122,6 +122,34 @@ def test_int8_export_quantizes_only_the_layers(fixture_dir, tmp_path):
     assert "blocks.0.att.key.weight.q8" in names and "blocks.0.att.key.weight" not in names
 
 
+@pytest.mark.parametrize("variant", ["v4", "v6", "v7"])
+@pytest.mark.parametrize("quant,dtype", [("int4", "fp32"), ("int8", "fp16")])
+def test_quantizing_the_embedding_and_head_too(variant, quant, dtype, tmp_path):
+    """--quant-embedding-head: the whole model in --onnx-quant's bits (GatherBlockQuantized, MatMulNBits), on a
+    width the fixtures lack; within the same scheme's bounds, and smaller than the layers-only export."""
+    src = save_atomic(make_state_dict(variant, n_layer=2, n_embd=192, vocab=1000, head_size=32), tmp_path / "m.pth")
+    layers = rwkv_convert.convert(src, "onnx", tmp_path / "layers.onnx", quant=quant, dtype=dtype, graphs="sequence")
+    whole = rwkv_convert.convert(src, "onnx", tmp_path / "all.onnx", quant=quant, dtype=dtype, graphs="sequence",
+                                 quant_embedding_head=True)
+    graph = onnx.load(str(whole[0]))
+    names = {i.name for i in graph.graph.initializer}
+    bits = quant[-1]
+    assert f"emb.weight.q{bits}" in names and f"head.weight.q{bits}" in names
+    assert "emb.weight" not in names and "head.weight" not in names
+    assert "GatherBlockQuantized" in {n.op_type for n in graph.graph.node}
+    act_bytes = 2 if dtype == "fp16" else 4  # per value: the float table, then bits/8 plus a scale per 32
+    saved = 2 * 1000 * 192 * (act_bytes - int(bits) / 8 - act_bytes / 32)
+    assert layers[0].stat().st_size - whole[0].stat().st_size > 0.95 * saved
+    model = OnnxModel(whole[0])
+    assert model.meta["rwkv.quant_scope"] == "all"
+    toks = tokens_for(1000)
+    ref = rwkv_convert.load(src).forward(toks, full_output=True)[0]
+    tol = TOLERANCES[model.scheme]
+    max_abs, rel_l2, kl, top1 = compare(ref, model.forward(toks, full_output=True)[0])
+    assert max_abs <= tol.max_abs and rel_l2 <= tol.rel_l2 and kl <= tol.kl and top1 >= tol.top1, \
+        (max_abs, rel_l2, kl, top1)
+
+
 def test_two_graphs_share_one_data_file_that_moves_with_them(fixture_dir, tmp_path):
     src = fixture_path("v6", directory=fixture_dir)
     a = tmp_path / "a"

@@ -8,6 +8,7 @@ import torch
 
 from ...arch.common import GROUP_NORM_EPS, LN_EPS
 from ...errors import UnsupportedError
+from ...quant.gguf_blocks import symmetric_blocks
 from .graph import MS_DOMAIN, Graph
 
 QUANT_BITS = {"int8": 8, "int4": 4}
@@ -91,6 +92,30 @@ class Emitter:
                                                       strict=True)]
         return g.op("MatMulNBits", x, *inputs, domain=MS_DOMAIN, K=k, N=n_out, bits=self.bits,
                     block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL)
+
+    def gather_rows(self, table, tokens: str, quantize: bool) -> str:
+        """emb[tokens] for the [V, C] table (a tensor or a _Lazy): a float Gather, or onnxruntime's
+        GatherBlockQuantized over symmetric blocks of BLOCK_SIZE along C (scales by the least-squares search
+        of quant.gguf_blocks, no zero points: the op's defaults 8 / 128 centre the levels)."""
+        g, name = self.g, "emb.weight"
+        if self.bits is None or not quantize:
+            return g.op("Gather", self.param(name, table), tokens)
+        names = [f"{name}.q{self.bits}", f"{name}.scales"]
+        if g.has_weight(names[0]):
+            inputs = [g.weight(n, None) for n in names]
+        else:
+            t = table.make() if hasattr(table, "make") else table
+            rows = as_array(t, np.float32)
+            if rows.shape[1] % BLOCK_SIZE:
+                raise UnsupportedError(f"{name} has rows of {rows.shape[1]} values, not a multiple of {BLOCK_SIZE}:"
+                                       " export it without --quant-embedding-head")
+            scales, levels = symmetric_blocks(rows, self.bits)
+            offset = 1 << (self.bits - 1)
+            q = (levels.astype(np.int16) + offset).astype(np.uint8).reshape(rows.shape)
+            data = (q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4) if self.bits == 4 else q
+            inputs = [g.weight(names[0], np.ascontiguousarray(data)), g.weight(names[1], scales.astype(self.np_act))]
+        return g.op("GatherBlockQuantized", inputs[0], tokens, inputs[1], domain=MS_DOMAIN, gather_axis=0,
+                    quantize_axis=1, block_size=BLOCK_SIZE, bits=self.bits)
 
     def layer_norm(self, x: str, name: str, w: torch.Tensor, b: torch.Tensor) -> str:
         return self.g.op("LayerNormalization", x, self.param(name + ".weight", w), self.param(name + ".bias", b),

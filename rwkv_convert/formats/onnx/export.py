@@ -88,7 +88,7 @@ def _initial_wkv(ckpt, spec) -> np.ndarray | None:
 
 
 def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant: str, logits: str,
-           rescale: int) -> Graph:
+           rescale: int, quant_embedding_head: bool = False) -> Graph:
     from onnx import TensorProto
 
     g = Graph(store, single_step=single_step)
@@ -103,7 +103,7 @@ def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant:
     shift_in = g.input("shift_in", TensorProto.FLOAT, ["batch", L, 2, C])
     wkv_in = g.input("wkv_in", TensorProto.FLOAT, ["batch", L, *wkv_shape])
 
-    x = g.op("Gather", E.param("emb.weight", _folded_embedding(ckpt, E.np_act)), tokens)  # [B, T, C]
+    x = E.gather_rows(_folded_embedding(ckpt, E.np_act), tokens, quant_embedding_head)  # [B, T, C]
     shifts, wkvs, ctx = [], [], {}
     for i in range(L):
         lw = _layer_tensors(ckpt, spec, i, rescale)
@@ -127,7 +127,7 @@ def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant:
     if single_step or logits == "last":
         x = g.gather(x, -1, 1)  # [B, C]
     x = E.layer_norm(x, "ln_out", ckpt.tensors["ln_out.weight"].float(), ckpt.tensors["ln_out.bias"].float())
-    out = E.to_f32(E.linear(x, "head.weight", ckpt.tensors["head.weight"], quantize=False))
+    out = E.to_f32(E.linear(x, "head.weight", ckpt.tensors["head.weight"], quantize=quant_embedding_head))
     ckpt.release("head.weight")
     g.output(out, "logits", TensorProto.FLOAT, ["batch", V] if single_step or logits == "last"
              else ["batch", "time", V])
@@ -161,7 +161,10 @@ class OnnxOptions(Options):
     dtype: str = option("fp32", "fp32 or fp16 weights and activations (inputs, outputs and state stay fp32)",
                         choices=DTYPES)
     quant: str = option("none", "block-quantize the layers' matrices with onnxruntime's MatMulNBits (embedding and"
-                        " head keep --dtype)", flag="--onnx-quant", choices=QUANTS)
+                        " head keep --dtype unless --quant-embedding-head)", flag="--onnx-quant", choices=QUANTS)
+    quant_embedding_head: bool = option(False, "with --onnx-quant, also quantize the embedding (GatherBlockQuantized)"
+                                        " and the head (MatMulNBits): the same bits for the whole model",
+                                        flag="--quant-embedding-head/--float-embedding-head")
     graphs: str = option("both", "the one-token step graph (OUT), the sequence graph (OUT with .seq.onnx), or both;"
                          " --graph step|sequence writes that one graph to OUT itself", flag="--graph", choices=GRAPHS)
     logits: str = option("all", "the sequence graph's logits for every position or only the last (faster prefill)",
@@ -200,9 +203,12 @@ def write(ckpt: Checkpoint, output: Path, options: OnnxOptions) -> list[Path]:
         try:
             models = []
             for kind, _ in kinds:
-                g = _build(ckpt, spec, store, kind == "step", dtype, quant, logits, rescale)
+                g = _build(ckpt, spec, store, kind == "step", dtype, quant, logits, rescale,
+                           options.quant_embedding_head)
                 doc = f"RWKV-{spec.version} {kind} graph from {ckpt.path.name}, written by rwkv-convert"
-                models.append(g.model(doc, _metadata(ckpt, spec, kind, dtype, quant, logits, rescale)))
+                meta = _metadata(ckpt, spec, kind, dtype, quant, logits, rescale)
+                meta["rwkv.quant_scope"] = "all" if options.quant_embedding_head and quant != "none" else "layers"
+                models.append(g.model(doc, meta))
         finally:
             store.close()
         for model, (_, final) in zip(models, kinds, strict=True):
