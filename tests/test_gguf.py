@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -97,6 +98,39 @@ def test_four_and_five_bit_ggufs_run_and_beat_chance(quant, references, fixture_
     assert top1 > 5 / 512, top1  # random guessing agrees 1/512 of the time
     ours = rwkv_convert.load(out).forward(TOKENS, full_output=True)[0]  # our reader of the same file
     assert torch.isfinite(ours).all() and compare(logits, ours)[3] > 5 / 512
+
+
+@pytest.mark.parametrize("variant", ["v6", "v7"])
+def test_k_quants_run_in_llama_cpp_and_fall_back_where_rows_are_not_256s(variant, tmp_path):
+    """Q6_K / Q5_K / Q4_K from our quantizer: llama.cpp runs them as our reader dequantizes them (its own
+    activation rounding aside), better than the 32-block types of the same size; a v6 FFN of 896 columns
+    (not whole 256-value super-blocks) falls back to llama.cpp's choice, with a note."""
+    src = save_atomic(make_state_dict(variant, n_layer=2, n_embd=256, vocab=512), tmp_path / "m.pth")
+    ref = rwkv_convert.load(src).forward(TOKENS, full_output=True)[0]
+    kl = {}
+    for quant in ("q6_k", "q5_k", "q4_k", "q4_0"):
+        out = tmp_path / f"{quant}.gguf"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rwkv_convert.convert(src, "gguf", out, quant=quant)
+        notes = [str(w.message) for w in caught if "super-blocks" in str(w.message)]
+        assert bool(notes) == (variant == "v6" and quant != "q4_0"), notes
+        reader = gguf.GGUFReader(out)
+        types = {t.tensor_type.name for t in reader.tensors}
+        assert quant.upper() in types
+        if notes:  # the 896-column ffn.value rows
+            assert gguf.GGMLQuantizationType[reader_type(reader, "blk.0.channel_mix_value.weight")].name != \
+                quant.upper()
+        llama = llama_logits(out, None)
+        ours = rwkv_convert.load(out).forward(TOKENS, full_output=True)[0]
+        assert torch.isfinite(llama).all()
+        assert compare(ours, llama)[1] < 0.05, quant  # rel L2: llama.cpp rounds activations to 8 bits
+        kl[quant] = compare(ref, llama)[2]
+    assert kl["q6_k"] < kl["q5_k"] < kl["q4_k"] < kl["q4_0"], kl
+
+
+def reader_type(reader, name: str) -> str:
+    return next(t.tensor_type.name for t in reader.tensors if t.name == name)
 
 
 QUANTIZED = {"token_embd", "output", "time_mix_key", "time_mix_value", "time_mix_receptance", "time_mix_gate",

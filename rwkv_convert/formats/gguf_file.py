@@ -9,6 +9,7 @@ See ../shared/reference/gguf.md (in the project's docs) for the facts this follo
 from __future__ import annotations
 
 import os
+import warnings
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from ..arch import module_for
 from ..atomic import AtomicOutput
 from ..calibration import activation_importance
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
-from ..errors import RwkvConvertError, UnsupportedError, brief, check_crc32
+from ..errors import CastWarning, RwkvConvertError, UnsupportedError, brief, check_crc32
 from ..llama_runtime import LlamaCppRunner
 from ..quant import gguf_blocks
 from ..spec import ModelSpec
@@ -32,7 +33,7 @@ from .base import Format, NativeRun, Options, option
 from .gguf_tables import GLOBAL, READ_TABLES, WRITE_TABLES, Row, rwkv6_lora_ranks
 from .spans import check_spans
 
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0")
 CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
 CHECKSUMS_KEY = "rwkv_convert.tensor_crc32"  # ours: each tensor's CRC-32, in tensor-info order (GGUF keeps none)
 
@@ -108,7 +109,7 @@ def _encode(gguf, pool: ThreadPoolExecutor, job: TensorJob, qtype, importance: d
     if qtype == gguf.GGMLQuantizationType.F32:
         return source.to(torch.float32).contiguous().numpy()
     flat = source.reshape(-1, job.shape[-1]) if source.dim() > 1 else source.reshape(1, -1)
-    calibrated = importance is not None and qtype.name.lower() in gguf_blocks.TYPES
+    calibrated = importance is not None and qtype.name.lower() in gguf_blocks.TYPES + gguf_blocks.K_TYPES
     # columns weighted by their activations where the rows are a matrix we measured; the others (embedding,
     # stacked or transposed tensors) by the search alone
     weights = importance.get(job.source) if calibrated and job.source else None
@@ -122,6 +123,8 @@ def _encode(gguf, pool: ThreadPoolExecutor, job: TensorJob, qtype, importance: d
         rows = flat[start:start + ROWS_PER_CHUNK].to(torch.float32).numpy()
         if qtype == gguf.GGMLQuantizationType.F16:
             out[start:start + ROWS_PER_CHUNK] = rows.astype(np.float16)
+        elif qtype.name.lower() in gguf_blocks.K_TYPES:  # gguf-py has no K-quant quantizer: ours, always
+            out[start:start + ROWS_PER_CHUNK] = gguf_blocks.quantize_k(rows, qtype.name.lower(), column_weights)
         elif calibrated:
             out[start:start + ROWS_PER_CHUNK] = gguf_blocks.quantize(rows, qtype.name.lower(), column_weights)
         else:
@@ -151,8 +154,8 @@ def quant_for_strategy(strategy: Strategy, n_layer: int) -> list[str]:
 
 @dataclass(frozen=True)
 class GgufOptions(Options):
-    quant: str = option("f16", "the type of the large matrices (norms, 1-D parameters and LoRAs stay F32)",
-                        choices=QUANTS)
+    quant: str = option("f16", "the type of the large matrices (norms, 1-D parameters and LoRAs stay F32); the"
+                        " K-quants q6_k/q5_k/q4_k are written by our quantizer", choices=QUANTS)
     strategy: str | None = option(None, "per-layer types instead of --quant: fp32 -> F32, fp16 -> F16, bf16 -> BF16,"
                                   " any i8 -> Q8_0")
     tokenizer: str | None = option(None, "a byte-level BPE tokenizer.json to embed; default the World vocabulary"
@@ -191,8 +194,12 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
     slot_quants = quant_for_strategy(parse_strategy(strategy), spec.n_layer) if strategy else None
     jobs = tensor_jobs(ckpt)
 
+    fallbacks: dict[str, str] = {}
+
     def qtype_of(job: TensorJob):
         name = (slot_quants[job.layer] if slot_quants else quant) if job.quantizable else "f32"
+        if name in gguf_blocks.K_TYPES and job.shape[-1] % gguf_blocks.SUPER:
+            fallbacks[job.name] = name = gguf_blocks.K_FALLBACK[name]  # as llama.cpp does for such rows
         qtype = getattr(gguf.GGMLQuantizationType, name.upper())
         if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                          gguf.GGMLQuantizationType.BF16):
@@ -203,11 +210,16 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
         return qtype
 
     types = [qtype_of(j) for j in jobs]
+    if fallbacks:
+        warnings.warn(f"{len(fallbacks)} tensors have rows that are not whole {gguf_blocks.SUPER}-value super-blocks"
+                      f" ({next(iter(fallbacks))}, ...): written as {quant}'s fallback"
+                      f" {gguf_blocks.K_FALLBACK[quant]}, as llama.cpp does", CastWarning, stacklevel=2)
     importance = None
     if options.calibration:  # activation statistics, before anything is written
         importance = activation_importance(ckpt, options.calibration)
     file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
-                 "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1"}
+                 "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
+                 "q6_k": "MOSTLY_Q6_K", "q5_k": "MOSTLY_Q5_K_S", "q4_k": "MOSTLY_Q4_K_S"}
     writer = gguf.GGUFWriter(None, arch)
     writer.add_type("model")
     writer.add_name(ckpt.path.stem)

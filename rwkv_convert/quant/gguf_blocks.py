@@ -123,3 +123,116 @@ def quantize(rows: np.ndarray, qtype: str, importance: np.ndarray | None = None)
     else:
         raise ValueError(f"no importance-weighted quantizer for {qtype}; choose from {', '.join(TYPES)}")
     return np.concatenate(parts, axis=-1).reshape(n, -1)
+
+
+# ---- K-quants: super-blocks of 256 values ----------------------------------------------------------------
+SUPER = 256
+K_TYPES = ("q6_k", "q5_k", "q4_k")
+K_FALLBACK = {"q6_k": "q8_0", "q5_k": "q5_1", "q4_k": "q5_0"}  # llama.cpp's choice for rows not of 256s
+
+
+def _affine_nonneg(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per sub-block: scale >= 0 and offset <= 0 with x ~ scale q + offset, q in [0, nmax], minimising the
+    weighted error (the K-quants store -offset as an unsigned 6-bit multiple of dmin)."""
+    lo = np.minimum(x.min(-1, keepdims=True), 0)
+    span = x.max(-1, keepdims=True) - lo
+    best_err = np.full_like(lo, np.inf)
+    best_d, best_m = (span / nmax).astype(np.float32), lo.astype(np.float32)
+    sw = w.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for step in np.concatenate([[0.0], STEPS]):
+            iscale = np.where(span == 0, 0, (nmax + step) / span)
+            q = np.clip(np.rint((x - lo) * iscale), 0, nmax)
+            sq, sqq = (w * q).sum(-1, keepdims=True), (w * q * q).sum(-1, keepdims=True)
+            sx, sqx = (w * x).sum(-1, keepdims=True), (w * q * x).sum(-1, keepdims=True)
+            det = sw * sqq - sq * sq
+            d = np.where(det > 0, (sw * sqx - sq * sx) / det, best_d)
+            m = np.where(det > 0, (sqq * sx - sq * sqx) / det, best_m)
+            positive = m > 0  # an offset above zero cannot be stored: refit the scale with offset 0
+            d = np.where(positive, np.where(sqq > 0, sqx / sqq, 0), d)
+            m = np.where(positive, 0, m)
+            d = np.maximum(d, 0)
+            err = (w * (x - (d * q + m)) ** 2).sum(-1, keepdims=True)
+            better = err < best_err
+            best_err, best_d, best_m = np.where(better, err, best_err), np.where(better, d, best_d), \
+                np.where(better, m, best_m)
+    return best_d, best_m
+
+
+def _pack_scale_min(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins per super-block into the 12 bytes Q4_K/Q5_K keep them in."""
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    out = np.empty((sc.shape[0], 12), np.uint8)
+    out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    return out
+
+
+def _k_affine(x: np.ndarray, w: np.ndarray, nmax: int):
+    """Q4_K / Q5_K: x [n, 256] -> d, dmin (fp16 [n, 1]), 6-bit scales and mins [n, 8], levels [n, 256]."""
+    n = x.shape[0]
+    xs, ws = x.reshape(n * 8, 32), w.reshape(n * 8, 32)
+    scale, offset = _affine_nonneg(xs, ws, nmax)
+    scale, mins = scale.reshape(n, 8), (-offset).reshape(n, 8)
+    d = (scale.max(-1, keepdims=True) / 63).astype(np.float16)
+    dmin = (mins.max(-1, keepdims=True) / 63).astype(np.float16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d == 0, 0, np.clip(np.rint(scale / d.astype(np.float32)), 0, 63))
+        mn = np.where(dmin == 0, 0, np.clip(np.rint(mins / dmin.astype(np.float32)), 0, 63))
+        step = (d.astype(np.float32) * sc)[..., None]  # [n, 8, 1]
+        low = (dmin.astype(np.float32) * mn)[..., None]
+        q = np.where(step == 0, 0, np.clip(np.rint((x.reshape(n, 8, 32) + low) / step), 0, nmax))
+    return d, dmin, sc, mn, q.reshape(n, SUPER).astype(np.uint8)
+
+
+def _k_nibbles(q: np.ndarray) -> np.ndarray:  # sub-blocks 2c and 2c+1 share 32 bytes: low and high nibbles
+    q = q.reshape(q.shape[0], 4, 2, 32)
+    return ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(q.shape[0], 128)
+
+
+def _q6_k(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    xs, ws = x.reshape(n * 16, 16), w.reshape(n * 16, 16)
+    scale, _ = _symmetric(xs, ws, 32)  # per 16 values: a scale for levels -32..31
+    scale = scale.astype(np.float32).reshape(n, 16)
+    top = np.take_along_axis(scale, np.abs(scale).argmax(-1)[:, None], -1)
+    d = (top / -128).astype(np.float16)  # int8 scales: the largest maps to -128, as llama.cpp does
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d == 0, 0, np.clip(np.rint(scale / d.astype(np.float32)), -128, 127))
+        step = (d.astype(np.float32) * sc)[..., None]
+        q = np.where(step == 0, 0, np.clip(np.rint(x.reshape(n, 16, 16) / step), -32, 31)) + 32
+    q = q.reshape(n, 2, 4, 32).astype(np.uint8)  # [half, t, i]: value (half * 4 + t) * 32 + i
+    ql = np.empty((n, 2, 2, 32), np.uint8)  # [half, c, i]: low nibble row t = c, high nibble row t = c + 2
+    ql[:, :, 0] = (q[:, :, 0] & 0x0F) | ((q[:, :, 2] & 0x0F) << 4)
+    ql[:, :, 1] = (q[:, :, 1] & 0x0F) | ((q[:, :, 3] & 0x0F) << 4)
+    qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6))
+    return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.astype(np.int8).view(np.uint8),
+                           d.view(np.uint8)], axis=-1)
+
+
+def quantize_k(rows: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """rows [n, k] (k a multiple of 256) -> Q6_K / Q5_K / Q4_K super-blocks as uint8 [n, k / 256 * bytes]."""
+    x = np.ascontiguousarray(rows, dtype=np.float32)
+    n, k = x.shape
+    if k % SUPER:
+        raise ValueError(f"rows of {k} values are not whole super-blocks of {SUPER}")
+    w = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
+    if w.shape != (k,):
+        raise ValueError(f"importance has shape {w.shape}, expected ({k},)")
+    w = np.maximum(w, w.max() * 1e-6 if w.max() > 0 else 1.0)
+    blocks = x.reshape(-1, SUPER)
+    wb = np.broadcast_to(w.reshape(1, -1, SUPER), (n, k // SUPER, SUPER)).reshape(-1, SUPER)
+    if qtype == "q6_k":
+        out = _q6_k(blocks, wb)
+    elif qtype in ("q5_k", "q4_k"):
+        d, dmin, sc, mn, q = _k_affine(blocks, wb, 31 if qtype == "q5_k" else 15)
+        parts = [d.view(np.uint8), dmin.view(np.uint8), _pack_scale_min(sc, mn)]
+        if qtype == "q5_k":  # bit j of byte i: the high bit of value i of sub-block j
+            high = (q >> 4).reshape(-1, 8, 32)
+            parts.append(np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1))
+        parts.append(_k_nibbles(q))
+        out = np.concatenate(parts, axis=-1)
+    else:
+        raise ValueError(f"no K-quant quantizer for {qtype}; choose from {', '.join(K_TYPES)}")
+    return out.reshape(n, -1)
