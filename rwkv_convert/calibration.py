@@ -13,6 +13,7 @@ from . import passes
 from .bundled import CALIBRATION_TEXT, bundled_file
 from .checkpoint import Checkpoint
 from .errors import RwkvConvertError
+from .quant.float_weights import FloatWeight
 from .runner import Model
 from .tokenizer import default_tokenizer
 
@@ -63,3 +64,39 @@ def activation_importance(ckpt: Checkpoint, text: str | Path, max_tokens: int = 
         for start in range(0, len(tokens), window):
             model.forward(tokens[start:start + window], None, full_output=True)
     return {key: total / count for key, (total, count) in sums.items()}
+
+
+def tensor_sensitivity(ckpt: Checkpoint, text: str | Path, rounded: dict, max_tokens: int = 2048,
+                       window: int = 512) -> dict[str, float]:
+    """{key: mean KL(reference || the model with only that tensor replaced by rounded[key]) on `text`}: how
+    much each tensor's rounding alone costs the model's next-token distribution. rounded: {our key (emb.weight,
+    head.weight, blocks.i.<matrix>): the [out, in] tensor as a quantizer would leave it}."""
+    tokens = default_tokenizer(ckpt.spec.vocab_size).encode_bytes(calibration_bytes(text))[:max_tokens]
+    chunks = [tokens[i:i + window] for i in range(0, len(tokens), window) if len(tokens[i:i + window]) > 1]
+    # ln0 at run time, so that the embedding is the table as a GGUF holds it; one matmul per matrix
+    model = Model(ckpt, "cpu fp32", skip_passes=(passes.FOLD_LN0, passes.STACK))
+
+    def log_probs() -> list[torch.Tensor]:
+        return [torch.log_softmax(model.forward(c, None, full_output=True)[0], -1) for c in chunks]
+
+    reference = log_probs()
+    out = {}
+    for key, tensor in rounded.items():
+        if key == "emb.weight":
+            saved, model.emb = model.emb, tensor.float()
+        elif key == "head.weight":
+            saved, model.head = model.head, FloatWeight(tensor.float())
+        else:
+            layer, name = key.removeprefix("blocks.").split(".", 1)
+            lw = model.layers[int(layer)]
+            saved, lw[name] = lw[name], FloatWeight(tensor.float())
+        kl = sum(float((ref.exp() * (ref - got)).sum(-1).clamp_min(0).sum()) for ref, got in zip(reference, log_probs(),
+                                                                                               strict=True))
+        out[key] = kl / sum(len(c) for c in chunks)
+        if key == "emb.weight":
+            model.emb = saved
+        elif key == "head.weight":
+            model.head = saved
+        else:
+            model.layers[int(layer)][name] = saved
+    return out

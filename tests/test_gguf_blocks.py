@@ -65,3 +65,25 @@ def test_calibration_measures_every_matrix_input(tmp_path):
     assert set(stats) == set(matrices) | {"head.weight"}
     for key, v in stats.items():
         assert v.shape == (sd[key].shape[1],) and torch.isfinite(v).all() and (v >= 0).all() and v.sum() > 0
+
+
+def test_the_size_planner_fits_the_budget_by_the_cheapest_error_per_byte():
+    from rwkv_convert.errors import RwkvConvertError
+    from rwkv_convert.quant.size_plan import Option, parse_target, plan
+
+    def ladder(scale):  # bytes falling, error rising; a dominated option (more bytes, more error) included
+        return [Option("q8_0", 100, 1 * scale), Option("q6_k", 80, 3 * scale), Option("q5_1", 85, 9 * scale),
+                Option("q4_0", 55, 20 * scale)]
+    candidates = {"sensitive": ladder(10.0), "robust": ladder(0.1)}
+    assert {n: o.qtype for n, o in plan(candidates, 10, 1000).items()} == {"sensitive": "q8_0", "robust": "q8_0"}
+    chosen = plan(candidates, 10, 150)  # 210 at q8_0: the robust tensor steps down first, all the way
+    assert chosen["robust"].qtype == "q4_0" and chosen["sensitive"].qtype == "q6_k"
+    assert 10 + sum(o.nbytes for o in chosen.values()) <= 150
+    assert all(o.qtype != "q5_1" for o in plan(candidates, 10, 125).values())  # dominated: never chosen
+    with pytest.raises(RwkvConvertError, match="below the smallest"):
+        plan(candidates, 10, 100)
+    assert parse_target("60%", 1000) == 600 and parse_target("3.5MB", 0) == 3_500_000
+    assert parse_target("2KiB", 0) == 2048 and parse_target("1200", 0) == 1200
+    for bad in ("0%", "150%", "big", "-3MB"):
+        with pytest.raises(RwkvConvertError, match="target-size"):
+            parse_target(bad, 1000)

@@ -21,11 +21,11 @@ import torch
 
 from ..arch import module_for
 from ..atomic import AtomicOutput
-from ..calibration import activation_importance
+from ..calibration import BUNDLED, activation_importance, tensor_sensitivity
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import CastWarning, RwkvConvertError, UnsupportedError, brief, check_crc32
 from ..llama_runtime import LlamaCppRunner
-from ..quant import gguf_blocks
+from ..quant import gguf_blocks, size_plan
 from ..spec import ModelSpec
 from ..strategy import Strategy, allocate, parse_strategy
 from . import gguf_vocab
@@ -146,6 +146,78 @@ def _release_finished(ckpt: Checkpoint, job: TensorJob, following: TensorJob | N
             ckpt.release(key)
 
 
+PLAN_TYPES = ("q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0")
+PLAN_SAMPLE_ROWS = 512  # rows per tensor whose rounding error is measured for each type
+GGUF_OVERHEAD = 4096  # header and alignment, besides the vocabulary and per-tensor infos
+
+
+def _rows_sample(t: torch.Tensor) -> torch.Tensor:
+    t = t.float().reshape(-1, t.shape[-1]) if t.dim() > 1 else t.float().reshape(1, -1)
+    if t.shape[0] <= PLAN_SAMPLE_ROWS:
+        return t
+    return t[torch.linspace(0, t.shape[0] - 1, PLAN_SAMPLE_ROWS).long()]
+
+
+def _plan_for_size(gguf, ckpt: Checkpoint, jobs: list[TensorJob], types: list, importance: dict,
+                   options: GgufOptions) -> list:
+    """Each quantizable tensor's type, so that the file fits --target-size: every type's rounding error is
+    measured (importance-weighted, on a sample of rows), scaled by how much that tensor alone costs the model
+    (KL on the calibration text with it at q4_0, through the reference runner), and the planner steps down
+    the tensors that cost the least per byte saved (quant.size_plan)."""
+    def tensor_bytes(job, qtype) -> int:
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            return int(np.prod(job.shape)) * (4 if qtype == gguf.GGMLQuantizationType.F32 else 2)
+        return int(np.prod(gguf.quant_shape_to_byte_shape(job.shape, qtype)))
+
+    overhead = GGUF_OVERHEAD + 96 * len(jobs) + 24 * ckpt.spec.vocab_size
+    fixed = overhead + sum(tensor_bytes(j, t) for j, t in zip(jobs, types, strict=True) if not j.quantizable)
+    f16 = fixed + sum(tensor_bytes(j, gguf.GGMLQuantizationType.F16) for j in jobs if j.quantizable)
+    budget = size_plan.parse_target(options.target_size, f16)
+    errors: dict[str, dict[str, float]] = {}
+    rounded_q4: dict[str, torch.Tensor] = {}
+    for job in (j for j in jobs if j.quantizable):
+        full = job.make()
+        rows = _rows_sample(full)
+        weights = importance.get(job.source) if job.source else None
+        w = weights.numpy() if weights is not None and weights.numel() == rows.shape[1] else None
+        errors[job.name] = {}
+        for name in PLAN_TYPES:
+            qtype = getattr(gguf.GGMLQuantizationType, name.upper())
+            block = gguf.GGML_QUANT_SIZES[qtype][0]
+            if rows.shape[1] % block:
+                continue
+            x = rows.numpy()
+            packed = (gguf_blocks.quantize_k(x, name, w) if name in gguf_blocks.K_TYPES
+                      else gguf_blocks.quantize(x, name, w))
+            back = gguf.quants.dequantize(packed, qtype).reshape(x.shape)
+            err = ((back - x) ** 2 * (w if w is not None else 1.0)).sum() * (np.prod(job.shape[:-1]) / x.shape[0])
+            errors[job.name][name] = float(err)
+        if job.source and "q4_0" in errors[job.name] and full.dim() == 2:
+            x = full.float().numpy()
+            q4 = gguf.quants.dequantize(gguf_blocks.quantize(x, "q4_0", w), gguf.GGMLQuantizationType.Q4_0)
+            rounded_q4[job.source] = torch.from_numpy(np.ascontiguousarray(q4.reshape(x.shape)))
+    kl = tensor_sensitivity(ckpt, options.calibration or BUNDLED, rounded_q4)
+    by_source = {j.source: j.name for j in jobs if j.source in kl}
+    scale = {by_source[k]: v / max(errors[by_source[k]]["q4_0"], 1e-30) for k, v in kl.items()}
+    typical = float(np.median(list(scale.values()))) if scale else 1.0
+    candidates = {name: [size_plan.Option(t, tensor_bytes(next(j for j in jobs if j.name == name),
+                                                           getattr(gguf.GGMLQuantizationType, t.upper())),
+                                          e * scale.get(name, typical)) for t, e in errs.items()]
+                  for name, errs in errors.items() if errs}
+    chosen = size_plan.plan(candidates, fixed + sum(tensor_bytes(j, t) for j, t in zip(jobs, types, strict=True)
+                                                    if j.quantizable and j.name not in candidates), budget)
+    counts: dict[str, int] = {}
+    for opt in chosen.values():
+        counts[opt.qtype] = counts.get(opt.qtype, 0) + 1
+    total = fixed + sum(o.nbytes for o in chosen.values())
+    warnings.warn(f"--target-size {options.target_size} = {budget:,} bytes: planned {total:,} bytes with "
+                  + ", ".join(f"{n} {t.upper()}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+                  + f"; predicted KL {sum(o.error for o in chosen.values()):.3g} (sum of each tensor's own)",
+                  CastWarning, stacklevel=3)
+    return [getattr(gguf.GGMLQuantizationType, chosen[j.name].qtype.upper()) if j.name in chosen else t
+            for j, t in zip(jobs, types, strict=True)]
+
+
 def quant_for_strategy(strategy: Strategy, n_layer: int) -> list[str]:
     """Per slot: fp32 -> f32, fp16 -> f16, bf16 -> bf16, any i8 -> q8_0 (llama.cpp's 8-bit type)."""
     return ["q8_0" if p.weights == "i8" else {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}[p.weights]
@@ -160,6 +232,9 @@ class GgufOptions(Options):
                                   " any i8 -> Q8_0")
     tokenizer: str | None = option(None, "a byte-level BPE tokenizer.json to embed; default the World vocabulary"
                                    " (World-sized models) or single bytes (smaller ones)")
+    target_size: str | None = option(None, "fit the file in this size (60% of the F16 file, or 3.5MB, 2GiB): each"
+                                     " large tensor gets the type whose measured cost per byte is least"
+                                     " (--calibration's text, default the bundled one)")
     calibration: str | None = option(None, "a text (or 'bundled') run through the reference runner: its activations"
                                      " weight the rounding of Q8_0/Q5_x/Q4_x blocks (plain GGUF blocks, a better"
                                      " scale per block)")
@@ -215,8 +290,14 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
                       f" ({next(iter(fallbacks))}, ...): written as {quant}'s fallback"
                       f" {gguf_blocks.K_FALLBACK[quant]}, as llama.cpp does", CastWarning, stacklevel=2)
     importance = None
-    if options.calibration:  # activation statistics, before anything is written
-        importance = activation_importance(ckpt, options.calibration)
+    if options.calibration or options.target_size:  # activation statistics, before anything is written
+        importance = activation_importance(ckpt, options.calibration or BUNDLED)
+    if options.target_size:
+        if strategy:
+            raise RwkvConvertError("--target-size chooses each tensor's type itself: drop --strategy")
+        types = _plan_for_size(gguf, ckpt, jobs, types, importance, options)
+        quant = max((t.name.lower() for t, j in zip(types, jobs, strict=True) if j.quantizable),
+                    key=[t.name.lower() for t in types].count)
     file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
                  "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
                  "q6_k": "MOSTLY_Q6_K", "q5_k": "MOSTLY_Q5_K_S", "q4_k": "MOSTLY_Q4_K_S"}
