@@ -11,11 +11,12 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .atomic import Interrupted, check_target_directory, recording
+from . import __version__, quality
+from .atomic import Interrupted, check_target_directory, recording, write_text_atomic
+from .bundled import DEFAULT_PROMPT, trained_model
 from .describe import describe_checkpoint, format_description
 from .errors import CastWarning, RwkvConvertError
-from .fixtures import DEFAULT_VARIANT, EXTRA_VARIANTS, VARIANTS, fixture_path
+from .fixtures import EXTRA_VARIANTS, VARIANTS, fixture_path
 from .formats import registry
 from .formats.base import flag_of
 from .generate import generate
@@ -24,7 +25,8 @@ from .runner import LN0_FOLDS
 from .tokenizer import HFTokenizer, check_fits, default_tokenizer
 from .verify import format_report, verify, write_json
 
-NEOX_VOCABS = (50277, 50304)  # RWKV-4 Pile/Raven models (GPT-NeoX 20B tokenizer)
+NEOX_VOCABS = (50277, 50304)
+CHAT_PROMPT = "\nUser: Hello!\n\nAssistant:"  # RWKV-4 Pile/Raven models (GPT-NeoX 20B tokenizer)
 
 
 LN0_HELP = ("How original weights get ln0 folded into the embedding: fp32 (accurate) or package (as the rwkv pip"
@@ -91,9 +93,9 @@ def inspect(path: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("path", required=False, type=click.Path(dir_okay=True, path_type=str))
-@click.option("--prompt", default="\nUser: Hello!\n\nAssistant:", show_default=True,
-              callback=lambda ctx, param, value: unescape(value),
-              help="Text to continue; \\n and \\t in it are a newline and a tab (\\\\ for a backslash).")
+@click.option("--prompt", default=None, callback=lambda ctx, param, value: None if value is None else unescape(value),
+              help="Text to continue; \\n and \\t in it are a newline and a tab (\\\\ for a backslash). Default:"
+                   f" {CHAT_PROMPT!r}, or {DEFAULT_PROMPT!r} for the bundled model (trained on Python source).")
 @click.option("--tokens", "max_tokens", default=64, show_default=True, type=click.IntRange(0, None),
               help="How many tokens to generate.")
 @click.option("--strategy", default=None,
@@ -107,9 +109,11 @@ def inspect(path: str, as_json: bool) -> None:
 def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_file, ln0_fold) -> None:
     """Generate text from PATH (or the bundled default model), streaming it as it is produced."""
     if path is None:
-        path = str(fixture_path(DEFAULT_VARIANT))
-        click.echo(f"(no model given: running the bundled tiny random-weight RWKV-7 model {path};"
-                   " its text is gibberish by design)", err=True)
+        path = str(trained_model("v7"))
+        click.echo(f"(no model given: running the bundled 2.7M-parameter RWKV-7 trained on Python's standard"
+                   f" library, {path})", err=True)
+        prompt = DEFAULT_PROMPT if prompt is None else prompt
+    prompt = CHAT_PROMPT if prompt is None else prompt
     model = registry.load(path, strategy, ln0_fold)
     vocab = model.spec.vocab_size
     if tokenizer_file:
@@ -285,6 +289,43 @@ def verify_command(candidate, reference, strategy, tokens, seed, json_path, runn
     Bounds: the table of the candidate's least precise weight scheme, widened to what that scheme itself
     does to this model (the reference run in the scheme); see docs/verification.md."""
     _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner, ln0_fold)
+
+
+@main.command("quality")
+@click.argument("source", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--text", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="The text to score (default: the bundled held-out text, Python standard-library modules).")
+@click.option("--schemes", default=None,
+              help=f"Comma-separated, from: {', '.join(quality.SCHEMES)} (default all; fp32 is always measured).")
+@click.option("--window", default=1024, show_default=True, type=click.IntRange(2, None),
+              help="Tokens per window; each window is scored from a fresh state.")
+@click.option("--max-bytes", default=None, type=click.IntRange(1, None), help="Score only the text's first N bytes.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the results as JSON here.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Also draw bytes per parameter against bits per byte into this PNG (needs matplotlib).")
+def quality_command(source, text, schemes, window, max_bytes, json_path, plot_path) -> None:
+    """What each precision and quantization of SOURCE costs, each file run in its own runtime.
+
+    For every scheme: export (prepared safetensors for our runner's strategies, GGUF for llama.cpp, ONNX for
+    onnxruntime), run on the text, and report file bytes, bytes per parameter, bits per byte, KL from the fp32
+    reference and top-1 agreement, in one table ordered by size. Schemes whose runtime is missing (GGUF
+    without llama-cpp-python) are listed as not measured."""
+    for path in (json_path, plot_path):
+        if path:
+            check_target_directory(Path(path))
+    names = quality.parse_schemes(schemes)
+    show = sys.stderr.isatty()
+    progress = (lambda line: click.echo(f"\r\033[K{line}", nl=False, err=True)) if show else \
+        (lambda line: None if "window" in line else click.echo(line, err=True))
+    report = quality.measure(source, text, names, window, max_bytes, progress)
+    if show:
+        click.echo("\r\033[K", nl=False, err=True)
+    click.echo(quality.table(report))
+    if json_path:
+        write_text_atomic(Path(json_path), json.dumps(report.to_json(), indent=2) + "\n")
+    if plot_path:
+        quality.plot(report, Path(plot_path))
 
 
 @main.command("make-fixture")

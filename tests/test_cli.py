@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import rwkv_convert
+from rwkv_convert.bundled import DEFAULT_PROMPT
 from rwkv_convert.fixtures import VARIANTS, fixture_path, make_state_dict
 from rwkv_convert.generate import generate
 from rwkv_convert.tokenizer import WorldTokenizer
@@ -93,11 +94,13 @@ def test_debug_shows_the_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-def test_run_without_path_uses_the_bundled_default(fixture_dir):
+def test_run_without_path_uses_the_bundled_trained_model():
     proc = cli("run", "--prompt", "Hello", "--tokens", "8", "--seed", "3")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Hello") and len(proc.stdout) > len("Hello")
-    assert "bundled tiny random-weight" in proc.stderr
+    assert "RWKV-7 trained on Python's standard library" in proc.stderr
+    proc = cli("run", "--tokens", "40", "--temperature", "0")  # its own prompt: the start of a Python line
+    assert proc.returncode == 0 and proc.stdout.startswith(DEFAULT_PROMPT), proc.stderr
 
 
 def test_run_streams_the_greedy_continuation(fixture_dir):

@@ -1,0 +1,251 @@
+"""What each precision and quantization costs a model, measured in the runtime each file is made for.
+
+For every scheme, the source is exported (GGUF for llama.cpp, ONNX for onnxruntime, a prepared safetensors
+file of one strategy for our runner), the file is run on a text split into windows (each scored from a
+fresh state), and the result is compared with the source at fp32: bits per byte of the text, KL divergence
+from the fp32 next-token distribution, top-1 agreement, and the file's bytes per parameter."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bundled import HELD_OUT_TEXT, bundled_file
+from .calibration import BUNDLED
+from .errors import RwkvConvertError
+from .formats.registry import convert, detect, load_detected, read_checkpoint
+from .runner import Model
+from .tokenizer import default_tokenizer
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    to: str | None  # the export (None: the source itself, at fp32)
+    options: dict
+    runtime: str  # "ours", "onnxruntime" or "llama.cpp"
+    bits: float  # nominal bits per weight of the large matrices, for ordering expectations
+
+
+SCHEMES = {s.name: s for s in (
+    Scheme("fp32", None, {}, "ours", 32),
+    Scheme("fp16", "safetensors", {"layout": "prepared", "strategy": "cpu fp16"}, "ours", 16),
+    Scheme("bf16", "safetensors", {"layout": "prepared", "strategy": "cpu bf16"}, "ours", 16),
+    Scheme("fp32i8", "safetensors", {"layout": "prepared", "strategy": "cpu fp32i8"}, "ours", 8),
+    Scheme("gguf-f16", "gguf", {"quant": "f16"}, "llama.cpp", 16),
+    Scheme("gguf-q8_0", "gguf", {"quant": "q8_0"}, "llama.cpp", 8.5),
+    Scheme("gguf-q5_1", "gguf", {"quant": "q5_1"}, "llama.cpp", 6),
+    Scheme("gguf-q5_0", "gguf", {"quant": "q5_0"}, "llama.cpp", 5.5),
+    Scheme("gguf-q4_1", "gguf", {"quant": "q4_1"}, "llama.cpp", 5),
+    Scheme("gguf-q4_0", "gguf", {"quant": "q4_0"}, "llama.cpp", 4.5),
+    Scheme("gguf-q6_k", "gguf", {"quant": "q6_k"}, "llama.cpp", 6.5625),
+    Scheme("gguf-q5_k", "gguf", {"quant": "q5_k"}, "llama.cpp", 5.5),
+    Scheme("gguf-q4_k", "gguf", {"quant": "q4_k"}, "llama.cpp", 4.5),
+    *(Scheme(f"gguf-{q}-cal", "gguf", {"quant": q, "calibration": BUNDLED}, "llama.cpp", bits)
+      for q, bits in (("q5_1", 6), ("q5_0", 5.5), ("q4_1", 5), ("q4_0", 4.5), ("q5_k", 5.5), ("q4_k", 4.5))),
+    Scheme("onnx-fp16", "onnx", {"dtype": "fp16", "graphs": "sequence"}, "onnxruntime", 16),
+    Scheme("onnx-int8", "onnx", {"quant": "int8", "graphs": "sequence"}, "onnxruntime", 8),
+    Scheme("onnx-int4", "onnx", {"quant": "int4", "graphs": "sequence"}, "onnxruntime", 4),
+    Scheme("onnx-int8-all", "onnx", {"quant": "int8", "graphs": "sequence", "quant_embedding_head": True},
+           "onnxruntime", 8),
+    Scheme("onnx-int4-all", "onnx", {"quant": "int4", "graphs": "sequence", "quant_embedding_head": True},
+           "onnxruntime", 4),
+)}
+DEFAULT_SCHEMES = tuple(SCHEMES)
+MAX_REFERENCE_BYTES = 4 << 30
+
+
+@dataclass
+class SchemeResult:
+    scheme: str
+    runtime: str
+    file_bytes: int
+    bytes_per_param: float
+    bits_per_byte: float
+    kl: float  # mean KL(fp32 || scheme) over the scored positions, nats
+    top1: float  # fraction of positions whose most likely next token is the fp32 one
+    seconds: float
+
+
+@dataclass
+class QualityReport:
+    source: str
+    text: str
+    text_bytes: int
+    tokens: int
+    windows: int
+    window: int
+    n_params: int
+    results: list[SchemeResult] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # scheme -> why it was not measured
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def parse_schemes(text: str | None) -> list[str]:
+    if not text:
+        return list(DEFAULT_SCHEMES)
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SCHEMES]
+    if unknown or not names:
+        raise RwkvConvertError(f"unknown scheme {', '.join(unknown) or repr(text)}; choose from {', '.join(SCHEMES)}")
+    return ["fp32", *(n for n in names if n != "fp32")]  # the reference is always measured, first
+
+
+def windows_of(tokens: list[int], window: int) -> list[list[int]]:
+    """Consecutive windows of `window` tokens (the last may be shorter; one of a single token is dropped:
+    it predicts nothing)."""
+    out = [tokens[i:i + window] for i in range(0, len(tokens), window)]
+    return [w for w in out if len(w) > 1]
+
+
+class _Logits:
+    """Runs one file in its runtime: [T, V] fp32 logits of a window from a fresh state."""
+
+    def __init__(self, scheme: Scheme, path: Path, window: int):
+        self.scheme = scheme
+        if scheme.runtime == "llama.cpp":
+            from .llama_runtime import LlamaCppRunner
+            self.llama = LlamaCppRunner(path, n_ctx=max(64, window))
+        else:
+            fmt, probe = detect(path)
+            self.model = load_detected(fmt, probe)
+
+    def __call__(self, tokens: list[int]) -> torch.Tensor:
+        if self.scheme.runtime == "llama.cpp":
+            return self.llama.logits([tokens])
+        logits, _ = self.model.forward(tokens, None, full_output=True)
+        return logits.float()
+
+
+def measure(source: str | Path, text: str | Path | None = None, schemes: list[str] | None = None,
+            window: int = 1024, max_bytes: int | None = None,
+            progress: Callable[[str], None] = lambda _: None) -> QualityReport:
+    """Each scheme of `schemes` (default all) through its runtime on `text` (default the bundled held-out
+    text), against the source at fp32. Exports go to a temporary directory and are removed after."""
+    if window < 2:
+        raise RwkvConvertError("--window must be at least 2 tokens")
+    ckpt = read_checkpoint(source)
+    spec = ckpt.spec
+    text_path = Path(text) if text else bundled_file(HELD_OUT_TEXT)
+    try:
+        data = text_path.read_bytes()
+    except OSError as e:
+        raise RwkvConvertError(f"cannot read the text {text_path}: {e.strerror or e}") from None
+    data = data[:max_bytes] if max_bytes else data
+    tokenizer = default_tokenizer(spec.vocab_size)
+    tokens = tokenizer.encode_bytes(data)
+    chunks = windows_of(tokens, window)
+    if not chunks:
+        raise RwkvConvertError(f"{text_path} holds fewer than 2 tokens: nothing to score")
+    # bytes of each predicted token (a World token is several bytes): bits per byte, whatever the tokenizer
+    token_bytes = np.array([len(tokenizer.token_bytes(t)) for t in range(spec.vocab_size)], dtype=np.int64)
+    scored_bytes = sum(int(token_bytes[c[1:]].sum()) for c in chunks)
+    report = QualityReport(str(ckpt.path), str(text_path), len(data), len(tokens), len(chunks), window, spec.n_params)
+    names = parse_schemes(",".join(schemes) if schemes else None)
+
+    held = len(tokens) * spec.vocab_size * 4
+    if held > MAX_REFERENCE_BYTES:
+        raise RwkvConvertError(f"the fp32 reference of {len(tokens):,} tokens x {spec.vocab_size:,} ids needs"
+                               f" {held / 2**30:.1f} GiB of memory; score less text (--max-bytes)")
+    reference = Model(ckpt, "cpu fp32")
+    ref_logp: list[torch.Tensor] = []
+    # log-softmax per window, fp32: a rounded reference would bias KL by as much as int8's own KL
+    with tempfile.TemporaryDirectory(prefix="rwkv-convert-quality-") as tmp:
+        for n, name in enumerate(names, 1):
+            scheme = SCHEMES[name]
+            started = time.monotonic()
+            label = f"[{n}/{len(names)}] {name}"
+            if scheme.to is None:
+                path, run = ckpt.path, None
+            else:
+                progress(f"{label}: exporting")
+                path = Path(tmp) / f"{name}.{ {'gguf': 'gguf', 'onnx': 'onnx'}.get(scheme.to, 'safetensors')}"
+                try:
+                    convert(ckpt.path, scheme.to, path, **scheme.options)
+                    run = _Logits(scheme, path, window)
+                except RwkvConvertError as e:
+                    report.skipped[name] = str(e)
+                    progress(f"{label}: skipped ({e})")
+                    continue
+            nll = kl = agree = 0.0
+            positions = 0
+            for w, chunk in enumerate(chunks):
+                progress(f"{label}: window {w + 1}/{len(chunks)}")
+                if run is None:
+                    logp = torch.log_softmax(reference.forward(chunk, None, full_output=True)[0].float(), -1)
+                    ref_logp.append(logp)
+                    want = logp
+                else:
+                    logp = torch.log_softmax(run(chunk), -1)
+                    want = ref_logp[w]
+                if not torch.isfinite(logp).all():
+                    raise RwkvConvertError(f"{name}: non-finite logits in window {w + 1}: the file is broken")
+                target = torch.tensor(chunk[1:])
+                nll -= float(logp[:-1].gather(1, target[:, None]).sum())
+                kl += float((want.exp() * (want - logp)).sum(-1).clamp_min(0).sum())
+                agree += float((want.argmax(-1) == logp.argmax(-1)).sum())
+                positions += len(chunk)
+            size = sum(f.stat().st_size for f in Path(tmp).glob(f"{name}.*")) if scheme.to else ckpt.path.stat().st_size
+            report.results.append(SchemeResult(
+                name, _runtime_name(scheme), size, size / max(spec.n_params, 1),
+                nll / math.log(2) / max(scored_bytes, 1), kl / positions, agree / positions,
+                time.monotonic() - started))
+            if scheme.to is not None:
+                for f in Path(tmp).glob(f"{name}.*"):
+                    f.unlink()
+    report.results.sort(key=lambda r: (-r.file_bytes, r.scheme))
+    return report
+
+
+def _runtime_name(scheme: Scheme) -> str:
+    return {"ours": "rwkv-convert runner", "llama.cpp": "llama.cpp (llama-cpp-python)",
+            "onnxruntime": "onnxruntime"}[scheme.runtime]
+
+
+def table(report: QualityReport) -> str:
+    head = (f"{Path(report.source).name}: {report.n_params:,} parameters; {Path(report.text).name}:"
+            f" {report.text_bytes:,} bytes, {report.tokens:,} tokens in {report.windows} windows of {report.window}")
+    cols = ("scheme", "runtime", "bytes", "bytes/param", "bits/byte", "Δ bits/byte", "KL", "top-1")
+    ref = next((r for r in report.results if r.scheme == "fp32"), None)
+    rows = [cols]
+    for r in report.results:
+        delta = f"{(r.bits_per_byte / ref.bits_per_byte - 1) * 100:+.2f}%" if ref else "-"
+        rows.append((r.scheme, r.runtime, f"{r.file_bytes:,}", f"{r.bytes_per_param:.3f}", f"{r.bits_per_byte:.4f}",
+                     delta, f"{r.kl:.2e}", f"{r.top1 * 100:.1f}%"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines += [f"{name}: not measured ({why})" for name, why in report.skipped.items()]
+    return "\n".join(lines)
+
+
+def plot(report: QualityReport, out: Path) -> None:
+    """Bytes per parameter against bits per byte, one labelled point per scheme (matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RwkvConvertError("--plot needs matplotlib: pip install 'rwkv-convert[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in report.results:
+        ax.scatter(r.bytes_per_param, r.bits_per_byte)
+        ax.annotate(r.scheme, (r.bytes_per_param, r.bits_per_byte), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set_xlabel("file bytes per parameter")
+    ax.set_ylabel(f"bits per byte ({Path(report.text).name})")
+    ax.set_title(Path(report.source).name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    from .atomic import AtomicOutput
+    with AtomicOutput(out) as target:
+        fig.savefig(target.temp(), format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,102 @@
+"""The bundled trained models and `quality`: every scheme run in its own runtime on held-out text."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from rwkv_convert import Model, read_checkpoint
+from rwkv_convert.bundled import DEFAULT_PROMPT, HELD_OUT_TEXT, bundled_file, trained_model
+from rwkv_convert.generate import generate
+from rwkv_convert.pip_runtime import run_in_pip_package
+from rwkv_convert.quality import measure, windows_of
+from rwkv_convert.tokenizer import default_tokenizer
+
+from .test_cli import assert_one_line_error, cli
+
+HAVE_LLAMA = os.environ.get("RWKV_CONVERT_REQUIRE_LLAMA") == "1" or importlib.util.find_spec("llama_cpp") is not None
+HELD_OUT = bundled_file(HELD_OUT_TEXT).read_bytes()
+
+
+def held_out_bits_per_byte(path, n_bytes=8192, window=1024) -> float:
+    """Our runner's bits per byte on the held-out text, each window from a fresh state (as `quality` scores)."""
+    model = Model(read_checkpoint(path))
+    ids = default_tokenizer(model.spec.vocab_size).encode_bytes(HELD_OUT[:n_bytes])
+    nll, scored = 0.0, 0
+    for chunk in windows_of(ids, window):
+        logp = torch.log_softmax(model.forward(chunk, None, full_output=True)[0], -1)
+        nll -= float(logp[:-1].gather(1, torch.tensor(chunk[1:])[:, None]).sum())
+        scored += len(chunk) - 1
+    return nll / scored / math.log(2)
+
+
+@pytest.mark.parametrize("version", ["v7", "v6"])
+def test_the_trained_models_predict_held_out_python_far_better_than_uniform(version):
+    ckpt = read_checkpoint(trained_model(version))
+    assert ckpt.spec.version == version[1:] and ckpt.spec.vocab_size == 257 and ckpt.spec.n_embd % 256 == 0
+    assert held_out_bits_per_byte(trained_model(version)) < 3.0  # uniform over bytes: 8 bits
+
+
+@pytest.mark.parametrize("version", ["v7", "v6"])
+def test_the_trained_models_write_text_that_looks_like_python(version):
+    model = Model(read_checkpoint(trained_model(version)))
+    text = "".join("".join(generate(model, default_tokenizer(257), DEFAULT_PROMPT, 300, 0.7, 0.9, seed))
+                   for seed in (0, 1))
+    marks = [m for m in ("\n    ", "self", "return", "if ", "None", "):", "_", "(", "'", " = ") if m in text]
+    assert len(marks) >= 6, text
+
+
+@pytest.mark.slow
+def test_the_pip_package_runs_the_trained_v7_as_our_runner_does():
+    path = trained_model("v7")
+    ids = default_tokenizer(257).encode_bytes(HELD_OUT[:256])
+    theirs = run_in_pip_package([{"path": str(path), "strategy": "cpu fp32", "tokens": ids, "kind": "quick"}],
+                                v7=True)[0]["seq"]
+    ours = Model(read_checkpoint(path), ln0_fold="package").forward(ids, None, full_output=True)[0]
+    assert (theirs - ours).abs().max() < 1e-3 * ours.abs().max()
+
+
+@pytest.mark.slow
+def test_quality_orders_the_schemes_by_precision_on_the_trained_v7():
+    schemes = ["fp16", "fp32i8", "onnx-int8", "onnx-int4"] + (["gguf-q8_0", "gguf-q5_1", "gguf-q4_0"] if HAVE_LLAMA
+                                                               else [])
+    report = measure(trained_model("v7"), schemes=schemes, max_bytes=16384)
+    got = {r.scheme: r for r in report.results}
+    assert set(got) == {"fp32", *schemes} and not report.skipped
+    assert got["fp32"].kl == 0 and got["fp32"].top1 == 1
+    for r in report.results:
+        assert all(math.isfinite(x) for x in (r.bits_per_byte, r.kl, r.top1, r.bytes_per_param)), r
+        assert r.file_bytes > 0 and r.kl >= 0
+    noise = 0.005 * got["fp32"].bits_per_byte  # window-to-window noise of a few thousand bytes
+    order = [["fp32"], ["fp16", "fp32i8", "onnx-int8", "gguf-q8_0"], ["gguf-q5_1"], ["gguf-q4_0", "onnx-int4"]]
+    for better, worse in zip(order[:-1], order[1:], strict=True):
+        for b in (s for s in better if s in got):
+            for w in (s for s in worse if s in got):
+                assert got[b].bits_per_byte <= got[w].bits_per_byte + noise, (b, w)
+                assert got[b].kl <= got[w].kl or b == "fp32", (b, w)
+    sizes = [r.file_bytes for r in report.results]
+    assert sizes == sorted(sizes, reverse=True)  # the table is ordered by size
+
+
+def test_quality_cli_prints_the_table_and_writes_json(tmp_path):
+    out = tmp_path / "q.json"
+    result = cli("quality", str(trained_model("v7")), "--schemes", "fp16", "--max-bytes", "3000", "--window", "1000",
+                 "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "bits/byte" in result.stdout and "fp16" in result.stdout
+    data = json.loads(out.read_text())
+    assert [r["scheme"] for r in data["results"]] == ["fp32", "fp16"]
+    assert data["text_bytes"] == 3000 and data["windows"] == 3 and data["n_params"] > 2_000_000
+
+
+def test_quality_refuses_unknown_schemes_and_missing_texts(tmp_path):
+    assert_one_line_error(cli("quality", str(trained_model("v7")), "--schemes", "q3_k"), "unknown scheme q3_k")
+    assert_one_line_error(cli("quality", str(trained_model("v7")), "--text", str(tmp_path / "none.txt")),
+                          "cannot read the text")
+    assert_one_line_error(cli("quality", str(trained_model("v7")), "--json", str(tmp_path / "no" / "q.json")),
+                          "does not exist")
