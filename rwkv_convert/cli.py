@@ -299,12 +299,14 @@ def verify_command(candidate, reference, strategy, tokens, seed, json_path, runn
               help=f"Comma-separated, from: {', '.join(quality.SCHEMES)} (default all; fp32 is always measured).")
 @click.option("--window", default=1024, show_default=True, type=click.IntRange(2, None),
               help="Tokens per window; each window is scored from a fresh state.")
+@click.option("--target-size", default=None,
+              help="Also measure a GGUF whose per-tensor types are planned to this size (40%, 3.5MB).")
 @click.option("--max-bytes", default=None, type=click.IntRange(1, None), help="Score only the text's first N bytes.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Also write the results as JSON here.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Also draw bytes per parameter against bits per byte into this PNG (needs matplotlib).")
-def quality_command(source, text, schemes, window, max_bytes, json_path, plot_path) -> None:
+def quality_command(source, text, schemes, window, max_bytes, target_size, json_path, plot_path) -> None:
     """What each precision and quantization of SOURCE costs, each file run in its own runtime.
 
     For every scheme: export (prepared safetensors for our runner's strategies, GGUF for llama.cpp, ONNX for
@@ -318,7 +320,7 @@ def quality_command(source, text, schemes, window, max_bytes, json_path, plot_pa
     show = sys.stderr.isatty()
     progress = (lambda line: click.echo(f"\r\033[K{line}", nl=False, err=True)) if show else \
         (lambda line: None if "window" in line else click.echo(line, err=True))
-    report = quality.measure(source, text, names, window, max_bytes, progress)
+    report = quality.measure(source, text, names, window, max_bytes, progress, target_size)
     if show:
         click.echo("\r\033[K", nl=False, err=True)
     click.echo(quality.table(report))

@@ -128,9 +128,10 @@ class _Logits:
 
 def measure(source: str | Path, text: str | Path | None = None, schemes: list[str] | None = None,
             window: int = 1024, max_bytes: int | None = None,
-            progress: Callable[[str], None] = lambda _: None) -> QualityReport:
+            progress: Callable[[str], None] = lambda _: None, target_size: str | None = None) -> QualityReport:
     """Each scheme of `schemes` (default all) through its runtime on `text` (default the bundled held-out
-    text), against the source at fp32. Exports go to a temporary directory and are removed after."""
+    text), against the source at fp32. target_size: also a GGUF planned to that size (gguf-target-SIZE).
+    Exports go to a temporary directory and are removed after."""
     if window < 2:
         raise RwkvConvertError("--window must be at least 2 tokens")
     ckpt = read_checkpoint(source)
@@ -151,6 +152,11 @@ def measure(source: str | Path, text: str | Path | None = None, schemes: list[st
     scored_bytes = sum(int(token_bytes[c[1:]].sum()) for c in chunks)
     report = QualityReport(str(ckpt.path), str(text_path), len(data), len(tokens), len(chunks), window, spec.n_params)
     names = parse_schemes(",".join(schemes) if schemes else None)
+    known = dict(SCHEMES)
+    if target_size:
+        planned = Scheme(f"gguf-target-{target_size}", "gguf", {"target_size": target_size}, "llama.cpp", 0)
+        known[planned.name] = planned
+        names.append(planned.name)
 
     held = len(tokens) * spec.vocab_size * 4
     if held > MAX_REFERENCE_BYTES:
@@ -161,7 +167,7 @@ def measure(source: str | Path, text: str | Path | None = None, schemes: list[st
     # log-softmax per window, fp32: a rounded reference would bias KL by as much as int8's own KL
     with tempfile.TemporaryDirectory(prefix="rwkv-convert-quality-") as tmp:
         for n, name in enumerate(names, 1):
-            scheme = SCHEMES[name]
+            scheme = known[name]
             started = time.monotonic()
             label = f"[{n}/{len(names)}] {name}"
             if scheme.to is None:

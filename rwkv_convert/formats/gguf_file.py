@@ -148,7 +148,7 @@ def _release_finished(ckpt: Checkpoint, job: TensorJob, following: TensorJob | N
 
 PLAN_TYPES = ("q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0")
 PLAN_SAMPLE_ROWS = 512  # rows per tensor whose rounding error is measured for each type
-GGUF_OVERHEAD = 4096  # header and alignment, besides the vocabulary and per-tensor infos
+GGUF_OVERHEAD = 1024  # the header, besides the vocabulary and the per-tensor infos (estimated below)
 
 
 def _rows_sample(t: torch.Tensor) -> torch.Tensor:
@@ -169,7 +169,7 @@ def _plan_for_size(gguf, ckpt: Checkpoint, jobs: list[TensorJob], types: list, i
             return int(np.prod(job.shape)) * (4 if qtype == gguf.GGMLQuantizationType.F32 else 2)
         return int(np.prod(gguf.quant_shape_to_byte_shape(job.shape, qtype)))
 
-    overhead = GGUF_OVERHEAD + 96 * len(jobs) + 24 * ckpt.spec.vocab_size
+    overhead = GGUF_OVERHEAD + 56 * len(jobs) + 22 * ckpt.spec.vocab_size  # measured: 11.8 kB at 100 jobs, V257
     fixed = overhead + sum(tensor_bytes(j, t) for j, t in zip(jobs, types, strict=True) if not j.quantizable)
     f16 = fixed + sum(tensor_bytes(j, gguf.GGMLQuantizationType.F16) for j in jobs if j.quantizable)
     budget = size_plan.parse_target(options.target_size, f16)
