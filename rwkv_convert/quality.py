@@ -60,6 +60,7 @@ SCHEMES = {s.name: s for s in (
 )}
 DEFAULT_SCHEMES = tuple(SCHEMES)
 MAX_REFERENCE_BYTES = 4 << 30
+SUFFIXES = {"gguf": "gguf", "onnx": "onnx", "safetensors": "safetensors"}
 
 
 @dataclass
@@ -174,7 +175,7 @@ def measure(source: str | Path, text: str | Path | None = None, schemes: list[st
                 path, run = ckpt.path, None
             else:
                 progress(f"{label}: exporting")
-                path = Path(tmp) / f"{name}.{ {'gguf': 'gguf', 'onnx': 'onnx'}.get(scheme.to, 'safetensors')}"
+                path = Path(tmp) / f"{name}.{SUFFIXES[scheme.to]}"
                 try:
                     convert(ckpt.path, scheme.to, path, **scheme.options)
                     run = _Logits(scheme, path, window)
