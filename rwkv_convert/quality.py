@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import AtomicOutput
 from .bundled import HELD_OUT_TEXT, bundled_file
 from .calibration import BUNDLED
 from .errors import RwkvConvertError
 from .formats.registry import convert, detect, load_detected, read_checkpoint
+from .llama_runtime import LlamaCppRunner
 from .runner import Model
 from .tokenizer import default_tokenizer
 
@@ -114,7 +116,6 @@ class _Logits:
     def __init__(self, scheme: Scheme, path: Path, window: int):
         self.scheme = scheme
         if scheme.runtime == "llama.cpp":
-            from .llama_runtime import LlamaCppRunner
             self.llama = LlamaCppRunner(path, n_ctx=max(64, window))
         else:
             fmt, probe = detect(path)
@@ -252,7 +253,6 @@ def plot(report: QualityReport, out: Path) -> None:
     ax.set_title(Path(report.source).name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    from .atomic import AtomicOutput
     with AtomicOutput(out) as target:
         fig.savefig(target.temp(), format="png", dpi=120)
     plt.close(fig)
