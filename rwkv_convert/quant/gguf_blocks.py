@@ -60,12 +60,16 @@ def symmetric_blocks(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarra
     return d.astype(np.float32).reshape(n, k // BLOCK), q.reshape(n, k)
 
 
-def _affine(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per block: d, m and levels q in [0, nmax] minimising sum w (x - (d q + m))^2 (weighted least squares
-    for d and m given the levels, over candidate level assignments)."""
-    lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
-    span = hi - lo
-    best = (np.full_like(lo, np.inf), (span / nmax).astype(np.float32), lo.astype(np.float32))
+def _affine_search(x: np.ndarray, w: np.ndarray, nmax: int, offset_at_most_zero: bool = False):
+    """Per block: scale d and offset m with x ~ d q + m, q in [0, nmax], minimising sum w (x - (d q + m))^2
+    (weighted least squares for d and m given the levels, over candidate level assignments). With
+    offset_at_most_zero (the K-quants store -m as an unsigned multiple of dmin): m <= 0 and d >= 0."""
+    lo = x.min(-1, keepdims=True)
+    if offset_at_most_zero:
+        lo = np.minimum(lo, 0)
+    span = x.max(-1, keepdims=True) - lo
+    best_err = np.full_like(lo, np.inf)
+    best_d, best_m = (span / nmax).astype(np.float32), lo.astype(np.float32)
     sw = w.sum(-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         for step in np.concatenate([[0.0], STEPS]):
@@ -74,12 +78,23 @@ def _affine(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.nda
             sq, sqq = (w * q).sum(-1, keepdims=True), (w * q * q).sum(-1, keepdims=True)
             sx, sqx = (w * x).sum(-1, keepdims=True), (w * q * x).sum(-1, keepdims=True)
             det = sw * sqq - sq * sq
-            d = np.where(det > 0, (sw * sqx - sq * sx) / det, best[1])
-            m = np.where(det > 0, (sqq * sx - sq * sqx) / det, best[2])
+            d = np.where(det > 0, (sw * sqx - sq * sx) / det, best_d)
+            m = np.where(det > 0, (sqq * sx - sq * sqx) / det, best_m)
+            if offset_at_most_zero:
+                positive = m > 0  # an offset above zero cannot be stored: refit the scale with offset 0
+                d = np.maximum(np.where(positive, np.where(sqq > 0, sqx / sqq, 0), d), 0)
+                m = np.where(positive, 0, m)
             err = (w * (x - (d * q + m)) ** 2).sum(-1, keepdims=True)
-            better = err < best[0]
-            best = (np.where(better, err, best[0]), np.where(better, d, best[1]), np.where(better, m, best[2]))
-    d16, m16 = best[1].astype(np.float16), best[2].astype(np.float16)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_d, best_m = np.where(better, d, best_d), np.where(better, m, best_m)
+    return best_d, best_m
+
+
+def _affine(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1 / Q5_1 blocks: d, m (fp16) and levels q in [0, nmax] for the scale and offset as stored."""
+    d, m = _affine_search(x, w, nmax)
+    d16, m16 = d.astype(np.float16), m.astype(np.float16)
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(d16 == 0, 0, np.clip(np.rint((x - m16.astype(np.float32)) / d16.astype(np.float32)), 0, nmax))
     return d16, m16, q.astype(np.uint8)
@@ -131,34 +146,6 @@ K_TYPES = ("q6_k", "q5_k", "q4_k")
 K_FALLBACK = {"q6_k": "q8_0", "q5_k": "q5_1", "q4_k": "q5_0"}  # llama.cpp's choice for rows not of 256s
 
 
-def _affine_nonneg(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per sub-block: scale >= 0 and offset <= 0 with x ~ scale q + offset, q in [0, nmax], minimising the
-    weighted error (the K-quants store -offset as an unsigned 6-bit multiple of dmin)."""
-    lo = np.minimum(x.min(-1, keepdims=True), 0)
-    span = x.max(-1, keepdims=True) - lo
-    best_err = np.full_like(lo, np.inf)
-    best_d, best_m = (span / nmax).astype(np.float32), lo.astype(np.float32)
-    sw = w.sum(-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for step in np.concatenate([[0.0], STEPS]):
-            iscale = np.where(span == 0, 0, (nmax + step) / span)
-            q = np.clip(np.rint((x - lo) * iscale), 0, nmax)
-            sq, sqq = (w * q).sum(-1, keepdims=True), (w * q * q).sum(-1, keepdims=True)
-            sx, sqx = (w * x).sum(-1, keepdims=True), (w * q * x).sum(-1, keepdims=True)
-            det = sw * sqq - sq * sq
-            d = np.where(det > 0, (sw * sqx - sq * sx) / det, best_d)
-            m = np.where(det > 0, (sqq * sx - sq * sqx) / det, best_m)
-            positive = m > 0  # an offset above zero cannot be stored: refit the scale with offset 0
-            d = np.where(positive, np.where(sqq > 0, sqx / sqq, 0), d)
-            m = np.where(positive, 0, m)
-            d = np.maximum(d, 0)
-            err = (w * (x - (d * q + m)) ** 2).sum(-1, keepdims=True)
-            better = err < best_err
-            best_err, best_d, best_m = np.where(better, err, best_err), np.where(better, d, best_d), \
-                np.where(better, m, best_m)
-    return best_d, best_m
-
-
 def _pack_scale_min(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     """Eight 6-bit scales and mins per super-block into the 12 bytes Q4_K/Q5_K keep them in."""
     sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
@@ -173,7 +160,7 @@ def _k_affine(x: np.ndarray, w: np.ndarray, nmax: int):
     """Q4_K / Q5_K: x [n, 256] -> d, dmin (fp16 [n, 1]), 6-bit scales and mins [n, 8], levels [n, 256]."""
     n = x.shape[0]
     xs, ws = x.reshape(n * 8, 32), w.reshape(n * 8, 32)
-    scale, offset = _affine_nonneg(xs, ws, nmax)
+    scale, offset = _affine_search(xs, ws, nmax, offset_at_most_zero=True)
     scale, mins = scale.reshape(n, 8), (-offset).reshape(n, 8)
     d = (scale.max(-1, keepdims=True) / 63).astype(np.float16)
     dmin = (mins.max(-1, keepdims=True) / 63).astype(np.float16)
