@@ -110,19 +110,24 @@ def _high_bits(q: np.ndarray) -> np.ndarray:  # bit 4 of each of the 32 levels, 
                        bitorder="little").reshape(q.shape[0], 4)
 
 
-def quantize(rows: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
-    """rows [n, k] (k a multiple of 32) -> the GGUF blocks as uint8 [n, k / 32 * block bytes].
-    importance: [k] per column (or None: all equal)."""
+def _as_blocks(rows: np.ndarray, importance: np.ndarray | None, size: int, unit: str):
+    """(n rows, the values as [n * k / size, size] blocks, each value's importance in the same shape)."""
     x = np.ascontiguousarray(rows, dtype=np.float32)
     n, k = x.shape
-    if k % BLOCK:
-        raise ValueError(f"rows of {k} values are not whole blocks of {BLOCK}")
+    if k % size:
+        raise ValueError(f"rows of {k} values are not whole {unit} of {size}")
     w = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
     if w.shape != (k,):
         raise ValueError(f"importance has shape {w.shape}, expected ({k},)")
     w = np.maximum(w, w.max() * 1e-6 if w.max() > 0 else 1.0)  # no column counts for nothing
-    blocks = x.reshape(-1, BLOCK)
-    wb = np.broadcast_to(w.reshape(1, -1, BLOCK), (n, k // BLOCK, BLOCK)).reshape(-1, BLOCK)
+    blocks = x.reshape(-1, size)
+    return n, blocks, np.broadcast_to(w.reshape(1, -1, size), (n, k // size, size)).reshape(-1, size)
+
+
+def quantize(rows: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """rows [n, k] (k a multiple of 32) -> the GGUF blocks as uint8 [n, k / 32 * block bytes].
+    importance: [k] per column (or None: all equal)."""
+    n, blocks, wb = _as_blocks(rows, importance, BLOCK, "blocks")
     if qtype in SYMMETRIC:
         d, q = _symmetric(blocks, wb, SYMMETRIC[qtype])
         if qtype == "q8_0":
@@ -200,16 +205,7 @@ def _q6_k(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def quantize_k(rows: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
     """rows [n, k] (k a multiple of 256) -> Q6_K / Q5_K / Q4_K super-blocks as uint8 [n, k / 256 * bytes]."""
-    x = np.ascontiguousarray(rows, dtype=np.float32)
-    n, k = x.shape
-    if k % SUPER:
-        raise ValueError(f"rows of {k} values are not whole super-blocks of {SUPER}")
-    w = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
-    if w.shape != (k,):
-        raise ValueError(f"importance has shape {w.shape}, expected ({k},)")
-    w = np.maximum(w, w.max() * 1e-6 if w.max() > 0 else 1.0)
-    blocks = x.reshape(-1, SUPER)
-    wb = np.broadcast_to(w.reshape(1, -1, SUPER), (n, k // SUPER, SUPER)).reshape(-1, SUPER)
+    n, blocks, wb = _as_blocks(rows, importance, SUPER, "super-blocks")
     if qtype == "q6_k":
         out = _q6_k(blocks, wb)
     elif qtype in ("q5_k", "q4_k"):
