@@ -123,10 +123,8 @@ def _encode(gguf, pool: ThreadPoolExecutor, job: TensorJob, qtype, importance: d
         rows = flat[start:start + ROWS_PER_CHUNK].to(torch.float32).numpy()
         if qtype == gguf.GGMLQuantizationType.F16:
             out[start:start + ROWS_PER_CHUNK] = rows.astype(np.float16)
-        elif qtype.name.lower() in gguf_blocks.K_TYPES:  # gguf-py has no K-quant quantizer: ours, always
-            out[start:start + ROWS_PER_CHUNK] = gguf_blocks.quantize_k(rows, qtype.name.lower(), column_weights)
-        elif calibrated:
-            out[start:start + ROWS_PER_CHUNK] = gguf_blocks.quantize(rows, qtype.name.lower(), column_weights)
+        elif calibrated or qtype.name.lower() in gguf_blocks.K_TYPES:  # gguf-py has no K-quant quantizer
+            out[start:start + ROWS_PER_CHUNK] = gguf_blocks.quantize_any(rows, qtype.name.lower(), column_weights)
         else:
             out[start:start + ROWS_PER_CHUNK] = gguf.quants.quantize(rows, qtype)
 
@@ -187,8 +185,7 @@ def _plan_for_size(gguf, ckpt: Checkpoint, jobs: list[TensorJob], types: list, i
             if rows.shape[1] % block:
                 continue
             x = rows.numpy()
-            packed = (gguf_blocks.quantize_k(x, name, w) if name in gguf_blocks.K_TYPES
-                      else gguf_blocks.quantize(x, name, w))
+            packed = gguf_blocks.quantize_any(x, name, w)
             back = gguf.quants.dequantize(packed, qtype).reshape(x.shape)
             err = ((back - x) ** 2 * (w if w is not None else 1.0)).sum() * (np.prod(job.shape[:-1]) / x.shape[0])
             errors[job.name][name] = float(err)

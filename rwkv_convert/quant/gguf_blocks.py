@@ -219,3 +219,8 @@ def quantize_k(rows: np.ndarray, qtype: str, importance: np.ndarray | None = Non
     else:
         raise ValueError(f"no K-quant quantizer for {qtype}; choose from {', '.join(K_TYPES)}")
     return out.reshape(n, -1)
+
+
+def quantize_any(rows: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """Our quantizer for any type this module writes: the K-quants or the 32-value blocks."""
+    return (quantize_k if qtype in K_TYPES else quantize)(rows, qtype, importance)
