@@ -9,6 +9,9 @@ rule: the largest value is not the one that matters most to the error."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 BLOCK = 32
@@ -19,9 +22,40 @@ STEPS = np.arange(-9, 10) * 0.1  # llama.cpp's make_qx_quants tries the same 19 
 REFINE = 3  # rounds of alternating refinement after the search
 
 
-def _symmetric(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per block (rows of x): the scale d and levels q in [-nmax, nmax - 1] minimising sum w (x - d q)^2."""
-    lo, hi = (-127, 127) if nmax == 128 else (-nmax, nmax - 1)
+@dataclass(frozen=True)
+class Grid:
+    """The values a block type can store at each position, once its scales are chosen: step * q + offset for
+    an integer q in [lo, hi] (step and offset: one per value, [blocks, values])."""
+    step: np.ndarray
+    offset: np.ndarray
+    lo: int
+    hi: int
+
+    def levels(self, x: np.ndarray, column: slice | int = slice(None)) -> np.ndarray:
+        """The level nearest each value of x (values at positions `column` of the blocks); 0 where step is 0."""
+        step, offset = self.step[:, column], self.offset[:, column]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(step == 0, 0, np.clip(np.rint((x - offset) / step), self.lo, self.hi))
+
+    def values(self, q: np.ndarray, column: slice | int = slice(None)) -> np.ndarray:
+        return self.step[:, column] * q + self.offset[:, column]
+
+
+def _grid(step: np.ndarray, offset, size: int, lo: int, hi: int) -> Grid:
+    """A grid from per-sub-block steps and offsets ([blocks, sub-blocks]) repeated over their values."""
+    n, parts = step.shape
+    expand = lambda a: np.repeat(np.broadcast_to(np.asarray(a, np.float32), (n, parts)), size // parts, -1)  # noqa: E731
+    return Grid(expand(step), expand(offset), lo, hi)
+
+
+def _symmetric_range(nmax: int) -> tuple[int, int]:
+    return (-127, 127) if nmax == 128 else (-nmax, nmax - 1)
+
+
+def _symmetric_scale(x: np.ndarray, w: np.ndarray, nmax: int) -> np.ndarray:
+    """Per block (rows of x): the scale d, fp16 as stored, for levels in [-nmax, nmax - 1] (q8_0: -127..127)
+    minimising sum w (x - d q)^2."""
+    lo, hi = _symmetric_range(nmax)
     top = np.take_along_axis(x, np.abs(x).argmax(-1)[:, None], -1)  # the signed value of largest magnitude
     best_d = np.zeros((x.shape[0], 1), np.float32)
     best_score = np.full((x.shape[0], 1), -np.inf, np.float32)
@@ -44,11 +78,7 @@ def _symmetric(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.
             better = score > best_score
             best_score = np.where(better, score, best_score)
             best_d = np.where(better, np.where(suml2 > 0, sumlx / suml2, 0), best_d)
-    d16 = best_d.astype(np.float16)
-    # the levels again for the scale as stored (fp16), so that each value rounds to its nearest level
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(d16 == 0, 0, np.clip(np.rint(x / d16.astype(np.float32)), lo, hi)).astype(np.int8)
-    return d16, q
+    return best_d.astype(np.float16)
 
 
 def symmetric_blocks(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +86,9 @@ def symmetric_blocks(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarra
     [-2^(bits-1), 2^(bits-1) - 1]), each block's scale found by the search (all columns equal)."""
     n, k = rows.shape
     blocks = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, BLOCK)
-    d, q = _symmetric(blocks, np.ones_like(blocks), 1 << (bits - 1))
+    nmax = 1 << (bits - 1)
+    d = _symmetric_scale(blocks, np.ones_like(blocks), nmax)
+    q = _grid(d, 0, BLOCK, *_symmetric_range(nmax)).levels(blocks).astype(np.int8)
     return d.astype(np.float32).reshape(n, k // BLOCK), q.reshape(n, k)
 
 
@@ -91,15 +123,6 @@ def _affine_search(x: np.ndarray, w: np.ndarray, nmax: int, offset_at_most_zero:
     return best_d, best_m
 
 
-def _affine(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_1 / Q5_1 blocks: d, m (fp16) and levels q in [0, nmax] for the scale and offset as stored."""
-    d, m = _affine_search(x, w, nmax)
-    d16, m16 = d.astype(np.float16), m.astype(np.float16)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(d16 == 0, 0, np.clip(np.rint((x - m16.astype(np.float32)) / d16.astype(np.float32)), 0, nmax))
-    return d16, m16, q.astype(np.uint8)
-
-
 def _nibbles(q: np.ndarray) -> np.ndarray:  # 32 levels -> 16 bytes: values 0-15 low nibbles, 16-31 high
     q = q.astype(np.uint8).reshape(q.shape[0], 2, BLOCK // 2)
     return (q[:, 0] & 0x0F) | (q[:, 1] << 4)
@@ -124,27 +147,6 @@ def _as_blocks(rows: np.ndarray, importance: np.ndarray | None, size: int, unit:
     return n, blocks, np.broadcast_to(w.reshape(1, -1, size), (n, k // size, size)).reshape(-1, size)
 
 
-def quantize(rows: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
-    """rows [n, k] (k a multiple of 32) -> the GGUF blocks as uint8 [n, k / 32 * block bytes].
-    importance: [k] per column (or None: all equal)."""
-    n, blocks, wb = _as_blocks(rows, importance, BLOCK, "blocks")
-    if qtype in SYMMETRIC:
-        d, q = _symmetric(blocks, wb, SYMMETRIC[qtype])
-        if qtype == "q8_0":
-            parts = [d.view(np.uint8), q.view(np.uint8)]
-        elif qtype == "q4_0":
-            parts = [d.view(np.uint8), _nibbles(q + 8)]
-        else:
-            u = (q + 16).astype(np.uint8)
-            parts = [d.view(np.uint8), _high_bits(u), _nibbles(u)]
-    elif qtype in AFFINE:
-        d, m, q = _affine(blocks, wb, AFFINE[qtype])
-        parts = [d.view(np.uint8), m.view(np.uint8)] + ([_high_bits(q)] if qtype == "q5_1" else []) + [_nibbles(q)]
-    else:
-        raise ValueError(f"no importance-weighted quantizer for {qtype}; choose from {', '.join(TYPES)}")
-    return np.concatenate(parts, axis=-1).reshape(n, -1)
-
-
 # ---- K-quants: super-blocks of 256 values ----------------------------------------------------------------
 SUPER = 256
 K_TYPES = ("q6_k", "q5_k", "q4_k")
@@ -161,8 +163,8 @@ def _pack_scale_min(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return out
 
 
-def _k_affine(x: np.ndarray, w: np.ndarray, nmax: int):
-    """Q4_K / Q5_K: x [n, 256] -> d, dmin (fp16 [n, 1]), 6-bit scales and mins [n, 8], levels [n, 256]."""
+def _k_affine_fit(x: np.ndarray, w: np.ndarray, nmax: int):
+    """Q4_K / Q5_K: x [n, 256] -> d, dmin (fp16 [n, 1]) and the 6-bit scales and mins [n, 8]."""
     n = x.shape[0]
     xs, ws = x.reshape(n * 8, 32), w.reshape(n * 8, 32)
     scale, offset = _affine_search(xs, ws, nmax, offset_at_most_zero=True)
@@ -172,10 +174,22 @@ def _k_affine(x: np.ndarray, w: np.ndarray, nmax: int):
     with np.errstate(divide="ignore", invalid="ignore"):
         sc = np.where(d == 0, 0, np.clip(np.rint(scale / d.astype(np.float32)), 0, 63))
         mn = np.where(dmin == 0, 0, np.clip(np.rint(mins / dmin.astype(np.float32)), 0, 63))
-        step = (d.astype(np.float32) * sc)[..., None]  # [n, 8, 1]
-        low = (dmin.astype(np.float32) * mn)[..., None]
-        q = np.where(step == 0, 0, np.clip(np.rint((x.reshape(n, 8, 32) + low) / step), 0, nmax))
-    return d, dmin, sc, mn, q.reshape(n, SUPER).astype(np.uint8)
+    return d, dmin, sc, mn
+
+
+def _k_affine_grid(params, nmax: int) -> Grid:
+    d, dmin, sc, mn = params
+    return _grid(d.astype(np.float32) * sc, -(dmin.astype(np.float32) * mn), SUPER, 0, nmax)
+
+
+def _k_affine_pack(params, q: np.ndarray, nmax: int) -> np.ndarray:
+    d, dmin, sc, mn = params
+    q = q.astype(np.uint8)
+    parts = [d.view(np.uint8), dmin.view(np.uint8), _pack_scale_min(sc, mn)]
+    if nmax == 31:  # q5_k: bit j of byte i is the high bit of value i of sub-block j
+        high = (q >> 4).reshape(-1, 8, 32)
+        parts.append(np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1))
+    return np.concatenate(parts + [_k_nibbles(q)], axis=-1)
 
 
 def _k_nibbles(q: np.ndarray) -> np.ndarray:  # sub-blocks 2c and 2c+1 share 32 bytes: low and high nibbles
@@ -183,18 +197,21 @@ def _k_nibbles(q: np.ndarray) -> np.ndarray:  # sub-blocks 2c and 2c+1 share 32 
     return ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(q.shape[0], 128)
 
 
-def _q6_k(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _q6_k_fit(x: np.ndarray, w: np.ndarray):
+    """Q6_K: x [n, 256] -> d (fp16 [n, 1]) and an int8 scale per 16 values [n, 16] for levels -32..31."""
     n = x.shape[0]
-    xs, ws = x.reshape(n * 16, 16), w.reshape(n * 16, 16)
-    scale, _ = _symmetric(xs, ws, 32)  # per 16 values: a scale for levels -32..31
-    scale = scale.astype(np.float32).reshape(n, 16)
+    scale = _symmetric_scale(x.reshape(n * 16, 16), w.reshape(n * 16, 16), 32).astype(np.float32).reshape(n, 16)
     top = np.take_along_axis(scale, np.abs(scale).argmax(-1)[:, None], -1)
     d = (top / -128).astype(np.float16)  # int8 scales: the largest maps to -128, as llama.cpp does
     with np.errstate(divide="ignore", invalid="ignore"):
         sc = np.where(d == 0, 0, np.clip(np.rint(scale / d.astype(np.float32)), -128, 127))
-        step = (d.astype(np.float32) * sc)[..., None]
-        q = np.where(step == 0, 0, np.clip(np.rint(x.reshape(n, 16, 16) / step), -32, 31)) + 32
-    q = q.reshape(n, 2, 4, 32).astype(np.uint8)  # [half, t, i]: value (half * 4 + t) * 32 + i
+    return d, sc
+
+
+def _q6_k_pack(params, q: np.ndarray) -> np.ndarray:
+    d, sc = params
+    n = q.shape[0]
+    q = (q + 32).reshape(n, 2, 4, 32).astype(np.uint8)  # [half, t, i]: value (half * 4 + t) * 32 + i
     ql = np.empty((n, 2, 2, 32), np.uint8)  # [half, c, i]: low nibble row t = c, high nibble row t = c + 2
     ql[:, :, 0] = (q[:, :, 0] & 0x0F) | ((q[:, :, 2] & 0x0F) << 4)
     ql[:, :, 1] = (q[:, :, 1] & 0x0F) | ((q[:, :, 3] & 0x0F) << 4)
@@ -203,24 +220,72 @@ def _q6_k(x: np.ndarray, w: np.ndarray) -> np.ndarray:
                            d.view(np.uint8)], axis=-1)
 
 
-def quantize_k(rows: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
-    """rows [n, k] (k a multiple of 256) -> Q6_K / Q5_K / Q4_K super-blocks as uint8 [n, k / 256 * bytes]."""
-    n, blocks, wb = _as_blocks(rows, importance, SUPER, "super-blocks")
-    if qtype == "q6_k":
-        out = _q6_k(blocks, wb)
-    elif qtype in ("q5_k", "q4_k"):
-        d, dmin, sc, mn, q = _k_affine(blocks, wb, 31 if qtype == "q5_k" else 15)
-        parts = [d.view(np.uint8), dmin.view(np.uint8), _pack_scale_min(sc, mn)]
-        if qtype == "q5_k":  # bit j of byte i: the high bit of value i of sub-block j
-            high = (q >> 4).reshape(-1, 8, 32)
-            parts.append(np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1))
-        parts.append(_k_nibbles(q))
-        out = np.concatenate(parts, axis=-1)
-    else:
-        raise ValueError(f"no K-quant quantizer for {qtype}; choose from {', '.join(K_TYPES)}")
-    return out.reshape(n, -1)
+# ---- every type as three steps: choose the scales, round each value on their grid, pack ------------------
+@dataclass(frozen=True)
+class Codec:
+    size: int  # values per block (32) or super-block (256)
+    fit: Callable  # (blocks [n, size], importance [n, size]) -> the block's stored scales, as a tuple
+    grid: Callable  # scales -> Grid over [n, size]
+    pack: Callable  # (scales, levels [n, size]) -> the blocks' bytes [n, block bytes]
+
+
+def _symmetric_codec(nmax: int, pack) -> Codec:
+    lo, hi = _symmetric_range(nmax)
+    return Codec(BLOCK, lambda x, w: (_symmetric_scale(x, w, nmax),),
+                 lambda p: _grid(p[0].astype(np.float32), 0, BLOCK, lo, hi), lambda p, q: pack(p[0], q))
+
+
+def _affine_fit(x: np.ndarray, w: np.ndarray, nmax: int):
+    d, m = _affine_search(x, w, nmax)
+    return d.astype(np.float16), m.astype(np.float16)
+
+
+def _affine_codec(nmax: int) -> Codec:
+    def pack(p, q):
+        d, m = p
+        q = q.astype(np.uint8)
+        return np.concatenate([d.view(np.uint8), m.view(np.uint8)] + ([_high_bits(q)] if nmax == 31 else [])
+                              + [_nibbles(q)], axis=-1)
+    return Codec(BLOCK, lambda x, w: _affine_fit(x, w, nmax),
+                 lambda p: _grid(p[0].astype(np.float32), p[1].astype(np.float32), BLOCK, 0, nmax), pack)
+
+
+def _k_codec(nmax: int) -> Codec:
+    return Codec(SUPER, lambda x, w: _k_affine_fit(x, w, nmax), lambda p: _k_affine_grid(p, nmax),
+                 lambda p, q: _k_affine_pack(p, q, nmax))
+
+
+def _q5_0_pack(d, q):
+    u = (q + 16).astype(np.uint8)
+    return np.concatenate([d.view(np.uint8), _high_bits(u), _nibbles(u)], axis=-1)
+
+
+def _q8_0_pack(d, q):
+    return np.concatenate([d.view(np.uint8), q.astype(np.int8).view(np.uint8)], axis=-1)
+
+
+CODECS = {
+    "q8_0": _symmetric_codec(128, _q8_0_pack),
+    "q5_0": _symmetric_codec(16, _q5_0_pack),
+    "q4_0": _symmetric_codec(8, lambda d, q: np.concatenate([d.view(np.uint8), _nibbles(q + 8)], -1)),
+    "q5_1": _affine_codec(31),
+    "q4_1": _affine_codec(15),
+    "q6_k": Codec(SUPER, _q6_k_fit, lambda p: _grid(p[0].astype(np.float32) * p[1], 0, SUPER, -32, 31), _q6_k_pack),
+    "q5_k": _k_codec(31),
+    "q4_k": _k_codec(15),
+}
 
 
 def quantize_any(rows: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
-    """Our quantizer for any type this module writes: the K-quants or the 32-value blocks."""
-    return (quantize_k if qtype in K_TYPES else quantize)(rows, qtype, importance)
+    """rows [n, k] -> the GGUF blocks of qtype (any type this module writes) as uint8 [n, k / size * bytes],
+    each block's scales chosen by the importance-weighted search; importance: [k] per column, or None (equal).
+    k must be a multiple of the type's block (32; 256 for the K-quants)."""
+    if qtype not in CODECS:
+        raise ValueError(f"no importance-weighted quantizer for {qtype}; choose from {', '.join(CODECS)}")
+    codec = CODECS[qtype]
+    n, blocks, wb = _as_blocks(rows, importance, codec.size, "blocks" if codec.size == BLOCK else "super-blocks")
+    scales = codec.fit(blocks, wb)
+    return codec.pack(scales, codec.grid(scales).levels(blocks)).reshape(n, -1)
+
+
+quantize = quantize_any
