@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import passes
+from .arch.common import layer_norm
 from .bundled import CALIBRATION_TEXT, bundled_file
 from .checkpoint import Checkpoint
 from .errors import RwkvConvertError
 from .quant.float_weights import FloatWeight
+from .quant.gptq import quantize_gptq
 from .runner import Model
 from .tokenizer import default_tokenizer
 
@@ -21,15 +24,17 @@ BUNDLED = "bundled"  # --calibration bundled: the text shipped with the package
 
 
 class _Recording:
-    """A weight that adds the squares of its inputs to a running sum before multiplying."""
+    """A weight that adds the squares of its inputs (full: their outer products, x x^T) to a running sum
+    before multiplying."""
 
-    def __init__(self, inner, sums: dict, key: str):
-        self.inner, self.sums, self.key = inner, sums, key
+    def __init__(self, inner, sums: dict, key: str, full: bool = False):
+        self.inner, self.sums, self.key, self.full = inner, sums, key, full
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().float().reshape(-1, x.shape[-1])
         total, count = self.sums.get(self.key, (0.0, 0))
-        self.sums[self.key] = (total + (flat * flat).sum(0), count + flat.shape[0])
+        moment = flat.double().t() @ flat.double() if self.full else (flat * flat).sum(0)
+        self.sums[self.key] = (total + moment, count + flat.shape[0])
         return self.inner.matmul(x)
 
     def __getattr__(self, name):
@@ -47,23 +52,101 @@ def calibration_bytes(text: str | Path) -> bytes:
     return data
 
 
-def activation_importance(ckpt: Checkpoint, text: str | Path, max_tokens: int = 16384,
-                          window: int = 1024) -> dict[str, torch.Tensor]:
+def _windows(ckpt: Checkpoint, text: str | Path, max_tokens: int, window: int) -> list[list[int]]:
+    tokens = default_tokenizer(ckpt.spec.vocab_size).encode_bytes(calibration_bytes(text))[:max_tokens]
+    return [tokens[i:i + window] for i in range(0, len(tokens), window)]
+
+
+def activation_importance(ckpt: Checkpoint, text: str | Path, max_tokens: int = 16384, window: int = 1024,
+                          head_covariance: bool = False) -> dict[str, torch.Tensor]:
     """{matrix key (e.g. blocks.3.att.key.weight, head.weight): mean square of its input per column, [in]}
     over up to `max_tokens` tokens of `text` (BUNDLED: the bundled calibration text), in windows of `window`
-    tokens each from a fresh state."""
-    tokens = default_tokenizer(ckpt.spec.vocab_size).encode_bytes(calibration_bytes(text))[:max_tokens]
+    tokens each from a fresh state. head_covariance: head.weight's entry is E[x x^T] [in, in] (float64)."""
     model = Model(ckpt, "cpu fp32", skip_passes=(passes.STACK,))  # one matmul per matrix: each is seen
     sums: dict[str, tuple[torch.Tensor, int]] = {}
     for i, lw in enumerate(model.layers):
         for name in model.module.MATRICES:
             if name in lw:
                 lw[name] = _Recording(lw[name], sums, f"blocks.{i}.{name}")
-    model.head = _Recording(model.head, sums, "head.weight")
+    model.head = _Recording(model.head, sums, "head.weight", full=head_covariance)
     with torch.no_grad():
-        for start in range(0, len(tokens), window):
-            model.forward(tokens[start:start + window], None, full_output=True)
+        for chunk in _windows(ckpt, text, max_tokens, window):
+            model.forward(chunk, None, full_output=True)
     return {key: total / count for key, (total, count) in sums.items()}
+
+
+class LayerwiseGptq:
+    """GPTQ of a model's matrices layer by layer, in the order a file writer asks for them: the calibration
+    windows are carried through the model one layer at a time; a layer's matrices are quantized from the
+    second moments of their inputs (with every earlier layer already quantized, as GPTQ does), and the windows
+    then go on through the quantized layer. Memory: the windows' activations, one layer's moment matrices and
+    one layer's blocks, whatever the layer count. The head is quantized from its inputs in the full-precision
+    model (a file writes it before the layers).
+
+    qtypes: {our key (blocks.i.<matrix>, head.weight): GGUF type}; blocks(key) -> its GGUF blocks."""
+
+    def __init__(self, ckpt: Checkpoint, text: str | Path, qtypes: dict[str, str],
+                 head_moments: torch.Tensor | None = None, max_tokens: int = 16384, window: int = 1024):
+        """head_moments: E[x x^T] of the head's inputs, where activation_importance(head_covariance=True) has
+        measured it already (else measured here when the head is to be quantized)."""
+        self.ckpt, self.qtypes = ckpt, dict(qtypes)
+        self.model = Model(ckpt, "cpu fp32", skip_passes=(passes.STACK,))
+        self.windows = [torch.tensor(c) for c in _windows(ckpt, text, max_tokens, window)]
+        if head_moments is None and "head.weight" in self.qtypes:
+            head_moments = activation_importance(ckpt, text, max_tokens, window, head_covariance=True)["head.weight"]
+        self._head_moments = head_moments
+        with torch.inference_mode():
+            self.x = [self.model.emb[ids] for ids in self.windows]
+            if self.model.ln0 is not None:
+                self.x = [layer_norm(x, *self.model.ln0) for x in self.x]
+        self.states = [self.model.init_state() for _ in self.windows]
+        self.contexts = [{"recurrence": self.model.recurrence} for _ in self.windows]
+        self.next_layer = 0
+        self.ready: dict[str, np.ndarray] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.qtypes
+
+    def blocks(self, key: str) -> np.ndarray:
+        if key not in self.ready:
+            if key == "head.weight":
+                self._quantize(key, self._head_moments)
+            else:
+                layer = int(key.split(".")[1])
+                if layer < self.next_layer:
+                    raise ValueError(f"internal: {key} asked for after its layer was passed")
+                self.ready = {k: v for k, v in self.ready.items() if k == "head.weight"}  # earlier layers: written
+                while self.next_layer <= layer:
+                    self._advance()
+        return self.ready.pop(key)
+
+    def _quantize(self, key: str, moments: torch.Tensor) -> np.ndarray:
+        weight = self.ckpt.tensors[key].float().numpy()
+        packed, values = quantize_gptq(weight, moments.numpy(), self.qtypes[key])
+        self.ready[key] = packed
+        return values
+
+    def _advance(self) -> None:
+        i, module, per_layer = self.next_layer, self.model.module, self.model.state_per_layer
+        lw = dict(self.model.layers[i])
+        keys = {name: f"blocks.{i}.{name}" for name in module.MATRICES if f"blocks.{i}.{name}" in self.qtypes}
+        sums: dict = {}
+        recording = dict(lw, **{name: _Recording(lw[name], sums, key, full=True) for name, key in keys.items()})
+        with torch.inference_mode():
+            for x, state, ctx in zip(self.x, self.states, self.contexts, strict=True):
+                module.layer_forward(recording, x, [t.clone() for t in state[i * per_layer:(i + 1) * per_layer]],
+                                     dict(ctx))
+            for name, key in keys.items():
+                total, count = sums[key]
+                lw[name] = FloatWeight(torch.from_numpy(self._quantize(key, total / count)))
+            for n, (state, ctx) in enumerate(zip(self.states, self.contexts, strict=True)):
+                layer_state = state[i * per_layer:(i + 1) * per_layer]
+                x = module.layer_forward(lw, self.x[n], layer_state, ctx)
+                state[i * per_layer:(i + 1) * per_layer] = layer_state
+                if self.model.rescale_layer and (i + 1) % self.model.rescale_layer == 0:
+                    x = x / 2
+                self.x[n] = x
+        self.next_layer += 1
 
 
 def tensor_sensitivity(ckpt: Checkpoint, text: str | Path, rounded: dict, max_tokens: int = 2048,
@@ -71,8 +154,7 @@ def tensor_sensitivity(ckpt: Checkpoint, text: str | Path, rounded: dict, max_to
     """{key: mean KL(reference || the model with only that tensor replaced by rounded[key]) on `text`}: how
     much each tensor's rounding alone costs the model's next-token distribution. rounded: {our key (emb.weight,
     head.weight, blocks.i.<matrix>): the [out, in] tensor as a quantizer would leave it}."""
-    tokens = default_tokenizer(ckpt.spec.vocab_size).encode_bytes(calibration_bytes(text))[:max_tokens]
-    chunks = [tokens[i:i + window] for i in range(0, len(tokens), window) if len(tokens[i:i + window]) > 1]
+    chunks = [c for c in _windows(ckpt, text, max_tokens, window) if len(c) > 1]
     # ln0 at run time, so that the embedding is the table as a GGUF holds it; one matmul per matrix
     model = Model(ckpt, "cpu fp32", skip_passes=(passes.FOLD_LN0, passes.STACK))
 

@@ -52,6 +52,9 @@ SCHEMES = {s.name: s for s in (
     Scheme("gguf-q4_k", "gguf", {"quant": "q4_k"}, "llama.cpp", 4.5),
     *(Scheme(f"gguf-{q}-cal", "gguf", {"quant": q, "calibration": BUNDLED}, "llama.cpp", bits)
       for q, bits in (("q5_1", 6), ("q5_0", 5.5), ("q4_1", 5), ("q4_0", 4.5), ("q5_k", 5.5), ("q4_k", 4.5))),
+    # calibrated by importance-weighted rounding alone, to set beside GPTQ (-cal); not in the default set
+    *(Scheme(f"gguf-{q}-round", "gguf", {"quant": q, "calibration": BUNDLED, "calibration_method": "rounding"},
+             "llama.cpp", 4.5) for q in ("q4_0", "q4_k")),
     Scheme("onnx-fp16", "onnx", {"dtype": "fp16", "graphs": "sequence"}, "onnxruntime", 16),
     Scheme("onnx-int8", "onnx", {"quant": "int8", "graphs": "sequence"}, "onnxruntime", 8),
     Scheme("onnx-int4", "onnx", {"quant": "int4", "graphs": "sequence"}, "onnxruntime", 4),
@@ -60,7 +63,7 @@ SCHEMES = {s.name: s for s in (
     Scheme("onnx-int4-all", "onnx", {"quant": "int4", "graphs": "sequence", "quant_embedding_head": True},
            "onnxruntime", 4),
 )}
-DEFAULT_SCHEMES = tuple(SCHEMES)
+DEFAULT_SCHEMES = tuple(name for name in SCHEMES if not name.endswith("-round"))
 MAX_REFERENCE_BYTES = 4 << 30
 SUFFIXES = {"gguf": "gguf", "onnx": "onnx", "safetensors": "safetensors"}
 

@@ -9,7 +9,7 @@ import torch
 
 import rwkv_convert
 from rwkv_convert.calibration import activation_importance
-from rwkv_convert.quant.gguf_blocks import TYPES, quantize
+from rwkv_convert.quant.gguf_blocks import CODECS, TYPES, quantize, quantize_any
 
 gguf = pytest.importorskip("gguf")
 
@@ -87,3 +87,52 @@ def test_the_size_planner_fits_the_budget_by_the_cheapest_error_per_byte():
     for bad in ("0%", "150%", "big", "-3MB"):
         with pytest.raises(RwkvConvertError, match="target-size"):
             parse_target(bad, 1000)
+
+
+def correlated_inputs(k, seed=1, n=4096):
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) * 0.1 + np.eye(k)
+    x = rng.standard_normal((n, k)) @ mix
+    x[:, rng.choice(k, 6, replace=False)] *= 12  # a few channels carry most of the activation energy
+    return x.T @ x / n
+
+
+@pytest.mark.parametrize("qtype", list(CODECS))
+def test_gptq_blocks_read_back_exactly_and_cut_the_output_error(qtype):
+    from rwkv_convert.quant.gptq import quantize_gptq
+    k = 320 if CODECS[qtype].size == 32 else 512  # rows not a multiple of the lazy batch
+    x, _ = rows_with_outliers(n=40, k=k, seed=3)
+    hessian = correlated_inputs(k)
+    gtype = getattr(gguf.GGMLQuantizationType, qtype.upper())
+    packed, values = quantize_gptq(x, hessian, qtype)
+    back = gguf.quants.dequantize(packed, gtype)
+    assert packed.shape == quantize_any(x, qtype).shape and np.array_equal(back, values)
+
+    def output_error(q):  # sum over rows of (w - q) H (w - q)^T: the error on the matrix's outputs
+        d = (x - q).astype(np.float64)
+        return float(np.einsum("ij,jk,ik->", d, hessian, d))
+    rounded = gguf.quants.dequantize(quantize_any(x, qtype, np.diag(hessian).astype(np.float32)), gtype)
+    assert output_error(back) < 0.7 * output_error(rounded), qtype
+    with pytest.raises(ValueError, match="GPTQ needs"):
+        quantize_gptq(x, hessian[:-32, :-32], qtype)
+
+
+def test_layerwise_gptq_quantizes_every_matrix_of_a_model_of_other_shapes(tmp_path):
+    from rwkv_convert.calibration import LayerwiseGptq
+    from rwkv_convert.fixtures import make_state_dict
+
+    from .conftest import save_atomic
+    sd = make_state_dict("v7", n_layer=3, n_embd=192, vocab=320, head_size=64)
+    ckpt = rwkv_convert.read_checkpoint(save_atomic(sd, tmp_path / "v7.pth"))
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"def f(x):\n    return x + 1\n" * 40)
+    keys = [k for k in sd if k.startswith("blocks.") and k.endswith(".weight") and sd[k].ndim == 2
+            and sd[k].shape[1] % 32 == 0] + ["head.weight"]
+    gptq = LayerwiseGptq(ckpt, text, {k: "q4_0" for k in keys}, window=128)
+    for key in ["head.weight"] + sorted(set(keys) - {"head.weight"}, key=lambda k: int(k.split(".")[1])):
+        blocks = gptq.blocks(key)
+        back = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0)
+        assert back.shape == tuple(sd[key].shape) and np.isfinite(back).all()
+        assert np.abs(back - sd[key].float().numpy()).max() < np.abs(sd[key].float().numpy()).max()
+    with pytest.raises(ValueError, match="after its layer"):
+        gptq.blocks(keys[0])

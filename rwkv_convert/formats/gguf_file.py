@@ -21,7 +21,7 @@ import torch
 
 from ..arch import module_for
 from ..atomic import AtomicOutput
-from ..calibration import BUNDLED, activation_importance, tensor_sensitivity
+from ..calibration import BUNDLED, LayerwiseGptq, activation_importance, tensor_sensitivity
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import CastWarning, RwkvConvertError, UnsupportedError, brief, check_crc32
 from ..llama_runtime import LlamaCppRunner
@@ -233,8 +233,12 @@ class GgufOptions(Options):
                                      " large tensor gets the type whose measured cost per byte is least"
                                      " (--calibration's text, default the bundled one)")
     calibration: str | None = option(None, "a text (or 'bundled') run through the reference runner: its activations"
-                                     " weight the rounding of Q8_0/Q5_x/Q4_x blocks (plain GGUF blocks, a better"
-                                     " scale per block)")
+                                     " guide the rounding of the 4-8-bit blocks (plain GGUF blocks that any llama.cpp"
+                                     " runs; see --calibration-method)")
+    calibration_method: str = option("gptq", "with --calibration: gptq (each matrix's rounding errors compensated"
+                                     " in its other columns, from its inputs' second moments, layer by layer) or"
+                                     " rounding (each block's scale chosen by importance-weighted error alone)",
+                                     choices=("gptq", "rounding"))
 
 
 def needs(spec: ModelSpec, options: GgufOptions) -> str | None:
@@ -286,15 +290,21 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
         warnings.warn(f"{len(fallbacks)} tensors have rows that are not whole {gguf_blocks.SUPER}-value super-blocks"
                       f" ({next(iter(fallbacks))}, ...): written as {quant}'s fallback"
                       f" {gguf_blocks.K_FALLBACK[quant]}, as llama.cpp does", CastWarning, stacklevel=2)
-    importance = None
+    importance = gptq = None
     if options.calibration or options.target_size:  # activation statistics, before anything is written
-        importance = activation_importance(ckpt, options.calibration or BUNDLED)
+        importance = activation_importance(ckpt, options.calibration or BUNDLED, head_covariance=True)
+        head_moments = importance["head.weight"]
+        importance["head.weight"] = torch.diagonal(head_moments).float()  # the per-column importance
     if options.target_size:
         if strategy:
             raise RwkvConvertError("--target-size chooses each tensor's type itself: drop --strategy")
         types = _plan_for_size(gguf, ckpt, jobs, types, importance, options)
         quant = max((t.name.lower() for t, j in zip(types, jobs, strict=True) if j.quantizable),
                     key=[t.name.lower() for t in types].count)
+    if importance is not None and options.calibration_method == "gptq":
+        gptq = LayerwiseGptq(ckpt, options.calibration or BUNDLED, head_moments=head_moments, qtypes={
+            j.source: t.name.lower() for j, t in zip(jobs, types, strict=True)
+            if j.quantizable and j.source and j.source != "emb.weight" and t.name.lower() in gguf_blocks.CODECS})
     file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
                  "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
                  "q6_k": "MOSTLY_Q6_K", "q5_k": "MOSTLY_Q5_K_S", "q4_k": "MOSTLY_Q4_K_S"}
@@ -342,7 +352,10 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
             writer.write_ti_data_to_file()
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
                 for n, (job, qtype) in enumerate(zip(jobs, types, strict=True)):
-                    data = _encode(gguf, pool, job, qtype, importance)
+                    if gptq is not None and job.source in gptq:
+                        data = gptq.blocks(job.source).reshape(gguf.quant_shape_to_byte_shape(job.shape, qtype))
+                    else:
+                        data = _encode(gguf, pool, job, qtype, importance)
                     crcs.append(zlib.crc32(data))
                     writer.write_tensor_data(data)
                     _release_finished(ckpt, job, jobs[n + 1] if n + 1 < len(jobs) else None)

@@ -133,16 +133,22 @@ def _high_bits(q: np.ndarray) -> np.ndarray:  # bit 4 of each of the 32 levels, 
                        bitorder="little").reshape(q.shape[0], 4)
 
 
+def column_importance(importance: np.ndarray | None, k: int) -> np.ndarray:
+    """Per-column weights [k] for the error: the importance given (or all equal), floored so that no column
+    counts for nothing."""
+    w = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
+    if w.shape != (k,):
+        raise ValueError(f"importance has shape {w.shape}, expected ({k},)")
+    return np.maximum(w, w.max() * 1e-6 if w.max() > 0 else 1.0)
+
+
 def _as_blocks(rows: np.ndarray, importance: np.ndarray | None, size: int, unit: str):
     """(n rows, the values as [n * k / size, size] blocks, each value's importance in the same shape)."""
     x = np.ascontiguousarray(rows, dtype=np.float32)
     n, k = x.shape
     if k % size:
         raise ValueError(f"rows of {k} values are not whole {unit} of {size}")
-    w = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
-    if w.shape != (k,):
-        raise ValueError(f"importance has shape {w.shape}, expected ({k},)")
-    w = np.maximum(w, w.max() * 1e-6 if w.max() > 0 else 1.0)  # no column counts for nothing
+    w = column_importance(importance, k)
     blocks = x.reshape(-1, size)
     return n, blocks, np.broadcast_to(w.reshape(1, -1, size), (n, k // size, size)).reshape(-1, size)
 

@@ -1,0 +1,70 @@
+"""GPTQ (Frantar et al., 2022) for GGUF's block types: the columns of a matrix are rounded one at a time,
+and each column's rounding error is pushed onto the columns not yet rounded, in the proportions that keep
+the matrix's outputs on the calibration activations closest to the original's (the inverse of the
+activations' second-moment matrix H = E[x x^T] says how). The output error sum over (W - Q) H (W - Q)^T is
+what it lowers, where importance-weighted rounding alone only sees H's diagonal.
+
+The files stay plain GGUF blocks: a block's scales are chosen (by gguf_blocks' importance-weighted search)
+from the block's values as they stand when GPTQ reaches its first column, and every value of the block is
+then rounded on that block's grid; the blocks are packed from exactly those scales and levels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .gguf_blocks import CODECS, column_importance
+
+DAMP = 0.01  # of H's mean diagonal, added to its diagonal: keeps the inverse stable (the paper's value)
+LAZY = 128  # columns whose updates are batched into one matmul for the columns after them
+
+
+def _inverse_factor(hessian: np.ndarray) -> np.ndarray:
+    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U), H damped; its rows give each column's update."""
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) <= 0  # inputs never active on the calibration text: any rounding of them is as good
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += DAMP * float(np.mean(np.diag(h)))
+    for _ in range(4):
+        try:
+            inverse = np.linalg.inv(np.linalg.cholesky(h))  # L^-1, with H = L L^T, so H^-1 = L^-T L^-1
+            break
+        except np.linalg.LinAlgError:  # not positive definite in floating point: damp harder
+            h[np.diag_indices_from(h)] += DAMP * float(np.mean(np.diag(h))) * 10
+    else:
+        raise ValueError("the activations' second-moment matrix cannot be inverted, even damped")
+    return np.linalg.cholesky(inverse.T @ inverse).T
+
+
+def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """weight [n, k] (the matrix's rows, k a multiple of the type's block), hessian [k, k] (E[x x^T] of its
+    inputs) -> (the GGUF blocks of qtype as uint8 [n, k / size * bytes], the values they hold [n, k] fp32)."""
+    if qtype not in CODECS:
+        raise ValueError(f"no GPTQ quantizer for {qtype}; choose from {', '.join(CODECS)}")
+    codec = CODECS[qtype]
+    w = np.array(weight, dtype=np.float32)
+    n, k = w.shape
+    if k % codec.size or hessian.shape != (k, k):
+        raise ValueError(f"GPTQ needs rows of whole {codec.size}-value blocks and a [{k}, {k}] matrix; got rows of"
+                         f" {k} and {tuple(hessian.shape)}")
+    u = _inverse_factor(hessian).astype(np.float32)
+    importance = column_importance(np.diag(hessian).astype(np.float32), k)
+    lazy = max(LAZY // codec.size, 1) * codec.size  # batches of whole blocks
+    packed, values = [], np.empty_like(w)
+    for start in range(0, k, lazy):
+        end = min(start + lazy, k)
+        errors = np.empty((n, end - start), np.float32)
+        for block in range(start, end, codec.size):
+            cols = slice(block, block + codec.size)
+            scales = codec.fit(w[:, cols], np.broadcast_to(importance[cols], (n, codec.size)))
+            grid = codec.grid(scales)
+            levels = np.empty((n, codec.size), np.float32)
+            for j in range(codec.size):
+                c = block + j
+                levels[:, j] = grid.levels(w[:, c], j)
+                values[:, c] = grid.values(levels[:, j], j)
+                err = (w[:, c] - values[:, c]) / u[c, c]
+                w[:, c + 1:end] -= np.outer(err, u[c, c + 1:end])
+                errors[:, c - start] = err
+            packed.append(codec.pack(scales, levels))
+        w[:, end:] -= errors @ u[start:end, end:]
+    return np.concatenate(packed, axis=-1), values
