@@ -13,6 +13,7 @@ import torch
 from . import arch, passes
 from .arch.common import PROJECTIONS_KEY, as_vector, layer_norm
 from .checkpoint import Checkpoint
+from .cpu import ops as cpu_ops
 from .cuda import ops as cuda_ops
 from .errors import RwkvConvertError, UnsupportedError
 from .quant import scheme_for
@@ -44,18 +45,19 @@ def runnable(spec: ModelSpec) -> str | None:
 
 
 def recurrence_for(module, kernels: str = "auto"):
-    """The version's recurrence: its torch code, or ("auto") the CUDA kernel for tensors it can run, with the
-    torch code for the rest (CPU tensors, no GPU, a failed build, other head sizes). The version modules
-    never pick a backend themselves, so the torch path can run on GPU tensors to be compared with the kernels."""
+    """The version's recurrence: its torch code, or ("auto") the native kernel for the tensors' device (CUDA,
+    or C on the CPU), with the torch code for what they cannot run (no GPU or compiler, a failed build, other
+    head sizes). The version modules never pick a backend themselves, so the torch path can run anywhere and
+    be compared with the kernels."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, not {kernels!r}")
     torch_code = module.RECURRENCE
     if kernels == "torch":
         return torch_code
-    kernel = getattr(cuda_ops, module.CUDA_KERNEL)
+    on_gpu, on_cpu = getattr(cuda_ops, module.KERNEL), getattr(cpu_ops, module.KERNEL)
 
     def run(*args):
-        out = kernel(*args)
+        out = (on_gpu if args[-1].is_cuda else on_cpu)(*args)
         return torch_code(*args) if out is None else out
 
     return run
@@ -76,8 +78,8 @@ class Model:
                  ln0_fold: str = "fp32"):
         """skip_passes: optional passes to leave out (passes.FOLD_LN0, passes.STACK), for comparisons; the
         rescale is set with rescale_layer (0 = none), since forward() halves x to match it. kernels: "auto"
-        (CUDA kernels on GPU tensors) or "torch" (the torch code everywhere). ln0_fold: "fp32" (ours, the
-        accurate one) or "package" (as the pip package folds it: v4-v6 in the file's dtype, v7 in the
+        (native kernels: CUDA on GPU tensors, C on the CPU) or "torch" (the torch code everywhere). ln0_fold:
+        "fp32" (ours, the accurate one) or "package" (as the pip package folds it: v4-v6 in the file's dtype, v7 in the
         strategy's; see docs/numerics.md)."""
         if ln0_fold not in LN0_FOLDS:
             raise RwkvConvertError(f"unknown ln0 fold {ln0_fold!r}; choose from {', '.join(LN0_FOLDS)}")

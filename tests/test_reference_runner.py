@@ -13,7 +13,11 @@ from rwkv_convert.verify import run_ours
 
 from .conftest import ODD_SHAPES, SPLIT, save_atomic, tokens_for
 
-FP32_BOUND = 1e-4  # same math in fp32; only summation order differs (measured <= 4e-5)
+# Same math in fp32; only summation order differs: measured <= 4e-5 with the torch recurrence, <= 6.5e-5 with
+# the C recurrences, whose order depends on the CPU's vector width (1.4e-4 without vectorised sums; logits of
+# magnitude ~14 through 7 random layers, which amplify rounding; the C kernel's own error against an fp64
+# recurrence is no larger than the torch loop's: tests/test_cpu_kernels.py).
+FP32_BOUND = 2e-4
 # v4-v6 bf16 files: the pip package folds ln0 into emb in bf16, we fold in fp32 (see docs/numerics.md).
 # Measured 0.02-0.08 on logits of magnitude ~13; the bound leaves room for other seeds and shapes.
 BF16_LN0_FOLD_BOUND = 0.25

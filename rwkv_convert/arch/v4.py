@@ -100,7 +100,7 @@ def wkv4(w, u, k, v, aa, bb, pp):
 
 
 RECURRENCE = wkv4  # the torch recurrence; the runner may swap in a kernel with the same signature (ctx)
-CUDA_KERNEL = "wkv4"  # its counterpart in rwkv_convert.cuda.ops
+KERNEL = "wkv4"  # its counterpart in rwkv_convert.cuda.ops and cpu.ops
 
 
 def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:

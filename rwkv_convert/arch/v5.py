@@ -124,7 +124,7 @@ def wkv(r, k, v, w, u, s):
 
 
 RECURRENCE = wkv  # the torch recurrence; the runner may swap in a kernel with the same signature (ctx)
-CUDA_KERNEL = "wkv5"  # its counterpart in rwkv_convert.cuda.ops
+KERNEL = "wkv5"  # its counterpart in rwkv_convert.cuda.ops and cpu.ops
 
 
 def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:

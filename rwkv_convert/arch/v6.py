@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import channel_mix_maa, common_shapes, group_norm, linear, project, residual_block, shifted
-from .v5 import CUDA_KERNEL as CUDA_KERNEL  # v5.2's recurrence with a per-token decay
+from .v5 import KERNEL as KERNEL  # v5.2's recurrence with a per-token decay
 from .v5 import RECURRENCE as RECURRENCE
 from .v5 import init_state as init_state  # same state layout and time_state handling as v5
 from .v5 import wkv

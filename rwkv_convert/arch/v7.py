@@ -115,7 +115,7 @@ def wkv7(r, w, k, v, kk, a, s):
 
 
 RECURRENCE = wkv7  # the torch recurrence; the runner may swap in a kernel with the same signature (ctx)
-CUDA_KERNEL = "wkv7"  # its counterpart in rwkv_convert.cuda.ops
+KERNEL = "wkv7"  # its counterpart in rwkv_convert.cuda.ops and cpu.ops
 
 
 def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
