@@ -34,14 +34,36 @@ def _quiet_stderr():
         os.close(saved)
 
 
+@contextlib.contextmanager
+def _without_extra_buffer_types():
+    """Models loaded inside get use_extra_bufts = False: on CPUs with AMX, llama.cpp's extra (repacking) buffer
+    types crash quantized RWKV models on multi-token batches (segfault, Q8_0 and Q4_0 at least). Llama() has no
+    argument for it (0.3.36 swallows unknown keywords), so its default model parameters are amended while it
+    loads."""
+    import llama_cpp.llama as llama_module
+
+    bindings = llama_module.llama_cpp
+    default = bindings.llama_model_default_params
+
+    def amended():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = amended
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = default
+
+
 class LlamaCppRunner:
     def __init__(self, path, n_ctx: int = 512):
         Llama = _llama_class()
-        with _quiet_stderr():
+        with _quiet_stderr(), _without_extra_buffer_types():
             try:
-                # Never n_ctx=0 (the file says 1M tokens of context); use_extra_bufts=False avoids the AMX repack
-                # path that crashes quantized RWKV models on multi-token batches.
-                self.llm = Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, use_extra_bufts=False)
+                # Never n_ctx=0 (the file says 1M tokens of context)
+                self.llm = Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False)
             except Exception as e:  # llama-cpp-python raises ValueError on a failed load
                 raise RwkvConvertError(f"llama.cpp could not load {path}: {brief(e)}") from None
 

@@ -89,6 +89,17 @@ def test_q8_0_top1_agreement_over_eight_streams(variant, dtype, fixture_dir, tmp
     assert top1 >= 0.93 and kl <= TOLERANCES["q8_0"].kl, (top1, kl)
 
 
+def test_models_load_without_llama_cpps_extra_buffer_types(fixture_dir, tmp_path):
+    """On CPUs with AMX the extra (repacking) buffer types segfault quantized RWKV models on multi-token batches;
+    Llama() ignores a use_extra_bufts keyword, so the runner sets it on the model parameters itself."""
+    (out,) = rwkv_convert.convert(fixture_path("v7", directory=fixture_dir), "gguf", tmp_path / "m.gguf", quant="q8_0")
+    runner = llama_runtime.LlamaCppRunner(out, n_ctx=128)
+    assert runner.llm.model_params.use_extra_bufts is False
+    assert runner.logits([tokens_for(512)[:64]]).shape == (64, 512)  # a multi-token batch of a quantized model
+    from llama_cpp import llama_cpp as bindings
+    assert bindings.llama_model_default_params().use_extra_bufts is True  # the library's default is left as it was
+
+
 @pytest.mark.parametrize("quant", ["q4_0", "q4_1", "q5_0", "q5_1"])
 def test_four_and_five_bit_ggufs_run_and_beat_chance(quant, references, fixture_dir, tmp_path):
     (out,) = rwkv_convert.convert(fixture_path("v7", directory=fixture_dir), "gguf", tmp_path / "m.gguf", quant=quant)
