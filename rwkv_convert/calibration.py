@@ -83,7 +83,8 @@ class LayerwiseGptq:
     one layer's blocks, whatever the layer count. The head is quantized from its inputs in the full-precision
     model (a file writes it before the layers).
 
-    qtypes: {our key (blocks.i.<matrix>, head.weight): GGUF type}; blocks(key) -> its GGUF blocks."""
+    qtypes: {our key (blocks.i.<matrix>, head.weight): a codec of quant.gptq (a GGUF type, or MatMulNBits'
+    blocks)}; blocks(key) -> its blocks."""
 
     def __init__(self, ckpt: Checkpoint, text: str | Path, qtypes: dict[str, str],
                  head_moments: torch.Tensor | None = None, max_tokens: int = 16384, window: int = 1024):

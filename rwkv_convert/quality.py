@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +62,14 @@ SCHEMES = {s.name: s for s in (
            "onnxruntime", 8),
     Scheme("onnx-int4-all", "onnx", {"quant": "int4", "graphs": "sequence", "quant_embedding_head": True},
            "onnxruntime", 4),
+    # calibrated (GPTQ on the bundled text); the smallest: fp16 scales and float parameters, 4 bits everywhere
+    Scheme("onnx-int8-cal", "onnx", {"quant": "int8", "graphs": "sequence", "calibration": BUNDLED}, "onnxruntime", 8),
+    Scheme("onnx-int4-cal", "onnx", {"quant": "int4", "graphs": "sequence", "calibration": BUNDLED}, "onnxruntime", 4),
+    Scheme("onnx-fp16-int4-all-cal", "onnx", {"dtype": "fp16", "quant": "int4", "graphs": "sequence",
+                                               "quant_embedding_head": True, "calibration": BUNDLED}, "onnxruntime", 4),
+    # MatMulNBits computing in fp32 (accuracy_level 1) instead of int8: what quantized activations cost
+    *(Scheme(f"onnx-int{b}-fp32compute", "onnx", {"quant": f"int{b}", "graphs": "sequence", "compute": "fp32"},
+             "onnxruntime", b) for b in (8, 4)),
 )}
 DEFAULT_SCHEMES = tuple(name for name in SCHEMES if not name.endswith("-round"))
 MAX_REFERENCE_BYTES = 4 << 30
@@ -113,8 +121,11 @@ def windows_of(tokens: list[int], window: int) -> list[list[int]]:
     return [w for w in out if len(w) > 1]
 
 
+BATCH_LOGIT_BYTES = 256 << 20  # onnxruntime runs equal windows as one batch, up to this much of logits at once
+
+
 class _Logits:
-    """Runs one file in its runtime: [T, V] fp32 logits of a window from a fresh state."""
+    """Runs one file in its runtime: the [T, V] fp32 logits of each window, each from a fresh state."""
 
     def __init__(self, scheme: Scheme, path: Path, window: int):
         self.scheme = scheme
@@ -124,11 +135,25 @@ class _Logits:
             fmt, probe = detect(path)
             self.model = load_detected(fmt, probe)
 
-    def __call__(self, tokens: list[int]) -> torch.Tensor:
-        if self.scheme.runtime == "llama.cpp":
-            return self.llama.logits([tokens])
-        logits, _ = self.model.forward(tokens, None, full_output=True)
-        return logits.float()
+    def each(self, chunks: list[list[int]]) -> Iterator[torch.Tensor]:
+        if self.scheme.runtime == "onnxruntime":  # a batch of windows per run: the Scan steps once for all
+            vocab = self.model.spec.vocab_size
+            start = 0
+            while start < len(chunks):
+                T = len(chunks[start])
+                size = max(1, BATCH_LOGIT_BYTES // (T * vocab * 4))
+                end = start + 1
+                while end < len(chunks) and end - start < size and len(chunks[end]) == T:
+                    end += 1
+                logits, _ = self.model.forward_batch(chunks[start:end], None, full_output=True)
+                yield from (torch.from_numpy(np.ascontiguousarray(row)).float() for row in logits)
+                start = end
+            return
+        for tokens in chunks:
+            if self.scheme.runtime == "llama.cpp":
+                yield self.llama.logits([tokens])
+            else:
+                yield self.model.forward(tokens, None, full_output=True)[0].float()
 
 
 def measure(source: str | Path, text: str | Path | None = None, schemes: list[str] | None = None,
@@ -189,15 +214,16 @@ def measure(source: str | Path, text: str | Path | None = None, schemes: list[st
                     continue
             nll = kl = agree = 0.0
             positions = 0
-            for w, chunk in enumerate(chunks):
+            if run is None:
+                outputs = (reference.forward(chunk, None, full_output=True)[0].float() for chunk in chunks)
+            else:
+                outputs = run.each(chunks)
+            for w, (chunk, logits) in enumerate(zip(chunks, outputs, strict=True)):
                 progress(f"{label}: window {w + 1}/{len(chunks)}")
+                logp = torch.log_softmax(logits, -1)
                 if run is None:
-                    logp = torch.log_softmax(reference.forward(chunk, None, full_output=True)[0].float(), -1)
                     ref_logp.append(logp)
-                    want = logp
-                else:
-                    logp = torch.log_softmax(run(chunk), -1)
-                    want = ref_logp[w]
+                want = ref_logp[w]
                 if not torch.isfinite(logp).all():
                     raise RwkvConvertError(f"{name}: non-finite logits in window {w + 1}: the file is broken")
                 target = torch.tensor(chunk[1:])

@@ -1,18 +1,21 @@
-"""GPTQ (Frantar et al., 2022) for GGUF's block types: the columns of a matrix are rounded one at a time,
-and each column's rounding error is pushed onto the columns not yet rounded, in the proportions that keep
-the matrix's outputs on the calibration activations closest to the original's (the inverse of the
-activations' second-moment matrix H = E[x x^T] says how). The output error sum over (W - Q) H (W - Q)^T is
-what it lowers, where importance-weighted rounding alone only sees H's diagonal.
+"""GPTQ (Frantar et al., 2022) for GGUF's block types and onnxruntime's MatMulNBits blocks: the columns of a
+matrix are rounded one at a time, and each column's rounding error is pushed onto the columns not yet rounded,
+in the proportions that keep the matrix's outputs on the calibration activations closest to the original's (the
+inverse of the activations' second-moment matrix H = E[x x^T] says how). The output error sum over
+(W - Q) H (W - Q)^T is what it lowers, where importance-weighted rounding alone only sees H's diagonal.
 
-The files stay plain GGUF blocks: a block's scales are chosen (by gguf_blocks' importance-weighted search)
-from the block's values as they stand when GPTQ reaches its first column, and every value of the block is
-then rounded on that block's grid; the blocks are packed from exactly those scales and levels."""
+The files stay plain blocks (GGUF's or MatMulNBits'): a block's scales are chosen (by the importance-weighted
+search) from the block's values as they stand when GPTQ reaches its first column, and every value of the block
+is then rounded on that block's grid; the blocks are packed from exactly those scales and levels."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .gguf_blocks import CODECS, column_importance
+from . import gguf_blocks, matmul_nbits
+from .gguf_blocks import column_importance
+
+CODECS = {**gguf_blocks.CODECS, **matmul_nbits.CODECS}  # GGUF's block types and onnxruntime's MatMulNBits
 
 DAMP = 0.01  # of H's mean diagonal, added to its diagonal: keeps the inverse stable (the paper's value)
 LAZY = 128  # columns whose updates are batched into one matmul for the columns after them
@@ -37,7 +40,8 @@ def _inverse_factor(hessian: np.ndarray) -> np.ndarray:
 
 def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
     """weight [n, k] (the matrix's rows, k a multiple of the type's block), hessian [k, k] (E[x x^T] of its
-    inputs) -> (the GGUF blocks of qtype as uint8 [n, k / size * bytes], the values they hold [n, k] fp32)."""
+    inputs) -> (the blocks of qtype (a key of CODECS) as uint8 [n, k / size * bytes], the values they hold [n, k]
+    fp32)."""
     if qtype not in CODECS:
         raise ValueError(f"no GPTQ quantizer for {qtype}; choose from {', '.join(CODECS)}")
     codec = CODECS[qtype]

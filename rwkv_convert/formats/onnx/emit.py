@@ -13,9 +13,11 @@ from .graph import MS_DOMAIN, Graph
 
 QUANT_BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32  # MatMulNBits block along K: 32 keeps int4 usable on small widths and int8 near lossless
-# accuracy_level 4: int8 activations in the product. onnxruntime's CPU kernel for 8-bit weights has no fast
-# path without it (measured 30 ms vs 0.09 ms for a 3072x3072 one-token product, fp32 MatMul 0.66 ms).
-ACCURACY_LEVEL = 4
+# MatMulNBits' accuracy_level: the type its products are computed in. 4 (int8): activations are quantized per
+# block too, about twice the KL of the rounded weights alone, and onnxruntime's CPU kernel for 8-bit weights
+# has no fast path without it (measured 30 ms vs 0.09 ms for a 3072x3072 one-token product, fp32 MatMul
+# 0.66 ms). 1 (fp32): the activations as they are.
+ACCURACY_LEVELS = {"int8": 4, "fp32": 1}
 
 
 def _nbits_quantizer(bits: int):
@@ -36,7 +38,9 @@ def as_array(t: torch.Tensor, np_dtype) -> np.ndarray:
 
 
 class Emitter:
-    def __init__(self, g: Graph, act: str, quant: str):
+    def __init__(self, g: Graph, act: str, quant: str, compute: str = "int8", calibrated=None):
+        """calibrated: None, or an object whose inputs(name, w) gives a matrix's MatMulNBits inputs (data,
+        scales, zero points) chosen from a calibration text, or None for one it did not quantize."""
         from onnx import TensorProto
 
         self.g = g
@@ -45,6 +49,8 @@ class Emitter:
         self.F32 = TensorProto.FLOAT
         self.np_act = np.float16 if self.fp16 else np.float32
         self.bits = QUANT_BITS.get(quant)
+        self.accuracy_level = ACCURACY_LEVELS[compute]
+        self.calibrated = calibrated
 
     # ---- parameters ------------------------------------------------------------------------------
     def param(self, name: str, t, fp32: bool = False) -> str:
@@ -82,16 +88,20 @@ class Emitter:
         if g.has_weight(names[0]):
             inputs = [g.weight(n, None) for n in names]
         else:
-            wt = as_array(w.t(), np.float32)  # [K, N]
-            k_blocks = k // BLOCK_SIZE
-            packed = np.zeros((n_out, k_blocks, BLOCK_SIZE * self.bits // 8), dtype=np.uint8)
-            scales = np.zeros((n_out, k_blocks), dtype=np.float32)
-            zero_points = np.zeros((n_out, (k_blocks * self.bits + 7) // 8), dtype=np.uint8)
-            _nbits_quantizer(self.bits)(packed, wt, scales, zero_points, BLOCK_SIZE, n_out, k, False)
+            chosen = self.calibrated.inputs(name, w) if self.calibrated is not None else None
+            if chosen is None:  # onnxruntime's own packer: each block's range from its minimum and maximum
+                wt = as_array(w.t(), np.float32)  # [K, N]
+                k_blocks = k // BLOCK_SIZE
+                packed = np.zeros((n_out, k_blocks, BLOCK_SIZE * self.bits // 8), dtype=np.uint8)
+                scales = np.zeros((n_out, k_blocks), dtype=np.float32)
+                zero_points = np.zeros((n_out, (k_blocks * self.bits + 7) // 8), dtype=np.uint8)
+                _nbits_quantizer(self.bits)(packed, wt, scales, zero_points, BLOCK_SIZE, n_out, k, False)
+                chosen = packed, scales, zero_points
+            packed, scales, zero_points = chosen
             inputs = [g.weight(n, a) for n, a in zip(names, (packed, scales.astype(self.np_act), zero_points),
                                                       strict=True)]
         return g.op("MatMulNBits", x, *inputs, domain=MS_DOMAIN, K=k, N=n_out, bits=self.bits,
-                    block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL)
+                    block_size=BLOCK_SIZE, accuracy_level=self.accuracy_level)
 
     def gather_rows(self, table, tokens: str, quantize: bool) -> str:
         """emb[tokens] for the [V, C] table (a tensor or a _Lazy): a float Gather, or onnxruntime's

@@ -22,14 +22,16 @@ from ... import arch
 from ...arch.common import as_vector, layer_norm
 from ...arch.v7 import DEEP_EMBED_KEYS
 from ...atomic import AtomicOutput
+from ...calibration import BUNDLED, LayerwiseGptq, activation_importance
 from ...checkpoint import Checkpoint
 from ...errors import RwkvConvertError
 from ...passes import rescale_for_fp16
+from ...quant import matmul_nbits
 from ...spec import ModelSpec
 from ...strategy import parse_strategy
 from ..base import Options, option
 from . import v4, v5, v6, v7
-from .emit import Emitter
+from .emit import ACCURACY_LEVELS, QUANT_BITS, Emitter
 from .graph import Graph, WeightStore, onnx_module
 from .layout import FORMAT_TAG, data_path, sequence_path
 
@@ -56,6 +58,43 @@ def _layer_tensors(ckpt, spec, i: int, rescale: int) -> dict:
     if rescale:
         lw = rescale_for_fp16(lw, i, rescale)
     return graphs.prepare_layer(lw, spec, i)
+
+
+class _CalibratedBlocks:
+    """MatMulNBits inputs chosen from a calibration text run through the reference runner: by GPTQ, layer by
+    layer in the order the graph asks for the matrices (calibration.LayerwiseGptq), or by importance-weighted
+    rounding alone. The blocks stay onnxruntime's own format; only their scales, zero points and levels differ."""
+
+    def __init__(self, ckpt, spec, text: str, method: str, bits: int, act: str, with_head: bool, rescale: int):
+        self.bits, self.scale_dtype, self.rescale = bits, act, rescale
+        module = arch.module_for(spec.version)
+        self.keys = {f"blocks.{i}.{name}" for i in range(spec.n_layer) for name in module.MATRICES
+                     if f"blocks.{i}.{name}" in ckpt.tensors}
+        if with_head:
+            self.keys.add("head.weight")
+        self.gptq = self.importance = None
+        if method == "gptq":
+            codec = matmul_nbits.codec_name(bits, act)
+            self.gptq = LayerwiseGptq(ckpt, text, {key: codec for key in self.keys})
+        else:
+            self.importance = activation_importance(ckpt, text)
+
+    def inputs(self, key: str, w: torch.Tensor):
+        """(data, scales, zero points) of the [out, in] matrix `key` as the graph holds it (fp16-rescaled
+        where the export rescales), or None for a matrix not calibrated here."""
+        if key not in self.keys:
+            return None
+        n, k = w.shape
+        if self.gptq is None:
+            return matmul_nbits.quantize(w.float().numpy(), self.bits, self.scale_dtype, self.importance[key].numpy())
+        data, scales, zero_points = matmul_nbits.unpack(self.gptq.blocks(key), n, k, self.bits, self.scale_dtype)
+        layer = int(key.split(".")[1]) if key.startswith("blocks.") else 0
+        if self.rescale and key.endswith(RESCALED) and layer >= self.rescale:  # GPTQ saw the file's weight
+            scales = scales / np.asarray(2 ** (layer // self.rescale), scales.dtype)  # a power of 2: exact
+        return data, scales, zero_points
+
+
+RESCALED = ("att.output.weight", "ffn.value.weight")  # what passes.rescale_for_fp16 divides
 
 
 class _Lazy:
@@ -88,11 +127,12 @@ def _initial_wkv(ckpt, spec) -> np.ndarray | None:
 
 
 def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant: str, logits: str,
-           rescale: int, quant_embedding_head: bool = False) -> Graph:
+           rescale: int, quant_embedding_head: bool = False, compute: str = "int8",
+           calibrated: _CalibratedBlocks | None = None) -> Graph:
     from onnx import TensorProto
 
     g = Graph(store, single_step=single_step)
-    E = Emitter(g, dtype, quant)
+    E = Emitter(g, dtype, quant, compute, calibrated)
     mod = GRAPH_MODULES[spec.version]
     L, C, V = spec.n_layer, spec.n_embd, spec.vocab_size
     wkv_shape = arch.module_for(spec.version).wkv_state_shape(spec)
@@ -169,9 +209,24 @@ class OnnxOptions(Options):
                          " --graph step|sequence writes that one graph to OUT itself", flag="--graph", choices=GRAPHS)
     logits: str = option("all", "the sequence graph's logits for every position or only the last (faster prefill)",
                          choices=LOGITS)
+    compute: str = option("int8", "with --onnx-quant, the type MatMulNBits computes in (onnxruntime's accuracy_level"
+                          " 4 or 1): int8 also quantizes the activations per block (fast; about twice the KL of the"
+                          " rounded weights alone), fp32 keeps them (slower, int8 weights much slower)",
+                          flag="--onnx-compute", choices=tuple(ACCURACY_LEVELS))
+    calibration: str | None = option(None, "with --onnx-quant, a text (or 'bundled') run through the reference"
+                                     " runner: its activations choose the blocks' scales, zero points and levels"
+                                     " (plain MatMulNBits that any onnxruntime runs; see --calibration-method)")
+    calibration_method: str = option("gptq", "with --calibration: gptq (each matrix's rounding errors compensated"
+                                     " in its other columns, from its inputs' second moments, layer by layer) or"
+                                     " rounding (each block's scale chosen by importance-weighted error alone)",
+                                     choices=("gptq", "rounding"))
     external_data: bool | None = option(None, "weights in OUT.data beside the graphs (the default for two graphs,"
                                         " which share it, and above protobuf's 2 GB limit) or inside the one graph"
                                         " written", flag="--external-data/--inline-data")
+
+
+def _text_name(text: str) -> str:
+    return "the bundled text" if text == BUNDLED else Path(text).name
 
 
 def supports(spec: ModelSpec) -> str | None:
@@ -198,16 +253,27 @@ def write(ckpt: Checkpoint, output: Path, options: OnnxOptions) -> list[Path]:
         external_data = len(kinds) > 1 or weight_bytes > INLINE_LIMIT
     data = data_path(output) if external_data else None
     finals = ([data] if data else []) + [p for _, p in kinds]  # the data first: the graphs refer to it
+    calibrated = None
+    if options.calibration:
+        if quant == "none":
+            raise RwkvConvertError("--calibration chooses how the quantized blocks round: give --onnx-quant int8 or"
+                                   " int4 with it")
+        calibrated = _CalibratedBlocks(ckpt, spec, options.calibration, options.calibration_method, QUANT_BITS[quant],
+                                       dtype, options.quant_embedding_head, rescale)
     with AtomicOutput(*finals) as out:
         store = WeightStore(out.temp(data) if data else None, data.name if data else None)
         try:
             models = []
             for kind, _ in kinds:
                 g = _build(ckpt, spec, store, kind == "step", dtype, quant, logits, rescale,
-                           options.quant_embedding_head)
+                           options.quant_embedding_head, options.compute, calibrated)
                 doc = f"RWKV-{spec.version} {kind} graph from {ckpt.path.name}, written by rwkv-convert"
                 meta = _metadata(ckpt, spec, kind, dtype, quant, logits, rescale)
                 meta["rwkv.quant_scope"] = "all" if options.quant_embedding_head and quant != "none" else "layers"
+                if quant != "none":
+                    meta["rwkv.compute"] = options.compute
+                    meta["rwkv.calibration"] = (f"{options.calibration_method} on {_text_name(options.calibration)}"
+                                                if options.calibration else "none")
                 models.append(g.model(doc, meta))
         finally:
             store.close()
