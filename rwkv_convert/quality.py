@@ -67,6 +67,9 @@ SCHEMES = {s.name: s for s in (
     Scheme("onnx-int4-cal", "onnx", {"quant": "int4", "graphs": "sequence", "calibration": BUNDLED}, "onnxruntime", 4),
     Scheme("onnx-fp16-int4-all-cal", "onnx", {"dtype": "fp16", "quant": "int4", "graphs": "sequence",
                                                "quant_embedding_head": True, "calibration": BUNDLED}, "onnxruntime", 4),
+    Scheme("onnx-fp16-int4-cal-int8-tables", "onnx", {
+        "dtype": "fp16", "quant": "int4", "graphs": "sequence", "quant_embedding_head": True,
+        "embedding_head_quant": "int8", "calibration": BUNDLED}, "onnxruntime", 4),
     # MatMulNBits computing in fp32 (accuracy_level 1) instead of int8: what quantized activations cost
     *(Scheme(f"onnx-int{b}-fp32compute", "onnx", {"quant": f"int{b}", "graphs": "sequence", "compute": "fp32"},
              "onnxruntime", b) for b in (8, 4)),

@@ -38,8 +38,10 @@ def as_array(t: torch.Tensor, np_dtype) -> np.ndarray:
 
 
 class Emitter:
-    def __init__(self, g: Graph, act: str, quant: str, compute: str = "int8", calibrated=None):
-        """calibrated: None, or an object whose inputs(name, w) gives a matrix's MatMulNBits inputs (data,
+    def __init__(self, g: Graph, act: str, quant: str, compute: str = "int8", calibrated=None,
+                 table_quant: str = "none"):
+        """table_quant: the embedding's and head's quantization ("none": float, like the LoRAs and norms).
+        calibrated: None, or an object whose inputs(name, w, bits) gives a matrix's MatMulNBits inputs (data,
         scales, zero points) chosen from a calibration text, or None for one it did not quantize."""
         from onnx import TensorProto
 
@@ -49,6 +51,7 @@ class Emitter:
         self.F32 = TensorProto.FLOAT
         self.np_act = np.float16 if self.fp16 else np.float32
         self.bits = QUANT_BITS.get(quant)
+        self.table_bits = QUANT_BITS.get(table_quant)
         self.accuracy_level = ACCURACY_LEVELS[compute]
         self.calibrated = calibrated
 
@@ -75,42 +78,44 @@ class Emitter:
         """x @ w for a small matrix (LoRA) stored [in, out]."""
         return self.g.op("MatMul", x, self.param(name, w))
 
-    def linear(self, x: str, name: str, w: torch.Tensor, quantize: bool = True) -> str:
-        """x @ W.T for a large [out, in] matrix: a float MatMul, or MatMulNBits when quantizing."""
-        if self.bits is None or not quantize:
+    def linear(self, x: str, name: str, w: torch.Tensor, table: bool = False) -> str:
+        """x @ W.T for a large [out, in] matrix: a float MatMul, or MatMulNBits when quantizing (the layers'
+        bits, or the tables' for the head)."""
+        bits = self.table_bits if table else self.bits
+        if bits is None:
             return self.g.op("MatMul", x, self.param(name, w.t()))
         n_out, k = w.shape
         g = self.g
-        names = [f"{name}.q{self.bits}", f"{name}.scales", f"{name}.zero_points"]
+        names = [f"{name}.q{bits}", f"{name}.scales", f"{name}.zero_points"]
         if k % BLOCK_SIZE:
             raise UnsupportedError(f"{name} has {k} input columns, not a multiple of {BLOCK_SIZE}:"
                                    " export it with --quant none")
         if g.has_weight(names[0]):
             inputs = [g.weight(n, None) for n in names]
         else:
-            chosen = self.calibrated.inputs(name, w) if self.calibrated is not None else None
+            chosen = self.calibrated.inputs(name, w, bits) if self.calibrated is not None else None
             if chosen is None:  # onnxruntime's own packer: each block's range from its minimum and maximum
                 wt = as_array(w.t(), np.float32)  # [K, N]
                 k_blocks = k // BLOCK_SIZE
-                packed = np.zeros((n_out, k_blocks, BLOCK_SIZE * self.bits // 8), dtype=np.uint8)
+                packed = np.zeros((n_out, k_blocks, BLOCK_SIZE * bits // 8), dtype=np.uint8)
                 scales = np.zeros((n_out, k_blocks), dtype=np.float32)
-                zero_points = np.zeros((n_out, (k_blocks * self.bits + 7) // 8), dtype=np.uint8)
-                _nbits_quantizer(self.bits)(packed, wt, scales, zero_points, BLOCK_SIZE, n_out, k, False)
+                zero_points = np.zeros((n_out, (k_blocks * bits + 7) // 8), dtype=np.uint8)
+                _nbits_quantizer(bits)(packed, wt, scales, zero_points, BLOCK_SIZE, n_out, k, False)
                 chosen = packed, scales, zero_points
             packed, scales, zero_points = chosen
             inputs = [g.weight(n, a) for n, a in zip(names, (packed, scales.astype(self.np_act), zero_points),
                                                       strict=True)]
-        return g.op("MatMulNBits", x, *inputs, domain=MS_DOMAIN, K=k, N=n_out, bits=self.bits,
+        return g.op("MatMulNBits", x, *inputs, domain=MS_DOMAIN, K=k, N=n_out, bits=bits,
                     block_size=BLOCK_SIZE, accuracy_level=self.accuracy_level)
 
-    def gather_rows(self, table, tokens: str, quantize: bool) -> str:
+    def gather_rows(self, table, tokens: str) -> str:
         """emb[tokens] for the [V, C] table (a tensor or a _Lazy): a float Gather, or onnxruntime's
         GatherBlockQuantized over symmetric blocks of BLOCK_SIZE along C (scales by the least-squares search
         of quant.gguf_blocks, no zero points: the op's defaults 8 / 128 centre the levels)."""
-        g, name = self.g, "emb.weight"
-        if self.bits is None or not quantize:
+        g, name, bits = self.g, "emb.weight", self.table_bits
+        if bits is None:
             return g.op("Gather", self.param(name, table), tokens)
-        names = [f"{name}.q{self.bits}", f"{name}.scales"]
+        names = [f"{name}.q{bits}", f"{name}.scales"]
         if g.has_weight(names[0]):
             inputs = [g.weight(n, None) for n in names]
         else:
@@ -119,13 +124,13 @@ class Emitter:
             if rows.shape[1] % BLOCK_SIZE:
                 raise UnsupportedError(f"{name} has rows of {rows.shape[1]} values, not a multiple of {BLOCK_SIZE}:"
                                        " export it without --quant-embedding-head")
-            scales, levels = symmetric_blocks(rows, self.bits)
-            offset = 1 << (self.bits - 1)
+            scales, levels = symmetric_blocks(rows, bits)
+            offset = 1 << (bits - 1)
             q = (levels.astype(np.int16) + offset).astype(np.uint8).reshape(rows.shape)
-            data = (q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4) if self.bits == 4 else q
+            data = (q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4) if bits == 4 else q
             inputs = [g.weight(names[0], np.ascontiguousarray(data)), g.weight(names[1], scales.astype(self.np_act))]
         return g.op("GatherBlockQuantized", inputs[0], tokens, inputs[1], domain=MS_DOMAIN, gather_axis=0,
-                    quantize_axis=1, block_size=BLOCK_SIZE, bits=self.bits)
+                    quantize_axis=1, block_size=BLOCK_SIZE, bits=bits)
 
     def layer_norm(self, x: str, name: str, w: torch.Tensor, b: torch.Tensor) -> str:
         return self.g.op("LayerNormalization", x, self.param(name + ".weight", w), self.param(name + ".bias", b),

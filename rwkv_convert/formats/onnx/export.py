@@ -65,29 +65,30 @@ class _CalibratedBlocks:
     layer in the order the graph asks for the matrices (calibration.LayerwiseGptq), or by importance-weighted
     rounding alone. The blocks stay onnxruntime's own format; only their scales, zero points and levels differ."""
 
-    def __init__(self, ckpt, spec, text: str, method: str, bits: int, act: str, with_head: bool, rescale: int):
-        self.bits, self.scale_dtype, self.rescale = bits, act, rescale
+    def __init__(self, ckpt, spec, text: str, method: str, bits: int, act: str, head_bits: int | None,
+                 rescale: int):
+        self.scale_dtype, self.rescale = act, rescale
         module = arch.module_for(spec.version)
-        self.keys = {f"blocks.{i}.{name}" for i in range(spec.n_layer) for name in module.MATRICES
+        self.bits = {f"blocks.{i}.{name}": bits for i in range(spec.n_layer) for name in module.MATRICES
                      if f"blocks.{i}.{name}" in ckpt.tensors}
-        if with_head:
-            self.keys.add("head.weight")
+        if head_bits:
+            self.bits["head.weight"] = head_bits
         self.gptq = self.importance = None
         if method == "gptq":
-            codec = matmul_nbits.codec_name(bits, act)
-            self.gptq = LayerwiseGptq(ckpt, text, {key: codec for key in self.keys})
+            codecs = {key: matmul_nbits.codec_name(b, act) for key, b in self.bits.items()}
+            self.gptq = LayerwiseGptq(ckpt, text, codecs)
         else:
             self.importance = activation_importance(ckpt, text)
 
-    def inputs(self, key: str, w: torch.Tensor):
+    def inputs(self, key: str, w: torch.Tensor, bits: int):
         """(data, scales, zero points) of the [out, in] matrix `key` as the graph holds it (fp16-rescaled
         where the export rescales), or None for a matrix not calibrated here."""
-        if key not in self.keys:
+        if self.bits.get(key) != bits:
             return None
         n, k = w.shape
         if self.gptq is None:
-            return matmul_nbits.quantize(w.float().numpy(), self.bits, self.scale_dtype, self.importance[key].numpy())
-        data, scales, zero_points = matmul_nbits.unpack(self.gptq.blocks(key), n, k, self.bits, self.scale_dtype)
+            return matmul_nbits.quantize(w.float().numpy(), bits, self.scale_dtype, self.importance[key].numpy())
+        data, scales, zero_points = matmul_nbits.unpack(self.gptq.blocks(key), n, k, bits, self.scale_dtype)
         layer = int(key.split(".")[1]) if key.startswith("blocks.") else 0
         if self.rescale and key.endswith(RESCALED) and layer >= self.rescale:  # GPTQ saw the file's weight
             scales = scales / np.asarray(2 ** (layer // self.rescale), scales.dtype)  # a power of 2: exact
@@ -127,12 +128,12 @@ def _initial_wkv(ckpt, spec) -> np.ndarray | None:
 
 
 def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant: str, logits: str,
-           rescale: int, quant_embedding_head: bool = False, compute: str = "int8",
+           rescale: int, table_quant: str = "none", compute: str = "int8",
            calibrated: _CalibratedBlocks | None = None) -> Graph:
     from onnx import TensorProto
 
     g = Graph(store, single_step=single_step)
-    E = Emitter(g, dtype, quant, compute, calibrated)
+    E = Emitter(g, dtype, quant, compute, calibrated, table_quant)
     mod = GRAPH_MODULES[spec.version]
     L, C, V = spec.n_layer, spec.n_embd, spec.vocab_size
     wkv_shape = arch.module_for(spec.version).wkv_state_shape(spec)
@@ -143,7 +144,7 @@ def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant:
     shift_in = g.input("shift_in", TensorProto.FLOAT, ["batch", L, 2, C])
     wkv_in = g.input("wkv_in", TensorProto.FLOAT, ["batch", L, *wkv_shape])
 
-    x = E.gather_rows(_folded_embedding(ckpt, E.np_act), tokens, quant_embedding_head)  # [B, T, C]
+    x = E.gather_rows(_folded_embedding(ckpt, E.np_act), tokens)  # [B, T, C]
     shifts, wkvs, ctx = [], [], {}
     for i in range(L):
         lw = _layer_tensors(ckpt, spec, i, rescale)
@@ -167,7 +168,7 @@ def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant:
     if single_step or logits == "last":
         x = g.gather(x, -1, 1)  # [B, C]
     x = E.layer_norm(x, "ln_out", ckpt.tensors["ln_out.weight"].float(), ckpt.tensors["ln_out.bias"].float())
-    out = E.to_f32(E.linear(x, "head.weight", ckpt.tensors["head.weight"], quantize=quant_embedding_head))
+    out = E.to_f32(E.linear(x, "head.weight", ckpt.tensors["head.weight"], table=True))
     ckpt.release("head.weight")
     g.output(out, "logits", TensorProto.FLOAT, ["batch", V] if single_step or logits == "last"
              else ["batch", "time", V])
@@ -205,6 +206,10 @@ class OnnxOptions(Options):
     quant_embedding_head: bool = option(False, "with --onnx-quant, also quantize the embedding (GatherBlockQuantized)"
                                         " and the head (MatMulNBits): the same bits for the whole model",
                                         flag="--quant-embedding-head/--float-embedding-head")
+    embedding_head_quant: str | None = option(None, "with --quant-embedding-head, the embedding's and head's own"
+                                              " bits (int8 beside --onnx-quant int4: the two tables most sensitive"
+                                              " to rounding keep 8 bits for ~0.03 bytes per parameter more)",
+                                              choices=("int8", "int4"))
     graphs: str = option("both", "the one-token step graph (OUT), the sequence graph (OUT with .seq.onnx), or both;"
                          " --graph step|sequence writes that one graph to OUT itself", flag="--graph", choices=GRAPHS)
     logits: str = option("all", "the sequence graph's logits for every position or only the last (faster prefill)",
@@ -253,23 +258,30 @@ def write(ckpt: Checkpoint, output: Path, options: OnnxOptions) -> list[Path]:
         external_data = len(kinds) > 1 or weight_bytes > INLINE_LIMIT
     data = data_path(output) if external_data else None
     finals = ([data] if data else []) + [p for _, p in kinds]  # the data first: the graphs refer to it
+    table_quant = "none"
+    if options.quant_embedding_head and quant != "none":
+        table_quant = options.embedding_head_quant or quant
+    elif options.embedding_head_quant:
+        raise RwkvConvertError("--embedding-head-quant sets the bits of --quant-embedding-head: give both (and"
+                               " --onnx-quant)")
     calibrated = None
     if options.calibration:
         if quant == "none":
             raise RwkvConvertError("--calibration chooses how the quantized blocks round: give --onnx-quant int8 or"
                                    " int4 with it")
         calibrated = _CalibratedBlocks(ckpt, spec, options.calibration, options.calibration_method, QUANT_BITS[quant],
-                                       dtype, options.quant_embedding_head, rescale)
+                                       dtype, QUANT_BITS.get(table_quant), rescale)
     with AtomicOutput(*finals) as out:
         store = WeightStore(out.temp(data) if data else None, data.name if data else None)
         try:
             models = []
             for kind, _ in kinds:
-                g = _build(ckpt, spec, store, kind == "step", dtype, quant, logits, rescale,
-                           options.quant_embedding_head, options.compute, calibrated)
+                g = _build(ckpt, spec, store, kind == "step", dtype, quant, logits, rescale, table_quant,
+                           options.compute, calibrated)
                 doc = f"RWKV-{spec.version} {kind} graph from {ckpt.path.name}, written by rwkv-convert"
                 meta = _metadata(ckpt, spec, kind, dtype, quant, logits, rescale)
-                meta["rwkv.quant_scope"] = "all" if options.quant_embedding_head and quant != "none" else "layers"
+                meta["rwkv.quant_scope"] = "layers" if table_quant == "none" else "all"
+                meta["rwkv.table_quant"] = table_quant
                 if quant != "none":
                     meta["rwkv.compute"] = options.compute
                     meta["rwkv.calibration"] = (f"{options.calibration_method} on {_text_name(options.calibration)}"
