@@ -5,6 +5,8 @@ A quantizer weighting its rounding error by these keeps the columns that meet la
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from .checkpoint import Checkpoint
 from .errors import RwkvConvertError
 from .quant.float_weights import FloatWeight
 from .quant.gptq import quantize_gptq
+from .quant.rwkv_int8 import quantize_rwkv_int8_gptq
 from .runner import Model
 from .tokenizer import default_tokenizer
 
@@ -39,6 +42,11 @@ class _Recording:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+def describe(method: str, text: str | Path) -> str:
+    """How a file was calibrated, as its metadata says it: "gptq on the bundled text", "rounding on notes.txt"."""
+    return f"{method} on {'the bundled text' if str(text) == BUNDLED else Path(text).name}"
 
 
 def calibration_bytes(text: str | Path) -> bytes:
@@ -84,9 +92,10 @@ class LayerwiseGptq:
     model (a file writes it before the layers).
 
     qtypes: {our key (blocks.i.<matrix>, head.weight): a codec of quant.gptq (a GGUF type, or MatMulNBits'
-    blocks)}; blocks(key) -> its blocks."""
+    blocks), or a function (weight [out, in] fp32 tensor, E[x x^T] [in, in]) -> (what it makes, the [out, in]
+    values that holds, fp32 numpy)}; blocks(key) -> its blocks (or what the function made)."""
 
-    def __init__(self, ckpt: Checkpoint, text: str | Path, qtypes: dict[str, str],
+    def __init__(self, ckpt: Checkpoint, text: str | Path, qtypes: dict[str, str | Callable],
                  head_moments: torch.Tensor | None = None, max_tokens: int = 16384, window: int = 1024):
         """head_moments: E[x x^T] of the head's inputs, where activation_importance(head_covariance=True) has
         measured it already (else measured here when the head is to be quantized)."""
@@ -108,7 +117,7 @@ class LayerwiseGptq:
     def __contains__(self, key: str) -> bool:
         return key in self.qtypes
 
-    def blocks(self, key: str) -> np.ndarray:
+    def blocks(self, key: str):
         if key not in self.ready:
             if key == "head.weight":
                 self._quantize(key, self._head_moments)
@@ -122,9 +131,12 @@ class LayerwiseGptq:
         return self.ready.pop(key)
 
     def _quantize(self, key: str, moments: torch.Tensor) -> np.ndarray:
-        weight = self.ckpt.tensors[key].float().numpy()
-        packed, values = quantize_gptq(weight, moments.numpy(), self.qtypes[key])
-        self.ready[key] = packed
+        weight, how = self.ckpt.tensors[key].float(), self.qtypes[key]
+        if callable(how):
+            made, values = how(weight, moments.numpy())
+        else:
+            made, values = quantize_gptq(weight.numpy(), moments.numpy(), how)
+        self.ready[key] = made
         return values
 
     def _advance(self) -> None:
@@ -148,6 +160,32 @@ class LayerwiseGptq:
                     x = x / 2
                 self.x[n] = x
         self.next_layer += 1
+
+
+class PipInt8Gptq:
+    """The pip package's int8 for a strategy's int8 slots with its levels chosen by GPTQ, layer by layer
+    (LayerwiseGptq over quant.rwkv_int8.quantize_rwkv_int8_gptq): the same companions, file size and kernel as
+    the package's scheme, less output error. Pass it as Model.unprepared(..., quantizer=) and the matrices are
+    made as the model prepares them, in layer order."""
+
+    def __init__(self, ckpt: Checkpoint, text: str | Path, model: Model):
+        spec, slots = ckpt.spec, model.placements
+        keys = {f"blocks.{i}.{name}": slots[i] for i in range(spec.n_layer) for name in model.module.MATRICES
+                if f"blocks.{i}.{name}" in ckpt.tensors and slots[i].weights == "i8"}
+        if slots[spec.n_layer].weights == "i8":
+            keys["head.weight"] = slots[spec.n_layer]
+        self.gptq = LayerwiseGptq(ckpt, text, {
+            key: partial(self._one, atype=slot.atype, factor=passes.rescale_factor(key, model.rescale_layer))
+            for key, slot in keys.items()})
+
+    @staticmethod
+    def _one(weight: torch.Tensor, hessian: np.ndarray, atype: torch.dtype, factor: int):
+        # the file's weight; the model holds it divided by the fp16 rescale's power of 2 (exact)
+        made, values = quantize_rwkv_int8_gptq(weight / factor, atype, hessian)
+        return made, values.numpy() * factor
+
+    def __call__(self, key: str, weight: torch.Tensor, placement):
+        return self.gptq.blocks(key) if key in self.gptq else None
 
 
 def tensor_sensitivity(ckpt: Checkpoint, text: str | Path, rounded: dict, max_tokens: int = 2048,

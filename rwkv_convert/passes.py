@@ -31,11 +31,21 @@ def fold_ln0(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.flo
     return out
 
 
+RESCALED_MATRICES = ("att.output.weight", "ffn.value.weight")  # what the fp16 rescale divides
+
+
+def rescale_factor(key: str, every: int) -> int:
+    """What rescale_for_fp16 divides the matrix `key` (blocks.i.<name>) by: 2^(i // every), or 1."""
+    if not every or not key.startswith("blocks.") or not key.endswith(RESCALED_MATRICES):
+        return 1
+    return 2 ** (int(key.split(".")[1]) // every)
+
+
 def rescale_for_fp16(layer: Mapping[str, torch.Tensor], layer_id: int, every: int) -> dict[str, torch.Tensor]:
     """One block's tensors (names without the blocks.i. prefix)."""
     out = dict(layer)
     scale = 2 ** (layer_id // every)
-    for name in ("att.output.weight", "ffn.value.weight"):
+    for name in RESCALED_MATRICES:
         out[name] = layer[name] / scale
     return out
 

@@ -89,7 +89,7 @@ class Model:
         unknown = set(skip_passes) - {passes.FOLD_LN0, passes.STACK}
         if unknown:
             raise ValueError(f"cannot skip {sorted(unknown)}: only {passes.FOLD_LN0} and {passes.STACK} are optional")
-        self._skip = set(skip_passes)
+        self._skip, self._quantizer = set(skip_passes), None
         self._prepare(checkpoint.tensors)
         self._state_template = [(tuple(t.shape), t.dtype, t.device) for t in self.init_state()]
 
@@ -100,14 +100,20 @@ class Model:
             raise UnsupportedError(f"{checkpoint.path}: {reason} (`inspect` reads it)")
 
     @classmethod
-    def unprepared(cls, checkpoint: Checkpoint, strategy: str | Strategy) -> Model:
+    def unprepared(cls, checkpoint: Checkpoint, strategy: str | Strategy, quantizer=None) -> Model:
         """A model whose weights are not prepared yet: iterating `prepared_parts(checkpoint.tensors)` prepares
-        them part by part (for writers of prepared files, which store each layer as it is made)."""
+        them part by part (for writers of prepared files, which store each layer as it is made). quantizer:
+        None, or a function (our key, the matrix as prepared [out, in], its Placement) -> the weight to use
+        instead of the slot's scheme's, or None to leave the matrix to the scheme."""
         cls._check_runnable(checkpoint)
         model = cls.__new__(cls)
         model._setup(checkpoint.spec, strategy, None, checkpoint.path)
-        model._skip, model._ln0_fold = set(), "fp32"
+        model._skip, model._ln0_fold, model._quantizer = set(), "fp32", quantizer
         return model
+
+    def _quantize(self, key: str, weight: torch.Tensor, placement: Placement):
+        chosen = self._quantizer(key, weight, placement) if self._quantizer is not None else None
+        return chosen if chosen is not None else scheme_for(placement.weights).quantize(weight, placement.atype)
 
     def _setup(self, spec: ModelSpec, strategy: str | Strategy, rescale_layer: int | None, source,
                kernels: str = "auto") -> None:
@@ -200,10 +206,9 @@ class Model:
                 if self.rescale_layer:
                     record(passes.RESCALE)
                     lw = passes.rescale_for_fp16(lw, i, self.rescale_layer)
-                scheme = scheme_for(p.weights)
                 for name in module.MATRICES:
                     if name in lw:
-                        lw[name] = scheme.quantize(lw[name], p.atype)
+                        lw[name] = self._quantize(prefix + name, lw[name], p)
                 record(passes.DECAY)  # the runner's math expects it: it always runs
                 lw = passes.precompute_decay(lw, module, spec, i)
                 if passes.STACK not in skip:
@@ -213,7 +218,7 @@ class Model:
                 yield i, lw
             self.ln_out = (tensors["ln_out.weight"].to(head.atype).to(head.device),
                            tensors["ln_out.bias"].to(head.atype).to(head.device))
-            self.head = scheme_for(head.weights).quantize(tensors["head.weight"], head.atype).to(head.device)
+            self.head = self._quantize("head.weight", tensors["head.weight"], head).to(head.device)
             yield spec.n_layer, {}
 
     runner_name = "rwkv-convert runner"

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import AtomicOutput
+from ..calibration import PipInt8Gptq, describe
 from ..checkpoint import Checkpoint
 from ..errors import RwkvConvertError
 from ..quant.float_weights import FloatWeight, StackedFloatWeight
@@ -73,11 +74,22 @@ def _wrap(key: str, tensors: dict, kinds: dict):
 @dataclass(frozen=True)
 class PreparedOptions(Options):
     strategy: str = option("cpu fp32", "the strategy the runner's weights are prepared for (int8 included)")
+    calibration: str | None = option(None, "a text (or 'bundled') run through the reference runner: the int8"
+                                     " slots' levels are chosen by GPTQ from its activations (the pip package's"
+                                     " scheme, same size and kernel, less error)")
 
 
 def write(ckpt: Checkpoint, output: Path, options: PreparedOptions) -> list[Path]:
     """Prepare the checkpoint for the strategy layer by layer, writing each layer as it is made."""
     model = Model.unprepared(ckpt, options.strategy)
+    calibration = "none"
+    if options.calibration:
+        if "i8" not in {p.weights for p in model.placements}:
+            raise RwkvConvertError(f"--calibration chooses how int8 weights round, and \"{model.strategy}\" has none:"
+                                   " give an i8 strategy (e.g. \"cpu fp32i8\")")
+        gptq = PipInt8Gptq(ckpt, options.calibration, model)
+        model = Model.unprepared(ckpt, options.strategy, quantizer=gptq)
+        calibration = describe("gptq", options.calibration)
     kinds: dict = {}
     with AtomicOutput(output) as target:
         writer = SafetensorsWriter(target.temp(), align=64)
@@ -98,7 +110,8 @@ def write(ckpt: Checkpoint, output: Path, options: PreparedOptions) -> list[Path
                     "rwkv_convert.spec": json.dumps(ckpt.spec.to_dict()), "rwkv_convert.strategy": str(model.strategy),
                     "rwkv_convert.rescale_layer": str(model.rescale_layer),
                     "rwkv_convert.passes": json.dumps(model.passes), "rwkv_convert.weights": json.dumps(kinds),
-                    "rwkv_convert.source": ckpt.path.name, "rwkv_convert.source_sha256": file_sha256(ckpt.path)}
+                    "rwkv_convert.source": ckpt.path.name, "rwkv_convert.source_sha256": file_sha256(ckpt.path),
+                    "rwkv_convert.calibration": calibration}
             writer.close(meta)
         finally:
             writer.abort()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import gguf_blocks, matmul_nbits
-from .gguf_blocks import column_importance
+from .gguf_blocks import Grid, column_importance
 
 CODECS = {**gguf_blocks.CODECS, **matmul_nbits.CODECS}  # GGUF's block types and onnxruntime's MatMulNBits
 
@@ -38,6 +38,29 @@ def _inverse_factor(hessian: np.ndarray) -> np.ndarray:
     return np.linalg.cholesky(inverse.T @ inverse).T
 
 
+def _compensated(w: np.ndarray, hessian: np.ndarray, size: int, block_grid) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ's loop over the columns of w [n, k] (modified in place): block_grid(start, the block's values as they
+    stand now [n, size]) -> the Grid the block is rounded on. Returns (levels, values), both [n, k] fp32."""
+    n, k = w.shape
+    u = _inverse_factor(hessian).astype(np.float32)
+    lazy = max(LAZY // size, 1) * size  # batches of whole blocks
+    levels, values = np.empty_like(w), np.empty_like(w)
+    for start in range(0, k, lazy):
+        end = min(start + lazy, k)
+        errors = np.empty((n, end - start), np.float32)
+        for block in range(start, end, size):
+            grid = block_grid(block, w[:, block:block + size])
+            for j in range(size):
+                c = block + j
+                levels[:, c] = grid.levels(w[:, c], j)
+                values[:, c] = grid.values(levels[:, c], j)
+                err = (w[:, c] - values[:, c]) / u[c, c]
+                w[:, c + 1:end] -= np.outer(err, u[c, c + 1:end])
+                errors[:, c - start] = err
+        w[:, end:] -= errors @ u[start:end, end:]
+    return levels, values
+
+
 def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
     """weight [n, k] (the matrix's rows, k a multiple of the type's block), hessian [k, k] (E[x x^T] of its
     inputs) -> (the blocks of qtype (a key of CODECS) as uint8 [n, k / size * bytes], the values they hold [n, k]
@@ -50,25 +73,26 @@ def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, qtype: str) -> tuple[
     if k % codec.size or hessian.shape != (k, k):
         raise ValueError(f"GPTQ needs rows of whole {codec.size}-value blocks and a [{k}, {k}] matrix; got rows of"
                          f" {k} and {tuple(hessian.shape)}")
-    u = _inverse_factor(hessian).astype(np.float32)
     importance = column_importance(np.diag(hessian).astype(np.float32), k)
-    lazy = max(LAZY // codec.size, 1) * codec.size  # batches of whole blocks
-    packed, values = [], np.empty_like(w)
-    for start in range(0, k, lazy):
-        end = min(start + lazy, k)
-        errors = np.empty((n, end - start), np.float32)
-        for block in range(start, end, codec.size):
-            cols = slice(block, block + codec.size)
-            scales = codec.fit(w[:, cols], np.broadcast_to(importance[cols], (n, codec.size)))
-            grid = codec.grid(scales)
-            levels = np.empty((n, codec.size), np.float32)
-            for j in range(codec.size):
-                c = block + j
-                levels[:, j] = grid.levels(w[:, c], j)
-                values[:, c] = grid.values(levels[:, j], j)
-                err = (w[:, c] - values[:, c]) / u[c, c]
-                w[:, c + 1:end] -= np.outer(err, u[c, c + 1:end])
-                errors[:, c - start] = err
-            packed.append(codec.pack(scales, levels))
-        w[:, end:] -= errors @ u[start:end, end:]
+    scales = []
+
+    def block_grid(block: int, values: np.ndarray) -> Grid:
+        scales.append(codec.fit(values, np.broadcast_to(importance[block:block + codec.size], (n, codec.size))))
+        return codec.grid(scales[-1])
+
+    levels, values = _compensated(w, hessian, codec.size, block_grid)
+    packed = [codec.pack(p, levels[:, b * codec.size:(b + 1) * codec.size]) for b, p in enumerate(scales)]
     return np.concatenate(packed, axis=-1), values
+
+
+def gptq_on_grid(weight: np.ndarray, hessian: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ where every value's grid is fixed in advance (grid.step and grid.offset [n, k]), as the pip package's
+    int8 fixes it from the whole matrix's row and column ranges -> (levels, values), both [n, k] fp32."""
+    w = np.array(weight, dtype=np.float32)
+    if grid.step.shape != w.shape or hessian.shape != (w.shape[1],) * 2:
+        raise ValueError(f"a grid of {grid.step.shape} and a moment matrix of {hessian.shape} for a {w.shape} matrix")
+
+    def column(c: int, _values) -> Grid:
+        return Grid(grid.step[:, c:c + 1], grid.offset[:, c:c + 1], grid.lo, grid.hi)
+
+    return _compensated(w, hessian, 1, column)

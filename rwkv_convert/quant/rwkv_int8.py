@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ..cuda import ops as cuda_ops
+from .gguf_blocks import Grid
+from .gptq import gptq_on_grid
 from .native import int8_gemv, int8_library
 
 
@@ -44,6 +46,21 @@ def quantize_rwkv_int8(weight_out_in: torch.Tensor, atype: torch.dtype) -> dict[
     del w
     return {"q": q.contiguous(), "mx": mx.to(atype).contiguous(), "rx": (rx / 16).to(atype).contiguous(),
             "my": my.to(atype).contiguous(), "ry": (ry / 16).to(atype).contiguous()}
+
+
+def quantize_rwkv_int8_gptq(weight_out_in: torch.Tensor, atype: torch.dtype, hessian) -> tuple[RwkvInt8Weight,
+                                                                                              torch.Tensor]:
+    """The pip package's int8 with its levels chosen by GPTQ (quant/gptq.py) from E[x x^T] of the matrix's inputs
+    (hessian [in, in]): the same companions (row and column minima and ranges, as the package computes them), so
+    the same file size and kernel; only each q differs, each column's rounding error compensated in the columns
+    after it. Returns the weight and the [out, in] fp32 values it holds."""
+    weight = RwkvInt8Weight(**quantize_rwkv_int8(weight_out_in, atype))
+    mx, rx, my, ry = weight._f32  # W[n, m] = (q[n, m] + 0.5) * ry[n] * rx[m] + my[n] + mx[m], n = in, m = out
+    step = (rx[:, None] * ry[None, :]).numpy()  # [out, in]: GPTQ's rows are the outputs
+    offset = 0.5 * step + (mx[:, None] + my[None, :]).numpy()
+    levels, values = gptq_on_grid(weight_out_in.float().numpy(), hessian, Grid(step, offset, 0, 255))
+    q = torch.from_numpy(levels.T.astype("uint8")).contiguous()
+    return RwkvInt8Weight(q, weight.mx, weight.rx, weight.my, weight.ry), torch.from_numpy(values)
 
 
 @dataclass

@@ -22,10 +22,10 @@ from ... import arch
 from ...arch.common import as_vector, layer_norm
 from ...arch.v7 import DEEP_EMBED_KEYS
 from ...atomic import AtomicOutput
-from ...calibration import BUNDLED, LayerwiseGptq, activation_importance
+from ...calibration import LayerwiseGptq, activation_importance, describe
 from ...checkpoint import Checkpoint
 from ...errors import RwkvConvertError
-from ...passes import rescale_for_fp16
+from ...passes import rescale_factor, rescale_for_fp16
 from ...quant import matmul_nbits
 from ...spec import ModelSpec
 from ...strategy import parse_strategy
@@ -89,13 +89,8 @@ class _CalibratedBlocks:
         if self.gptq is None:
             return matmul_nbits.quantize(w.float().numpy(), bits, self.scale_dtype, self.importance[key].numpy())
         data, scales, zero_points = matmul_nbits.unpack(self.gptq.blocks(key), n, k, bits, self.scale_dtype)
-        layer = int(key.split(".")[1]) if key.startswith("blocks.") else 0
-        if self.rescale and key.endswith(RESCALED) and layer >= self.rescale:  # GPTQ saw the file's weight
-            scales = scales / np.asarray(2 ** (layer // self.rescale), scales.dtype)  # a power of 2: exact
-        return data, scales, zero_points
-
-
-RESCALED = ("att.output.weight", "ffn.value.weight")  # what passes.rescale_for_fp16 divides
+        factor = rescale_factor(key, self.rescale)  # GPTQ saw the file's weight, the graph holds it rescaled
+        return data, scales / np.asarray(factor, scales.dtype), zero_points  # a power of 2: exact
 
 
 class _Lazy:
@@ -230,10 +225,6 @@ class OnnxOptions(Options):
                                         " written", flag="--external-data/--inline-data")
 
 
-def _text_name(text: str) -> str:
-    return "the bundled text" if text == BUNDLED else Path(text).name
-
-
 def supports(spec: ModelSpec) -> str | None:
     if spec.deep_embed:
         return f"this is an RWKV-7 DeepEmbed model ({DEEP_EMBED_KEYS[0]}): no ONNX export for it yet"
@@ -284,7 +275,7 @@ def write(ckpt: Checkpoint, output: Path, options: OnnxOptions) -> list[Path]:
                 meta["rwkv.table_quant"] = table_quant
                 if quant != "none":
                     meta["rwkv.compute"] = options.compute
-                    meta["rwkv.calibration"] = (f"{options.calibration_method} on {_text_name(options.calibration)}"
+                    meta["rwkv.calibration"] = (describe(options.calibration_method, options.calibration)
                                                 if options.calibration else "none")
                 models.append(g.model(doc, meta))
         finally:
