@@ -36,7 +36,8 @@ class _Recording:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().float().reshape(-1, x.shape[-1])
         total, count = self.sums.get(self.key, (0.0, 0))
-        moment = flat.double().t() @ flat.double() if self.full else (flat * flat).sum(0)
+        # one window's sum in fp32 (BLAS speed), the running total over windows in fp64
+        moment = (flat.t() @ flat if self.full else (flat * flat).sum(0)).double()
         self.sums[self.key] = (total + moment, count + flat.shape[0])
         return self.inner.matmul(x)
 

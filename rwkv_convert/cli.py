@@ -296,8 +296,8 @@ def verify_command(candidate, reference, strategy, tokens, seed, json_path, runn
 @click.option("--text", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="The text to score (default: the bundled held-out text, Python standard-library modules).")
 @click.option("--schemes", default=None,
-              help=f"Comma-separated, from: {', '.join(quality.SCHEMES)} (default all but the -round ones; fp32 is"
-              " always measured).")
+              help=f"Comma-separated, from: {', '.join(quality.SCHEMES)}; or all (default:"
+              f" {', '.join(quality.DEFAULT_SCHEMES)}; fp32 is always measured).")
 @click.option("--window", default=1024, show_default=True, type=click.IntRange(2, None),
               help="Tokens per window; each window is scored from a fresh state.")
 @click.option("--target-size", default=None,

@@ -79,7 +79,12 @@ SCHEMES = {s.name: s for s in (
     *(Scheme(f"onnx-int{b}-fp32compute", "onnx", {"quant": f"int{b}", "graphs": "sequence", "compute": "fp32"},
              "onnxruntime", b) for b in (8, 4)),
 )}
-DEFAULT_SCHEMES = tuple(name for name in SCHEMES if not name.endswith("-round"))
+# One row per choice a user makes, calibrated beside plain where calibration matters (the 4-bit types and our
+# int8); `--schemes all` measures every scheme (about twice as long).
+DEFAULT_SCHEMES = ("fp32", "fp16", "bf16", "fp32i8", "fp32i8-cal",
+                   "gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q5_0", "gguf-q4_1", "gguf-q4_1-cal",
+                   "gguf-q4_0", "gguf-q4_0-cal", "gguf-q4_k", "gguf-q4_k-cal",
+                   "onnx-fp16", "onnx-int8", "onnx-int4", "onnx-int4-cal", "onnx-fp16-int4-cal-int8-tables")
 MAX_REFERENCE_BYTES = 4 << 30
 SUFFIXES = {"gguf": "gguf", "onnx": "onnx", "safetensors": "safetensors"}
 
@@ -113,9 +118,12 @@ class QualityReport:
 
 
 def parse_schemes(text: str | None) -> list[str]:
+    """A comma-separated list of scheme names, or "all"; None: the default set."""
     if not text:
         return list(DEFAULT_SCHEMES)
     names = [s.strip() for s in text.split(",") if s.strip()]
+    if names == ["all"]:
+        return list(SCHEMES)
     unknown = [n for n in names if n not in SCHEMES]
     if unknown or not names:
         raise RwkvConvertError(f"unknown scheme {', '.join(unknown) or repr(text)}; choose from {', '.join(SCHEMES)}")

@@ -94,6 +94,14 @@ def test_quality_cli_prints_the_table_and_writes_json(tmp_path):
     assert data["text_bytes"] == 3000 and data["windows"] == 3 and data["n_params"] > 2_000_000
 
 
+def test_scheme_sets():
+    from rwkv_convert.quality import DEFAULT_SCHEMES, SCHEMES, parse_schemes
+
+    assert parse_schemes(None) == list(DEFAULT_SCHEMES) and set(DEFAULT_SCHEMES) < set(SCHEMES)
+    assert parse_schemes("all") == list(SCHEMES)
+    assert parse_schemes("gguf-q4_0, fp16") == ["fp32", "gguf-q4_0", "fp16"]  # the reference first, always
+
+
 def test_quality_refuses_unknown_schemes_and_missing_texts(tmp_path):
     assert_one_line_error(cli("quality", str(trained_model("v7")), "--schemes", "q3_k"), "unknown scheme q3_k")
     assert_one_line_error(cli("quality", str(trained_model("v7")), "--text", str(tmp_path / "none.txt")),
