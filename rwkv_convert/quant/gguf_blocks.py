@@ -92,7 +92,7 @@ def symmetric_blocks(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarra
     return d.astype(np.float32).reshape(n, k // BLOCK), q.reshape(n, k)
 
 
-def _affine_search(x: np.ndarray, w: np.ndarray, nmax: int, offset_at_most_zero: bool = False):
+def affine_search(x: np.ndarray, w: np.ndarray, nmax: int, offset_at_most_zero: bool = False):
     """Per block: scale d and offset m with x ~ d q + m, q in [0, nmax], minimising sum w (x - (d q + m))^2
     (weighted least squares for d and m given the levels, over candidate level assignments). With
     offset_at_most_zero (the K-quants store -m as an unsigned multiple of dmin): m <= 0 and d >= 0."""
@@ -142,7 +142,7 @@ def column_importance(importance: np.ndarray | None, k: int) -> np.ndarray:
     return np.maximum(w, w.max() * 1e-6 if w.max() > 0 else 1.0)
 
 
-def _as_blocks(rows: np.ndarray, importance: np.ndarray | None, size: int, unit: str):
+def as_blocks(rows: np.ndarray, importance: np.ndarray | None, size: int, unit: str):
     """(n rows, the values as [n * k / size, size] blocks, each value's importance in the same shape)."""
     x = np.ascontiguousarray(rows, dtype=np.float32)
     n, k = x.shape
@@ -173,7 +173,7 @@ def _k_affine_fit(x: np.ndarray, w: np.ndarray, nmax: int):
     """Q4_K / Q5_K: x [n, 256] -> d, dmin (fp16 [n, 1]) and the 6-bit scales and mins [n, 8]."""
     n = x.shape[0]
     xs, ws = x.reshape(n * 8, 32), w.reshape(n * 8, 32)
-    scale, offset = _affine_search(xs, ws, nmax, offset_at_most_zero=True)
+    scale, offset = affine_search(xs, ws, nmax, offset_at_most_zero=True)
     scale, mins = scale.reshape(n, 8), (-offset).reshape(n, 8)
     d = (scale.max(-1, keepdims=True) / 63).astype(np.float16)
     dmin = (mins.max(-1, keepdims=True) / 63).astype(np.float16)
@@ -242,7 +242,7 @@ def _symmetric_codec(nmax: int, pack) -> Codec:
 
 
 def _affine_fit(x: np.ndarray, w: np.ndarray, nmax: int):
-    d, m = _affine_search(x, w, nmax)
+    d, m = affine_search(x, w, nmax)
     return d.astype(np.float16), m.astype(np.float16)
 
 
@@ -289,7 +289,7 @@ def quantize_any(rows: np.ndarray, qtype: str, importance: np.ndarray | None = N
     if qtype not in CODECS:
         raise ValueError(f"no importance-weighted quantizer for {qtype}; choose from {', '.join(CODECS)}")
     codec = CODECS[qtype]
-    n, blocks, wb = _as_blocks(rows, importance, codec.size, "blocks" if codec.size == BLOCK else "super-blocks")
+    n, blocks, wb = as_blocks(rows, importance, codec.size, "blocks" if codec.size == BLOCK else "super-blocks")
     scales = codec.fit(blocks, wb)
     return codec.pack(scales, codec.grid(scales).levels(blocks)).reshape(n, -1)
 

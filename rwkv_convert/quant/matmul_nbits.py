@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .gguf_blocks import Codec, Grid, _affine_search, _as_blocks
+from .gguf_blocks import Codec, Grid, affine_search, as_blocks
 
 BLOCK = 32
 SCALE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -27,7 +27,7 @@ def _fit(x: np.ndarray, w: np.ndarray, bits: int, dtype) -> tuple[np.ndarray, np
     """Per block (rows of x): (scale [n, 1] in dtype, zero point [n, 1] uint8) minimising sum w (x - s (q - z))^2
     over what the search tries. The zero point is an integer level, so zero always lies on the grid."""
     nmax = (1 << bits) - 1
-    d, m = _affine_search(x, w, nmax, offset_at_most_zero=True)  # x ~ d q + m with m <= 0
+    d, m = affine_search(x, w, nmax, offset_at_most_zero=True)  # x ~ d q + m with m <= 0
     with np.errstate(divide="ignore", invalid="ignore"):
         zp = np.where(d > 0, np.clip(np.rint(-m / d), 0, nmax), 0)
         for _ in range(REFIT):
@@ -84,7 +84,7 @@ def quantize(rows: np.ndarray, bits: int, scale_dtype: str, importance: np.ndarr
     """rows [n, k] (k a multiple of 32) -> MatMulNBits' (data, scales, zero points), each block fit by the
     importance-weighted search (importance [k] per column, or None: all equal)."""
     c = CODECS[codec_name(bits, scale_dtype)]
-    n, blocks, wb = _as_blocks(rows, importance, BLOCK, "blocks")
+    n, blocks, wb = as_blocks(rows, importance, BLOCK, "blocks")
     params = c.fit(blocks, wb)
     records = c.pack(params, c.grid(params).levels(blocks)).reshape(n, -1)
     return unpack(records, n, rows.shape[1], bits, scale_dtype)
