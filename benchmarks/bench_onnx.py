@@ -25,16 +25,20 @@ from bench_runner import add_checkpoint_args, ensure_checkpoint, measure, run_pi
 
 HERE = Path(__file__).resolve()
 ROWS = [("pip", "cpu fp32", "rwkv 0.8.32 cpu fp32"), ("pip", "cpu fp32i8", "rwkv 0.8.32 cpu fp32i8"),
-        ("onnx", "none", "onnx fp32"), ("onnx", "int8", "onnx int8")]
+        ("onnx", "none", "onnx fp32"), ("onnx", "int8", "onnx int8"), ("onnx", "int8/fp32", "onnx int8, fp32 compute"),
+        ("onnx", "int4", "onnx int4"), ("onnx", "int4/fp32", "onnx int4, fp32 compute")]
 
 
-def run_onnx(path: Path, quant: str, args) -> dict:
+def run_onnx(path: Path, setting: str, args) -> dict:
+    """setting: --onnx-quant, then /COMPUTE for --onnx-compute (default int8: accuracy_level 4)."""
     import rwkv_convert
     from rwkv_convert.formats.onnx.runtime import OnnxModel
 
+    quant, _, compute = setting.partition("/")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         start = time.perf_counter()
-        paths = rwkv_convert.convert(path, "onnx", Path(tmp) / "m.onnx", quant=quant, logits="last")
+        paths = rwkv_convert.convert(path, "onnx", Path(tmp) / "m.onnx", quant=quant, logits="last",
+                                     compute=compute or "int8")
         export_s = time.perf_counter() - start
         start = time.perf_counter()
         model = OnnxModel(paths[0], providers=["CPUExecutionProvider"])
@@ -81,14 +85,14 @@ def main() -> None:
 
     print(f"\n{args.version} L{args.layers} C{args.embd} V{args.vocab} ({args.file_dtype} file), {args.prefill}-token"
           f" prefill, {args.decode_tokens} decode steps, medians; {os.cpu_count()} CPUs")
-    print(f"{'runner':<24}{'decode ms/token':>17}{'prefill tok/s':>15}{'load s':>9}{'export s':>10}{'MB':>8}")
+    print(f"{'runner':<26}{'decode ms/token':>17}{'prefill tok/s':>15}{'load s':>9}{'export s':>10}{'MB':>8}")
     for name, r in rows.items():
         if "error" in r:
-            print(f"{name:<24}  failed: {r['error']}")
+            print(f"{name:<26}  failed: {r['error']}")
             continue
         export = f"{r['export_s']:>10.1f}" if "export_s" in r else f"{'':>10}"
         size = f"{r['bytes'] / 1e6:>8.0f}" if "bytes" in r else f"{'':>8}"
-        print(f"{name:<24}{r['decode_ms']:>17.1f}{r['prefill_tok_s']:>15.0f}{r['load_s']:>9.2f}{export}{size}")
+        print(f"{name:<26}{r['decode_ms']:>17.1f}{r['prefill_tok_s']:>15.0f}{r['load_s']:>9.2f}{export}{size}")
 
 
 if __name__ == "__main__":
