@@ -84,6 +84,13 @@ def option(default: Any, help: str, flag: str | None = None, choices: tuple | No
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
 
 
+def calibration_method_option() -> Any:
+    """--calibration-method, the same for every format that calibrates its blocks."""
+    return option("gptq", "with --calibration: gptq (each matrix's rounding errors compensated in its other"
+                  " columns, from its inputs' second moments, layer by layer) or rounding (each block's scale chosen"
+                  " by importance-weighted error alone)", choices=("gptq", "rounding"))
+
+
 @dataclass(frozen=True)
 class Options:
     """Base of the formats' write options: values are checked against their choices on construction."""

@@ -29,7 +29,7 @@ from ..quant import gguf_blocks, size_plan
 from ..spec import ModelSpec
 from ..strategy import Strategy, allocate, parse_strategy
 from . import gguf_vocab
-from .base import Format, NativeRun, Options, option
+from .base import Format, NativeRun, Options, calibration_method_option, option
 from .gguf_tables import GLOBAL, READ_TABLES, WRITE_TABLES, Row, rwkv6_lora_ranks
 from .spans import check_spans
 
@@ -235,10 +235,7 @@ class GgufOptions(Options):
     calibration: str | None = option(None, "a text (or 'bundled') run through the reference runner: its activations"
                                      " guide the rounding of the 4-8-bit blocks (plain GGUF blocks that any llama.cpp"
                                      " runs; see --calibration-method)")
-    calibration_method: str = option("gptq", "with --calibration: gptq (each matrix's rounding errors compensated"
-                                     " in its other columns, from its inputs' second moments, layer by layer) or"
-                                     " rounding (each block's scale chosen by importance-weighted error alone)",
-                                     choices=("gptq", "rounding"))
+    calibration_method: str = calibration_method_option()
 
 
 def needs(spec: ModelSpec, options: GgufOptions) -> str | None:

@@ -29,7 +29,7 @@ from ...passes import rescale_factor, rescale_for_fp16
 from ...quant import matmul_nbits
 from ...spec import ModelSpec
 from ...strategy import parse_strategy
-from ..base import Options, option
+from ..base import Options, calibration_method_option, option
 from . import v4, v5, v6, v7
 from .emit import ACCURACY_LEVELS, QUANT_BITS, Emitter
 from .graph import Graph, WeightStore, onnx_module
@@ -216,10 +216,7 @@ class OnnxOptions(Options):
     calibration: str | None = option(None, "with --onnx-quant, a text (or 'bundled') run through the reference"
                                      " runner: its activations choose the blocks' scales, zero points and levels"
                                      " (plain MatMulNBits that any onnxruntime runs; see --calibration-method)")
-    calibration_method: str = option("gptq", "with --calibration: gptq (each matrix's rounding errors compensated"
-                                     " in its other columns, from its inputs' second moments, layer by layer) or"
-                                     " rounding (each block's scale chosen by importance-weighted error alone)",
-                                     choices=("gptq", "rounding"))
+    calibration_method: str = calibration_method_option()
     external_data: bool | None = option(None, "weights in OUT.data beside the graphs (the default for two graphs,"
                                         " which share it, and above protobuf's 2 GB limit) or inside the one graph"
                                         " written", flag="--external-data/--inline-data")
