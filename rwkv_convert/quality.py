@@ -67,7 +67,7 @@ SCHEMES = {s.name: s for s in (
            "onnxruntime", 8),
     Scheme("onnx-int4-all", "onnx", {"quant": "int4", "graphs": "sequence", "quant_embedding_head": True},
            "onnxruntime", 4),
-    # calibrated (GPTQ on the bundled text); the smallest: fp16 scales and float parameters, 4 bits everywhere
+    # calibrated (GPTQ on the bundled text); fp16 weights and scales with the embedding and head quantized too
     Scheme("onnx-int8-cal", "onnx", {"quant": "int8", "graphs": "sequence", "calibration": BUNDLED}, "onnxruntime", 8),
     Scheme("onnx-int4-cal", "onnx", {"quant": "int4", "graphs": "sequence", "calibration": BUNDLED}, "onnxruntime", 4),
     Scheme("onnx-fp16-int4-all-cal", "onnx", {"dtype": "fp16", "quant": "int4", "graphs": "sequence",
@@ -78,6 +78,9 @@ SCHEMES = {s.name: s for s in (
     # MatMulNBits computing in fp32 (accuracy_level 1) instead of int8: what quantized activations cost
     *(Scheme(f"onnx-int{b}-fp32compute", "onnx", {"quant": f"int{b}", "graphs": "sequence", "compute": "fp32"},
              "onnxruntime", b) for b in (8, 4)),
+    Scheme("onnx-fp16-int8-all-cal-fp32compute", "onnx", {
+        "dtype": "fp16", "quant": "int8", "graphs": "sequence", "quant_embedding_head": True, "calibration": BUNDLED,
+        "compute": "fp32"}, "onnxruntime", 8),
 )}
 # One row per choice a user makes, calibrated beside plain where calibration matters (the 4-bit types and our
 # int8); `--schemes all` measures every scheme (about twice as long).
