@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import rwkv_convert
@@ -190,6 +190,7 @@ def test_corrupted_runnable_files_are_refused_or_run_as_before(fmt, runnable_fil
 
     @EXAMPLES
     @given(corruption=byte_corruptions(path.stat().st_size, start))
+    @example(corruption=("flip", 175, 1))  # found in CI: the prepared header's spec said 3 layers, not 2
     def check(corruption):
         damaged = tmp_path / path.name
         apply(path, damaged, corruption)
@@ -225,6 +226,7 @@ def test_corrupted_onnx_exports_are_refused_or_run_as_before(export, part, onnx_
 
     @EXAMPLES
     @given(corruption=byte_corruptions((folder / part).stat().st_size, 0))
+    @example(corruption=("truncate", 24871, 0))  # found in CI: m.onnx cut inside its metadata, checksum entry gone
     def check(corruption):
         damaged = tmp_path / "export"
         shutil.rmtree(damaged, ignore_errors=True)
@@ -272,3 +274,28 @@ def test_a_copy_with_nothing_changed_reads_back_exactly(originals, tmp_path):
         shutil.copyfile(path, copy)
         refused_or_unchanged(copy, tensors)
         assert read_all(copy).keys() == tensors.keys()
+
+
+def test_a_prepared_file_whose_header_metadata_was_altered_is_refused(originals, tmp_path):
+    path = rwkv_convert.convert(originals["pth"][0], "safetensors", tmp_path / "p.st", layout="prepared")[0]
+    data = path.read_bytes()
+    spec = b'n_layer\\": 2'
+    assert data.count(spec) == 1
+    (tmp_path / "bad.st").write_bytes(data.replace(spec, b'n_layer\\": 3'))  # the JSON stays valid
+    with pytest.raises(RwkvConvertError, match="its metadata .* is not what was written") as e:
+        rwkv_convert.load(tmp_path / "bad.st")
+    assert "\n" not in str(e.value)
+
+
+def test_an_onnx_export_missing_its_metadata_is_refused_in_one_line(originals, tmp_path):
+    """As a file cut inside its metadata leaves it: the checksum entry gone with the keys after the cut."""
+    import onnx
+
+    rwkv_convert.convert(originals["pth"][0], "onnx", tmp_path / "m.onnx", graphs="sequence")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    for prop in [p for p in model.metadata_props if p.key in ("rwkv.dtype", "rwkv.checksums")]:
+        model.metadata_props.remove(prop)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    with pytest.raises(RwkvConvertError, match="damaged ONNX export.*rwkv.dtype") as e:
+        rwkv_convert.load(tmp_path / "m.onnx")
+    assert "\n" not in str(e.value)

@@ -27,6 +27,15 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 NAMES = {v: k for k, v in DTYPES.items()}
 # Our writer stores each tensor's CRC-32 here (JSON {name: crc}); the format itself keeps no checksum.
 CHECKSUMS_KEY = "rwkv_convert.crc32"
+# ... and the CRC-32 of the rest of the metadata (the spec, strategy and layout a reader trusts), from
+# metadata_crc(). Files written before it lack the entry and are read without the check.
+METADATA_CRC_KEY = "rwkv_convert.metadata_crc32"
+
+
+def metadata_crc(metadata: dict[str, str]) -> int:
+    """The CRC-32 of every metadata entry but METADATA_CRC_KEY, in a canonical form (sorted JSON)."""
+    rest = sorted((k, v) for k, v in metadata.items() if k != METADATA_CRC_KEY)
+    return zlib.crc32(json.dumps(rest, separators=(",", ":")).encode())
 
 
 def is_safetensors(path) -> bool:
@@ -101,6 +110,9 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict]:
     entries, metadata, start = read_header(path)
     with open(path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if METADATA_CRC_KEY in metadata and metadata[METADATA_CRC_KEY] != str(metadata_crc(metadata)):
+        raise RwkvConvertError(f"{path}: its metadata (model spec, layout) is not what was written: the header is"
+                               " damaged; the file cannot be trusted")
     if CHECKSUMS_KEY in metadata:
         _check_checksums(path, mapping, entries, start, metadata[CHECKSUMS_KEY])
     tensors = {}
@@ -178,6 +190,7 @@ class SafetensorsWriter:
         try:
             self._data.close()
             metadata = {**metadata, CHECKSUMS_KEY: json.dumps(self.crcs, separators=(",", ":"))}
+            metadata[METADATA_CRC_KEY] = str(metadata_crc(metadata))
             header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
             header += b" " * (-(8 + len(header)) % max(self.align, 8))  # the data section starts aligned
             with open(self.path, "wb") as out, open(self._data_tmp, "rb") as data:

@@ -56,6 +56,13 @@ class OnnxModel:
                                    " runner needs the inputs and state layout our exports declare")
         self.path = path
         self.meta = meta
+        try:
+            self._read_metadata(path, meta, providers, checked, first)
+        except (KeyError, TypeError, ValueError) as e:  # a truncated or altered file whose checksum entry went too
+            raise RwkvConvertError(f"{path} is a damaged ONNX export: its rwkv.* metadata is incomplete or altered"
+                                   f" ({type(e).__name__}: {brief(e, 80)}); export it again") from None
+
+    def _read_metadata(self, path: Path, meta: dict, providers, checked: set, first) -> None:
         self.spec = ModelSpec(**json.loads(meta["rwkv.spec"]))
         # The runner's per-layer state is [att_shift, *wkv parts, ffn_shift]; the export stacks the wkv parts
         # (v4's aa, bb, pp) into one tensor per layer, or holds the one part (v5-v7's matrix) as it is.
