@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__, quality
+from . import __version__, doctor, quality
 from .atomic import Interrupted, check_target_directory, recording, write_text_atomic
 from .bundled import DEFAULT_PROMPT, trained_model
 from .describe import describe_checkpoint, format_description
@@ -329,6 +329,18 @@ def quality_command(source, text, schemes, window, max_bytes, target_size, json_
         write_text_atomic(Path(json_path), json.dumps(report.to_json(), indent=2) + "\n")
     if plot_path:
         quality.plot(report, Path(plot_path))
+
+
+@main.command("doctor")
+@click.argument("checkpoint", required=False, type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of the checks instead of lines.")
+@click.option("--where", default=".", show_default=True, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="The folder whose free disk space counts (where exports go).")
+def doctor_command(checkpoint, as_json, where) -> None:
+    """What this machine can do: torch and its GPU, the kernels, the runtimes each format is verified in, free
+    memory and disk (against CHECKPOINT's size when given); each missing piece with the command that fixes it."""
+    checks = doctor.run_checks(checkpoint, where)
+    click.echo(json.dumps(doctor.to_json(checks), indent=2) if as_json else doctor.format_checks(checks))
 
 
 @main.command("make-fixture")

@@ -1,0 +1,166 @@
+"""`rwkv-convert doctor`: what this machine can do for rwkv-convert, and the command that fixes each missing
+piece. Every check is cheap (imports, versions, a tiny kernel self-check): nothing is downloaded or built
+that a conversion would not build anyway."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .arch import v7
+from .cpu import ops
+from .units import human_size
+
+LLAMA_PIN = "llama-cpp-python==0.3.36"  # the release our GGUF tests run
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "ok", "missing" (an optional piece that is absent) or "problem" (present but not working)
+    detail: str
+    fix: str = ""  # the command that fixes it, where there is one
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _package(name: str, module: str, purpose: str, fix: str) -> Check:
+    version = _version(name) if importlib.util.find_spec(module) is not None else None
+    if version is None:
+        return Check(name, "missing", f"not installed: {purpose}", fix)
+    return Check(name, "ok", f"{version}: {purpose}")
+
+
+def _cpu_kernels() -> Check:
+    if os.environ.get("RWKV_CONVERT_NO_NATIVE") == "1":
+        return Check("CPU kernels", "missing", "turned off by RWKV_CONVERT_NO_NATIVE=1 (the torch loops run instead)",
+                     "unset RWKV_CONVERT_NO_NATIVE")
+    generator = torch.Generator().manual_seed(0)
+    r, k, v, kk = (torch.randn(9, 2, 16, generator=generator) for _ in range(4))
+    w, a = (torch.rand(9, 2, 16, generator=generator) for _ in range(2))
+    kk, s = torch.nn.functional.normalize(kk, dim=-1), torch.zeros(2, 16, 16)
+    got = ops.wkv7(r, w, k, v, kk, a, s)
+    if got is None:
+        return Check("CPU kernels", "problem", "could not be built (the torch loops run instead: slower)",
+                     "install a C compiler (e.g. apt install gcc)")
+    want = v7.wkv7(r, w, k, v, kk, a, s)
+    if not all(torch.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(got, want, strict=True)):
+        return Check("CPU kernels", "problem", "built, but the self-check against the torch loop failed", "")
+    return Check("CPU kernels", "ok", "recurrences built and self-checked against the torch loop")
+
+
+def _gpu() -> list[Check]:
+    cuda_build = torch.version.cuda
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU build" if cuda_build is None else f"torch (CUDA {cuda_build}) sees no device"
+        return [Check("GPU", "missing", f"no CUDA GPU ({why}): everything runs on the CPU; strategies with cuda are"
+                      " refused", "")]
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    checks = [Check("GPU", "ok", f"{len(names)} CUDA device(s): {', '.join(names)} (torch CUDA {cuda_build})")]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        checks.append(Check("nvcc", "missing", "the CUDA kernels cannot be built (the torch code runs instead)",
+                            "install the CUDA toolkit that matches torch's CUDA, or set CUDA_HOME"))
+    else:
+        checks.append(Check("nvcc", "ok", _first_line([nvcc, "--version"], last=True)))
+    return checks
+
+
+def _first_line(command: list[str], last: bool = False) -> str:
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return "present"
+    return (out[-1] if last else out[0]) if out else "present"
+
+
+def _memory_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _room(checkpoint: Path | None, where: Path) -> list[Check]:
+    """Free memory and disk, against what the checkpoint needs: its fp32 reference run holds the weights in
+    fp32 (twice a bf16/fp16 file), and an export writes up to about the file's size again."""
+    free_disk = shutil.disk_usage(where).free
+    memory = _memory_available()
+    if checkpoint is None:
+        return [Check("memory", "ok", f"{human_size(memory)} available" if memory else "unknown"),
+                Check("disk", "ok", f"{human_size(free_disk)} free in {where}")]
+    size = checkpoint.stat().st_size
+    need_memory = 2 * size
+    checks = []
+    if memory is None:
+        checks.append(Check("memory", "ok", "unknown (no /proc/meminfo)"))
+    elif memory < need_memory:
+        checks.append(Check("memory", "problem", f"{human_size(memory)} available; a fp32 reference run of"
+                            f" {checkpoint.name} ({human_size(size)}) needs about {human_size(need_memory)}",
+                            "run it on a machine with more memory"))
+    else:
+        checks.append(Check("memory", "ok", f"{human_size(memory)} available; a fp32 reference run of"
+                            f" {checkpoint.name} needs about {human_size(need_memory)}"))
+    if free_disk < size:
+        checks.append(Check("disk", "problem", f"{human_size(free_disk)} free in {where}; an export of"
+                            f" {checkpoint.name} writes up to {human_size(size)}", "free some space"))
+    else:
+        checks.append(Check("disk", "ok", f"{human_size(free_disk)} free in {where}; an export writes up to"
+                            f" {human_size(size)}"))
+    return checks
+
+
+def run_checks(checkpoint: str | os.PathLike | None = None, where: str | os.PathLike = ".") -> list[Check]:
+    """Every check, in the order they are printed."""
+    checks = [
+        Check("rwkv-convert", "ok", f"{__version__} on Python {platform.python_version()} ({platform.machine()})"),
+        Check("torch", "ok", f"{torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU'}"
+              f" build, {torch.get_num_threads()} threads)"),
+        *_gpu(),
+        _cpu_kernels(),
+        _package("onnxruntime", "onnxruntime", "runs ONNX exports", "pip install onnxruntime"),
+        _package("llama-cpp-python", "llama_cpp", "runs GGUF files in llama.cpp (verify, quality)",
+                 f"pip install {LLAMA_PIN}  (builds llama.cpp: 5-10 minutes)"),
+        _package("rwkv", "rwkv", "the pip package: runs --to pip files, the numerical oracle", "pip install rwkv"),
+        _package("transformers", "transformers", "loads --layout hf exports of RWKV-4",
+                 "pip install 'transformers>=4.56'"),
+        _package("rwkv7-hf", "rwkv7_hf", "runs --layout hf exports of RWKV-7", "pip install rwkv7-hf==0.9.0"),
+        _package("matplotlib", "matplotlib", "quality --plot", "pip install 'rwkv-convert[plot]'"),
+    ]
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        checks.append(Check("onnxruntime providers", "ok", ", ".join(onnxruntime.get_available_providers())))
+    checks += _room(Path(checkpoint) if checkpoint else None, Path(where))
+    return checks
+
+
+def format_checks(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for c in checks:
+        mark = {"ok": "ok", "missing": "--", "problem": "!!"}[c.status]
+        lines.append(f"{mark}  {c.name.ljust(width)}  {c.detail}" + (f"  [fix: {c.fix}]" if c.fix else ""))
+    return "\n".join(lines)
+
+
+def to_json(checks: list[Check]) -> list[dict]:
+    return [asdict(c) for c in checks]
+
