@@ -17,7 +17,8 @@ import torch
 
 from . import __version__
 from .arch import v7
-from .cpu import ops
+from .cpu import ops as cpu_ops
+from .cuda import ops as cuda_ops
 from .units import human_size
 
 LLAMA_PIN = "llama-cpp-python==0.3.36"  # the release our GGUF tests run
@@ -45,20 +46,29 @@ def _package(name: str, module: str, purpose: str, fix: str) -> Check:
     return Check(name, "ok", f"{version}: {purpose}")
 
 
+def _self_check(kernel, device: str) -> bool | None:
+    """The RWKV-7 recurrence kernel against the torch loop on a small random input on `device`: None when the
+    kernel cannot run there."""
+    generator = torch.Generator().manual_seed(0)
+    r, k, v, kk = (torch.randn(9, 2, 16, generator=generator).to(device) for _ in range(4))
+    w, a = (torch.rand(9, 2, 16, generator=generator).to(device) for _ in range(2))
+    kk, s = torch.nn.functional.normalize(kk, dim=-1), torch.zeros(2, 16, 16, device=device)
+    got = kernel(r, w, k, v, kk, a, s)
+    if got is None:
+        return None
+    want = v7.wkv7(r, w, k, v, kk, a, s)
+    return all(torch.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(got, want, strict=True))
+
+
 def _cpu_kernels() -> Check:
     if os.environ.get("RWKV_CONVERT_NO_NATIVE") == "1":
         return Check("CPU kernels", "missing", "turned off by RWKV_CONVERT_NO_NATIVE=1 (the torch loops run instead)",
                      "unset RWKV_CONVERT_NO_NATIVE")
-    generator = torch.Generator().manual_seed(0)
-    r, k, v, kk = (torch.randn(9, 2, 16, generator=generator) for _ in range(4))
-    w, a = (torch.rand(9, 2, 16, generator=generator) for _ in range(2))
-    kk, s = torch.nn.functional.normalize(kk, dim=-1), torch.zeros(2, 16, 16)
-    got = ops.wkv7(r, w, k, v, kk, a, s)
-    if got is None:
+    passed = _self_check(cpu_ops.wkv7, "cpu")
+    if passed is None:
         return Check("CPU kernels", "problem", "could not be built (the torch loops run instead: slower)",
                      "install a C compiler (e.g. apt install gcc)")
-    want = v7.wkv7(r, w, k, v, kk, a, s)
-    if not all(torch.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(got, want, strict=True)):
+    if not passed:
         return Check("CPU kernels", "problem", "built, but the self-check against the torch loop failed", "")
     return Check("CPU kernels", "ok", "recurrences built and self-checked against the torch loop")
 
@@ -77,6 +87,15 @@ def _gpu() -> list[Check]:
                             "install the CUDA toolkit that matches torch's CUDA, or set CUDA_HOME"))
     else:
         checks.append(Check("nvcc", "ok", _first_line([nvcc, "--version"], last=True)))
+    passed = _self_check(cuda_ops.wkv7, "cuda") if os.environ.get("RWKV_CONVERT_NO_CUDA_KERNELS") != "1" else None
+    if passed is None:
+        checks.append(Check("CUDA kernels", "problem", "not built or turned off (the torch code runs on the GPU"
+                            " instead: slower); the build's one-line reason is printed above",
+                            "scripts/gpu-check.sh shows the build"))
+    else:
+        checks.append(Check("CUDA kernels", "ok" if passed else "problem",
+                            "built for this card and self-checked against the torch loop" if passed else
+                            "built, but the self-check against the torch loop failed"))
     return checks
 
 

@@ -23,6 +23,7 @@ start=$(date +%s)
 python3 -c "from rwkv_convert.cuda.build import extension; import sys; sys.exit(0 if extension() else 1)" \
     || { echo "KERNEL BUILD FAILED"; exit 1; }
 echo "kernels built in $(( $(date +%s) - start )) s"
+python3 -m rwkv_convert.cli doctor 2>&1 | tee "$OUT/doctor.txt" | grep -E "GPU|nvcc|kernels"
 
 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
