@@ -74,19 +74,19 @@ def _cpu_kernels() -> Check:
 
 
 def _gpu() -> list[Check]:
+    """The GPU, nvcc (which compile-checks the kernels even without one) and, on a GPU, the CUDA kernels."""
     cuda_build = torch.version.cuda
+    nvcc = shutil.which("nvcc")
+    nvcc_check = (Check("nvcc", "ok", _last_line([nvcc, "--version"])) if nvcc else
+                  Check("nvcc", "missing", "the CUDA kernels cannot be built (the torch code runs on a GPU instead)",
+                        "install the CUDA toolkit that matches torch's CUDA, or set CUDA_HOME"))
     if not torch.cuda.is_available():
         why = "this torch is a CPU build" if cuda_build is None else f"torch (CUDA {cuda_build}) sees no device"
         return [Check("GPU", "missing", f"no CUDA GPU ({why}): everything runs on the CPU; strategies with cuda are"
-                      " refused", "")]
+                      " refused", ""), nvcc_check]
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    checks = [Check("GPU", "ok", f"{len(names)} CUDA device(s): {', '.join(names)} (torch CUDA {cuda_build})")]
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        checks.append(Check("nvcc", "missing", "the CUDA kernels cannot be built (the torch code runs instead)",
-                            "install the CUDA toolkit that matches torch's CUDA, or set CUDA_HOME"))
-    else:
-        checks.append(Check("nvcc", "ok", _first_line([nvcc, "--version"], last=True)))
+    checks = [Check("GPU", "ok", f"{len(names)} CUDA device(s): {', '.join(names)} (torch CUDA {cuda_build})"),
+              nvcc_check]
     passed = _self_check(cuda_ops.wkv7, "cuda") if os.environ.get("RWKV_CONVERT_NO_CUDA_KERNELS") != "1" else None
     if passed is None:
         checks.append(Check("CUDA kernels", "problem", "not built or turned off (the torch code runs on the GPU"
@@ -99,12 +99,12 @@ def _gpu() -> list[Check]:
     return checks
 
 
-def _first_line(command: list[str], last: bool = False) -> str:
+def _last_line(command: list[str]) -> str:
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
     except (OSError, subprocess.TimeoutExpired):
         return "present"
-    return (out[-1] if last else out[0]) if out else "present"
+    return out[-1] if out else "present"
 
 
 def _memory_available() -> int | None:
