@@ -47,11 +47,17 @@ def _grid(params, nmax: int) -> Grid:
     return Grid(step, -step * np.repeat(zp.astype(np.float32), BLOCK, -1), 0, nmax)
 
 
+def level_bytes(q: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned levels [..., values] as onnxruntime's block-quantized ops read them: one byte each (8 bits), or
+    two to a byte (4 bits: value 2i in the low nibble of byte i, 2i+1 in the high one)."""
+    q = q.astype(np.uint8)
+    return (q[..., 0::2] & 0x0F) | (q[..., 1::2] << 4) if bits == 4 else q
+
+
 def _pack(params, q: np.ndarray, bits: int) -> np.ndarray:
     """One record per block: the scale's bytes, the zero point's byte, the levels' bytes (see unpack)."""
     scale, zp = params
-    q = q.astype(np.uint8)
-    data = (q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4) if bits == 4 else q
+    data = level_bytes(q, bits)
     return np.concatenate([np.ascontiguousarray(scale).view(np.uint8), zp, data], axis=-1)
 
 

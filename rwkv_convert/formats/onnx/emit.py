@@ -9,6 +9,7 @@ import torch
 from ...arch.common import GROUP_NORM_EPS, LN_EPS
 from ...errors import UnsupportedError
 from ...quant.gguf_blocks import symmetric_blocks
+from ...quant.matmul_nbits import level_bytes
 from .graph import MS_DOMAIN, Graph
 
 QUANT_BITS = {"int8": 8, "int4": 4}
@@ -126,8 +127,7 @@ class Emitter:
                                        " export it without --quant-embedding-head")
             scales, levels = symmetric_blocks(rows, bits)
             offset = 1 << (bits - 1)
-            q = (levels.astype(np.int16) + offset).astype(np.uint8).reshape(rows.shape)
-            data = (q[:, 0::2] & 0x0F) | (q[:, 1::2] << 4) if bits == 4 else q
+            data = level_bytes((levels.astype(np.int16) + offset).reshape(rows.shape), bits)
             inputs = [g.weight(names[0], np.ascontiguousarray(data)), g.weight(names[1], scales.astype(self.np_act))]
         return g.op("GatherBlockQuantized", inputs[0], tokens, inputs[1], domain=MS_DOMAIN, gather_axis=0,
                     quantize_axis=1, block_size=BLOCK_SIZE, bits=bits)
