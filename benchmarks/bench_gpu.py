@@ -77,10 +77,11 @@ def child(who: str, strategy: str, path: Path, args) -> dict:
         return {**timed(model.forward, model.spec.vocab_size, args), "weight_bytes": weight_bytes}
     os.environ["RWKV_CUDA_ON"] = "1"
     os.environ.setdefault("RWKV_JIT_ON", "1")
+    if args.version == "v7":  # read when rwkv.model is imported: it rebinds RWKV to the v7 class
+        os.environ["RWKV_V7_ON"] = "1"
     from rwkv.model import RWKV
 
     if args.version == "v7":
-        os.environ["RWKV_V7_ON"] = "1"
         model = RWKV(str(path).removesuffix(".pth"), strategy=strategy)
     else:
         model = RWKV(str(path), strategy=strategy, verbose=False)

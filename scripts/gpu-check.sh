@@ -25,11 +25,12 @@ python3 -c "from rwkv_convert.cuda.build import extension; import sys; sys.exit(
 echo "kernels built in $(( $(date +%s) - start )) s"
 python3 -m rwkv_convert.cli doctor 2>&1 | tee "$OUT/doctor.txt" | grep -E "GPU|nvcc|kernels"
 
-python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
+timeout "${GPU_CHECK_TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 
-for version in v7 v6; do
-    timeout 240 python3 benchmarks/bench_gpu.py --version "$version" --file-dtype bf16 \
+# GPU_CHECK_VERSIONS / GPU_CHECK_BENCH_TIMEOUT shorten a run that must fit a small device budget
+for version in ${GPU_CHECK_VERSIONS:-v7 v6}; do
+    timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" python3 benchmarks/bench_gpu.py --version "$version" --file-dtype bf16 \
         --strategies "cuda fp16" "cuda bf16" "cuda fp16i8" 2>&1 | tee "$OUT/bench-$version.txt" | tail -9
 done
 echo "cuda tests exit code: $tests_rc (see $OUT/tests.log)"
