@@ -6,12 +6,13 @@ import dataclasses
 import json
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import click
 
-from . import __version__, doctor, quality
+from . import __version__, doctor, quality, release
 from .atomic import Interrupted, check_target_directory, recording, write_text_atomic
 from .bundled import DEFAULT_PROMPT, trained_model
 from .describe import describe_checkpoint, format_description
@@ -23,7 +24,8 @@ from .generate import generate
 from .plan import format_plan, make_plan
 from .runner import LN0_FOLDS
 from .tokenizer import HFTokenizer, check_fits, default_tokenizer
-from .verify import format_report, verify, write_json
+from .units import parse_size
+from .verify import format_report, verify
 
 NEOX_VOCABS = (50277, 50304)
 CHAT_PROMPT = "\nUser: Hello!\n\nAssistant:"  # RWKV-4 Pile/Raven models (GPT-NeoX 20B tokenizer)
@@ -50,6 +52,31 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted; no partial output was left", err=True)
             sys.exit(130)
+
+
+def json_options(command):
+    """--json and --json-out, the same on every command that reports: --json puts the JSON document alone on
+    stdout (the human-readable output goes to stderr); --json-out FILE also writes it to FILE."""
+    command = click.option("--json-out", "json_out", default=None, type=click.Path(dir_okay=False, path_type=str),
+                           help="Also write the JSON document to this file.")(command)
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the JSON document on stdout (the human-readable output goes to stderr).")(command)
+
+
+def check_json_out(json_out: str | None) -> None:
+    """Before the work: a report that cannot be written must not follow a result."""
+    if json_out:
+        check_target_directory(Path(json_out))
+
+
+def emit(human: str, document, as_json: bool, json_out: str | None) -> None:
+    if json_out:
+        write_text_atomic(Path(json_out), json.dumps(document, indent=2) + "\n")
+    if as_json:
+        click.echo(human, err=True)
+        click.echo(json.dumps(document, indent=2))
+    else:
+        click.echo(human)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,11 +111,12 @@ _python_showwarning = warnings.showwarning
 
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=True, path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
-def inspect(path: str, as_json: bool) -> None:
+@json_options
+def inspect(path: str, as_json: bool, json_out) -> None:
     """Version, dimensions, LoRA ranks, dtypes and parameters of a checkpoint."""
+    check_json_out(json_out)
     info = describe_checkpoint(registry.read_checkpoint(path))
-    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+    emit(format_description(info), info, as_json, json_out)
 
 
 @main.command()
@@ -141,12 +169,13 @@ def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--strategy", required=True, help='e.g. "cuda fp16i8 *10 -> cuda fp16".')
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
-def plan(path: str, strategy: str, as_json: bool) -> None:
+@json_options
+def plan(path: str, strategy: str, as_json: bool, json_out) -> None:
     """Per-layer placement of a strategy on PATH: device, dtypes, weight scheme, streaming, memory."""
+    check_json_out(json_out)
     ckpt = registry.read_checkpoint(path)
     result = make_plan(ckpt.spec, ckpt.shapes, strategy)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
+    emit(format_plan(result), result.to_dict(), as_json, json_out)
 
 
 def unescape(text: str) -> str:
@@ -250,20 +279,17 @@ def convert(source: str, target: str, layout, output: str, then_verify: bool, to
     for path in written:
         click.echo(f"wrote {path} ({published.get(path, path.stat().st_size):,} bytes)", err=True)
     if then_verify:
-        _verify_and_exit(output, source, None, tokens, 0, None, runner)
+        _verify_and_exit(output, source, None, tokens, 0, False, None, runner)
 
 
 convert.params.extend(FORMAT_FLAGS.values())
 
 
-def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner="native",
+def _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json_out, runner="native",
                      ln0_fold=None) -> None:
-    if json_path:  # before the run: a report that cannot be written must not follow a PASS
-        check_target_directory(Path(json_path))
+    check_json_out(json_out)
     report = verify(candidate, reference, strategy, tokens, seed, runner, ln0_fold)
-    click.echo(format_report(report))
-    if json_path:
-        write_json(report, json_path)
+    emit(format_report(report), report.to_dict(), as_json, json_out)
     sys.exit(0 if report.passed else 1)
 
 
@@ -275,20 +301,19 @@ def _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, ru
               help="Strategy to run CANDIDATE with (converted files: the one they were made for).")
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(2, None), help="Tokens per stream.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random token stream.")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=str),
-              help="Also write the report as JSON here.")
+@json_options
 @click.option("--runner", default="native", show_default=True, type=click.Choice(["native", "ours"]),
               help="native: the runtime the format is for (the rwkv pip package for its files); ours: our reader.")
 @click.option("--ln0-fold", default=None, type=click.Choice(LN0_FOLDS),
               help=LN0_HELP + " Default: the candidate's own (package for pip-converted files, else fp32).")
-def verify_command(candidate, reference, strategy, tokens, seed, json_path, runner, ln0_fold) -> None:
+def verify_command(candidate, reference, strategy, tokens, seed, as_json, json_out, runner, ln0_fold) -> None:
     """Compare CANDIDATE's outputs with the reference runner on --reference: exit 0 pass, 1 fail, 2 bad input.
 
     Runs a fixed and a random token stream in sequence mode, token by token and in two chunks with the
     state carried, and reports max |Δlogit|, relative L2, KL, top-1 agreement and the state difference.
     Bounds: the table of the candidate's least precise weight scheme, widened to what that scheme itself
     does to this model (the reference run in the scheme); see docs/verification.md."""
-    _verify_and_exit(candidate, reference, strategy, tokens, seed, json_path, runner, ln0_fold)
+    _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json_out, runner, ln0_fold)
 
 
 @main.command("quality")
@@ -303,18 +328,17 @@ def verify_command(candidate, reference, strategy, tokens, seed, json_path, runn
 @click.option("--target-size", default=None,
               help="Also measure a GGUF whose per-tensor types are planned to this size (40%, 3.5MB).")
 @click.option("--max-bytes", default=None, type=click.IntRange(1, None), help="Score only the text's first N bytes.")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=str),
-              help="Also write the results as JSON here.")
+@json_options
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Also draw bytes per parameter against bits per byte into this PNG (needs matplotlib).")
-def quality_command(source, text, schemes, window, max_bytes, target_size, json_path, plot_path) -> None:
+def quality_command(source, text, schemes, window, max_bytes, target_size, as_json, json_out, plot_path) -> None:
     """What each precision and quantization of SOURCE costs, each file run in its own runtime.
 
     For every scheme: export (prepared safetensors for our runner's strategies, GGUF for llama.cpp, ONNX for
     onnxruntime), run on the text, and report file bytes, bytes per parameter, bits per byte, KL from the fp32
     reference and top-1 agreement, in one table ordered by size. Schemes whose runtime is missing (GGUF
     without llama-cpp-python) are listed as not measured."""
-    for path in (json_path, plot_path):
+    for path in (json_out, plot_path):
         if path:
             check_target_directory(Path(path))
     names = quality.parse_schemes(schemes)
@@ -324,23 +348,114 @@ def quality_command(source, text, schemes, window, max_bytes, target_size, json_
     report = quality.measure(source, text, names, window, max_bytes, progress, target_size)
     if show:
         click.echo("\r\033[K", nl=False, err=True)
-    click.echo(quality.table(report))
-    if json_path:
-        write_text_atomic(Path(json_path), json.dumps(report.to_json(), indent=2) + "\n")
+    emit(quality.table(report), report.to_json(), as_json, json_out)
     if plot_path:
         quality.plot(report, Path(plot_path))
 
 
 @main.command("doctor")
 @click.argument("checkpoint", required=False, type=click.Path(exists=True, dir_okay=False, path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of the checks instead of lines.")
+@json_options
 @click.option("--where", default=".", show_default=True, type=click.Path(exists=True, file_okay=False, path_type=str),
               help="The folder whose free disk space counts (where exports go).")
-def doctor_command(checkpoint, as_json, where) -> None:
+def doctor_command(checkpoint, as_json, json_out, where) -> None:
     """What this machine can do: torch and its GPU, the kernels, the runtimes each format is verified in, free
     memory and disk (against CHECKPOINT's size when given); each missing piece with the command that fixes it."""
+    check_json_out(json_out)
     checks = doctor.run_checks(checkpoint, where)
-    click.echo(json.dumps(doctor.to_json(checks), indent=2) if as_json else doctor.format_checks(checks))
+    emit(doctor.format_checks(checks), doctor.to_json(checks), as_json, json_out)
+
+
+class ReleaseProgress:
+    """Progress of a release on stderr: a redrawn bar on a terminal, a line per event in a log, nothing with
+    --quiet."""
+
+    def __init__(self, names: list[str], quiet: bool):
+        self.names, self.done, self.running = names, 0, {}
+        self.mode = "quiet" if quiet else "bar" if sys.stderr.isatty() else "lines"
+
+    def __call__(self, name: str, what: str) -> None:
+        if what in ("passed", "failed", "error"):
+            self.done += 1
+            self.running.pop(name, None)
+        else:
+            self.running[name] = what
+        if self.mode == "lines" and what != "started":  # a job's first stage says it started
+            click.echo(f"[{self.done}/{len(self.names)}] {name}: {what}", err=True)
+        elif self.mode == "bar":
+            width = 24
+            filled = width * self.done // max(len(self.names), 1)
+            now = ", ".join(f"{n} {w}" for n, w in self.running.items())
+            line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{len(self.names)} {now}"
+            click.echo(f"\r\033[K{line[:200]}", nl=False, err=True)
+            if what != "started" and what not in ("building", "verifying", "quality"):
+                click.echo(f"\r\033[K{name}: {what}", err=True)
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            click.echo("\r\033[K", nl=False, err=True)
+
+
+@main.command("release")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False, path_type=str))
+@click.option("--out", default="release", show_default=True, type=click.Path(file_okay=False, path_type=str),
+              help="Where the artifacts, their keys (.rwkv-release/) and the reports go.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1, None),
+              help="Artifacts built and verified at once, each in a worker process.")
+@click.option("--only", multiple=True, help="Only these artifacts (repeat the option, or separate names by commas).")
+@click.option("--shard", default=None, help="K/N: build the K-th of N disjoint parts (CI matrices); join the parts'"
+              " reports with --merge-reports.")
+@click.option("--max-memory", default=None, help="Memory the running jobs may expect to use together (e.g. 8GB;"
+              " default: 75% of the memory available now).")
+@click.option("--reverify", is_flag=True, help="Verify up-to-date artifacts again instead of keeping their results.")
+@click.option("--merge-reports", "merge", is_flag=True,
+              help="FILES are the shards' JSON reports: join them into --out's reports.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@json_options
+def release_command(files, out, jobs, only, shard, max_memory, reverify, merge, quiet, as_json, json_out) -> None:
+    """Build every artifact of a release file (default: the bundled model's), verify each in its runtime, and
+    write OUT/release-report.json, .xml (JUnit) and .md (a model card's table): exit 0 when all pass, 1 when
+    any failed, 2 on bad input. Up-to-date artifacts are not rebuilt (docs/ci.md).
+
+    \b
+    Examples:
+      rwkv-convert release                                  # the bundled model to every format
+      rwkv-convert release models.toml --out dist --jobs 2
+      rwkv-convert release models.toml --out dist --shard 2/4
+      rwkv-convert release --merge-reports shard*/release-report-shard*.json --out dist
+    """
+    check_json_out(json_out)
+    out_dir = Path(out)
+    started = time.monotonic()
+    if merge:
+        report = release.merge_reports(list(files))
+        shard_k_n = None
+    else:
+        if len(files) > 1:
+            raise click.UsageError("give one release file (or --merge-reports with the shards' reports)")
+        source = files[0] if files else str(release.bundled_release())
+        spec = release.parse_release(source)
+        shard_k_n = release.parse_shard(shard)
+        wanted = [n.strip() for item in only for n in item.split(",") if n.strip()]
+        chosen, everything = release.select(spec, wanted, shard_k_n)
+        budget = parse_size(max_memory) if max_memory else release.default_memory_budget()
+        jobs_list = release.plan_jobs(spec, chosen, out_dir.resolve(), reverify)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        progress = ReleaseProgress([a.name for a in chosen], quiet)
+        try:
+            results = release.run_jobs(jobs_list, jobs, budget, progress)
+        except (KeyboardInterrupt, Interrupted):
+            progress.close()
+            done = len(list((out_dir / release.STAMPS).glob("*.json")))
+            click.echo(f"interrupted: {done} of {len(everything)} artifacts are whole in {out_dir}, no partial file"
+                       " was left; run the same command again to finish", err=True)
+            raise
+        progress.close()
+        report = release.build_report(spec, everything, shard_k_n, results, time.monotonic() - started)
+    paths = release.write_reports(report, out_dir, shard_k_n)
+    emit(release.table(report) + f"\nreports: {', '.join(str(p) for p in paths.values())}", report, as_json,
+         json_out)
+    sys.exit(release.exit_code(report))
 
 
 @main.command("make-fixture")

@@ -107,7 +107,7 @@ def _last_line(command: list[str]) -> str:
     return out[-1] if out else "present"
 
 
-def _memory_available() -> int | None:
+def memory_available() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -121,7 +121,7 @@ def _room(checkpoint: Path | None, where: Path) -> list[Check]:
     """Free memory and disk, against what the checkpoint needs: its fp32 reference run holds the weights in
     fp32 (twice a bf16/fp16 file), and an export writes up to about the file's size again."""
     free_disk = shutil.disk_usage(where).free
-    memory = _memory_available()
+    memory = memory_available()
     if checkpoint is None:
         return [Check("memory", "ok", f"{human_size(memory)} available" if memory else "unknown"),
                 Check("disk", "ok", f"{human_size(free_disk)} free in {where}")]

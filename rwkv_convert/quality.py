@@ -185,20 +185,7 @@ def measure(source: str | Path, text: str | Path | None = None, schemes: list[st
         raise RwkvConvertError("--window must be at least 2 tokens")
     ckpt = read_checkpoint(source)
     spec = ckpt.spec
-    text_path = Path(text) if text else bundled_file(HELD_OUT_TEXT)
-    try:
-        data = text_path.read_bytes()
-    except OSError as e:
-        raise RwkvConvertError(f"cannot read the text {text_path}: {e.strerror or e}") from None
-    data = data[:max_bytes] if max_bytes else data
-    tokenizer = default_tokenizer(spec.vocab_size)
-    tokens = tokenizer.encode_bytes(data)
-    chunks = windows_of(tokens, window)
-    if not chunks:
-        raise RwkvConvertError(f"{text_path} holds fewer than 2 tokens: nothing to score")
-    # bytes of each predicted token (a World token is several bytes): bits per byte, whatever the tokenizer
-    token_bytes = np.array([len(tokenizer.token_bytes(t)) for t in range(spec.vocab_size)], dtype=np.int64)
-    scored_bytes = sum(int(token_bytes[c[1:]].sum()) for c in chunks)
+    text_path, data, tokens, chunks, scored_bytes = _scored_text(spec, text, max_bytes, window)
     report = QualityReport(str(ckpt.path), str(text_path), len(data), len(tokens), len(chunks), window, spec.n_params)
     names = parse_schemes(",".join(schemes) if schemes else None)
     known = dict(SCHEMES)
@@ -207,10 +194,6 @@ def measure(source: str | Path, text: str | Path | None = None, schemes: list[st
         known[planned.name] = planned
         names.append(planned.name)
 
-    held = len(tokens) * spec.vocab_size * 4
-    if held > MAX_REFERENCE_BYTES:
-        raise RwkvConvertError(f"the fp32 reference of {len(tokens):,} tokens x {spec.vocab_size:,} ids needs"
-                               f" {held / 2**30:.1f} GiB of memory; score less text (--max-bytes)")
     reference = Model(ckpt, "cpu fp32")
     ref_logp: list[torch.Tensor] = []
     # log-softmax per window, fp32: a rounded reference would bias KL by as much as int8's own KL
@@ -231,25 +214,12 @@ def measure(source: str | Path, text: str | Path | None = None, schemes: list[st
                     report.skipped[name] = str(e)
                     progress(f"{label}: skipped ({e})")
                     continue
-            nll = kl = agree = 0.0
-            positions = 0
             if run is None:
                 outputs = (reference.forward(chunk, None, full_output=True)[0].float() for chunk in chunks)
             else:
                 outputs = run.each(chunks)
-            for w, (chunk, logits) in enumerate(zip(chunks, outputs, strict=True)):
-                progress(f"{label}: window {w + 1}/{len(chunks)}")
-                logp = torch.log_softmax(logits, -1)
-                if run is None:
-                    ref_logp.append(logp)
-                want = ref_logp[w]
-                if not torch.isfinite(logp).all():
-                    raise RwkvConvertError(f"{name}: non-finite logits in window {w + 1}: the file is broken")
-                target = torch.tensor(chunk[1:])
-                nll -= float(logp[:-1].gather(1, target[:, None]).sum())
-                kl += float((want.exp() * (want - logp)).sum(-1).clamp_min(0).sum())
-                agree += float((want.argmax(-1) == logp.argmax(-1)).sum())
-                positions += len(chunk)
+            each_window = lambda w, label=label: progress(f"{label}: window {w + 1}/{len(chunks)}")  # noqa: E731
+            nll, kl, agree, positions = _score(outputs, chunks, ref_logp, name, each_window)
             size = sum(f.stat().st_size for f in Path(tmp).glob(f"{name}.*")) if scheme.to else ckpt.path.stat().st_size
             report.results.append(SchemeResult(
                 name, _runtime_name(scheme), size, size / max(spec.n_params, 1),
@@ -260,6 +230,80 @@ def measure(source: str | Path, text: str | Path | None = None, schemes: list[st
                     f.unlink()
     report.results.sort(key=lambda r: (-r.file_bytes, r.scheme))
     return report
+
+
+def _scored_text(spec, text: str | Path | None, max_bytes: int | None, window: int):
+    """(path, bytes, tokens, windows, bytes predicted) of the text to score; refused where the fp32 reference
+    of that much text would not fit in memory."""
+    text_path = Path(text) if text else bundled_file(HELD_OUT_TEXT)
+    try:
+        data = text_path.read_bytes()
+    except OSError as e:
+        raise RwkvConvertError(f"cannot read the text {text_path}: {e.strerror or e}") from None
+    data = data[:max_bytes] if max_bytes else data
+    tokenizer = default_tokenizer(spec.vocab_size)
+    tokens = tokenizer.encode_bytes(data)
+    chunks = windows_of(tokens, window)
+    if not chunks:
+        raise RwkvConvertError(f"{text_path} holds fewer than 2 tokens: nothing to score")
+    # bytes of each predicted token (a World token is several bytes): bits per byte, whatever the tokenizer
+    token_bytes = np.array([len(tokenizer.token_bytes(t)) for t in range(spec.vocab_size)], dtype=np.int64)
+    scored_bytes = sum(int(token_bytes[c[1:]].sum()) for c in chunks)
+    held = len(tokens) * spec.vocab_size * 4
+    if held > MAX_REFERENCE_BYTES:
+        raise RwkvConvertError(f"the fp32 reference of {len(tokens):,} tokens x {spec.vocab_size:,} ids needs"
+                               f" {held / 2**30:.1f} GiB of memory; score less text (--max-bytes)")
+    return text_path, data, tokens, chunks, scored_bytes
+
+
+def _score(outputs: Iterator[torch.Tensor], chunks: list[list[int]], ref_logp: list[torch.Tensor], name: str,
+           each_window: Callable[[int], None] = lambda w: None) -> tuple[float, float, float, int]:
+    """(negative log-likelihood in nats, summed KL from the reference, top-1 agreements, positions) of one
+    run's logits per window. An empty ref_logp is filled: this run is the reference."""
+    is_reference = not ref_logp
+    nll = kl = agree = 0.0
+    positions = 0
+    for w, (chunk, logits) in enumerate(zip(chunks, outputs, strict=True)):
+        each_window(w)
+        logp = torch.log_softmax(logits, -1)
+        if is_reference:
+            ref_logp.append(logp)
+        want = ref_logp[w]
+        if not torch.isfinite(logp).all():
+            raise RwkvConvertError(f"{name}: non-finite logits in window {w + 1}: the file is broken")
+        target = torch.tensor(chunk[1:])
+        nll -= float(logp[:-1].gather(1, target[:, None]).sum())
+        kl += float((want.exp() * (want - logp)).sum(-1).clamp_min(0).sum())
+        agree += float((want.argmax(-1) == logp.argmax(-1)).sum())
+        positions += len(chunk)
+    return nll, kl, agree, positions
+
+
+_REFERENCE_FIGURES: dict[tuple, tuple] = {}  # per process: (source, text, bytes, window) -> the fp32 run
+
+
+def file_figures(source: str | Path, path: str | Path, text: str | Path | None = None, max_bytes: int | None = None,
+                 window: int = 1024) -> dict:
+    """One exported file's quality figures on `text` (default the bundled held-out text), run in the runtime
+    `quality` runs its format in (llama.cpp for GGUF, onnxruntime for ONNX, our runner for the others): bits
+    per byte, its change from the source at fp32, KL from the source and top-1 agreement."""
+    key = (str(source), str(text), max_bytes, window)
+    if key not in _REFERENCE_FIGURES:
+        ckpt = read_checkpoint(source)
+        text_path, data, _, chunks, scored_bytes = _scored_text(ckpt.spec, text, max_bytes, window)
+        reference = Model(ckpt, "cpu fp32")
+        ref_logp: list[torch.Tensor] = []
+        nll, *_ = _score((reference.forward(c, None, full_output=True)[0].float() for c in chunks), chunks, ref_logp,
+                         "fp32")
+        _REFERENCE_FIGURES[key] = (text_path, len(data), chunks, scored_bytes, ref_logp, nll)
+    text_path, n_bytes, chunks, scored_bytes, ref_logp, ref_nll = _REFERENCE_FIGURES[key]
+    fmt, _ = detect(path)
+    scheme = Scheme(fmt.name, fmt.name, {}, {"gguf": "llama.cpp", "onnx": "onnxruntime"}.get(fmt.name, "ours"), 0)
+    nll, kl, agree, positions = _score(_Logits(scheme, Path(path), window).each(chunks), chunks, ref_logp,
+                                       Path(path).name)
+    return {"text": text_path.name, "text_bytes": n_bytes, "runtime": _runtime_name(scheme),
+            "bits_per_byte": nll / math.log(2) / max(scored_bytes, 1),
+            "delta_bits_per_byte": nll / max(ref_nll, 1e-30) - 1, "kl": kl / positions, "top1": agree / positions}
 
 
 def _runtime_name(scheme: Scheme) -> str:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 
 import rwkv_convert
+from rwkv_convert.bundled import trained_model
 from rwkv_convert.fixtures import fixture_path
 from rwkv_convert.formats.safetensors_io import read_safetensors
 from rwkv_convert.quant.rwkv_int8 import RwkvInt8Weight, quantize_rwkv_int8, quantize_rwkv_int8_gptq
-from rwkv_convert.verify import TOLERANCES, compare
+from rwkv_convert.verify import TOLERANCES, compare, verify
 
 from .conftest import tokens_for
 from .test_cli import assert_one_line_error, cli
@@ -55,6 +56,17 @@ def test_a_calibrated_prepared_file_keeps_the_package_companions_and_runs_within
         max_abs, rel_l2, kl, top1 = compare(ref, rwkv_convert.load(path).forward(toks, full_output=True)[0])
         tol = TOLERANCES["i8"]
         assert max_abs <= tol.max_abs and rel_l2 <= tol.rel_l2 and kl <= tol.kl and top1 >= tol.top1
+
+
+def test_verify_passes_a_calibrated_prepared_file_without_the_same_strategy_twin(tmp_path):
+    """The twin check (the same strategy run on the reference) holds plain-rounded int8 to 1e-6 KL; GPTQ levels
+    differ from it by design (found by `release` on the bundled model: KL 1.7e-4 against the twin)."""
+    src = trained_model("v7")
+    out = rwkv_convert.convert(src, "safetensors", tmp_path / "cal.safetensors", layout="prepared",
+                               strategy="cpu fp32i8", calibration="bundled")[0]
+    report = verify(out, src, tokens=32)
+    assert report.passed, report.worst
+    assert report.scheme == "i8" and not report.twin
 
 
 def test_calibration_needs_an_int8_strategy(fixture_dir, tmp_path):

@@ -47,6 +47,6 @@ def test_too_little_memory_for_a_checkpoint_is_a_problem_with_a_fix(monkeypatch,
     big = tmp_path / "big.pth"
     with open(big, "wb") as f:
         f.truncate(10 ** 9)  # sparse: its size is what counts
-    monkeypatch.setattr(doctor, "_memory_available", lambda: 10 ** 9)
+    monkeypatch.setattr(doctor, "memory_available", lambda: 10 ** 9)
     memory = next(c for c in doctor.run_checks(big, tmp_path) if c.name == "memory")
     assert memory.status == "problem" and "big.pth" in memory.detail and memory.fix

@@ -212,7 +212,7 @@ def test_small_faults_are_one_line(fixture_dir, tmp_path):
                               env_extra={"RWKV_RESCALE_LAYER": "abc"}), "RWKV_RESCALE_LAYER='abc' is not a whole")
     assert_one_line_error(cli("plan", v6, "--strategy", "cuda:99999999999 fp16"), "is not a device")
     assert_one_line_error(cli("plan", v6, "--strategy", "cpu fp16 *١"), "is not a layer count")
-    proc = cli("verify", v6, "--reference", v6, "--json", tmp_path / "missing" / "r.json")
+    proc = cli("verify", v6, "--reference", v6, "--json-out", tmp_path / "missing" / "r.json")
     assert_one_line_error(proc, "the directory .* does not exist")
     assert "PASS" not in proc.stdout  # refused before the run, not after it printed a verdict
 
@@ -432,7 +432,7 @@ def test_every_writer_on_a_read_only_or_full_file_system_is_one_line_and_leaves_
         assert list(full_dir.iterdir()) == []
     assert_one_line_error(cli("make-fixture", "v7", "-o", read_only_dir), "read-only file system|not writable")
     assert_one_line_error(cli("make-fixture", "v7", "-o", full_dir), "No space left on device")
-    proc = cli("verify", src, "--reference", src, "--tokens", "4", "--json", read_only_dir / "r.json")
+    proc = cli("verify", src, "--reference", src, "--tokens", "4", "--json-out", read_only_dir / "r.json")
     assert_one_line_error(proc, "read-only file system|not writable")
     assert "PASS" not in proc.stdout  # refused before the run
     assert list(full_dir.iterdir()) == [] and (digest(v6), digest(src)) == before

@@ -86,7 +86,7 @@ def test_quality_orders_the_schemes_by_precision_on_the_trained_v7():
 def test_quality_cli_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "q.json"
     result = cli("quality", str(trained_model("v7")), "--schemes", "fp16", "--max-bytes", "3000", "--window", "1000",
-                 "--json", str(out))
+                 "--json-out", str(out))
     assert result.returncode == 0, result.stderr
     assert "bits/byte" in result.stdout and "fp16" in result.stdout
     data = json.loads(out.read_text())
@@ -106,7 +106,7 @@ def test_quality_refuses_unknown_schemes_and_missing_texts(tmp_path):
     assert_one_line_error(cli("quality", str(trained_model("v7")), "--schemes", "q3_k"), "unknown scheme q3_k")
     assert_one_line_error(cli("quality", str(trained_model("v7")), "--text", str(tmp_path / "none.txt")),
                           "cannot read the text")
-    assert_one_line_error(cli("quality", str(trained_model("v7")), "--json", str(tmp_path / "no" / "q.json")),
+    assert_one_line_error(cli("quality", str(trained_model("v7")), "--json-out", str(tmp_path / "no" / "q.json")),
                           "does not exist")
 
 

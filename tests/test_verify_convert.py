@@ -23,7 +23,7 @@ def test_verify_passes_a_faithful_pip_file_and_writes_json(fixture_dir, tmp_path
     proc = cli("convert", src, "--to", "pip", "--strategy", "cpu fp32i8", "-o", out, "--verify", "--tokens", "24")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rwkv pip package (cpu fp32i8)" in proc.stdout and "PASS" in proc.stdout
-    proc = cli("verify", out, "--reference", src, "--tokens", "24", "--json", tmp_path / "report.json")
+    proc = cli("verify", out, "--reference", src, "--tokens", "24", "--json-out", tmp_path / "report.json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] and report["scheme"] == "i8" and len(report["rows"]) == 6
