@@ -452,6 +452,7 @@ def release_command(files, out, jobs, only, shard, max_memory, reverify, merge, 
             raise
         progress.close()
         report = release.build_report(spec, everything, shard_k_n, results, time.monotonic() - started)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = release.write_reports(report, out_dir, shard_k_n)
     emit(release.table(report) + f"\nreports: {', '.join(str(p) for p in paths.values())}", report, as_json,
          json_out)

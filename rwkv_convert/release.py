@@ -422,6 +422,13 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _run_in_worker(job: Job) -> dict:
+    try:
+        return run_job(job)
+    except KeyboardInterrupt:  # SIGTERM from the parent (atomic.Interrupted): the temps are already gone
+        os._exit(128 + signal.SIGTERM)
+
+
 def _terminate_workers() -> None:
     import multiprocessing
 
@@ -457,7 +464,7 @@ def run_jobs(jobs: list[Job], workers: int, max_memory: int, event: Callable[[st
                 while pending and len(running) < workers and (not running or in_use + job_memory(pending[0])
                                                               <= max_memory):
                     job = pending.pop(0)
-                    running[pool.submit(run_job, job)] = (job, time.monotonic())
+                    running[pool.submit(_run_in_worker, job)] = (job, time.monotonic())
                     in_use += job_memory(job)
                     event(job.artifact.name, "started")
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
