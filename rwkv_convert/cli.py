@@ -438,7 +438,7 @@ def release_command(files, out, jobs, only, shard, max_memory, reverify, merge, 
         shard_k_n = release.parse_shard(shard)
         wanted = [n.strip() for item in only for n in item.split(",") if n.strip()]
         chosen, everything = release.select(spec, wanted, shard_k_n)
-        budget = parse_size(max_memory) if max_memory else release.default_memory_budget()
+        budget = parse_size(max_memory, "--max-memory") if max_memory else release.default_memory_budget()
         jobs_list = release.plan_jobs(spec, chosen, out_dir.resolve(), reverify)
         out_dir.mkdir(parents=True, exist_ok=True)
         progress = ReleaseProgress([a.name for a in chosen], quiet)

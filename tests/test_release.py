@@ -237,3 +237,19 @@ def test_the_bundled_release_with_quality_figures(tmp_path):
     assert q["text"] == "heldout.txt" and q["runtime"] == "onnxruntime"
     assert 0 < q["kl"] < 0.05 and abs(q["delta_bits_per_byte"]) < 0.05 and q["top1"] > 0.9
     assert "bits/byte" in (out / "release-report.md").read_text()
+
+
+@pytest.mark.skipif(not HAVE_LLAMA, reason="the bundled release has GGUF artifacts: needs llama-cpp-python")
+def test_the_readme_main_job_releases_the_bundled_model(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    main_job = next(line.strip() for line in readme.splitlines() if line.startswith("    pip install"))
+    assert main_job.endswith("&& rwkv-convert release"), main_job
+    proc = subprocess.run([sys.executable, "-m", "rwkv_convert.cli", "release", "--jobs", "2", "--max-memory", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = read_report(tmp_path / "release")  # the default --out
+    formats = {e["format"] for e in report["artifacts"]}
+    assert {"gguf", "onnx", "safetensors --layout hf", "safetensors --layout web-rwkv",
+            "safetensors --layout prepared"} <= formats
+    assert report["summary"]["passed"] == len(report["artifacts"]) >= 8
+    assert "8/8 verified" in proc.stdout or f"{len(report['artifacts'])}/{len(report['artifacts'])}" in proc.stdout
