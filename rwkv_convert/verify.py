@@ -317,7 +317,9 @@ def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None
     _check_runner(runner)
     fmt, probe = detect(candidate)
     if runner == "native" and fmt.native is not None:
-        return fmt.native(probe.path, strategy, ref.streams, ref.split, ref.spec)
+        run = fmt.native(probe.path, strategy, ref.streams, ref.split, ref.spec)
+        if run is not None:  # None: no runtime for this kind of file in its format (HF v5.2/v6): our reader
+            return run
     # the probe already holds what sniffing read; original weights are folded as the reference is
     model = load_detected(fmt, probe, strategy, ref.ln0_fold if fmt.load is None else "fp32")
     _check_same_model(model, candidate, ref.spec, reference)

@@ -112,3 +112,35 @@ def test_plan_table_and_json(fixture_dir):
     assert any("cpu fp16" in n and "no layers" in n for n in plan["notes"])
     table = cli("plan", "--strategy", "cpu fp32i8", src).stdout
     assert "slot" in table and "head" in table and "cpu:" in table
+
+
+@pytest.mark.slow
+def test_verify_runs_hf_exports_in_transformers_where_they_have_a_python_client(fixture_dir, tmp_path,
+                                                                                neox_tokenizer):
+    """RWKV-4 in transformers' RwkvForCausalLM, RWKV-7 in the rwkv7-hf code shipped in the directory, both as
+    AutoModelForCausalLM loads them; v6 directories (for llama.cpp's converter) in our reader. An altered weight
+    fails in transformers too."""
+    pytest.importorskip("transformers")
+    import rwkv_convert
+
+    runners = {}
+    for variant, options in (("v4", {"tokenizer": neox_tokenizer}), ("v7", {}), ("v6", {})):
+        src = fixture_path(variant, directory=fixture_dir)
+        out = tmp_path / f"hf-{variant}"
+        rwkv_convert.convert(src, "safetensors", out, layout="hf", **options)
+        report = verify(out, src, tokens=16)
+        assert report.passed, (variant, report.worst)
+        runners[variant] = report.runner
+    assert runners["v4"].startswith("transformers (RwkvForCausalLM)")
+    assert runners["v7"].startswith("transformers (RWKV7ForCausalLM)")
+    assert runners["v6"].startswith("rwkv-convert runner")
+
+    from safetensors.torch import load_file, save_file
+
+    shard = next((tmp_path / "hf-v7").glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(k for k in tensors if k.endswith("ffn.value.weight") or k.endswith("value.weight"))
+    tensors[name] = tensors[name] * 1.05
+    save_file(tensors, shard, metadata={"format": "pt"})
+    report = verify(tmp_path / "hf-v7", fixture_path("v7", directory=fixture_dir), tokens=16)
+    assert not report.passed and report.runner.startswith("transformers")

@@ -139,7 +139,8 @@ class Format:
     # what a model needs of the options, where the defaults will not do (hf: a v4 Pile model's tokenizer):
     # None, or the reason convert refuses with them
     needs: Callable[[ModelSpec, Any], str | None] | None = None
-    native: Callable[..., NativeRun] | None = None  # (path, strategy, streams, split, spec) in `runtime`
+    # (path, strategy, streams, split, spec) in `runtime`; it returns None for files with no runtime of their own
+    native: Callable[..., NativeRun | None] | None = None
     # the precisions the file stores its weights in, as tolerance keys, when reading it back cannot tell
     # (a GGUF is dequantized to fp32 on reading)
     stored: Callable[[Path], set[str]] | None = None

@@ -20,10 +20,11 @@ from ..arch import module_for
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import CastWarning, RwkvConvertError, brief
+from ..hf_runtime import TransformersRunner, runs_in_transformers, stored_scheme
 from ..spec import ModelSpec
 from ..tokenizer import HFTokenizer, check_fits, gpt_neox_special_tokens, world_vocab_path
 from ..units import parse_size
-from .base import Format, Options, Probe, option
+from .base import Format, NativeRun, Options, Probe, option
 from .gguf_tables import rwkv6_lora_ranks
 from .safetensors_io import SafetensorsWriter, read_safetensors
 
@@ -433,7 +434,21 @@ def read(probe: Probe) -> Checkpoint:
     return checkpoint_from_tensors(probe.path, read_hf_dir(probe.path), mmapped=True)
 
 
+def native(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int,
+           spec: ModelSpec) -> NativeRun | None:
+    """RWKV-4 and RWKV-7 directories in transformers, loaded as their users load them; None for v5.2/v6 ones
+    (their client is llama.cpp's converter, not a Python runtime: our reader runs them)."""
+    if not runs_in_transformers(path):
+        return None
+    if strategy:
+        raise RwkvConvertError("an HF directory runs in transformers as it is: drop --strategy (or use --runner ours)")
+    runner = TransformersRunner(path)
+    outputs = {name: runner.run(tokens, split) for name, tokens in streams.items()}
+    return NativeRun(f"transformers ({type(runner.model).__name__})", "cpu fp32", outputs,
+                     {"fp32", stored_scheme(path)})
+
+
 FORMAT = Format(
     name="hf", family="safetensors", summary="a Hugging Face model directory",
     runtime="transformers (RWKV-4) and rwkv7-hf / fla (RWKV-7)", sniff=lambda probe: is_hf_dir(probe.path),
-    read=read, write=write, options=HfOptions, supports=supports, needs=needs)
+    read=read, write=write, options=HfOptions, supports=supports, needs=needs, native=native)
