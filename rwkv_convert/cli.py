@@ -70,11 +70,12 @@ def check_json_out(json_out: str | None) -> None:
 
 
 def emit(human: str, document, as_json: bool, json_out: str | None) -> None:
+    text = json.dumps(release.json_safe(document), indent=2, allow_nan=False)  # null for an unbounded tolerance
     if json_out:
-        write_text_atomic(Path(json_out), json.dumps(document, indent=2) + "\n")
+        write_text_atomic(Path(json_out), text + "\n")
     if as_json:
         click.echo(human, err=True)
-        click.echo(json.dumps(document, indent=2))
+        click.echo(text)
     else:
         click.echo(human)
 

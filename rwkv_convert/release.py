@@ -32,9 +32,12 @@ from pathlib import Path
 from . import __version__
 from .atomic import signals_interrupt, write_text_atomic
 from .bundled import TRAINED_MODELS, trained_model
+from .doctor import memory_available
 from .errors import RwkvConvertError
 from .formats.base import flag_of
 from .formats.registry import convert, detect, read_checkpoint, writer_for
+from .quality import file_figures
+from .units import human_size
 from .verify import TWIN, ReferenceRun, VerifyReport, candidate_run, reference_run, score
 
 if sys.version_info >= (3, 11):
@@ -180,8 +183,9 @@ def parse_release(path: str | os.PathLike) -> Release:
             raise _fail(path, where, "output is a file name inside --out")
         tolerance = entry.get("tolerance", {})
         bad = sorted(set(tolerance) - set(TOLERANCE_KEYS)) if isinstance(tolerance, dict) else ["?"]
-        if bad or not all(isinstance(v, (int, float)) and v >= 0 for v in tolerance.values()):
-            raise _fail(path, where, f"tolerance takes non-negative numbers for {', '.join(TOLERANCE_KEYS)}")
+        if bad or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                          and (0 <= v <= 1 if k == "top1" else v > 0) for k, v in tolerance.items()):
+            raise _fail(path, where, "tolerance takes max_abs, rel_l2 and kl above 0 and top1 from 0 to 1")
         runner = entry.get("runner", "native")
         if runner not in ("native", "ours"):
             raise _fail(path, where, "runner is native (the format's runtime) or ours")
@@ -191,10 +195,13 @@ def parse_release(path: str | os.PathLike) -> Release:
     if len(set(outputs)) != len(outputs):
         raise _fail(path, "", "two artifacts write the same output; give each its own")
     tokens, seed = settings.get("tokens", 64), settings.get("seed", 0)
-    if not isinstance(tokens, int) or tokens < 2 or not isinstance(seed, int):
-        raise _fail(path, "[release]: ", "tokens is an integer >= 2 and seed an integer")
+    quality, quality_bytes = settings.get("quality", False), settings.get("quality_bytes", 16384)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (tokens, seed, quality_bytes)) or tokens < 2 \
+            or quality_bytes < 1 or not isinstance(quality, bool):
+        raise _fail(path, "[release]: ", "tokens is an integer >= 2, seed an integer, quality true or false and"
+                    " quality_bytes an integer >= 1")
     return Release(path, hashlib.sha256(data).hexdigest(), str(settings.get("title", path.stem)), sources, artifacts,
-                   tokens, seed, bool(settings.get("quality", False)), int(settings.get("quality_bytes", 16384)))
+                   tokens, seed, quality, quality_bytes)
 
 
 # ---- keys --------------------------------------------------------------------------------------------------
@@ -354,8 +361,6 @@ def _verify(job: Job, candidate: Path) -> dict:
 
 
 def _quality(job: Job, candidate: Path) -> dict:
-    from .quality import file_figures  # only when asked: it imports the runtimes
-
     return file_figures(job.source, candidate, max_bytes=job.quality_bytes)
 
 
@@ -390,7 +395,7 @@ def run_job(job: Job, progress: Callable[[str, str], None] = lambda name, what: 
             if job.quality_bytes is not None:
                 progress(a.name, "quality")
                 result["quality"] = _quality(job, out / a.output)
-            stamp["verification"] = {"key": job.verify_key, "result": result}
+            stamp["verification"] = {"key": job.verify_key, "result": json_safe(result)}
             write_text_atomic(stamp_path, json.dumps(stamp, indent=1))
             verified = True
         result = stamp["verification"]["result"]
@@ -410,8 +415,6 @@ def job_memory(job: Job) -> int:
 
 
 def default_memory_budget() -> int:
-    from .doctor import memory_available
-
     available = memory_available()
     return int(0.75 * available) if available else 4 << 30
 
@@ -568,12 +571,6 @@ def merge_reports(paths: list[str | os.PathLike]) -> dict:
 
 # ---- reports -----------------------------------------------------------------------------------------------
 
-def _size(n: int) -> str:
-    from .units import human_size
-
-    return human_size(n)
-
-
 def junit_xml(report: dict) -> str:
     entries = report["artifacts"]
     seconds = report["run"].get("seconds", {})
@@ -600,14 +597,20 @@ def junit_xml(report: dict) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
 
-def _cells(e: dict) -> list[str]:
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _cells(e: dict, quality: bool = False) -> list[str]:
+    """A report row: artifact, format, size, bytes/param, runtime, max |Δ|, KL, top-1, [bits/byte,] verdict."""
     if e["status"] == "error":
-        return [e["name"], e["format"], "-", "-", "-", "-", "-", "-", f"ERROR: {e['failure']}"]
+        return [e["name"], e["format"], "-", "-", "-", "-", "-", "-", *(["-"] if quality else []),
+                f"ERROR: {e['failure']}"]
     m, q = e["metrics"], e.get("quality")
-    quality = [f"{q['bits_per_byte']:.4f} ({q['delta_bits_per_byte'] * 100:+.2f}%)"] if q else []
+    figures = [f"{q['bits_per_byte']:.4f} ({q['delta_bits_per_byte'] * 100:+.2f}%)" if q else "-"] if quality else []
     runtime = re.sub(r" reading .*?(\([^()]*\))$", r" \1", e["runtime"])  # the format is its own column
-    return [e["name"], e["format"], _size(e["bytes"]), f"{e['bytes_per_param']:.3f}", runtime,
-            f"{m['max_abs']:.3g}", f"{m['kl']:.2e}", f"{m['top1']:.1%}", *quality,
+    return [e["name"], e["format"], human_size(e["bytes"]), f"{e['bytes_per_param']:.3f}", runtime,
+            _number(m["max_abs"], ".3g"), _number(m["kl"], ".2e"), _number(m["top1"], ".1%"), *figures,
             "pass" if e["status"] == "passed" else f"FAIL: {e['failure']}"]
 
 
@@ -623,9 +626,7 @@ def markdown(report: dict) -> str:
              f" token, two chunks with the state carried) against the source at fp32 ({report['tool']}).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
-        cells = _cells(e)
-        if quality and e["status"] != "error" and not e.get("quality"):
-            cells.insert(8, "-")
+        cells = _cells(e, quality)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     if quality:
         lines += ["", "bits/byte: on the held-out text (quality), Δ against the source at fp32."]
@@ -636,8 +637,7 @@ def table(report: dict) -> str:
     """The terminal table: one line per artifact."""
     rows = [["artifact", "format", "size", "B/param", "runtime", "max|Δ|", "KL", "top-1", "verified"]]
     for e in report["artifacts"]:
-        cells = _cells(e)
-        rows.append(cells[:8] + [cells[-1]] if len(cells) > 9 else cells)
+        rows.append(_cells(e))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
     s = report["summary"]
@@ -651,9 +651,21 @@ def report_paths(out: Path, shard) -> dict[str, Path]:
     return {kind: out / f"{stem}.{kind}" for kind in ("json", "xml", "md")}
 
 
+def json_safe(obj):
+    """obj with every non-finite float as None (an unbounded tolerance, a metric of non-finite logits): strict
+    JSON parsers (jq, JavaScript's JSON.parse) refuse Infinity and NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_reports(report: dict, out: Path, shard=None) -> dict[str, Path]:
     paths = report_paths(out, shard)
-    write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
+    write_text_atomic(paths["json"], json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     write_text_atomic(paths["xml"], junit_xml(report))
     write_text_atomic(paths["md"], markdown(report))
     return paths

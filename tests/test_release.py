@@ -209,6 +209,9 @@ def test_sigint_during_a_two_job_release_leaves_no_partial_file_and_a_rerun_fini
     ('[sources]\nv = "bundled:v7"\n[[artifact]]\nto = "pip"\n', "cannot convert v to pip"),
     ('[sources]\nv = "bundled:v7"\n', "no \\[\\[artifact\\]\\] entries"),
     ('[sources\n', "not valid TOML"),
+    ('[sources]\nv = "bundled:v7"\n[[artifact]]\nto = "onnx"\ntolerance = {kl = 0}\n', "kl above 0"),
+    ('[release]\nquality_bytes = "all"\n[sources]\nv = "bundled:v7"\n[[artifact]]\nto = "onnx"\n',
+     "quality_bytes an integer"),
     ('[sources]\nv = "bundled:v7"\n[[artifact]]\nto = "onnx"\n[[artifact]]\nto = "onnx"\n', "two artifacts"),
 ])
 def test_a_bad_release_file_is_one_line_and_builds_nothing(tmp_path, body, pattern):
