@@ -419,7 +419,12 @@ def default_memory_budget() -> int:
     return int(0.75 * available) if available else 4 << 30
 
 
-def _worker_init() -> None:
+_EVENTS = None  # in a worker: the queue its progress events go to the parent by
+
+
+def _worker_init(events) -> None:
+    global _EVENTS
+    _EVENTS = events
     # Ctrl-C goes to the whole process group: the parent decides, and stops the workers with SIGTERM (which the
     # atomic writers turn into a clean-up of their temps)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -427,7 +432,7 @@ def _worker_init() -> None:
 
 def _run_in_worker(job: Job) -> dict:
     try:
-        return run_job(job)
+        return run_job(job, lambda name, what: _EVENTS.put((name, what)))
     except KeyboardInterrupt:  # SIGTERM from the parent (atomic.Interrupted): the temps are already gone
         os._exit(128 + signal.SIGTERM)
 
@@ -456,10 +461,13 @@ def run_jobs(jobs: list[Job], workers: int, max_memory: int, event: Callable[[st
         return results
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     pending, running = list(jobs), {}
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init)
+    context = multiprocessing.get_context("spawn")
+    events = context.SimpleQueue()  # the workers' stages (building, verifying), shown as they happen
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
+                               initargs=(events,))
     try:
         with signals_interrupt():
             while pending or running:
@@ -470,10 +478,18 @@ def run_jobs(jobs: list[Job], workers: int, max_memory: int, event: Callable[[st
                     running[pool.submit(_run_in_worker, job)] = (job, time.monotonic())
                     in_use += job_memory(job)
                     event(job.artifact.name, "started")
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                done, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+                while not events.empty():
+                    event(*events.get())
                 for future in done:
                     job, started = running.pop(future)
-                    results[job.artifact.name] = {**future.result(), "seconds": time.monotonic() - started}
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:  # a worker was killed outright (the kernel's OOM killer, say)
+                        raise RwkvConvertError(f"a worker process died while building {job.artifact.name} (out of"
+                                               " memory?); rerun with fewer --jobs or a lower --max-memory: finished"
+                                               " artifacts are kept") from None
+                    results[job.artifact.name] = {**result, "seconds": time.monotonic() - started}
                     event(job.artifact.name, results[job.artifact.name]["entry"]["status"])
     except BaseException:
         _terminate_workers()

@@ -256,3 +256,31 @@ def test_the_readme_main_job_releases_the_bundled_model(tmp_path):
             "safetensors --layout prepared"} <= formats
     assert report["summary"]["passed"] == len(report["artifacts"]) >= 8
     assert "8/8 verified" in proc.stdout or f"{len(report['artifacts'])}/{len(report['artifacts'])}" in proc.stdout
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pgrep and SIGKILL of the workers")
+def test_a_worker_killed_outright_is_one_line_and_a_rerun_cleans_up_and_finishes(built, tmp_path):
+    """The OOM killer's SIGKILL leaves a worker no chance to remove its temps: the release stops with one line
+    (exit 2), and the next run removes the dead process's temps and finishes."""
+    spec, out, _ = built
+    target = tmp_path / "out"
+    only = ["--only", "v6-web-rwkv-1,v6-onnx-3,v7-hf-4"]
+    proc = subprocess.Popen([sys.executable, "-m", "rwkv_convert.cli", "release", str(spec), "--out", str(target),
+                             "--jobs", "2", *only], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    while ": building" not in proc.stderr.readline():
+        assert proc.poll() is None
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
+                             text=True).stdout.split()
+    assert workers
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "worker process died" in lines[0] and "Traceback" not in err
+    rerun = cli("release", spec, "--out", target, "--jobs", "2", "--quiet", *only)
+    assert rerun.returncode == 0, rerun.stderr
+    assert not list(target.rglob("*.rwkv-tmp*"))
+    whole = {e["name"]: e for e in read_report(out)["artifacts"]}
+    assert read_report(target)["artifacts"] == [whole[n] for n in only[1].split(",")]
