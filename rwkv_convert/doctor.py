@@ -32,7 +32,7 @@ class Check:
     fix: str = ""  # the command that fixes it, where there is one
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -40,7 +40,7 @@ def _version(package: str) -> str | None:
 
 
 def _package(name: str, module: str, purpose: str, fix: str) -> Check:
-    version = _version(name) if importlib.util.find_spec(module) is not None else None
+    version = package_version(name) if importlib.util.find_spec(module) is not None else None
     if version is None:
         return Check(name, "missing", f"not installed: {purpose}", fix)
     return Check(name, "ok", f"{version}: {purpose}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import math
 import os
@@ -32,9 +31,10 @@ from pathlib import Path
 from . import __version__
 from .atomic import signals_interrupt, write_text_atomic
 from .bundled import TRAINED_MODELS, trained_model
-from .doctor import memory_available
+from .doctor import memory_available, package_version
 from .errors import RwkvConvertError
 from .formats.base import flag_of
+from .formats.prepared import file_sha256
 from .formats.registry import convert, detect, read_checkpoint, writer_for
 from .quality import file_figures
 from .units import human_size
@@ -207,15 +207,12 @@ def parse_release(path: str | os.PathLike) -> Release:
 # ---- keys --------------------------------------------------------------------------------------------------
 
 def content_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, or of a directory's files (names and bytes, in order)."""
+    """SHA-256 of a file's bytes, or, for a directory, over its files' names and SHA-256s (in order)."""
+    if not path.is_dir():
+        return file_sha256(path)
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as stream:
-            while chunk := stream.read(1 << 20):
-                h.update(chunk)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -224,13 +221,7 @@ def _digest(obj) -> str:
 
 
 def runtime_versions() -> dict[str, str | None]:
-    versions = {}
-    for package in RUNTIME_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
+    return {package: package_version(package) for package in RUNTIME_PACKAGES}
 
 
 @dataclass(frozen=True)
