@@ -21,6 +21,13 @@ from .errors import CastWarning, RwkvConvertError, brief, check_crc32
 from .foreign import Dequantized, check_nothing_foreign
 from .spec import ModelSpec
 
+CHECK_CHUNK = 1 << 22  # elements checked at once: a large table's check never holds copies of all of it
+
+
+def count_non_finite(t: torch.Tensor) -> int:
+    flat = t.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i:i + CHECK_CHUNK])).sum()) for i in range(0, flat.numel(), CHECK_CHUNK))
+
 
 class CheckedTensors(Mapping):
     """A checkpoint's tensors by name. Each is checked for NaN and infinity the first time it is read, which is
@@ -43,7 +50,7 @@ class CheckedTensors(Mapping):
             if self._check_record is not None:  # damaged bytes first: they are why values would be non-finite
                 self._check_record(name, t)
             if t.is_floating_point() and t.numel():
-                bad = int((~torch.isfinite(t)).sum())
+                bad = count_non_finite(t)
                 if bad:
                     raise RwkvConvertError(
                         f"{self._source}: tensor {name} holds {bad:,} NaN or infinite values (of {t.numel():,}); the"

@@ -19,6 +19,16 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict:
     return info
 
 
+def _variant_row(info: dict) -> str:
+    dims = info.get("variant_dims", {})
+    if info.get("dea"):
+        return (f"7b: DeepEmbed (rank {dims['deep_embed']}) + DEA (a causal attention beside each time mix, query"
+                f" {dims['dea_query']}, caches {dims['dea_cache']} wide)")
+    if info.get("deep_embed"):
+        return f"7a: DeepEmbed (a per-token {dims['deep_embed']}x{dims['deep_embed']} matrix modulates each FFN)"
+    return "plain"
+
+
 def format_description(info: dict) -> str:
     rows = [
         ("file", f"{info['path']} ({human_size(info['file_size'])})"),
@@ -36,8 +46,16 @@ def format_description(info: dict) -> str:
         ("parameters", f"{info['n_params']:,} ({info['n_params'] / 1e6:.2f}M)"),
         ("dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items())),
         ("time_state", "yes (state-tuned)" if info["time_state"] else "no"),
-        ("DeepEmbed", "yes" if info["deep_embed"] else "no"),
+        ("variant", _variant_row(info)),
     ]
+    if info["table_params"]:
+        share = info["table_params"] / max(info["n_params"], 1)
+        rows.append(("per-token tables", f"{info['table_params']:,} parameters ({share:.0%} of the model); one row per"
+                     " token is read, the tables stay memory-mapped"))
+    if info["dea"]:
+        dims = info["variant_dims"]
+        rows.append(("state", f"grows with the context: {2 * dims['dea_cache']} fp32 values per layer per token"
+                     f" (two {dims['dea_cache']}-wide caches) and the token ids, on top of plain RWKV-7's"))
     if info["unused_keys"]:
         shown = ", ".join(info["unused_keys"][:4]) + (" ..." if len(info["unused_keys"]) > 4 else "")
         rows.append(("unused keys", f"{len(info['unused_keys'])}: {shown}"))

@@ -17,7 +17,7 @@ from .paths import cache_root
 
 GENERATOR_VERSION = 1  # bump when values change, so cached files are remade
 VARIANTS = ("v4", "v5.0", "v5.1", "v5.2", "v5.2-state", "v6", "v7", "v7-layer0-v")
-EXTRA_VARIANTS = ("v7-deepembed",)
+EXTRA_VARIANTS = ("v7-deepembed", "v7-dea")  # DeepEmbed ("7a") and DeepEmbed + DEA ("7b")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_VARIANT = "v7"
 
@@ -119,11 +119,21 @@ def make_state_dict(variant: str, n_layer: int = 7, n_embd: int = 128, vocab: in
         sd.update(ffn_w)
         if version == "v7":
             sd[b + "ffn.x_k"] = d.mix(C)
-            if variant == "v7-deepembed":
+            if variant in ("v7-deepembed", "v7-dea"):
                 sd.update({b + "ffn.s_emb.weight": d.normal((vocab, 1024), 0.1),
                            b + "ffn.s_emb_x.weight": d.normal((1024, C), 0.01),
-                           b + "ffn.s0": d.uniform((ffn,), 0.5, 1.5), b + "ffn.s1": d.normal((C, 32), 0.1),
+                           b + "ffn.s0": d.uniform((1, 1, ffn), 0.5, 1.5), b + "ffn.s1": d.normal((C, 32), 0.1),
                            b + "ffn.s2": d.normal((32, ffn), 0.1)})
+            if variant == "v7-dea":  # query width 256, 32-wide caches (reference/deepembed-and-dea.md)
+                sd.update({b + "qkv.qq.weight": d.linear(256, C), b + "qkv.k1": d.normal((C, 32), 0.2),
+                           b + "qkv.k2": d.normal((32, 256), 0.3),
+                           b + "qkv.k_emb.weight": d.uniform((vocab, 256), 0.5, 1.5),
+                           b + "qkv.k_emb_x.weight": d.normal((256, C), 0.02), b + "qkv.v1": d.normal((C, 32), 0.2),
+                           b + "qkv.v2": d.normal((32, C), 0.3), b + "qkv.v_emb.weight": d.normal((vocab, C), 0.5),
+                           b + "qkv.v_emb_x.weight": d.normal((C, C), 0.02), b + "qkv.x_q": d.mix(256),
+                           b + "qkv.x_k": d.mix(256), b + "qkv.x_v": d.mix(C)})
+                for norm, width in (("lnq", 256), ("lnk", 256), ("lnv", C)):
+                    sd.update(d.norm(b + f"qkv.{norm}", width))
         else:
             key = "time_maa" if version == "v6" else "time_mix"
             sd.update({b + f"ffn.{key}_k": d.mix(C), b + f"ffn.{key}_r": d.mix(C),
@@ -134,16 +144,19 @@ def make_state_dict(variant: str, n_layer: int = 7, n_embd: int = 128, vocab: in
 
 
 def fixture_path(variant: str = DEFAULT_VARIANT, dtype: str = "fp32", n_layer: int = 7,
-                 directory: str | os.PathLike | None = None, n_embd: int = 128, vocab: int = 512) -> Path:
+                 directory: str | os.PathLike | None = None, n_embd: int = 128, vocab: int = 512,
+                 head_size: int = 64) -> Path:
     """The cached fixture file, made (atomically) if it is not there yet."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown fixture dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     folder = Path(directory) if directory else cache_dir()
     shape = "" if (n_embd, vocab) == (128, 512) else f"-C{n_embd}-V{vocab}"
+    shape += "" if head_size == 64 else f"-N{head_size}"
     path = folder / f"rwkv-{variant}-L{n_layer}{shape}-{dtype}-g{GENERATOR_VERSION}.pth"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.to(DTYPES[dtype]).contiguous() for k, v in make_state_dict(variant, n_layer, n_embd, vocab).items()}
+        sd = {k: v.to(DTYPES[dtype]).contiguous()
+              for k, v in make_state_dict(variant, n_layer, n_embd, vocab, head_size).items()}
         buffer = io.BytesIO()  # torch.save into a file raises RuntimeError on a failed write; f.write an OSError
         torch.save(sd, buffer)
         with AtomicOutput(path) as out, open(out.temp(), "wb") as f:

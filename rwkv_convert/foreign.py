@@ -24,6 +24,12 @@ _COMPANION = re.compile(r"(\.|_)(\w*scale\w*|qweight|qzeros|scales|g_idx|zeros?|
                         r"int[48]\w*|nf4\w*|packed\w*)$")
 
 
+# Families of tensors that name another architecture outright (never run as the version they resemble)
+OTHER_FAMILIES = ((re.compile(r"^blocks\.\d+\.ffn\.enn\."), "RWKV-8 (its FFN has ffn.enn, the per-token"
+                   " expert embedding)"),)
+_BLOCK_FAMILY = re.compile(r"^blocks\.\d+\.(\w+)")
+
+
 class Dequantized(Mapping):
     """The checkpoint's tensors with fp8/int8 weights dequantized (to fp32) each time one is read, so memory
     stays that of one tensor; shapes and dtypes are known without reading."""
@@ -93,7 +99,18 @@ def check_nothing_foreign(path, spec, unused: list[str], dtypes: dict[str, str],
         if base != name and (base in known or base + ".weight" in known or base.removesuffix(".weight") in known):
             raise RwkvConvertError(f"{path}: {name} is the part of a quantized {base} that rwkv-convert does not"
                                    " read (another tool's quantization); convert the original checkpoint instead")
-        if name.startswith(("blocks.", "emb.", "head.", "ln_out.")):
-            raise RwkvConvertError(f"{path}: tensor {name} is not part of RWKV-{spec.version}: this is another"
-                                   " architecture (e.g. RWKV-8, whose FFN has ffn.enn) or a variant rwkv-convert"
-                                   " does not know; it is not run as RWKV-" + spec.version)
+    strangers = [n for n in unused if n.startswith(("blocks.", "emb.", "head.", "ln_out."))
+                 and not (ignored is not None and ignored.search(n))]
+    if not strangers:
+        return
+    for pattern, family in OTHER_FAMILIES:
+        found = next((n for n in strangers if pattern.search(n)), None)
+        if found:
+            raise RwkvConvertError(f"{path}: tensor {found} is not part of RWKV-{spec.version}: this is {family},"
+                                   " which rwkv-convert does not run or convert; it is not run as RWKV-"
+                                   + spec.version)
+    families = sorted({_BLOCK_FAMILY.sub(r"blocks.i.\1", n).rsplit(".", 1)[0] + ".*" for n in strangers})
+    raise RwkvConvertError(
+        f"{path}: tensor {strangers[0]} is not part of RWKV-{spec.version}: this is another architecture, a hybrid"
+        f" or a variant rwkv-convert does not know ({len(strangers)} such tensors, in {', '.join(families[:3])}"
+        f"{' ...' if len(families) > 3 else ''}); it is not run as RWKV-{spec.version}")

@@ -1,6 +1,7 @@
 """Running files in the `rwkv` pip package (the runtime its converted `.pth` files are made for), in a
 separate process: the package reads environment variables at import time, turns TF32 on globally, and
-`RWKV_V7_ON=1` rebinds its RWKV class, so v7 needs a process of its own.
+`RWKV_V7_ON=1` rebinds its RWKV class, so v7 needs a process of its own (and DeepEmbed, RWKV_DE_VERSION=1,
+another).
 
 Client: `run_in_pip_package(jobs, v7=False)`. Each job is a dict:
   {"kind": "run" | "quick" | "convert", "path": str, "strategy": str, "tokens": [int], "split": int, "out": str}
@@ -22,7 +23,9 @@ import torch
 from .errors import RwkvConvertError
 
 
-def run_in_pip_package(jobs: list[dict], v7: bool = False, timeout: float = 3600) -> list[dict]:
+def run_in_pip_package(jobs: list[dict], v7: bool = False, timeout: float = 3600,
+                       deep_embed: bool = False) -> list[dict]:
+    """deep_embed: run RWKV-7 DeepEmbed ("7a") files (the package's RWKV_DE_VERSION=1, read at import)."""
     if not jobs:
         return []
     with tempfile.TemporaryDirectory(prefix="rwkv-convert-pip-") as tmp:
@@ -30,8 +33,10 @@ def run_in_pip_package(jobs: list[dict], v7: bool = False, timeout: float = 3600
         torch.save(jobs, jobs_file)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_")}
         env.update({"RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0"})
-        if v7:
+        if v7 or deep_embed:
             env["RWKV_V7_ON"] = "1"
+        if deep_embed:
+            env["RWKV_DE_VERSION"] = "1"
         proc = subprocess.run([sys.executable, "-m", "rwkv_convert.pip_runtime", str(jobs_file), str(out_file)],
                               env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode:

@@ -39,8 +39,6 @@ KERNELS = ("auto", "torch")
 
 def runnable(spec: ModelSpec) -> str | None:
     """None if the runner can run this model, else why not."""
-    if spec.deep_embed:
-        return "it is an RWKV-7 DeepEmbed model (ffn.s_emb): running it is not supported yet"
     return None
 
 
@@ -128,9 +126,12 @@ class Model:
             rescale_layer = arch.rescale_interval(spec, self.strategy)
         self.rescale_layer = rescale_layer if self.module.FP16_RESCALE else 0
         self.source = source
+        self._tables = arch.token_tables(spec)
+        self._layer_state, self._context_state = arch.state_names(spec)
         devices = {p.device for p in self.placements}
         self._graph = None
-        self._graph_capable = (len(devices) == 1 and next(iter(devices)).startswith("cuda")
+        # a captured step has fixed shapes and device-side inputs: not for growing caches or CPU-side tables
+        self._graph_capable = (len(devices) == 1 and next(iter(devices)).startswith("cuda") and not self._tables
                                and not any(p.stream for p in self.placements)
                                and os.environ.get("RWKV_CONVERT_CUDA_GRAPH", "1") != "0")
 
@@ -152,10 +153,11 @@ class Model:
     # ---- loading ---------------------------------------------------------------------------------
     def _place(self, i: int, lw: dict) -> dict:
         """Layer i's weights on its device; streamed layers keep their matrices in CPU memory and copy
-        them in for each call."""
+        them in for each call. Per-token tables stay where they are (memory-mapped): rows are gathered."""
         p = self.placements[i]
         home = "cpu" if p.stream else p.device
-        return {k: v.to(home if _is_matrix(self.module, k) else p.device) for k, v in lw.items()}
+        return {k: v if k in self._tables else v.to(home if _is_matrix(self.module, k) else p.device)
+                for k, v in lw.items()}
 
     def _prepare(self, tensors: dict[str, torch.Tensor]) -> None:
         self.layers: list[dict] = []
@@ -200,6 +202,8 @@ class Model:
                 lw = {k[len(prefix):]: v for k, v in tensors.items()
                       if k.startswith(prefix) and not k.startswith(prefix + "ln0.")}
                 for name, t in lw.items():
+                    if name in self._tables:
+                        continue  # kept as stored: rows are read per token (arch.v7.token_rows)
                     if name not in module.MATRICES:
                         dtype = torch.float32 if name in module.FP32_PARAMS else p.atype
                         lw[name] = as_vector(t).to(dtype)
@@ -231,14 +235,27 @@ class Model:
     # ---- running ---------------------------------------------------------------------------------
     @property
     def state_per_layer(self) -> int:
-        return len(self.module.STATE_NAMES)
+        return len(self._layer_state)
+
+    @property
+    def state_names(self) -> list[str]:
+        """Each state tensor's name, in the flat list's order."""
+        names = [f"{name}.{i}" for i in range(self.spec.n_layer) for name in self._layer_state]
+        return names + list(self._context_state)
 
     def init_state(self) -> list[torch.Tensor]:
         state: list[torch.Tensor] = []
         for i, lw in enumerate(self.layers):
             p = self.placements[i]
             state.extend(self.module.init_state(self.spec, lw, p.atype, p.device))
+        if self._context_state:
+            state.extend(self.module.init_context_state(self.spec, self.placements[0].device))
         return state
+
+    @staticmethod
+    def state_bytes(state: list[torch.Tensor]) -> int:
+        """The state's size in bytes (DEA's grows with the context: see ModelSpec.constant_state)."""
+        return sum(t.numel() * t.element_size() for t in state)
 
     def _check_tokens(self, tokens) -> list[int]:
         if isinstance(tokens, int):
@@ -255,16 +272,21 @@ class Model:
     def _check_state(self, state) -> list[torch.Tensor]:
         if not isinstance(state, (list, tuple)) or len(state) != len(self._state_template):
             n = len(state) if isinstance(state, (list, tuple)) else type(state).__name__
+            extra = f" and {', '.join(self._context_state)}" if self._context_state else ""
             raise RwkvConvertError(
-                f"state has {n} tensors; an RWKV-{self.spec.version} model with {self.spec.n_layer} layers needs"
-                f" {len(self._state_template)} ({', '.join(self.module.STATE_NAMES)} per layer)")
+                f"state has {n} tensors; an RWKV-{self.spec.variant} model with {self.spec.n_layer} layers needs"
+                f" {len(self._state_template)} ({', '.join(self._layer_state)} per layer{extra})")
         checked = []
+        context = state[-1].shape[0] if self._context_state and isinstance(state[-1], torch.Tensor) else None
         for i, (t, (shape, dtype, device)) in enumerate(zip(state, self._state_template, strict=True)):
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            # a growing state's first axis is the context's length: the same in every cache and the ids
+            expected = (context, *shape[1:]) if shape and shape[0] == 0 else shape
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                name = self.module.STATE_NAMES[i % self.state_per_layer]
-                raise RwkvConvertError(f"state[{i}] ({name} of layer {i // self.state_per_layer}) has shape"
-                                       f" {got}, expected {shape}")
+                per_layer, n_layered = self.state_per_layer, self.state_per_layer * self.spec.n_layer
+                name = (f"{self._layer_state[i % per_layer]} of layer {i // per_layer}" if i < n_layered
+                        else self._context_state[i - n_layered])
+                raise RwkvConvertError(f"state[{i}] ({name}) has shape {got}, expected {expected}")
             checked.append(t.to(dtype=dtype, device=device))  # e.g. an fp32 state given to a bf16 model
         return checked
 
@@ -282,12 +304,20 @@ class Model:
                 logits, state = self._run(torch.tensor(tokens, device=self.emb.device), state, full_output)
         return (logits if full_output else logits[0]), state
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding (after ln0) of these token ids."""
+        x = self.emb[ids]
+        return x if self.ln0 is None else layer_norm(x, *self.ln0)
+
     def _run(self, ids: torch.Tensor, state: list, full_output: bool):
         per_layer = self.state_per_layer
-        x = self.emb[ids]
-        if self.ln0 is not None:
-            x = layer_norm(x, *self.ln0)
+        x = self.embed(ids)
         ctx: dict = {"recurrence": self.recurrence}
+        if self._tables:  # DeepEmbed/DEA: the token ids and the embedding rows their tables fold in
+            ctx.update(ids=ids, embed=lambda rows: self.embed(rows).float())
+            if self._context_state:
+                ctx["context_ids"] = torch.cat((state[-1].to(ids.device), ids))
+                state[-1] = ctx["context_ids"]
         for i, lw in enumerate(self.layers):
             p = self.placements[i]
             x = x.to(dtype=p.atype, device=p.device)

@@ -56,11 +56,25 @@ def test_state_dict_wrapper_is_unwrapped(tmp_path, fixture_dir):
     assert rwkv_convert.read_checkpoint(path).spec.version == "6"
 
 
-def test_deep_embed_is_detected_and_running_it_is_refused(fixture_dir):
-    ckpt = rwkv_convert.read_checkpoint(fixture_path("v7-deepembed", directory=fixture_dir))
-    assert ckpt.spec.deep_embed
-    with pytest.raises(rwkv_convert.UnsupportedError, match="DeepEmbed"):
-        rwkv_convert.Model(ckpt)
+@pytest.mark.parametrize("variant, name, dims", [
+    ("v7-deepembed", "7a", {"deep_embed": 32}),
+    ("v7-dea", "7b", {"deep_embed": 32, "dea_query": 256, "dea_cache": 32})])
+def test_v7_variants_are_detected_by_their_keys_not_their_order(variant, name, dims, tmp_path, fixture_dir):
+    sd = torch.load(fixture_path(variant, directory=fixture_dir), weights_only=True)
+    shuffled = save_atomic(dict(reversed(list(sd.items()))), tmp_path / "reversed.pth")
+    for path in (fixture_path(variant, directory=fixture_dir), shuffled):
+        spec = rwkv_convert.read_checkpoint(path).spec
+        assert (spec.variant, spec.variant_dims, spec.version) == (name, dims, "7")
+        layers = spec.n_layer
+        assert spec.table_params == layers * 512 * (1024 + (256 + 128 if name == "7b" else 0))
+
+
+def test_a_variant_missing_from_one_layer_is_one_line(tmp_path, fixture_dir):
+    sd = torch.load(fixture_path("v7-deepembed", directory=fixture_dir), weights_only=True)
+    del sd["blocks.3.ffn.s1"]
+    path = save_atomic(sd, tmp_path / "hybrid.pth")
+    with pytest.raises(rwkv_convert.RwkvConvertError, match=r"tensor blocks\.3\.ffn\.s1 is missing"):
+        rwkv_convert.read_checkpoint(path)
 
 
 class Evil:

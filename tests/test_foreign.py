@@ -95,6 +95,15 @@ def _rwkv8(sd):
     sd["blocks.0.ffn.enn.weight"] = torch.zeros(512, 128)
 
 
+def _unknown_family(sd):
+    sd["blocks.0.mem.gate.weight"] = torch.zeros(128, 128)
+    sd["blocks.1.mem.gate.weight"] = torch.zeros(128, 128)
+
+
+def _hybrid_v6_layer(sd):
+    sd["blocks.1.att.time_maa_x"] = torch.zeros(1, 1, 128)
+
+
 def _scale_beside(sd):
     sd["blocks.0.att.output.weight_scale"] = torch.ones(128)
 
@@ -104,7 +113,11 @@ def _scale_beside(sd):
     ("gptq", _gptq, "blocks.0.att.key.q(weight|zeros)|blocks.0.att.key.scales"),
     ("int8-other", _int8_other_tool, r"int8_scale is the part of a quantized blocks.1.ffn.key.weight"),
     ("packed-int4", _packed_int4, "blocks.0.att.value.weight has shape"),
-    ("rwkv8", _rwkv8, "blocks.0.ffn.enn.weight is not part of RWKV-7: this is another architecture"),
+    ("rwkv8", _rwkv8, "blocks.0.ffn.enn.weight is not part of RWKV-7: this is RWKV-8"),
+    ("unknown-family", _unknown_family, r"blocks.0.mem.gate.weight is not part of RWKV-7: this is another"
+                                        r" architecture, a hybrid or a variant .* \(2 such tensors,"
+                                        r" in blocks.i.mem.gate"),
+    ("hybrid-v6-layer", _hybrid_v6_layer, "blocks.1.att.time_maa_x is not part of RWKV-7"),
     ("scale-beside", _scale_beside, "weight_scale is the part of a quantized"),
 ])
 def test_other_tools_quantization_and_other_architectures_are_refused(name, edit, pattern, source, tmp_path):

@@ -242,7 +242,8 @@ def test_vocabularies_gguf_cannot_hold_are_refused(tmp_path, neox_tokenizer):
 @pytest.mark.parametrize("variant,pattern", [
     ("v4", "no architecture for RWKV-4"), ("v5.1", "no architecture for RWKV-5.1"),
     ("v5.2-state", "state-tuned"),
-    ("v7-deepembed", "no DeepEmbed"),
+    ("v7-deepembed", "RWKV-7a model and llama.cpp.s rwkv7 \\(GGUF\\) has no per-token tables"),
+    ("v7-dea", "RWKV-7b model .* DEA.s qkv.k_emb"),
 ])
 def test_refusals_are_one_line_and_leave_no_file(variant, pattern, fixture_dir, tmp_path):
     proc = cli("convert", fixture_path(variant, directory=fixture_dir), "--to", "gguf", "-o", tmp_path / "m.gguf")

@@ -27,6 +27,19 @@ def module_for(version: str) -> ModuleType:
     raise RwkvConvertError(f"unknown RWKV version {version!r}")
 
 
+def state_names(spec: ModelSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the state tensors of each layer, those after all layers) of this model, in the runner's flat list."""
+    module = module_for(spec.version)
+    per_layer = module.state_names(spec) if hasattr(module, "state_names") else module.STATE_NAMES
+    return per_layer, (module.context_state_names(spec) if hasattr(module, "context_state_names") else ())
+
+
+def token_tables(spec: ModelSpec) -> dict[str, str]:
+    """{per-token table: the matrix that folds the embedding into it} for this model's layers (DeepEmbed, DEA)."""
+    return {name: fold for name, fold in getattr(module_for(spec.version), "TOKEN_TABLES", {}).items()
+            if (name.startswith("ffn.") and spec.deep_embed) or (name.startswith("qkv.") and spec.dea)}
+
+
 def rescale_interval(spec: ModelSpec, strategy: Strategy) -> int:
     """The fp16 rescale interval of this model under this strategy (0: none; versions without it never)."""
     return strategy.rescale_layer() if module_for(spec.version).FP16_RESCALE else 0

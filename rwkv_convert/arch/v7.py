@@ -9,13 +9,26 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .common import common_shapes, group_norm, linear, project, residual_block, shifted
+from .common import common_shapes, group_norm, layer_norm, linear, project, shifted
 
 VERSIONS = ("7",)
 STATE_NAMES = ("att_shift", "att_kv", "ffn_shift")
 MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
             "ffn.key.weight", "ffn.value.weight")
-FP32_PARAMS = ()
+DEEP_EMBED_KEYS = ("ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s0", "ffn.s1", "ffn.s2")
+DEA_KEYS = ("qkv.qq.weight", "qkv.k1", "qkv.k2", "qkv.k_emb.weight", "qkv.k_emb_x.weight", "qkv.v1", "qkv.v2",
+            "qkv.v_emb.weight", "qkv.v_emb_x.weight", "qkv.x_q", "qkv.x_k", "qkv.x_v", "qkv.lnq.weight",
+            "qkv.lnq.bias", "qkv.lnk.weight", "qkv.lnk.bias", "qkv.lnv.weight", "qkv.lnv.bias")
+# Per-token tables (one row per token id) and the matrix that folds the ln0'd embedding into each:
+# row(t) = table[t] + E[t] @ fold^T. Tables stay memory-mapped in the file's dtype; only rows are read.
+TOKEN_TABLES = {"ffn.s_emb.weight": "ffn.s_emb_x.weight", "qkv.k_emb.weight": "qkv.k_emb_x.weight",
+                "qkv.v_emb.weight": "qkv.v_emb_x.weight"}
+# The variants' small parts run in fp32 whatever the strategy (the attention's softmax and LayerNorms
+# and the table folds; they are a few percent of a layer's work)
+FP32_PARAMS = tuple(TOKEN_TABLES.values()) + tuple(k for k in DEA_KEYS if k not in TOKEN_TABLES)
+DEA_STATE_NAMES = ("dea_k_cache", "dea_v_cache", "dea_q")  # [n, cache], [n, cache], [query]
+CONTEXT_STATE_NAMES = ("context_ids",)  # DEA: the token ids so far [n], after every layer's state
+DEA_QUERY_BLOCK = 256  # queries scored at once: a long prompt's scores never take T x n memory
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight")
 MIXES = ("r", "w", "k", "v", "a", "g")
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1)
@@ -28,11 +41,8 @@ HF_MODEL_TYPE = {"7": "rwkv7"}  # the fla-hub layout (rwkv7-hf, fla)
 PIP_CONVERTED = False  # the package's RWKV-7 loader reads only original checkpoints
 PIP_V7_LOADER = True  # the package needs RWKV_V7_ON=1 (a process of its own) for RWKV-7
 BONUS_FORMS = False
-DEEP_EMBED_KEYS = ("ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s0", "ffn.s1", "ffn.s2")
-# keys a v7 file may hold that the math does not read: layer 0's value-residual LoRA (unused there) and the
-# DeepEmbed tensors (spec.deep_embed says so; the runner refuses such models)
-IGNORED_KEYS = re.compile(r"^blocks\.0\.att\.v[012]$|^blocks\.\d+\.(" + "|".join(re.escape(k) for k in DEEP_EMBED_KEYS)
-                          + ")$")
+# keys a v7 file may hold that the math does not read: layer 0's value-residual LoRA (unused there)
+IGNORED_KEYS = re.compile(r"^blocks\.0\.att\.v[012]$")
 
 
 def matches(shapes: dict) -> str | None:
@@ -47,8 +57,28 @@ def describe(shapes: dict) -> dict:
         if f"blocks.{layer}.att.v1" in shapes:
             ranks["v"] = int(shapes[f"blocks.{layer}.att.v1"][1])
             break
-    return {"n_head": int(n_head), "head_size": int(head_size), "lora_ranks": ranks,
-            "deep_embed": "blocks.0.ffn.s_emb.weight" in shapes}
+    details = {"n_head": int(n_head), "head_size": int(head_size), "lora_ranks": ranks,
+               "deep_embed": "blocks.0.ffn.s_emb.weight" in shapes, "dea": "blocks.0.qkv.qq.weight" in shapes}
+    dims = {}
+    if details["deep_embed"]:
+        dims["deep_embed"] = int(shapes["blocks.0.ffn.s1"][1])
+    if details["dea"]:
+        dims["dea_query"] = int(shapes["blocks.0.qkv.qq.weight"][0])
+        dims["dea_cache"] = int(shapes["blocks.0.qkv.k1"][1])
+    details["variant_dims"] = dims
+    details["table_params"] = sum(math.prod(s) for k, s in shapes.items()
+                                  if k.startswith("blocks.") and k.split(".", 2)[2] in TOKEN_TABLES)
+    return details
+
+
+def state_names(spec) -> tuple[str, ...]:
+    """The state tensors of one layer: plain v7's (the pip package's layout), then DEA's caches."""
+    return STATE_NAMES + (DEA_STATE_NAMES if spec.dea else ())
+
+
+def context_state_names(spec) -> tuple[str, ...]:
+    """State tensors after all layers' (DEA: the token ids the caches belong to)."""
+    return CONTEXT_STATE_NAMES if spec.dea else ()
 
 
 def expected_shapes(spec) -> dict:
@@ -65,6 +95,18 @@ def expected_shapes(spec) -> dict:
             b + "att.k_k": (1, 1, C), b + "att.k_a": (1, 1, C), b + "att.r_k": (H, N),
             b + "att.ln_x.weight": (C,), b + "att.ln_x.bias": (C,), b + "ffn.x_k": (1, 1, C),
         })
+        if spec.deep_embed:
+            r, V, Fd = spec.variant_dims["deep_embed"], spec.vocab_size, spec.ffn_dim
+            shapes.update({b + "ffn.s_emb.weight": (V, r * r), b + "ffn.s_emb_x.weight": (r * r, C),
+                           b + "ffn.s1": (C, r), b + "ffn.s2": (r, Fd), b + "ffn.s0": (Fd,)})
+        if spec.dea:
+            Q, K, V = spec.variant_dims["dea_query"], spec.variant_dims["dea_cache"], spec.vocab_size
+            shapes.update({b + "qkv.qq.weight": (Q, C), b + "qkv.k1": (C, K), b + "qkv.k2": (K, Q),
+                           b + "qkv.k_emb.weight": (V, Q), b + "qkv.k_emb_x.weight": (Q, C), b + "qkv.v1": (C, K),
+                           b + "qkv.v2": (K, C), b + "qkv.v_emb.weight": (V, C), b + "qkv.v_emb_x.weight": (C, C),
+                           b + "qkv.x_q": (Q,), b + "qkv.x_k": (Q,), b + "qkv.x_v": (C,)})
+            for norm, width in (("lnq", Q), ("lnk", Q), ("lnv", C)):
+                shapes.update({b + f"qkv.{norm}.weight": (width,), b + f"qkv.{norm}.bias": (width,)})
     return shapes
 
 
@@ -75,6 +117,9 @@ def prepare_layer(lw: dict, spec, layer_id: int) -> dict:
     if layer_id == 0:
         for name in ("att.v0", "att.v1", "att.v2"):
             lw.pop(name, None)  # present in some files but never used: layer 0 defines v_first
+    for name in ("ffn.s0", "qkv.x_q", "qkv.x_k", "qkv.x_v"):
+        if name in lw:  # stored [1, 1, n] or [n]
+            lw[name] = lw[name].reshape(-1)
     return lw
 
 
@@ -92,9 +137,27 @@ def from_pip(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor] | Non
 
 def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]:
     C, H, N = spec.n_embd, spec.n_head, spec.head_size
-    return [torch.zeros(C, dtype=dtype, device=device),
-            torch.zeros((H, N, N), dtype=torch.float32, device=device),  # [h, value, key]
-            torch.zeros(C, dtype=dtype, device=device)]
+    state = [torch.zeros(C, dtype=dtype, device=device),
+             torch.zeros((H, N, N), dtype=torch.float32, device=device),  # [h, value, key]
+             torch.zeros(C, dtype=dtype, device=device)]
+    if spec.dea:  # empty caches: they grow by one row per token
+        cache, query = spec.variant_dims["dea_cache"], spec.variant_dims["dea_query"]
+        state += [torch.zeros((0, cache), dtype=torch.float32, device=device),
+                  torch.zeros((0, cache), dtype=torch.float32, device=device),
+                  torch.zeros(query, dtype=torch.float32, device=device)]
+    return state
+
+
+def init_context_state(spec, device) -> list[torch.Tensor]:
+    return [torch.zeros(0, dtype=torch.long, device=device)] if spec.dea else []
+
+
+def token_rows(lw: dict, table: str, ids: torch.Tensor, ctx: dict) -> torch.Tensor:
+    """fp32 rows of a per-token table for `ids`, with the embedding folded in: only these rows are read from
+    the (memory-mapped) table, so the table never has to be in memory."""
+    stored = lw[table]
+    rows = stored[ids.to(stored.device)].to(device=ids.device, dtype=torch.float32)
+    return rows + ctx["embed"](ids) @ lw[TOKEN_TABLES[table]].t()
 
 
 def wkv7(r, w, k, v, kk, a, s):
@@ -146,11 +209,58 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
     return linear(y * g, lw["att.output.weight"])
 
 
-def channel_mix(lw: dict, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+def channel_mix(lw: dict, x: torch.Tensor, last: torch.Tensor, ctx: dict) -> torch.Tensor:
     k = x + (shifted(x, last) - x) * lw["ffn.x_k"]
-    return linear(torch.relu(linear(k, lw["ffn.key.weight"])) ** 2, lw["ffn.value.weight"])
+    k = torch.relu(linear(k, lw["ffn.key.weight"])) ** 2
+    if "ffn.s1" in lw:  # DeepEmbed: each token's 32x32 matrix modulates the hidden units
+        T, r = x.shape[0], lw["ffn.s1"].shape[1]
+        table = token_rows(lw, "ffn.s_emb.weight", ctx["ids"], ctx).to(x.dtype).view(T, r, r)
+        ss = ((x @ lw["ffn.s1"].to(x.dtype)).unsqueeze(1) @ table).squeeze(1)
+        k = k * (ss @ lw["ffn.s2"].to(x.dtype) + lw["ffn.s0"].to(x.dtype))
+    return linear(k, lw["ffn.value.weight"])
+
+
+def dea_attention(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
+    """DEA ("7b"): causal softmax attention over the whole context, from the layer's input residual x. The
+    state holds each token's 32-wide key and value pre-projections, so keys and values of every position are
+    rebuilt from them (with the token-indexed scales) at each call; fp32 throughout."""
+    T, xf = x.shape[0], x.float()
+    k_cache = torch.cat((state[3], xf @ lw["qkv.k1"]))
+    v_cache = torch.cat((state[4], xf @ lw["qkv.v1"]))
+    context = ctx["context_ids"]
+    n = context.shape[0]
+    q = xf @ lw["qkv.qq.weight"].t()
+    k = (k_cache @ lw["qkv.k2"]) * token_rows(lw, "qkv.k_emb.weight", context, ctx)
+    v = torch.tanh(v_cache @ lw["qkv.v2"]) * token_rows(lw, "qkv.v_emb.weight", context, ctx)
+    q_mixed = q + (shifted(q, state[5]) - q) * lw["qkv.x_q"]
+    zero_k, zero_v = k.new_zeros(k.shape[1]), v.new_zeros(v.shape[1])
+    k = k + (shifted(k, zero_k) - k) * lw["qkv.x_k"]  # shifted along the whole context, zero before token 0
+    v = v + (shifted(v, zero_v) - v) * lw["qkv.x_v"]
+    q_mixed = layer_norm(q_mixed, lw["qkv.lnq.weight"], lw["qkv.lnq.bias"])
+    k = layer_norm(k, lw["qkv.lnk.weight"], lw["qkv.lnk.bias"])
+    v = layer_norm(v, lw["qkv.lnv.weight"], lw["qkv.lnv.bias"])
+    out = torch.empty(T, v.shape[1], dtype=torch.float32, device=x.device)
+    key_positions = torch.arange(n, device=x.device).unsqueeze(0)
+    for start in range(0, T, DEA_QUERY_BLOCK):  # scores for a block of queries at a time: memory linear in n
+        stop = min(start + DEA_QUERY_BLOCK, T)
+        scores = 64 * torch.tanh((q_mixed[start:stop] @ k.t()) / 1024)  # soft cap
+        positions = torch.arange(n - T + start, n - T + stop, device=x.device).unsqueeze(1)
+        scores = scores.masked_fill(key_positions > positions, float("-inf"))  # causal
+        out[start:stop] = torch.softmax(scores, dim=-1) @ v
+    state[3], state[4], state[5] = k_cache, v_cache, q[-1]
+    return out.to(x.dtype)
 
 
 def layer_forward(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
-    return residual_block(lw, x, state, ctx, time_mix, channel_mix)
+    """x += att(LN1 x) [+ DEA(x)]; x += ffn(LN2 x). state[0] and state[2] are the token-shift states."""
+    xx = layer_norm(x, lw["ln1.weight"], lw["ln1.bias"])
+    att = time_mix(lw, xx, state, ctx)
+    if "qkv.qq.weight" in lw:
+        att = att + dea_attention(lw, x, state, ctx)
+    x = x + att
+    state[0] = xx[-1]
+    xx = layer_norm(x, lw["ln2.weight"], lw["ln2.bias"])
+    x = x + channel_mix(lw, xx, state[2], ctx)
+    state[2] = xx[-1]
+    return x
 

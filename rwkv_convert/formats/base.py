@@ -125,6 +125,16 @@ def always(spec: ModelSpec) -> str | None:
     return None
 
 
+def per_token_tables_refusal(spec: ModelSpec, runtime: str) -> str | None:
+    """Why `runtime` cannot hold a DeepEmbed/DEA model (it has no per-token tables), or None for other models."""
+    if not spec.deep_embed and not spec.dea:
+        return None
+    parts = "per-token tables (DeepEmbed's ffn.s_emb"
+    parts += ", DEA's qkv.k_emb/v_emb and its attention)" if spec.dea else ")"
+    return (f"this is an RWKV-{spec.variant} model and {runtime} has no {parts}: it cannot be expressed there;"
+            " use --to onnx or --to safetensors --layout prepared, or run the .pth itself")
+
+
 @dataclass(frozen=True)
 class Format:
     name: str  # as `convert --to` and `rwkv_convert.convert(to=...)` name it

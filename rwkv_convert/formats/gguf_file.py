@@ -29,7 +29,7 @@ from ..quant import gguf_blocks, size_plan
 from ..spec import ModelSpec
 from ..strategy import Strategy, allocate, parse_strategy
 from . import gguf_vocab
-from .base import Format, NativeRun, Options, calibration_method_option, option
+from .base import Format, NativeRun, Options, calibration_method_option, option, per_token_tables_refusal
 from .gguf_tables import GLOBAL, READ_TABLES, WRITE_TABLES, Row, rwkv6_lora_ranks
 from .spans import check_spans
 
@@ -250,8 +250,8 @@ def supports(spec: ModelSpec) -> str | None:
     if spec.time_state:
         return ("this is a state-tuned model (att.time_state): GGUF has no place for its learned initial state; use"
                 " --to onnx, --to safetensors or --to pip, which keep it")
-    if spec.deep_embed:
-        return "llama.cpp's rwkv7 has no DeepEmbed (ffn.s_emb) tensors; this model cannot be expressed as GGUF"
+    if spec.deep_embed or spec.dea:
+        return per_token_tables_refusal(spec, "llama.cpp's rwkv7 (GGUF)")
     if arch == "rwkv7" and spec.head_size % 64:
         # Measured with llama.cpp through llama-cpp-python 0.3.36: rwkv7 with head sizes 16, 32 and 96 loads but
         # gives wrong logits (max |Δ| 2.6-4.8); 64, 128 and 256 match the reference to 2e-5. rwkv6 runs all.

@@ -24,7 +24,7 @@ from ..hf_runtime import TransformersRunner, runs_in_transformers, stored_scheme
 from ..spec import ModelSpec
 from ..tokenizer import HFTokenizer, check_fits, gpt_neox_special_tokens, world_vocab_path
 from ..units import parse_size
-from .base import Format, NativeRun, Options, Probe, option
+from .base import Format, NativeRun, Options, Probe, option, per_token_tables_refusal
 from .gguf_tables import rwkv6_lora_ranks
 from .safetensors_io import SafetensorsWriter, read_safetensors
 
@@ -135,8 +135,8 @@ def supports(spec: ModelSpec) -> str | None:
     if spec.time_state:
         return ("this is a state-tuned model (att.time_state): no Hugging Face layout has a place for its learned"
                 " initial state; use --layout web-rwkv or prepared, --to onnx or --to pip, which keep it")
-    if spec.deep_embed:
-        return "this is an RWKV-7 DeepEmbed model: the fla-hub layout has no place for ffn.s_emb"
+    if spec.deep_embed or spec.dea:
+        return per_token_tables_refusal(spec, "the fla-hub layout (transformers)")
     return None
 
 

@@ -14,7 +14,7 @@ import torch
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import RwkvConvertError
-from .base import Format, Options, Probe, option
+from .base import Format, Options, Probe, option, per_token_tables_refusal
 from .safetensors_io import SafetensorsWriter, read_safetensors
 
 RENAMES = (("time_faaaa", "time_first"), ("time_maa", "time_mix"), ("lora_A", "lora.0"), ("lora_B", "lora.1"))
@@ -122,4 +122,5 @@ def read(probe: Probe) -> Checkpoint:
 
 FORMAT = Format(
     name="web-rwkv", family="safetensors", summary="a web-rwkv / ai00 / RWKV-Runner .st file (F16)",
-    runtime="web-rwkv, ai00 and RWKV-Runner", sniff=sniff, read=read, write=write, options=WebRwkvOptions)
+    runtime="web-rwkv, ai00 and RWKV-Runner", sniff=sniff, read=read, write=write, options=WebRwkvOptions,
+    supports=lambda spec: per_token_tables_refusal(spec, "web-rwkv"))
