@@ -76,12 +76,14 @@ class Checkpoint:
     mmapped: bool = True  # tensors are views of a read-only file mapping (False for legacy-format files)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # without reading (or checking) any data
 
-    def release(self, name: str) -> None:
-        """Done with a tensor: let the kernel drop its pages from this process's memory (they are read
-        from the file again if it is used later), so that streaming conversions keep a small RSS."""
+    def release(self, name: str, rows: slice | None = None) -> None:
+        """Done with a tensor (or with these rows of it): let the kernel drop its pages from this process's
+        memory (they are read from the file again if it is used later), so that streaming conversions keep a
+        small RSS."""
         if self.mmapped:
             tensors = self.tensors
-            drop_file_pages(tensors.unchecked(name) if isinstance(tensors, CheckedTensors) else tensors[name])
+            stored = tensors.unchecked(name) if isinstance(tensors, CheckedTensors) else tensors[name]
+            drop_file_pages(stored if rows is None else stored[rows])
 
     @property
     def file_size(self) -> int:

@@ -143,16 +143,44 @@ print(peak() - base)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_deep_embed_tables_stay_in_the_file(tmp_path):
-    """V=65536: the per-token tables are 4x the rest of the model; running it reads only the rows it needs."""
+CONVERT_PEAK_RSS = """
+import sys, rwkv_convert
+def peak():
+    return int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmHWM"].split()[0]) * 1024
+base = peak()
+rwkv_convert.convert(sys.argv[1], sys.argv[2], sys.argv[3])
+print(peak() - base)
+"""
+
+
+@pytest.fixture(scope="module")
+def large_vocab_deep_embed(tmp_path_factory) -> tuple[Path, int, int]:
+    """A bf16 DeepEmbed file with V=65536, whose tables are 4x the rest of the model: (path, its dense part
+    in fp32 bytes, its largest table in the file's bytes)."""
     sd = make_state_dict("v7-deepembed", n_layer=2, n_embd=128, vocab=65536)
-    path = save_atomic({k: v.to(torch.bfloat16) for k, v in sd.items()}, tmp_path / "de-V65536.pth")
-    table = 65536 * 1024 * 4  # one layer's table in fp32
+    path = save_atomic({k: v.to(torch.bfloat16) for k, v in sd.items()},
+                       tmp_path_factory.mktemp("de") / "de-V65536.pth")
     dense = sum(v.numel() * 4 for k, v in sd.items() if "s_emb.weight" not in k)
+    return path, dense, 65536 * 1024 * 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_deep_embed_tables_stay_in_the_file_when_running(large_vocab_deep_embed):
+    path, dense, table = large_vocab_deep_embed
     model = rwkv_convert.load(path)
     assert model.spec.table_params == 2 * 65536 * 1024
     assert model.layers[0]["ffn.s_emb.weight"].dtype == torch.bfloat16  # as stored, never converted
     proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path)], capture_output=True, text=True, check=True)
+    peak = int(proc.stdout.split()[-1])
+    assert peak < 2 * dense + table, json.dumps({"peak": peak, "dense": dense, "table": table})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("to, name", [("onnx", "de.onnx"), ("prepared", "de.st")])
+def test_converting_deep_embed_keeps_memory_near_the_dense_model(to, name, large_vocab_deep_embed, tmp_path):
+    """Peak RSS below 2x the dense part plus the largest single table: tables are written in row blocks."""
+    path, dense, table = large_vocab_deep_embed
+    proc = subprocess.run([sys.executable, "-c", CONVERT_PEAK_RSS, str(path), to, str(tmp_path / name)],
+                          capture_output=True, text=True, check=True)
     peak = int(proc.stdout.split()[-1])
     assert peak < 2 * dense + table, json.dumps({"peak": peak, "dense": dense, "table": table})

@@ -132,9 +132,17 @@ class Emitter:
         return g.op("GatherBlockQuantized", inputs[0], tokens, inputs[1], domain=MS_DOMAIN, gather_axis=0,
                     quantize_axis=1, block_size=BLOCK_SIZE, bits=bits)
 
-    def layer_norm(self, x: str, name: str, w: torch.Tensor, b: torch.Tensor) -> str:
-        return self.g.op("LayerNormalization", x, self.param(name + ".weight", w), self.param(name + ".bias", b),
-                         axis=-1, epsilon=LN_EPS)
+    def token_table(self, name: str, rows, ids: str, fp32: bool = False) -> str:
+        """table[ids] for a per-token table whose `rows` object yields it in row blocks (shape, blocks(dtype)):
+        written to the data file block by block, gathered per token (DeepEmbed, DEA)."""
+        dtype = np.float32 if fp32 else self.np_act
+        if not self.g.has_weight(name):
+            self.g.root.store.add_rows(name, rows.shape, dtype, rows.blocks(dtype))
+        return self.g.op("Gather", self.g.weight(name, None), ids)
+
+    def layer_norm(self, x: str, name: str, w: torch.Tensor, b: torch.Tensor, fp32: bool = False) -> str:
+        return self.g.op("LayerNormalization", x, self.param(name + ".weight", w, fp32),
+                         self.param(name + ".bias", b, fp32), axis=-1, epsilon=LN_EPS)
 
     def group_norm(self, y: str, n_head: int, name: str, w: torch.Tensor, b: torch.Tensor, fp32: bool) -> str:
         """Per-head normalisation of [B, T, H*N] (ln_x), then the per-channel affine."""

@@ -20,7 +20,6 @@ import torch
 
 from ... import arch
 from ...arch.common import as_vector, layer_norm
-from ...arch.v7 import DEEP_EMBED_KEYS
 from ...atomic import AtomicOutput
 from ...calibration import LayerwiseGptq, activation_importance, describe
 from ...checkpoint import Checkpoint
@@ -31,7 +30,7 @@ from ...spec import ModelSpec
 from ...strategy import parse_strategy
 from ..base import Options, calibration_method_option, option
 from . import v4, v5, v6, v7
-from .emit import ACCURACY_LEVELS, QUANT_BITS, Emitter
+from .emit import ACCURACY_LEVELS, QUANT_BITS, Emitter, as_array
 from .graph import Graph, WeightStore, onnx_module
 from .layout import FORMAT_TAG, data_path, sequence_path
 
@@ -43,14 +42,42 @@ INLINE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB limit, less roo
 GRAPH_MODULES = {version: module for module in (v4, v5, v6, v7) for version in module.VERSIONS}
 
 
+class _FoldedRows:
+    """A per-token table with the ln0'd embedding folded in (row(t) = table[t] + E[t] @ fold^T, in fp32 as the
+    runner does), made in row blocks as the export writes it: the table is never whole in memory."""
+
+    ROWS = 2048
+
+    def __init__(self, ckpt, table: str, fold: str):
+        self.ckpt, self.table, self.fold = ckpt, table, fold
+        self.shape = tuple(ckpt.shapes[table])
+
+    def blocks(self, np_dtype):
+        tensors = self.ckpt.tensors
+        emb, table, fold = tensors["emb.weight"], tensors[self.table], tensors[self.fold].float()
+        w, b = (tensors[f"blocks.0.ln0.{n}"].float() for n in ("weight", "bias"))
+        for start in range(0, self.shape[0], self.ROWS):
+            rows = slice(start, start + self.ROWS)
+            folded = table[rows].float() + layer_norm(emb[rows].float(), w, b) @ fold.t()
+            yield as_array(folded, np_dtype)
+            self.ckpt.release(self.table, rows)  # read once: its pages need not stay
+
+
 def _layer_tensors(ckpt, spec, i: int, rescale: int) -> dict:
     module = arch.module_for(spec.version)
     graphs = GRAPH_MODULES[spec.version]
+    tables = arch.token_tables(spec)
     prefix = f"blocks.{i}."
     lw = {}
-    for k, t in ckpt.tensors.items():
+    for k in ckpt.tensors:
         if k.startswith(prefix) and not k.startswith(prefix + "ln0."):
             name = k[len(prefix):]
+            if name in tables:  # written in row blocks when the graph first gathers from it
+                lw[name] = _FoldedRows(ckpt, k, prefix + tables[name])
+                continue
+            if name in tables.values():  # folded into its table
+                continue
+            t = ckpt.tensors[k]
             if name in module.MATRICES:  # converted once, straight into the initializer's dtype and layout
                 lw[name] = t
                 continue
@@ -138,9 +165,16 @@ def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant:
         tokens = g.input("tokens", TensorProto.INT64, ["batch", "time"])
     shift_in = g.input("shift_in", TensorProto.FLOAT, ["batch", L, 2, C])
     wkv_in = g.input("wkv_in", TensorProto.FLOAT, ["batch", L, *wkv_shape])
+    ctx: dict = {"tokens": tokens}
+    dea_in = {}
+    if spec.dea:  # the attention's state grows with the context: a dynamic length axis
+        for name, shape in _dea_state_shapes(spec, "context").items():
+            dea_in[name] = g.input(name + "_in", TensorProto.INT64 if name == "context" else TensorProto.FLOAT, shape)
+        ctx["context_ids"] = g.op("Concat", dea_in["context"], tokens, axis=1)
+    dea_out: dict[str, list] = {name: [] for name in ("dea_k", "dea_v", "dea_q")}
 
     x = E.gather_rows(_folded_embedding(ckpt, E.np_act), tokens)  # [B, T, C]
-    shifts, wkvs, ctx = [], [], {}
+    shifts, wkvs = [], []
     for i in range(L):
         lw = _layer_tensors(ckpt, spec, i, rescale)
         prefix = f"blocks.{i}."
@@ -148,10 +182,16 @@ def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant:
         xx = E.layer_norm(x, prefix + "ln1", lw["ln1.weight"], lw["ln1.bias"])
         att, new_wkv = mod.time_mix(E, spec, lw, prefix, xx, E.to_act(g.gather(shift, 0, 1)), g.gather(wkv_in, i, 1),
                                     ctx)
+        if spec.dea:
+            dea, *caches = mod.dea_attention(E, spec, lw, prefix, x, *(g.gather(dea_in[n], i, 1) for n in dea_out),
+                                             ctx)
+            att = g.op("Add", att, dea)
+            for name, value in zip(dea_out, caches, strict=True):
+                dea_out[name].append(g.unsqueeze(value, 1))
         att_last = g.gather(xx, -1, 1)
         x = g.op("Add", x, att)
         xx = E.layer_norm(x, prefix + "ln2", lw["ln2.weight"], lw["ln2.bias"])
-        x = g.op("Add", x, mod.channel_mix(E, spec, lw, prefix, xx, E.to_act(g.gather(shift, 1, 1))))
+        x = g.op("Add", x, mod.channel_mix(E, spec, lw, prefix, xx, E.to_act(g.gather(shift, 1, 1)), ctx))
         last_tokens = [E.to_f32(t) for t in (att_last, g.gather(xx, -1, 1))]  # this layer's new shift, [B, C] x 2
         shifts.append(g.unsqueeze(g.op("Concat", *(g.unsqueeze(t, 1) for t in last_tokens), axis=1), 1))
         wkvs.append(g.unsqueeze(new_wkv, 1))
@@ -169,7 +209,19 @@ def _build(ckpt, spec, store: WeightStore, single_step: bool, dtype: str, quant:
              else ["batch", "time", V])
     g.output(g.op("Concat", *shifts, axis=1), "shift_out", TensorProto.FLOAT, ["batch", L, 2, C])
     g.output(g.op("Concat", *wkvs, axis=1), "wkv_out", TensorProto.FLOAT, ["batch", L, *wkv_shape])
+    if spec.dea:
+        shapes = _dea_state_shapes(spec, "context_out")
+        for name, parts in dea_out.items():
+            g.output(g.op("Concat", *parts, axis=1), name + "_out", TensorProto.FLOAT, shapes[name])
+        g.output(ctx["context_ids"], "context_out", TensorProto.INT64, shapes["context"])
     return g
+
+
+def _dea_state_shapes(spec, length: str) -> dict[str, list]:
+    """DEA's state in the graphs, after shift and wkv: the two caches, the last query, the context's ids."""
+    L, cache, query = spec.n_layer, spec.variant_dims["dea_cache"], spec.variant_dims["dea_query"]
+    return {"dea_k": ["batch", L, length, cache], "dea_v": ["batch", L, length, cache], "dea_q": ["batch", L, query],
+            "context": ["batch", length]}
 
 
 def _metadata(ckpt, spec, graph: str, dtype: str, quant: str, logits: str, rescale: int) -> dict[str, str]:
@@ -179,6 +231,14 @@ def _metadata(ckpt, spec, graph: str, dtype: str, quant: str, logits: str, resca
                  " vector (the LayerNorm output of the last token)",
         "wkv": f"[B, {spec.n_layer}, {', '.join(map(str, version.wkv_state_shape(spec)))}]: {version.WKV_STATE_DOC}",
     }
+    if spec.dea:
+        cache, query = spec.variant_dims["dea_cache"], spec.variant_dims["dea_query"]
+        layout.update({
+            "dea_k": f"[B, {spec.n_layer}, n, {cache}]: per layer each context token's key pre-projection (x @ k1)",
+            "dea_v": f"[B, {spec.n_layer}, n, {cache}]: per layer each context token's value pre-projection (x @ v1)",
+            "dea_q": f"[B, {spec.n_layer}, {query}]: per layer the last token's query (x @ qq^T), for the shift",
+            "context": "[B, n] int64: the token ids so far; a fresh state has n = 0 (every *_in with a 0-length axis)",
+        })
     meta = {
         "rwkv.format": FORMAT_TAG, "rwkv.graph": graph, "rwkv.version": spec.version,
         "rwkv.spec": json.dumps({k: v for k, v in spec.to_dict().items() if k not in ("dtypes",)}),
@@ -223,8 +283,6 @@ class OnnxOptions(Options):
 
 
 def supports(spec: ModelSpec) -> str | None:
-    if spec.deep_embed:
-        return f"this is an RWKV-7 DeepEmbed model ({DEEP_EMBED_KEYS[0]}): no ONNX export for it yet"
     return None
 
 
@@ -266,7 +324,7 @@ def write(ckpt: Checkpoint, output: Path, options: OnnxOptions) -> list[Path]:
             for kind, _ in kinds:
                 g = _build(ckpt, spec, store, kind == "step", dtype, quant, logits, rescale, table_quant,
                            options.compute, calibrated)
-                doc = f"RWKV-{spec.version} {kind} graph from {ckpt.path.name}, written by rwkv-convert"
+                doc = f"RWKV-{spec.variant} {kind} graph from {ckpt.path.name}, written by rwkv-convert"
                 meta = _metadata(ckpt, spec, kind, dtype, quant, logits, rescale)
                 meta["rwkv.quant_scope"] = "layers" if table_quant == "none" else "all"
                 meta["rwkv.table_quant"] = table_quant

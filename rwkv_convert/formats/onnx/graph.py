@@ -49,21 +49,35 @@ class WeightStore:
             return name
         array = np.asarray(array, order="C")  # (ascontiguousarray turns a scalar into shape [1])
         if self._data is None or array.nbytes < 1024:  # small tensors stay inline: no seek per tensor at load
-            proto = onnx.numpy_helper.from_array(array, name)
-        else:
-            pad = -self._data.tell() % EXTERNAL_ALIGN
-            self._data.write(b"\0" * pad)
-            offset = self._data.tell()
-            data = memoryview(array).cast("B")  # no bytes copy of a large tensor
+            self.protos[name] = onnx.numpy_helper.from_array(array, name)
+            self.nbytes += array.nbytes
+            return name
+        return self.add_rows(name, array.shape, array.dtype, [array])
+
+    def add_rows(self, name: str, shape: tuple[int, ...], dtype, chunks) -> str:
+        """An initializer made of consecutive row blocks (arrays of `dtype`), written to the data file as each
+        is made: a large table never has to be whole in memory. Inline exports join the blocks."""
+        if name in self.protos:
+            return name
+        onnx, dtype = self.onnx, np.dtype(dtype)
+        if self._data is None:
+            return self.add(name, np.concatenate([np.asarray(c, dtype) for c in chunks]).reshape(shape))
+        pad = -self._data.tell() % EXTERNAL_ALIGN
+        self._data.write(b"\0" * pad)
+        offset, crc, nbytes = self._data.tell(), 0, 0
+        for chunk in chunks:
+            data = memoryview(np.ascontiguousarray(chunk, dtype)).cast("B")  # no bytes copy of a large tensor
             self._data.write(data)
-            self.data_crcs[name] = zlib.crc32(data)
-            proto = onnx.TensorProto(name=name, dims=list(array.shape),
-                                     data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
-            proto.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(array.nbytes))):
-                entry = proto.external_data.add()
-                entry.key, entry.value = key, value
-        self.nbytes += array.nbytes
+            crc, nbytes = zlib.crc32(data, crc), nbytes + data.nbytes
+        if nbytes != int(np.prod(shape)) * dtype.itemsize:
+            raise RuntimeError(f"{name}: row blocks hold {nbytes} bytes, not the {list(shape)} {dtype} declared")
+        self.data_crcs[name] = crc
+        proto = onnx.TensorProto(name=name, dims=list(shape), data_type=onnx.helper.np_dtype_to_tensor_dtype(dtype))
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(nbytes))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        self.nbytes += nbytes
         self.protos[name] = proto
         return name
 

@@ -41,7 +41,7 @@ def time_mix(E: Emitter, spec, lw: dict, prefix: str, x: str, last: str, wkv: st
     return y, new_wkv
 
 
-def channel_mix(E: Emitter, spec, lw: dict, prefix: str, x: str, last: str) -> str:
+def channel_mix(E: Emitter, spec, lw: dict, prefix: str, x: str, last: str, ctx: dict) -> str:
     sx = E.shifted(x, last)
     f = prefix + "ffn."
     kx, rx = (E.lerp(x, sx, f + f"time_mix_{n}", lw[f"ffn.time_mix_{n}"]) for n in "kr")

@@ -116,7 +116,7 @@ def time_mix(E: Emitter, spec, lw: dict, prefix: str, x: str, last: str, state: 
     return E.linear(y, a + "output.weight", lw["att.output.weight"]), state
 
 
-def channel_mix(E: Emitter, spec, lw: dict, prefix: str, x: str, last: str) -> str:
+def channel_mix(E: Emitter, spec, lw: dict, prefix: str, x: str, last: str, ctx: dict) -> str:
     sx = E.shifted(x, last)
     f = prefix + "ffn."
     kx, rx = (E.lerp(x, sx, f + f"time_mix_{n}", lw[f"ffn.time_mix_{n}"]) for n in "kr")

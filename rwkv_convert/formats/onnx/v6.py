@@ -36,7 +36,7 @@ def time_mix(E: Emitter, spec, lw: dict, prefix: str, x: str, last: str, state: 
     return E.linear(g.op("Mul", y, E.silu(p["g"])), a + "output.weight", lw["att.output.weight"]), state
 
 
-def channel_mix(E: Emitter, spec, lw: dict, prefix: str, x: str, last: str) -> str:
+def channel_mix(E: Emitter, spec, lw: dict, prefix: str, x: str, last: str, ctx: dict) -> str:
     g = E.g
     delta = g.op("Sub", E.shifted(x, last), x)
     f = prefix + "ffn."
