@@ -38,6 +38,7 @@ class CheckedTensors(Mapping):
                  check_record: Callable[[str, torch.Tensor], None] | None = None):
         self._tensors, self._source, self._mmapped, self._checked = tensors, source, mmapped, set()
         self._check_record = check_record
+        self._in_memory: set[str] = set()  # tensors not backed by the file: dropping their pages would zero them
 
     def unchecked(self, name: str) -> torch.Tensor:
         """The tensor as stored (the file's bytes: what release() drops the pages of)."""
@@ -55,8 +56,8 @@ class CheckedTensors(Mapping):
                     raise RwkvConvertError(
                         f"{self._source}: tensor {name} holds {bad:,} NaN or infinite values (of {t.numel():,}); the"
                         " file is damaged or was saved from a diverged run - use another copy")
-                if self._mmapped:  # checked ahead of its use: do not keep its pages resident until then
-                    drop_file_pages(self.unchecked(name))  # the file's bytes (never a tensor computed from them)
+                if self._mmapped and name not in self._in_memory:  # checked ahead of its use: do not keep its pages
+                    drop_file_pages(self.unchecked(name))  # resident until then; the file's bytes only
             self._checked.add(name)
         return t
 
@@ -65,6 +66,35 @@ class CheckedTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._tensors)
+
+    def with_extra(self, extra: dict[str, torch.Tensor]) -> CheckedTensors:
+        """These tensors and `extra` (which replace any of the same name; e.g. a state file's)."""
+        merged = _Overlay(self._tensors, extra)
+        out = CheckedTensors(merged, self._source, self._mmapped, self._check_record)
+        out._checked = self._checked - set(extra)
+        out._in_memory = self._in_memory | set(extra)
+        return out
+
+
+class _Overlay(Mapping):
+    def __init__(self, base: Mapping[str, torch.Tensor], extra: dict[str, torch.Tensor]):
+        self._base, self._extra = base, extra
+
+    def stored(self, name: str) -> torch.Tensor:
+        if name in self._extra:
+            return self._extra[name]
+        stored = getattr(self._base, "stored", None)
+        return stored(name) if stored is not None else self._base[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._extra[name] if name in self._extra else self._base[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._base
+        yield from (k for k in self._extra if k not in self._base)
+
+    def __len__(self) -> int:
+        return len(self._base) + sum(1 for k in self._extra if k not in self._base)
 
 
 @dataclass
@@ -75,12 +105,14 @@ class Checkpoint:
     unused_keys: list[str] = field(default_factory=list)
     mmapped: bool = True  # tensors are views of a read-only file mapping (False for legacy-format files)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # without reading (or checking) any data
+    in_memory: set[str] = field(default_factory=set)  # tensors not backed by the file (a state file's): never released
+    applied_state: Path | None = None  # the state file applied to these weights (state_file.with_state)
 
     def release(self, name: str, rows: slice | None = None) -> None:
         """Done with a tensor (or with these rows of it): let the kernel drop its pages from this process's
         memory (they are read from the file again if it is used later), so that streaming conversions keep a
         small RSS."""
-        if self.mmapped:
+        if self.mmapped and name not in self.in_memory:  # on anonymous memory, dropping pages would zero them
             tensors = self.tensors
             stored = tensors.unchecked(name) if isinstance(tensors, CheckedTensors) else tensors[name]
             drop_file_pages(stored if rows is None else stored[rows])

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__, doctor, quality, release
-from .atomic import Interrupted, check_target_directory, recording, write_text_atomic
+from . import __version__, doctor, quality, release, state_file
+from .atomic import Interrupted, check_target_directory, protecting, recording, write_text_atomic
 from .bundled import DEFAULT_PROMPT, trained_model
 from .describe import describe_checkpoint, format_description
 from .errors import CastWarning, RwkvConvertError
@@ -61,6 +61,13 @@ def json_options(command):
                            help="Also write the JSON document to this file.")(command)
     return click.option("--json", "as_json", is_flag=True,
                         help="Print the JSON document on stdout (the human-readable output goes to stderr).")(command)
+
+
+def state_option(command):
+    """--state FILE: a state-tuning file (blocks.i.att.time_state) applied to the model's original weights."""
+    return click.option("--state", "state", default=None, type=click.Path(dir_okay=False, path_type=str),
+                        help="A state-tuning file (blocks.i.att.time_state: .pth or safetensors) to start from,"
+                             " applied to the original weights (shapes checked against the model).")(command)
 
 
 def check_json_out(json_out: str | None) -> None:
@@ -135,7 +142,8 @@ def inspect(path: str, as_json: bool, json_out) -> None:
 @click.option("--tokenizer", "tokenizer_file", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="A Hugging Face tokenizer.json (e.g. GPT-NeoX 20B for RWKV-4 Pile models) instead of World.")
 @click.option("--ln0-fold", default="fp32", show_default=True, type=click.Choice(LN0_FOLDS), help=LN0_HELP)
-def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_file, ln0_fold) -> None:
+@state_option
+def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_file, ln0_fold, state) -> None:
     """Generate text from PATH (or the bundled default model), streaming it as it is produced."""
     if path is None:
         path = str(trained_model("v7"))
@@ -143,7 +151,7 @@ def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_
                    f" library, {path})", err=True)
         prompt = DEFAULT_PROMPT if prompt is None else prompt
     prompt = CHAT_PROMPT if prompt is None else prompt
-    model = registry.load(path, strategy, ln0_fold)
+    model = registry.load(path, strategy, ln0_fold, state)
     vocab = model.spec.vocab_size
     if tokenizer_file:
         tokenizer = HFTokenizer(tokenizer_file)
@@ -263,7 +271,8 @@ def format_options(target: str, layout: str | None, given: dict) -> dict:
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(2, None), help="With --verify.")
 @click.option("--runner", default="native", show_default=True, type=click.Choice(["native", "ours"]),
               help="With --verify: run the file in its format's runtime, or with rwkv-convert's reader.")
-def convert(source: str, target: str, layout, output: str, then_verify: bool, tokens: int, runner: str,
+@state_option
+def convert(source: str, target: str, layout, output: str, then_verify: bool, tokens: int, runner: str, state,
             **flags) -> None:
     """Convert SOURCE (original weights: .pth, safetensors, an HF directory, GGUF) for a runtime. Written
     tensor by tensor, atomically.
@@ -276,20 +285,20 @@ def convert(source: str, target: str, layout, output: str, then_verify: bool, to
     """
     options = format_options(target, layout, flags)
     with recording() as published:  # the sizes this run wrote, even if another run replaces the files
-        written = registry.convert(source, to=target, output=output, layout=layout, **options)
+        written = registry.convert(source, to=target, output=output, layout=layout, state=state, **options)
     for path in written:
         click.echo(f"wrote {path} ({published.get(path, path.stat().st_size):,} bytes)", err=True)
     if then_verify:
-        _verify_and_exit(output, source, None, tokens, 0, False, None, runner)
+        _verify_and_exit(output, source, None, tokens, 0, False, None, runner, state=state)
 
 
 convert.params.extend(FORMAT_FLAGS.values())
 
 
 def _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json_out, runner="native",
-                     ln0_fold=None) -> None:
+                     ln0_fold=None, state=None) -> None:
     check_json_out(json_out)
-    report = verify(candidate, reference, strategy, tokens, seed, runner, ln0_fold)
+    report = verify(candidate, reference, strategy, tokens, seed, runner, ln0_fold, state)
     emit(format_report(report), report.to_dict(), as_json, json_out)
     sys.exit(0 if report.passed else 1)
 
@@ -307,14 +316,15 @@ def _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json
               help="native: the runtime the format is for (the rwkv pip package for its files); ours: our reader.")
 @click.option("--ln0-fold", default=None, type=click.Choice(LN0_FOLDS),
               help=LN0_HELP + " Default: the candidate's own (package for pip-converted files, else fp32).")
-def verify_command(candidate, reference, strategy, tokens, seed, as_json, json_out, runner, ln0_fold) -> None:
+@state_option
+def verify_command(candidate, reference, strategy, tokens, seed, as_json, json_out, runner, ln0_fold, state) -> None:
     """Compare CANDIDATE's outputs with the reference runner on --reference: exit 0 pass, 1 fail, 2 bad input.
 
     Runs a fixed and a random token stream in sequence mode, token by token and in two chunks with the
     state carried, and reports max |Δlogit|, relative L2, KL, top-1 agreement and the state difference.
     Bounds: the table of the candidate's least precise weight scheme, widened to what that scheme itself
     does to this model (the reference run in the scheme); see docs/verification.md."""
-    _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json_out, runner, ln0_fold)
+    _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json_out, runner, ln0_fold, state)
 
 
 @main.command("quality")
@@ -332,7 +342,9 @@ def verify_command(candidate, reference, strategy, tokens, seed, as_json, json_o
 @json_options
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Also draw bytes per parameter against bits per byte into this PNG (needs matplotlib).")
-def quality_command(source, text, schemes, window, max_bytes, target_size, as_json, json_out, plot_path) -> None:
+@state_option
+def quality_command(source, text, schemes, window, max_bytes, target_size, as_json, json_out, plot_path,
+                    state) -> None:
     """What each precision and quantization of SOURCE costs, each file run in its own runtime.
 
     For every scheme: export (prepared safetensors for our runner's strategies, GGUF for llama.cpp, ONNX for
@@ -346,7 +358,7 @@ def quality_command(source, text, schemes, window, max_bytes, target_size, as_js
     show = sys.stderr.isatty()
     progress = (lambda line: click.echo(f"\r\033[K{line}", nl=False, err=True)) if show else \
         (lambda line: None if "window" in line else click.echo(line, err=True))
-    report = quality.measure(source, text, names, window, max_bytes, progress, target_size)
+    report = quality.measure(source, text, names, window, max_bytes, progress, target_size, state)
     if show:
         click.echo("\r\033[K", nl=False, err=True)
     emit(quality.table(report), report.to_json(), as_json, json_out)
@@ -460,6 +472,33 @@ def release_command(files, out, jobs, only, shard, max_memory, reverify, merge, 
     sys.exit(release.exit_code(report))
 
 
+@main.command("convert-state")
+@click.argument("state", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--to", "layout", required=True, type=click.Choice(state_file.LAYOUTS),
+              help="pth: BlinkDL's state .pth; safetensors: the same keys and layout; web-rwkv: F16 with the last two"
+                   " axes swapped, as web-rwkv, ai00 and RWKV-Runner load it.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str))
+@click.option("--model", default=None, type=click.Path(dir_okay=True, path_type=str),
+              help="The base model the state is for: its shapes are checked against it.")
+def convert_state(state: str, layout: str, output: str, model) -> None:
+    """Write the state-tuning file STATE (any of the three forms) alone in the form a runtime loads.
+
+    \b
+    Examples:
+      rwkv-convert convert-state rwkv-x060-state.pth --to web-rwkv -o state.st --model RWKV-x060-World-1B6.pth
+      rwkv-convert convert-state state.st --to pth -o state.pth
+    """
+    loaded = state_file.read_state(state)
+    spec = None
+    if model is not None:
+        spec = registry.read_checkpoint(model).spec
+        state_file.check_fits(loaded, spec, model)
+    with protecting(Path(state), *([Path(model)] if model else [])):
+        path = state_file.write_state(loaded, Path(output), layout, spec)
+    click.echo(f"wrote {path} ({path.stat().st_size:,} bytes): {len(loaded.layers)} layers of {list(loaded.shape)}",
+               err=True)
+
+
 @main.command("make-fixture")
 @click.argument("variant")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))
@@ -468,7 +507,7 @@ def release_command(files, out, jobs, only, shard, max_memory, reverify, merge, 
               help="Directory (default: the fixture cache).")
 def make_fixture(variant: str, dtype: str, layers: int, directory) -> None:
     """Write a tiny deterministic test checkpoint (VARIANT: v4, v5.0, v5.1, v5.2, v5.2-state, v6, v7,
-    v7-layer0-v, v7-deepembed) and print its path."""
+    v7-layer0-v, v7-deepembed, v7-dea) and print its path."""
     if variant not in VARIANTS + EXTRA_VARIANTS:
         choices = ", ".join(VARIANTS + EXTRA_VARIANTS)
         raise RwkvConvertError(f"unknown fixture variant {variant!r}; choose from {choices}")

@@ -177,13 +177,15 @@ class _Logits:
 
 def measure(source: str | Path, text: str | Path | None = None, schemes: list[str] | None = None,
             window: int = 1024, max_bytes: int | None = None,
-            progress: Callable[[str], None] = lambda _: None, target_size: str | None = None) -> QualityReport:
+            progress: Callable[[str], None] = lambda _: None, target_size: str | None = None,
+            state: str | Path | None = None) -> QualityReport:
     """Each scheme of `schemes` (default all) through its runtime on `text` (default the bundled held-out
     text), against the source at fp32. target_size: also a GGUF planned to that size (gguf-target-SIZE).
-    Exports go to a temporary directory and are removed after."""
+    state: a state-tuning file applied to the source (every window starts from it; formats that cannot carry
+    it are listed as not measured). Exports go to a temporary directory and are removed after."""
     if window < 2:
         raise RwkvConvertError("--window must be at least 2 tokens")
-    ckpt = read_checkpoint(source)
+    ckpt = read_checkpoint(source, state)
     spec = ckpt.spec
     text_path, data, tokens, chunks, scored_bytes = _scored_text(spec, text, max_bytes, window)
     report = QualityReport(str(ckpt.path), str(text_path), len(data), len(tokens), len(chunks), window, spec.n_params)
@@ -208,7 +210,7 @@ def measure(source: str | Path, text: str | Path | None = None, schemes: list[st
                 progress(f"{label}: exporting")
                 path = Path(tmp) / f"{name}.{SUFFIXES[scheme.to]}"
                 try:
-                    convert(ckpt.path, scheme.to, path, **scheme.options)
+                    convert(ckpt.path, scheme.to, path, state=state, **scheme.options)
                     run = _Logits(scheme, path, window)
                 except RwkvConvertError as e:
                     report.skipped[name] = str(e)

@@ -258,19 +258,22 @@ class ReferenceRun:
     ckpt: Checkpoint | None = None  # what the scheme's own error is measured on (scheme_noise)
     strategy_runs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # strategy_logits' cache
     ln0_fold: str = "fp32"  # the runner's ln0 fold, for every run of the reference
+    state: str | Path | None = None  # the state file applied to the reference (and to original-weight candidates)
 
 
-def reference_run(reference: str | Path, tokens: int = 64, seed: int = 0, ln0_fold: str = "fp32") -> ReferenceRun:
-    """The source checkpoint through our runner at cpu fp32, on a fixed and a random stream. ln0_fold
-    "package": ln0 folded as the pip package does (its dtype, not fp32), to compare with it bit for bit."""
+def reference_run(reference: str | Path, tokens: int = 64, seed: int = 0, ln0_fold: str = "fp32",
+                  state: str | Path | None = None) -> ReferenceRun:
+    """The source checkpoint (with the state file `state` applied, if given) through our runner at cpu fp32, on a
+    fixed and a random stream. ln0_fold "package": ln0 folded as the pip package does (its dtype, not fp32), to
+    compare with it bit for bit."""
     if tokens < 2:
         raise RwkvConvertError("--tokens must be at least 2 (the chunked mode splits the stream)")
-    ckpt = read_checkpoint(reference)
+    ckpt = read_checkpoint(reference, state)
     model = Model(ckpt, "cpu fp32", ln0_fold=ln0_fold)
     streams = token_streams(ckpt.spec.vocab_size, tokens, seed)
     split = max(1, tokens // 3)
     return ReferenceRun(ckpt.spec, streams, split, {n: run_ours(model, t, split) for n, t in streams.items()}, ckpt,
-                        ln0_fold=ln0_fold)
+                        ln0_fold=ln0_fold, state=state)
 
 
 RUNNERS = ("native", "ours")
@@ -321,7 +324,9 @@ def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None
         if run is not None:  # None: no runtime for this kind of file in its format (HF v5.2/v6): our reader
             return run
     # the probe already holds what sniffing read; original weights are folded as the reference is
-    model = load_detected(fmt, probe, strategy, ref.ln0_fold if fmt.load is None else "fp32")
+    # original weights get the reference's state file too; converted files carry the state they were made with
+    model = load_detected(fmt, probe, strategy, ref.ln0_fold if fmt.load is None else "fp32",
+                          ref.state if fmt.load is None else None)
     _check_same_model(model, candidate, ref.spec, reference)
     schemes = set(model.weight_schemes) | (fmt.stored(probe.path) if fmt.stored else set())
     stored = stored_precision(model.spec)  # a file stored less precisely than its reference: a web-rwkv .st (F16)
@@ -387,17 +392,20 @@ def score(ref: ReferenceRun, cand: NativeRun, candidate: str | Path, reference: 
 
 
 def verify(candidate: str | Path, reference: str | Path, strategy: str | None = None, tokens: int = 64,
-           seed: int = 0, runner: str = "native", ln0_fold: str | None = None) -> VerifyReport:
+           seed: int = 0, runner: str = "native", ln0_fold: str | None = None,
+           state: str | Path | None = None) -> VerifyReport:
     """runner: "native" runs the candidate in the runtime its format is for (the rwkv pip package for its
     converted files); "ours" runs it with rwkv-convert's reader and runner. ln0_fold: the reference runner's
     (and our runner's, for --runner ours) fold of ln0, "fp32" or "package" (docs/numerics.md); None: the
-    candidate's own, i.e. "package" for pip-converted files (they hold the package's fold) and "fp32" else."""
+    candidate's own, i.e. "package" for pip-converted files (they hold the package's fold) and "fp32" else.
+    state: a state-tuning file applied to the reference (and to a candidate that is original weights)."""
     _check_runner(runner)
     fmt, _ = detect(candidate)  # a missing or unreadable candidate fails before the reference is run
     if ln0_fold is None:
         ln0_fold = "package" if fmt.name == "pip" else "fp32"
-    ref = reference_run(reference, tokens, seed, ln0_fold)
-    report = score(ref, candidate_run(candidate, ref, strategy, runner, reference), candidate, reference)
+    ref = reference_run(reference, tokens, seed, ln0_fold, state)
+    shown = reference if state is None else f"{reference} with the state {state}"
+    report = score(ref, candidate_run(candidate, ref, strategy, runner, reference), candidate, shown)
     report.ln0_fold = ln0_fold
     return report
 

@@ -100,10 +100,15 @@ def from_pip(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor] | Non
     return None
 
 
+def time_state_to_wkv(time_state: torch.Tensor) -> torch.Tensor:
+    """A learned initial state, stored [h, value, key], as this version's wkv state [h, key, value]."""
+    return time_state.float().transpose(1, 2).contiguous()
+
+
 def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]:
     C, H, N = spec.n_embd, spec.n_head, spec.head_size
-    if "att.time_state" in lw:  # state-tuned models start from a learned state, stored [h, value, key]
-        kv = lw["att.time_state"].float().transpose(1, 2).contiguous().to(device)
+    if "att.time_state" in lw:  # state-tuned models start from a learned state
+        kv = time_state_to_wkv(lw["att.time_state"]).to(device)
     else:
         kv = torch.zeros((H, N, N), dtype=torch.float32, device=device)
     return [torch.zeros(C, dtype=dtype, device=device), kv, torch.zeros(C, dtype=dtype, device=device)]

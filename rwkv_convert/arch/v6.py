@@ -9,6 +9,7 @@ from .common import channel_mix_maa, common_shapes, group_norm, linear, project,
 from .v5 import KERNEL as KERNEL  # v5.2's recurrence with a per-token decay
 from .v5 import RECURRENCE as RECURRENCE
 from .v5 import init_state as init_state  # same state layout and time_state handling as v5
+from .v5 import time_state_to_wkv as time_state_to_wkv
 from .v5 import wkv
 from .v5 import wkv_state_shape as wkv_state_shape
 

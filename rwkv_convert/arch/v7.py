@@ -25,7 +25,7 @@ TOKEN_TABLES = {"ffn.s_emb.weight": "ffn.s_emb_x.weight", "qkv.k_emb.weight": "q
                 "qkv.v_emb.weight": "qkv.v_emb_x.weight"}
 # The variants' small parts run in fp32 whatever the strategy (the attention's softmax and LayerNorms
 # and the table folds; they are a few percent of a layer's work)
-FP32_PARAMS = tuple(TOKEN_TABLES.values()) + tuple(k for k in DEA_KEYS if k not in TOKEN_TABLES)
+FP32_PARAMS = tuple(TOKEN_TABLES.values()) + tuple(k for k in DEA_KEYS if k not in TOKEN_TABLES) + ("att.time_state",)
 DEA_STATE_NAMES = ("dea_k_cache", "dea_v_cache", "dea_q")  # [n, cache], [n, cache], [query]
 CONTEXT_STATE_NAMES = ("context_ids",)  # DEA: the token ids so far [n], after every layer's state
 DEA_QUERY_BLOCK = 256  # queries scored at once: a long prompt's scores never take T x n memory
@@ -95,6 +95,8 @@ def expected_shapes(spec) -> dict:
             b + "att.k_k": (1, 1, C), b + "att.k_a": (1, 1, C), b + "att.r_k": (H, N),
             b + "att.ln_x.weight": (C,), b + "att.ln_x.bias": (C,), b + "ffn.x_k": (1, 1, C),
         })
+        if spec.time_state:
+            shapes[b + "att.time_state"] = (H, N, N)
         if spec.deep_embed:
             r, V, Fd = spec.variant_dims["deep_embed"], spec.vocab_size, spec.ffn_dim
             shapes.update({b + "ffn.s_emb.weight": (V, r * r), b + "ffn.s_emb_x.weight": (r * r, C),
@@ -137,15 +139,20 @@ def from_pip(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor] | Non
 
 def init_state(spec, lw: dict, dtype: torch.dtype, device) -> list[torch.Tensor]:
     C, H, N = spec.n_embd, spec.n_head, spec.head_size
-    state = [torch.zeros(C, dtype=dtype, device=device),
-             torch.zeros((H, N, N), dtype=torch.float32, device=device),  # [h, value, key]
-             torch.zeros(C, dtype=dtype, device=device)]
+    kv = time_state_to_wkv(lw["att.time_state"]).to(device) if "att.time_state" in lw \
+        else torch.zeros((H, N, N), dtype=torch.float32, device=device)  # [h, value, key]
+    state = [torch.zeros(C, dtype=dtype, device=device), kv, torch.zeros(C, dtype=dtype, device=device)]
     if spec.dea:  # empty caches: they grow by one row per token
         cache, query = spec.variant_dims["dea_cache"], spec.variant_dims["dea_query"]
         state += [torch.zeros((0, cache), dtype=torch.float32, device=device),
                   torch.zeros((0, cache), dtype=torch.float32, device=device),
                   torch.zeros(query, dtype=torch.float32, device=device)]
     return state
+
+
+def time_state_to_wkv(time_state: torch.Tensor) -> torch.Tensor:
+    """A learned initial state, stored [h, value, key] as the training kernel holds it: v7's own layout."""
+    return time_state.float().contiguous()
 
 
 def init_context_state(spec, device) -> list[torch.Tensor]:

@@ -248,8 +248,10 @@ def supports(spec: ModelSpec) -> str | None:
         return (f"llama.cpp has no architecture for RWKV-{spec.version} (rwkv6 runs v5.2 and v6, rwkv7 v7); for this"
                 " version use --to onnx, --to safetensors or --to pip")
     if spec.time_state:
-        return ("this is a state-tuned model (att.time_state): GGUF has no place for its learned initial state; use"
-                " --to onnx, --to safetensors or --to pip, which keep it")
+        return ("this is a state-tuned model (att.time_state, or --state): llama.cpp's GGUF has no initial-state"
+                " field, so its learned state would be lost; use --to onnx or --to safetensors --layout prepared"
+                " (or --to pip for v5/v6), which carry it, or convert the base model and keep the state file beside"
+                " it (convert-state)")
     if spec.deep_embed or spec.dea:
         return per_token_tables_refusal(spec, "llama.cpp's rwkv7 (GGUF)")
     if arch == "rwkv7" and spec.head_size % 64:

@@ -13,6 +13,7 @@ from ..atomic import protecting
 from ..checkpoint import Checkpoint
 from ..errors import RwkvConvertError, UnsupportedError
 from ..runner import Model, runnable
+from ..state_file import apply_state_option
 from . import gguf_file, hf, pip_pth, prepared, pth, safetensors_blinkdl, web_rwkv
 from .base import Format, Probe
 from .onnx import format as onnx
@@ -86,44 +87,58 @@ def detect(path: str | os.PathLike) -> tuple[Format, Probe]:
     raise RwkvConvertError(f"{p} is not a file rwkv-convert reads")  # pth claims every file: not reached
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Original weights from any format that holds them (a .pth, safetensors, an HF directory, a GGUF)."""
+def read_checkpoint(path: str | os.PathLike, state: str | os.PathLike | None = None) -> Checkpoint:
+    """Original weights from any format that holds them (a .pth, safetensors, an HF directory, a GGUF); with
+    `state`, a state-tuning file applied to them (its shapes checked against the model)."""
     fmt, probe = detect(path)
+    return _read_detected(fmt, probe, state)
+
+
+def _read_detected(fmt: Format, probe: Probe, state=None) -> Checkpoint:
     if fmt.read is None:
         raise RwkvConvertError(f"{probe.path} is {fmt.summary}, not an original checkpoint: rwkv_convert.load(),"
                                " run and verify run it; convert from the source checkpoint")
-    return fmt.read(probe)
+    return apply_state_option(fmt.read(probe), state)
 
 
-def load(path: str | os.PathLike, strategy: str | None = None, ln0_fold: str = "fp32"):
+def load(path: str | os.PathLike, strategy: str | None = None, ln0_fold: str = "fp32",
+         state: str | os.PathLike | None = None):
     """A runnable model from any readable file: original weights with `strategy` (default "cpu fp32"); files
     made for one strategy (pip-converted, prepared) with theirs (`strategy` must be that one or None); ONNX
     exports in onnxruntime (no strategy). ln0_fold "package": original weights get ln0 folded as the pip
-    package folds it (docs/numerics.md)."""
-    return load_detected(*detect(path), strategy, ln0_fold)
+    package folds it (docs/numerics.md). state: a state-tuning file applied to original weights."""
+    return load_detected(*detect(path), strategy, ln0_fold, state)
 
 
-def load_detected(fmt: Format, probe: Probe, strategy: str | None = None, ln0_fold: str = "fp32"):
+def load_detected(fmt: Format, probe: Probe, strategy: str | None = None, ln0_fold: str = "fp32", state=None):
     """load() of a path already detected (its probe keeps what sniffing read)."""
     if fmt.load is not None:
         if ln0_fold != "fp32":
             raise RwkvConvertError(f"--ln0-fold applies to original weights; {probe.path} ({fmt.summary}) is run"
                                    " as it was made")
+        if state is not None:
+            raise RwkvConvertError(f"--state applies to original weights; {probe.path} ({fmt.summary}) runs with the"
+                                   " initial state it was converted with: give --state to convert instead")
         return fmt.load(probe, strategy)
-    return Model(fmt.read(probe), DEFAULT_STRATEGY if strategy is None else strategy, ln0_fold=ln0_fold)
+    return Model(_read_detected(fmt, probe, state), DEFAULT_STRATEGY if strategy is None else strategy,
+                 ln0_fold=ln0_fold)
 
 
-def convert(source: str | os.PathLike, to: str, output: str | os.PathLike, **options: Any) -> list[Path]:
+def convert(source: str | os.PathLike, to: str, output: str | os.PathLike, state: str | os.PathLike | None = None,
+            **options: Any) -> list[Path]:
     """Convert SOURCE (original weights in any readable format) to the format `to` at `output`, with that
-    format's options (e.g. quant="q8_0" for gguf; layout="hf" selects the safetensors layout). The source is
-    read once and handed to the writer. Returns the paths written; nothing is left behind on failure."""
+    format's options (e.g. quant="q8_0" for gguf; layout="hf" selects the safetensors layout); with `state`, a
+    state-tuning file applied first (written into formats that carry an initial state; refused by the others).
+    The source is read once and handed to the writer. Returns the paths written; nothing is left behind on
+    failure."""
     fmt = writer_for(to, options.pop("layout", None))
     opts = fmt.options.build(fmt.target, options)
-    ckpt = read_checkpoint(source)
+    ckpt = read_checkpoint(source, state)
     reason = fmt.supports(ckpt.spec) or (fmt.needs(ckpt.spec, opts) if fmt.needs else None)
     if reason:
         raise UnsupportedError(f"cannot convert {ckpt.path.name} to {fmt.target}: {reason}")
-    with protecting(ckpt.path):  # no file of the output may be the source (or inside a source directory)
+    inputs = [ckpt.path] + ([ckpt.applied_state] if ckpt.applied_state else [])
+    with protecting(*inputs):  # no file of the output may be an input (or inside a source directory)
         return fmt.write(ckpt, Path(output), opts)
 
 

@@ -145,7 +145,8 @@ def _initial_wkv(ckpt, spec) -> np.ndarray | None:
     """A state-tuned model's learned wkv state [L, H, N, N] (pip layout), else None."""
     if not spec.time_state:
         return None
-    return np.stack([ckpt.tensors[f"blocks.{i}.att.time_state"].float().transpose(1, 2).numpy()
+    module = arch.module_for(spec.version)
+    return np.stack([module.time_state_to_wkv(ckpt.tensors[f"blocks.{i}.att.time_state"]).numpy()
                      for i in range(spec.n_layer)])
 
 
