@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from . import passes
-from .arch.common import layer_norm
 from .bundled import CALIBRATION_TEXT, bundled_file
 from .checkpoint import Checkpoint
 from .errors import RwkvConvertError
@@ -107,11 +106,10 @@ class LayerwiseGptq:
             head_moments = activation_importance(ckpt, text, max_tokens, window, head_covariance=True)["head.weight"]
         self._head_moments = head_moments
         with torch.inference_mode():
-            self.x = [self.model.emb[ids] for ids in self.windows]
-            if self.model.ln0 is not None:
-                self.x = [layer_norm(x, *self.model.ln0) for x in self.x]
+            self.x = [self.model.embed(ids) for ids in self.windows]
         self.states = [self.model.init_state() for _ in self.windows]
-        self.contexts = [{"recurrence": self.model.recurrence} for _ in self.windows]
+        self.contexts = [self.model.layer_context(ids, state) for ids, state in zip(self.windows, self.states,
+                                                                                    strict=True)]
         self.next_layer = 0
         self.ready: dict[str, np.ndarray] = {}
 

@@ -51,6 +51,7 @@ def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy
     placements = allocate(strategy, spec.n_layer)
     module = arch.module_for(spec.version)
     rescale = arch.rescale_interval(spec, strategy)
+    tables = arch.token_tables(spec)
     plan = Plan(str(strategy), spec.n_layer, rescale, [])
     plan.passes = [passes.FOLD_LN0] + ([passes.RESCALE] if rescale else []) + [passes.DECAY]
     if any(p.weights != "i8" for p in placements[:-1]):
@@ -66,6 +67,8 @@ def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy
                      "head.weight": shapes["head.weight"]}
         resident = streamed = 0
         for name, shape in names.items():
+            if name in tables:  # memory-mapped from the file: only the rows of the tokens seen are read
+                continue
             if name in module.MATRICES or name == "head.weight":
                 size = _matrix_bytes(shape, p.weights, p.atype)
                 if p.stream:
@@ -82,6 +85,9 @@ def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy
             plan.device_bytes["cpu (pinned, streamed)"] = plan.device_bytes.get("cpu (pinned, streamed)", 0) + streamed
         plan.slots.append(SlotPlan("head" if slot == spec.n_layer else str(slot), p.device,
                                    str(p.atype).removeprefix("torch."), p.weights, p.stream, resident + streamed))
+    if tables:
+        plan.notes.append(f"per-token tables ({', '.join(tables)}): {spec.table_params:,} parameters stay"
+                          " memory-mapped in the file and are not counted above; a token reads one row of each")
     used = {p.segment for p in placements}
     for i, seg in enumerate(strategy.segments):
         if i not in used and seg.count != 0:

@@ -304,6 +304,17 @@ class Model:
                 logits, state = self._run(torch.tensor(tokens, device=self.emb.device), state, full_output)
         return (logits if full_output else logits[0]), state
 
+    def layer_context(self, ids: torch.Tensor, state: list) -> dict:
+        """What every layer of one call shares besides x and its state: the recurrence, and for DeepEmbed/DEA the
+        token ids, the embedding their tables fold in and (DEA) the context's ids, which join the state here."""
+        ctx: dict = {"recurrence": self.recurrence}
+        if self._tables:
+            ctx.update(ids=ids, embed=lambda rows: self.embed(rows).float())
+            if self._context_state:
+                ctx["context_ids"] = torch.cat((state[-1].to(ids.device), ids))
+                state[-1] = ctx["context_ids"]
+        return ctx
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The embedding (after ln0) of these token ids."""
         x = self.emb[ids]
@@ -312,12 +323,7 @@ class Model:
     def _run(self, ids: torch.Tensor, state: list, full_output: bool):
         per_layer = self.state_per_layer
         x = self.embed(ids)
-        ctx: dict = {"recurrence": self.recurrence}
-        if self._tables:  # DeepEmbed/DEA: the token ids and the embedding rows their tables fold in
-            ctx.update(ids=ids, embed=lambda rows: self.embed(rows).float())
-            if self._context_state:
-                ctx["context_ids"] = torch.cat((state[-1].to(ids.device), ids))
-                state[-1] = ctx["context_ids"]
+        ctx = self.layer_context(ids, state)
         for i, lw in enumerate(self.layers):
             p = self.placements[i]
             x = x.to(dtype=p.atype, device=p.device)

@@ -16,10 +16,11 @@ import rwkv_convert
 from rwkv_convert.fixtures import fixture_path, make_state_dict
 from rwkv_convert.pip_runtime import run_in_pip_package
 from rwkv_convert.runner import Model
-from rwkv_convert.verify import run_ours
+from rwkv_convert.verify import run_ours, verify
 
 from .conftest import SPLIT, save_atomic, tokens_for
 from .float64_v7 import logits_float64
+from .test_cli import cli
 from .test_reference_runner import FP32_BOUND, assert_matches
 
 # (variant, file dtype, make_state_dict arguments): head sizes 64 and 32, odd widths and vocabularies
@@ -184,3 +185,19 @@ def test_converting_deep_embed_keeps_memory_near_the_dense_model(to, name, large
                           capture_output=True, text=True, check=True)
     peak = int(proc.stdout.split()[-1])
     assert peak < 2 * dense + table, json.dumps({"peak": peak, "dense": dense, "table": table})
+
+
+@pytest.mark.parametrize("name", ["7a-fp32", "7b-fp32"])
+def test_int8_strategies_and_calibration_on_the_dense_matrices(name, variant_files, tmp_path):
+    """Mixed and int8 strategies (GPTQ-calibrated included) quantize the dense matrices; tables stay as stored."""
+    path, _ = variant_files[name]
+    out = tmp_path / "int8.st"
+    rwkv_convert.convert(path, "safetensors", out, layout="prepared", strategy="cpu fp32 *2 -> cpu fp32i8",
+                         calibration="bundled")
+    report = verify(out, path, tokens=32)
+    assert report.passed, report.worst
+    model = rwkv_convert.load(out)
+    assert type(model.layers[3]["ffn.key.weight"]).__name__ == "RwkvInt8Weight"
+    assert model.layers[3]["ffn.s_emb.weight"].dtype == torch.float32  # as the file stored it
+    plan = cli("plan", path, "--strategy", "cpu fp32i8")
+    assert "per-token tables" in plan.stdout and "stay memory-mapped" in plan.stdout
