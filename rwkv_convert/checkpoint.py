@@ -56,10 +56,16 @@ class CheckedTensors(Mapping):
                     raise RwkvConvertError(
                         f"{self._source}: tensor {name} holds {bad:,} NaN or infinite values (of {t.numel():,}); the"
                         " file is damaged or was saved from a diverged run - use another copy")
-                if self._mmapped and name not in self._in_memory:  # checked ahead of its use: do not keep its pages
-                    drop_file_pages(self.unchecked(name))  # resident until then; the file's bytes only
+                self.drop_pages(name)  # checked ahead of its use: do not keep its pages resident until then
             self._checked.add(name)
         return t
+
+    def drop_pages(self, name: str, rows: slice | None = None) -> None:
+        """Let the kernel drop the pages of a file-mapped tensor (or of these rows of it); they are read from
+        the file again if used. Never for tensors in anonymous memory (a state file's): it would zero them."""
+        if self._mmapped and name not in self._in_memory:
+            stored = self.unchecked(name)
+            drop_file_pages(stored if rows is None else stored[rows])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -105,17 +111,16 @@ class Checkpoint:
     unused_keys: list[str] = field(default_factory=list)
     mmapped: bool = True  # tensors are views of a read-only file mapping (False for legacy-format files)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # without reading (or checking) any data
-    in_memory: set[str] = field(default_factory=set)  # tensors not backed by the file (a state file's): never released
     applied_state: Path | None = None  # the state file applied to these weights (state_file.with_state)
 
     def release(self, name: str, rows: slice | None = None) -> None:
         """Done with a tensor (or with these rows of it): let the kernel drop its pages from this process's
         memory (they are read from the file again if it is used later), so that streaming conversions keep a
         small RSS."""
-        if self.mmapped and name not in self.in_memory:  # on anonymous memory, dropping pages would zero them
-            tensors = self.tensors
-            stored = tensors.unchecked(name) if isinstance(tensors, CheckedTensors) else tensors[name]
-            drop_file_pages(stored if rows is None else stored[rows])
+        if isinstance(self.tensors, CheckedTensors):
+            self.tensors.drop_pages(name, rows)
+        elif self.mmapped:
+            drop_file_pages(self.tensors[name] if rows is None else self.tensors[name][rows])
 
     @property
     def file_size(self) -> int:

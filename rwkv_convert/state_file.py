@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from .arch import module_for
 from .atomic import AtomicOutput
 from .checkpoint import Checkpoint, load_raw, tensors_only
 from .errors import RwkvConvertError, brief
@@ -117,16 +116,11 @@ def with_state(ckpt: Checkpoint, state: StateFile) -> Checkpoint:
     spec = dataclasses.replace(ckpt.spec, time_state=True, n_params=ckpt.spec.n_params + added)
     shapes = {**ckpt.shapes, **{k: tuple(t.shape) for k, t in extra.items()}}
     return dataclasses.replace(ckpt, tensors=ckpt.tensors.with_extra(extra), spec=spec, shapes=shapes,
-                               in_memory=set(ckpt.in_memory) | set(extra), applied_state=state.path)
+                               applied_state=state.path)
 
 
 def apply_state_option(ckpt: Checkpoint, state: str | Path | None) -> Checkpoint:
     return ckpt if state is None else with_state(ckpt, read_state(state))
-
-
-def layer_wkv(spec: ModelSpec, time_state: torch.Tensor) -> torch.Tensor:
-    """A layer's time_state [H, value, key] as that version's wkv state."""
-    return module_for(spec.version).time_state_to_wkv(time_state)
 
 
 def write_state(state: StateFile, output: Path, layout: str, spec: ModelSpec | None = None) -> Path:

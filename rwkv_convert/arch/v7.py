@@ -15,7 +15,6 @@ VERSIONS = ("7",)
 STATE_NAMES = ("att_shift", "att_kv", "ffn_shift")
 MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
             "ffn.key.weight", "ffn.value.weight")
-DEEP_EMBED_KEYS = ("ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s0", "ffn.s1", "ffn.s2")
 DEA_KEYS = ("qkv.qq.weight", "qkv.k1", "qkv.k2", "qkv.k_emb.weight", "qkv.k_emb_x.weight", "qkv.v1", "qkv.v2",
             "qkv.v_emb.weight", "qkv.v_emb_x.weight", "qkv.x_q", "qkv.x_k", "qkv.x_v", "qkv.lnq.weight",
             "qkv.lnq.bias", "qkv.lnk.weight", "qkv.lnk.bias", "qkv.lnv.weight", "qkv.lnv.bias")
