@@ -59,16 +59,25 @@ def ensure_checkpoint(version: str, n_layer: int, n_embd: int, vocab: int, dtype
     return path
 
 
-def measure(forward, vocab: int, decode_tokens: int, prefill_len: int, repeats: int) -> dict:
-    """forward(tokens, state) -> (logits, state). Medians over repeats."""
+def spread(times: list[float]) -> float:
+    """(90th - 10th percentile) / median: how much repeated runs disagree (0.1 = 10%)."""
+    ordered = sorted(times)
+    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
+    return (pick(0.9) - pick(0.1)) / statistics.median(ordered)
+
+
+def measure(forward, vocab: int, decode_tokens: int, prefill_len: int, repeats: int, state=None) -> dict:
+    """forward(tokens, state) -> (logits, state). Medians and spreads over repeats (prefill) and tokens
+    (decode). state: where decoding starts (default: the prompt's state)."""
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (prefill_len,), generator=gen).tolist()
     forward(prompt[:16], None)  # warm-up (JIT, allocator)
     prefill = []
     for _ in range(repeats):
         start = time.perf_counter()
-        _, state = forward(prompt, None)
+        _, prompt_state = forward(prompt, None)
         prefill.append(time.perf_counter() - start)
+    state = prompt_state if state is None else state
     decode = []
     token = 1
     for _ in range(decode_tokens):
@@ -76,7 +85,8 @@ def measure(forward, vocab: int, decode_tokens: int, prefill_len: int, repeats: 
         logits, state = forward([token], state)
         decode.append(time.perf_counter() - start)
         token = int(torch.argmax(logits))
-    return {"decode_ms": statistics.median(decode) * 1000, "prefill_tok_s": prefill_len / statistics.median(prefill)}
+    return {"decode_ms": statistics.median(decode) * 1000, "decode_spread": spread(decode),
+            "prefill_tok_s": prefill_len / statistics.median(prefill), "prefill_spread": spread(prefill)}
 
 
 def run_ours(path: Path, strategy: str, args) -> dict:

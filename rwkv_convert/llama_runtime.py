@@ -58,12 +58,13 @@ def _without_extra_buffer_types():
 
 
 class LlamaCppRunner:
-    def __init__(self, path, n_ctx: int = 512):
+    def __init__(self, path, n_ctx: int = 512, logits_all: bool = True):
+        """logits_all=False keeps only the last token's logits (what a benchmark of prefill wants)."""
         Llama = _llama_class()
         with _quiet_stderr(), _without_extra_buffer_types():
             try:
                 # Never n_ctx=0 (the file says 1M tokens of context)
-                self.llm = Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False)
+                self.llm = Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False)
             except Exception as e:  # llama-cpp-python raises ValueError on a failed load
                 raise RwkvConvertError(f"llama.cpp could not load {path}: {brief(e)}") from None
 

@@ -39,11 +39,16 @@ class Plan:
         return asdict(self)
 
 
-def _matrix_bytes(shape, weights: str, atype: torch.dtype) -> int:
+def _matrix_bytes(shape, weights: str, atype: torch.dtype, held_as_bf16: bool) -> int:
     n = shape[0] * shape[1]
     if weights == "i8":  # q plus mx, rx (out) and my, ry (in) in the activation dtype
         return n + 2 * (shape[0] + shape[1]) * _BYTES[atype]
-    return n * _WEIGHT_BYTES[weights]
+    return n * (2 if held_as_bf16 else _WEIGHT_BYTES[weights])
+
+
+def bf16_file(spec) -> bool:
+    """Every tensor of the file is bf16: the CPU runner holds its fp32 matrices as bf16 rows (exact)."""
+    return set(spec.dtypes) == {"bfloat16"}
 
 
 def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy) -> Plan:
@@ -53,6 +58,11 @@ def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy
     rescale = arch.rescale_interval(spec, strategy)
     tables = arch.token_tables(spec)
     plan = Plan(str(strategy), spec.n_layer, rescale, [])
+
+    def held_as_bf16(p) -> bool:  # the runner's Bf16RowsWeight (rwkv_convert.quant.float_weights.held_for_cpu)
+        return p.weights in ("fp32", "bf16") and (p.weights == "bf16" or bf16_file(spec)) and (
+            p.device == "cpu" or p.stream)
+
     plan.passes = [passes.FOLD_LN0] + ([passes.RESCALE] if rescale else []) + [passes.DECAY]
     if any(p.weights != "i8" for p in placements[:-1]):
         plan.passes.append(passes.STACK)
@@ -70,7 +80,7 @@ def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy
             if name in tables:  # memory-mapped from the file: only the rows of the tokens seen are read
                 continue
             if name in module.MATRICES or name == "head.weight":
-                size = _matrix_bytes(shape, p.weights, p.atype)
+                size = _matrix_bytes(shape, p.weights, p.atype, held_as_bf16=held_as_bf16(p))
                 if p.stream:
                     streamed += size
                     continue
@@ -85,6 +95,9 @@ def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy
             plan.device_bytes["cpu (pinned, streamed)"] = plan.device_bytes.get("cpu (pinned, streamed)", 0) + streamed
         plan.slots.append(SlotPlan("head" if slot == spec.n_layer else str(slot), p.device,
                                    str(p.atype).removeprefix("torch."), p.weights, p.stream, resident + streamed))
+    if any(p.weights == "fp32" and held_as_bf16(p) for p in placements):
+        plan.notes.append("fp32 matrices of this bf16 file are held as bf16 in CPU memory (widening is exact) and"
+                          " computed in fp32: the same numbers from half the memory")
     if tables:
         plan.notes.append(f"per-token tables ({', '.join(tables)}): {spec.table_params:,} parameters stay"
                           " memory-mapped in the file and are not counted above; a token reads one row of each")

@@ -17,6 +17,7 @@ from .cpu import ops as cpu_ops
 from .cuda import ops as cuda_ops
 from .errors import RwkvConvertError, UnsupportedError
 from .quant import scheme_for
+from .quant.float_weights import held_for_cpu
 from .spec import ModelSpec
 from .strategy import Placement, Strategy, allocate, parse_strategy
 
@@ -84,11 +85,12 @@ class Model:
         self._ln0_fold = ln0_fold
         self._check_runnable(checkpoint)
         self._setup(checkpoint.spec, strategy, rescale_layer, checkpoint.path, kernels)
+        self._ln0_per_token = ln0_fold == "fp32" and self.placements[0].device == "cpu"
         unknown = set(skip_passes) - {passes.FOLD_LN0, passes.STACK}
         if unknown:
             raise ValueError(f"cannot skip {sorted(unknown)}: only {passes.FOLD_LN0} and {passes.STACK} are optional")
         self._skip, self._quantizer = set(skip_passes), None
-        self._prepare(checkpoint.tensors)
+        self._prepare(checkpoint)
         self._state_template = [(tuple(t.shape), t.dtype, t.device) for t in self.init_state()]
 
     @staticmethod
@@ -126,6 +128,7 @@ class Model:
             rescale_layer = arch.rescale_interval(spec, self.strategy)
         self.rescale_layer = rescale_layer if self.module.FP16_RESCALE else 0
         self.source = source
+        self._ln0_per_token = False  # Model() sets it: writers of files and prepared models fold the table
         self._tables = arch.token_tables(spec)
         self._layer_state, self._context_state = arch.state_names(spec)
         devices = {p.device for p in self.placements}
@@ -146,7 +149,7 @@ class Model:
         model.layers = [model._place(i, lw) for i, lw in enumerate(layers)]
         head_place = model.placements[spec.n_layer]
         model.ln_out = tuple(t.to(head_place.device) for t in ln_out)
-        model.head = head.to(head_place.device)
+        model.head = held_for_cpu(head.to(head_place.device))
         model._state_template = [(tuple(t.shape), t.dtype, t.device) for t in model.init_state()]
         return model
 
@@ -156,14 +159,23 @@ class Model:
         them in for each call. Per-token tables stay where they are (memory-mapped): rows are gathered."""
         p = self.placements[i]
         home = "cpu" if p.stream else p.device
-        return {k: v if k in self._tables else v.to(home if _is_matrix(self.module, k) else p.device)
-                for k, v in lw.items()}
+        return {k: v if k in self._tables else held_for_cpu(v.to(home)) if _is_matrix(self.module, k)
+                else v.to(p.device) for k, v in lw.items()}
 
-    def _prepare(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _prepare(self, checkpoint: Checkpoint) -> None:
+        """Prepare and place every part; each part's file pages are dropped once it is made, so that the
+        resident memory is the runner's weights, not the runner's weights plus the file."""
         self.layers: list[dict] = []
-        for i, lw in self.prepared_parts(tensors):
+        done = ["emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias"]
+        for i, lw in self.prepared_parts(checkpoint.tensors):
             if i < self.spec.n_layer:
                 self.layers.append(self._place(i, lw))
+                done = [k for k in checkpoint.shapes if k.startswith(f"blocks.{i}.")] + (done if i == 0 else [])
+            else:
+                done = ["ln_out.weight", "ln_out.bias", "head.weight"]
+            for name in done:
+                checkpoint.release(name)
+        self.head = held_for_cpu(self.head)
 
     def prepared_parts(self, tensors: dict[str, torch.Tensor]):
         """Prepare the weights part by part: sets self.passes, self.ln0, self.emb, self.ln_out, self.head and
@@ -185,17 +197,24 @@ class Model:
 
         with torch.no_grad():
             # ln0 is folded into the embedding table in fp32 (the pip package does it in the file's dtype
-            # for v4-v6, so bf16 files give it a bf16-rounded table; see docs/numerics.md).
+            # for v4-v6, so bf16 files give it a bf16-rounded table; see docs/numerics.md). A model run on the
+            # CPU applies the same fp32 fold to each token's row as it is read instead: the table stays as
+            # stored, memory-mapped, and is never copied (a 65536x768 bf16 table would take 201 MB as fp32).
             self.ln0 = None
-            if ran(passes.FOLD_LN0):
-                fold_dtype = torch.float32
-                if self._ln0_fold == "package":
-                    fold_dtype = tensors["emb.weight"].dtype if module.PIP_LN0_FOLD == "file" else first.atype
-                tensors = passes.fold_ln0(tensors, fold_dtype)
+            if self._ln0_per_token and passes.FOLD_LN0 not in skip:
+                record(passes.FOLD_LN0)
+                self.ln0 = tuple(tensors[f"blocks.0.ln0.{n}"].float() for n in ("weight", "bias"))
+                self.emb = tensors["emb.weight"]
             else:
-                self.ln0 = tuple(tensors[f"blocks.0.ln0.{n}"].to(first.atype).to(first.device)
-                                 for n in ("weight", "bias"))
-            self.emb = tensors["emb.weight"].to(first.atype).to(first.device)
+                if ran(passes.FOLD_LN0):
+                    fold_dtype = torch.float32
+                    if self._ln0_fold == "package":
+                        fold_dtype = tensors["emb.weight"].dtype if module.PIP_LN0_FOLD == "file" else first.atype
+                    tensors = passes.fold_ln0(tensors, fold_dtype)
+                else:
+                    self.ln0 = tuple(tensors[f"blocks.0.ln0.{n}"].to(first.atype).to(first.device)
+                                     for n in ("weight", "bias"))
+                self.emb = tensors["emb.weight"].to(first.atype).to(first.device)
             for i in range(spec.n_layer):
                 p = self.placements[i]
                 prefix = f"blocks.{i}."
@@ -316,9 +335,11 @@ class Model:
         return ctx
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """The embedding (after ln0) of these token ids."""
+        """The embedding (after ln0) of these token ids, in the first slot's activation dtype."""
         x = self.emb[ids]
-        return x if self.ln0 is None else layer_norm(x, *self.ln0)
+        if self.ln0 is None:
+            return x
+        return layer_norm(x.to(self.ln0[0].dtype), *self.ln0).to(self.placements[0].atype)
 
     def _run(self, ids: torch.Tensor, state: list, full_output: bool):
         per_layer = self.state_per_layer

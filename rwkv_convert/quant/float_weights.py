@@ -1,4 +1,8 @@
-"""Plain float matrices (fp32 / fp16 / bf16)."""
+"""Plain float matrices (fp32 / fp16 / bf16).
+
+On the CPU, a matrix whose values are all bf16 numbers (a bf16 scheme, or fp32 weights read from a bf16
+file) is held as bf16 rows (Bf16RowsWeight): widening bf16 to fp32 is exact, so an fp32 strategy gives the
+same numbers from half the memory and half the bytes read per token, which is what bounds decoding."""
 
 from __future__ import annotations
 
@@ -7,14 +11,80 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .native import bf16_library, bf16_matmul
+
+NATIVE_TOKENS = 4  # up to here the native kernel beats torch (it reads the weights once per 4 tokens)
+_WIDEN_BLOCK = 1 << 22  # fp32 elements widened at once for longer inputs: 16 MB, one block in cache
+
 
 def gemv_friendly(weight: torch.Tensor) -> torch.Tensor:
-    """Same [out, in] matrix, stored column-major when out >= in. CPU BLAS streams a one-token x @ W.T
-    much faster from that layout (measured: the 65536x768 head 9 ms vs 34 ms, 3072x768 0.44 vs 0.75 ms),
-    and no slower for sequences; for in > out the row-major layout is the faster one."""
-    if weight.dim() == 2 and weight.shape[0] >= weight.shape[1]:
+    """Same [out, in] matrix, stored column-major when out >= in and fp32. CPU BLAS streams a one-token
+    x @ W.T much faster from that layout (measured: the 65536x768 head 9 ms vs 34 ms, 3072x768 0.44 vs 0.75
+    ms), and no slower for sequences; for in > out the row-major layout is the faster one. Not for bf16: its
+    GEMV is slower column-major (the head 8.4 ms vs 4.7 ms)."""
+    if weight.dim() == 2 and weight.dtype == torch.float32 and weight.shape[0] >= weight.shape[1]:
         return weight.t().contiguous().t()
     return weight
+
+
+def _bf16_values(weight: torch.Tensor) -> bool:
+    if weight.dtype == torch.bfloat16:
+        return True
+    if weight.dtype != torch.float32:
+        return False
+    rows = max(1, _WIDEN_BLOCK // max(1, weight.shape[-1]))  # in blocks: no full-size temporaries
+    return all(torch.equal(block.bfloat16().float(), block) for block in weight.split(rows))
+
+
+def held_for_cpu(value):
+    """How the runner holds a matrix it computes with on the CPU: Bf16RowsWeight (or Bf16RowsProjections)
+    where that loses nothing, else the value itself. Writers of files never see these forms."""
+    if isinstance(value, FloatWeight):
+        return cpu_bf16_rows(value.weight, value.weight.dtype) or value
+    if isinstance(value, StackedFloatWeight):
+        rows = [cpu_bf16_rows(m.t(), value.stacked.dtype) for m in value.stacked]
+        if all(rows):  # the native kernel beats the batched matmul: one call per projection
+            return Bf16RowsProjections(value.names, rows)
+    return value
+
+
+def cpu_bf16_rows(weight: torch.Tensor, dtype: torch.dtype) -> Bf16RowsWeight | None:
+    """The matrix as bf16 rows for the CPU's native kernel when that loses nothing (and the kernel builds),
+    else None. dtype: the scheme's (what the matrix is on other devices)."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or bf16_library() is None or not _bf16_values(weight):
+        return None
+    return Bf16RowsWeight(weight.to(torch.bfloat16).contiguous(), dtype)
+
+
+@dataclass
+class Bf16RowsWeight:
+    """A CPU matrix stored as bf16 [out, in] rows and multiplied with fp32 products and sums: by the native
+    kernel for a few tokens, else (longer inputs) by torch, in bf16 for bf16 activations and block by block
+    widened to fp32 for fp32 ones."""
+
+    weight: torch.Tensor  # bf16 [out, in], contiguous
+    dtype: torch.dtype  # the scheme's: fp32 weights from a bf16 file, or bf16
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= NATIVE_TOKENS:
+            return bf16_matmul(x, self.weight).to(x.dtype)
+        if x.dtype == torch.bfloat16:
+            return F.linear(x, self.weight)
+        rows = max(1, _WIDEN_BLOCK // self.weight.shape[1])
+        blocks = [F.linear(x, self.weight[i:i + rows].to(x.dtype)) for i in range(0, self.weight.shape[0], rows)]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float()
+
+    def to(self, device):
+        if torch.device(device).type == "cpu":
+            return self
+        return FloatWeight(self.weight.to(device=device, dtype=self.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
 
 
 @dataclass
@@ -69,3 +139,24 @@ class StackedFloatWeight:
     @property
     def nbytes(self) -> int:
         return self.stacked.numel() * self.stacked.element_size()
+
+
+@dataclass
+class Bf16RowsProjections:
+    """A layer's stacked projections held as Bf16RowsWeight each, on the CPU."""
+
+    names: tuple[str, ...]
+    weights: list[Bf16RowsWeight]
+
+    def matmul_many(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: w.matmul(inputs[name]) for name, w in zip(self.names, self.weights, strict=True)}
+
+    def to(self, device):
+        if torch.device(device).type == "cpu":
+            return self
+        dtype = self.weights[0].dtype
+        return StackedFloatWeight(self.names, torch.stack([w.weight.t() for w in self.weights]).to(device, dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.weights)

@@ -1,5 +1,5 @@
-"""The CPU int8 kernel (int8_cpu.c), built and cached by rwkv_convert.cpu.build on first use. Without a
-compiler, or if the build fails, callers fall back to torch (one line on stderr, once)."""
+"""The CPU kernels for weights (int8_cpu.c, bf16_cpu.c), built and cached by rwkv_convert.cpu.build on first
+use. Without a compiler, or if the build fails, callers fall back to torch (one line on stderr, once)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,28 @@ import torch
 
 from ..cpu.build import library
 
-_SOURCE = Path(__file__).with_name("int8_cpu.c")
+_INT8_SOURCE = Path(__file__).with_name("int8_cpu.c")
+_BF16_SOURCE = Path(__file__).with_name("bf16_cpu.c")
 
 
-def _declare(lib: ctypes.CDLL) -> None:
+def _declare_int8(lib: ctypes.CDLL) -> None:
     lib.rwkv_int8_gemv.restype = None
     lib.rwkv_int8_gemv.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
 
 
+def _declare_bf16(lib: ctypes.CDLL) -> None:
+    lib.rwkv_bf16_matmul.restype = None
+    lib.rwkv_bf16_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+
+
 def int8_library():
     """The loaded kernel library, or None when it cannot be built (RWKV_CONVERT_NO_NATIVE=1 forces None)."""
-    return library(_SOURCE, _declare, "int8 kernel")
+    return library(_INT8_SOURCE, _declare_int8, "int8 kernel")
+
+
+def bf16_library():
+    """The bf16-weight kernel library, or None (as int8_library)."""
+    return library(_BF16_SOURCE, _declare_bf16, "bf16 kernel")
 
 
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, mx: torch.Tensor, rx: torch.Tensor, my: torch.Tensor,
@@ -31,4 +42,15 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, mx: torch.Tensor, rx: torch.Tens
     y = torch.empty(M, dtype=torch.float32)
     lib.rwkv_int8_gemv(x.data_ptr(), q.data_ptr(), mx.data_ptr(), rx.data_ptr(), my.data_ptr(), ry.data_ptr(),
                        y.data_ptr(), N, M, torch.get_num_threads())
+    return y
+
+
+def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x: [T, N] (any float dtype); w: bf16 [M, N] contiguous on the CPU. Returns fp32 [T, M] = x @ w.T with
+    fp32 products and sums. Call only when bf16_library() is not None."""
+    x = x.float().contiguous()
+    T, N = x.shape
+    M = w.shape[0]
+    y = torch.empty((T, M), dtype=torch.float32)
+    bf16_library().rwkv_bf16_matmul(x.data_ptr(), w.data_ptr(), y.data_ptr(), T, N, M, torch.get_num_threads())
     return y
