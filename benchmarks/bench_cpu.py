@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,14 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rwkv_convert.arch.common import PROJECTIONS_KEY
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runner import add_checkpoint_args, ensure_checkpoint, measure, run_pip  # noqa: E402
 
 HERE = Path(__file__).resolve()
 DEFAULT_ROWS = ("ours:cpu_fp32,ours:cpu_bf16,ours:cpu_fp32i8,denormal:cpu_fp32,overhead:cpu_fp32,pip:cpu_fp32,"
                 "pip:cpu_bf16,llama:f16,llama:q8_0,onnx:fp32")
-# bytes read per matrix parameter by each setting (q8_0: 34 bytes per 32 values; int8: q plus small vectors)
-BYTES_PER_PARAM = {"cpu fp32": 4, "cpu bf16": 2, "cpu fp32i8": 1, "f16": 2, "q8_0": 34 / 32, "fp32": 4}
+# bytes read per matrix parameter by the other runtimes' settings (q8_0: 34 bytes per 32 values); our rows
+# report the bytes their weights hold
+BYTES_PER_PARAM = {"cpu fp32": 4, "cpu bf16": 2, "f16": 2, "q8_0": 34 / 32, "fp32": 4}
 STEAL_LIMIT, SPREAD_LIMIT = 0.05, 0.25
 
 
@@ -71,12 +75,13 @@ def floors() -> dict:
     return result
 
 
-def matrix_params(spec) -> int:
-    """Parameters of the matrices one token reads (the embedding is one row: not counted)."""
-    from rwkv_convert.checkpoint import Checkpoint  # noqa: F401  (import order: rwkv_convert first)
-    from rwkv_convert.plan import matrix_shapes
+def matrix_params(ckpt) -> int:
+    """Parameters of the large matrices one token reads (the embedding is one row: not counted)."""
+    from rwkv_convert import arch
 
-    return sum(a * b for a, b in matrix_shapes(spec))
+    matrices = arch.module_for(ckpt.spec.version).MATRICES
+    return sum(math.prod(shape) for key, shape in ckpt.shapes.items()
+               if key == "head.weight" or key.split(".", 2)[-1] in matrices)
 
 
 def run_ours(path: Path, strategy: str, args, denormal: bool = False) -> dict:
@@ -87,8 +92,10 @@ def run_ours(path: Path, strategy: str, args, denormal: bool = False) -> dict:
     if denormal:  # a state driven to subnormal values: every float state tensor scaled by 1e-39
         _, state = model.forward(list(range(16)), None)
         state = [t * 1e-39 if t.is_floating_point() else t for t in state]
-    return measure(lambda t, s: model.forward(t, s), model.spec.vocab_size, args.decode_tokens, args.prefill,
-                   args.repeats, state=state)
+    result = measure(lambda t, s: model.forward(t, s), model.spec.vocab_size, args.decode_tokens, args.prefill,
+                     args.repeats, state=state)
+    held = [w for lw in model.layers for k, w in lw.items() if k in model.module.MATRICES or k == PROJECTIONS_KEY]
+    return {**result, "weight_bytes": sum(w.nbytes for w in held) + model.head.nbytes}
 
 
 def run_llama(path: Path, quant: str, args) -> dict:
@@ -162,7 +169,8 @@ def main() -> None:
     rows = {}
     for row in args.rows.split(","):
         who, setting = row.split(":", 1)
-        setting = setting.replace("_", " ")
+        if who in ("ours", "denormal", "overhead", "pip"):
+            setting = setting.replace("_", " ")  # a strategy
         env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_V7")}
         if who == "pip" and args.version == "v7":
             env["RWKV_V7_ON"] = "1"
@@ -195,8 +203,9 @@ def main() -> None:
             print(f"{row:<22}  failed: {r['error']}")
             continue
         gb_s = ""
-        if r["who"] != "overhead" and r["setting"] in BYTES_PER_PARAM:
-            gb_s = f"{params * BYTES_PER_PARAM[r['setting']] / (r['decode_ms'] / 1000) / 1e9:.1f}"
+        read = r.get("weight_bytes") or params * BYTES_PER_PARAM.get(r["setting"], 0)
+        if r["who"] != "overhead" and read:
+            gb_s = f"{read / (r['decode_ms'] / 1000) / 1e9:.1f}"
         gflop = "" if r["who"] == "overhead" else f"{2 * params * r['prefill_tok_s'] / 1e9:.0f}"
         flag = "  DISTURBED" if r["steal"] > STEAL_LIMIT or r["decode_spread"] > SPREAD_LIMIT else ""
         print(f"{row:<22}{r['decode_ms']:>10.2f}{r['decode_spread']:>8.0%}{gb_s:>7}{r['prefill_tok_s']:>14.0f}"

@@ -16,8 +16,7 @@ from .checkpoint import Checkpoint
 from .cpu import ops as cpu_ops
 from .cuda import ops as cuda_ops
 from .errors import RwkvConvertError, UnsupportedError
-from .quant import scheme_for
-from .quant.float_weights import held_for_cpu
+from .quant import held_for_cpu, scheme_for
 from .spec import ModelSpec
 from .strategy import Placement, Strategy, allocate, parse_strategy
 

@@ -1,5 +1,5 @@
-"""bf16 weights on the CPU (rwkv_convert/quant/bf16_cpu.c, Bf16RowsWeight): the native kernel against
-float64, every shape edge it has (rows not a multiple of its tile, widths not a multiple of its vector,
+"""The runner's CPU forms of weights (rwkv_convert/quant/rows_cpu.c: Bf16RowsWeight, RwkvInt8Rows): the native
+kernel against float64, every shape edge it has (rows not a multiple of its tile, widths not a multiple of its vector,
 token counts around its block), and the runner holding an fp32 strategy's weights from a bf16 file as bf16
 without changing its numbers."""
 
@@ -11,15 +11,14 @@ import torch
 from rwkv_convert.arch.common import PROJECTIONS_KEY
 from rwkv_convert.fixtures import fixture_path
 from rwkv_convert.formats.registry import read_checkpoint
-from rwkv_convert.quant import float_weights
+from rwkv_convert.quant import RwkvInt8Rows, RwkvInt8Scheme, RwkvInt8Weight, float_weights, held_for_cpu
 from rwkv_convert.quant.float_weights import (
     Bf16RowsProjections,
     Bf16RowsWeight,
     FloatWeight,
     StackedFloatWeight,
-    held_for_cpu,
 )
-from rwkv_convert.quant.native import bf16_library, bf16_matmul
+from rwkv_convert.quant.native import bf16_matmul, rows_library
 from rwkv_convert.runner import Model
 
 SEED = 1234
@@ -31,7 +30,7 @@ def _seeded():
 
 
 def test_the_kernel_builds_here():
-    assert bf16_library() is not None  # a C compiler is on CI machines
+    assert rows_library() is not None  # a C compiler is on CI machines
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 9])
@@ -74,8 +73,24 @@ def test_only_lossless_matrices_are_held_as_bf16(monkeypatch):
     x = torch.randn(1, 32)
     got = projections.matmul_many({"a": x, "b": x})
     assert torch.allclose(got["a"], x @ exact.t(), atol=1e-5)
-    monkeypatch.setattr(float_weights, "bf16_library", lambda: None)  # no compiler: fp32 stays fp32
+    monkeypatch.setattr(float_weights, "rows_library", lambda: None)  # no compiler: fp32 stays fp32
     assert isinstance(held_for_cpu(FloatWeight(exact)), FloatWeight)
+
+
+@pytest.mark.parametrize("T", [1, 3, 4, 6])
+@pytest.mark.parametrize("out_features,in_features", [(13, 37), (96, 64), (5, 300)])
+def test_int8_rows_multiply_like_the_package_form(T, out_features, in_features):
+    package = RwkvInt8Scheme().quantize(torch.randn(out_features, in_features), torch.float32)
+    rows = held_for_cpu(package)
+    assert isinstance(rows, RwkvInt8Rows) and rows.nbytes == package.nbytes
+    assert torch.equal(rows.dequantize(), package.dequantize())
+    x = torch.randn(T, in_features)
+    want = x.double() @ package.dequantize().double().t()
+    got = rows.matmul(x)
+    assert got.shape == (T, out_features)
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() <= 1e-5
+    back = rows.to("meta")
+    assert isinstance(back, RwkvInt8Weight) and back.q.shape == package.q.shape
 
 
 def test_held_weights_go_back_to_the_scheme_dtype_off_the_cpu():

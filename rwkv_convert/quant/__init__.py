@@ -9,8 +9,8 @@ from typing import Protocol
 
 import torch
 
-from .float_weights import FloatScheme, FloatWeight
-from .rwkv_int8 import RwkvInt8Scheme, RwkvInt8Weight
+from .float_weights import FloatScheme, FloatWeight, held_float_for_cpu
+from .rwkv_int8 import RwkvInt8Rows, RwkvInt8Scheme, RwkvInt8Weight
 
 
 class Weight(Protocol):
@@ -37,5 +37,13 @@ def scheme_for(name: str) -> WeightScheme:
     return FloatScheme(_FLOAT[name])
 
 
-__all__ = ["FloatScheme", "FloatWeight", "RwkvInt8Scheme", "RwkvInt8Weight", "Weight", "WeightScheme",
-           "scheme_for"]
+def held_for_cpu(weight):
+    """How the runner holds a weight it computes with on the CPU (a faster form where one loses nothing: bf16
+    rows, int8 rows), or the weight itself. Writers of files never see these forms."""
+    if isinstance(weight, RwkvInt8Weight):
+        return RwkvInt8Rows.held(weight)
+    return held_float_for_cpu(weight)
+
+
+__all__ = ["FloatScheme", "FloatWeight", "RwkvInt8Rows", "RwkvInt8Scheme", "RwkvInt8Weight", "Weight", "WeightScheme",
+           "held_for_cpu", "scheme_for"]

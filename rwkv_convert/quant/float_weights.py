@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .native import bf16_library, bf16_matmul
+from .native import bf16_matmul, rows_library
 
 NATIVE_TOKENS = 4  # up to here the native kernel beats torch (it reads the weights once per 4 tokens)
 _WIDEN_BLOCK = 1 << 22  # fp32 elements widened at once for longer inputs: 16 MB, one block in cache
@@ -36,7 +36,7 @@ def _bf16_values(weight: torch.Tensor) -> bool:
     return all(torch.equal(block.bfloat16().float(), block) for block in weight.split(rows))
 
 
-def held_for_cpu(value):
+def held_float_for_cpu(value):
     """How the runner holds a matrix it computes with on the CPU: Bf16RowsWeight (or Bf16RowsProjections)
     where that loses nothing, else the value itself. Writers of files never see these forms."""
     if isinstance(value, FloatWeight):
@@ -51,7 +51,7 @@ def held_for_cpu(value):
 def cpu_bf16_rows(weight: torch.Tensor, dtype: torch.dtype) -> Bf16RowsWeight | None:
     """The matrix as bf16 rows for the CPU's native kernel when that loses nothing (and the kernel builds),
     else None. dtype: the scheme's (what the matrix is on other devices)."""
-    if weight.device.type != "cpu" or weight.dim() != 2 or bf16_library() is None or not _bf16_values(weight):
+    if weight.device.type != "cpu" or weight.dim() != 2 or rows_library() is None or not _bf16_values(weight):
         return None
     return Bf16RowsWeight(weight.to(torch.bfloat16).contiguous(), dtype)
 

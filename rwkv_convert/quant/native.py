@@ -1,5 +1,6 @@
-"""The CPU kernels for weights (int8_cpu.c, bf16_cpu.c), built and cached by rwkv_convert.cpu.build on first
-use. Without a compiler, or if the build fails, callers fall back to torch (one line on stderr, once)."""
+"""The CPU kernels for weights (int8_cpu.c; rows_cpu.c for the runner's row-major bf16 and int8 forms), built
+and cached by rwkv_convert.cpu.build on first use.
+Without a compiler, or if the build fails, callers fall back to torch (one line on stderr, once)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from ..cpu.build import library
 
 _INT8_SOURCE = Path(__file__).with_name("int8_cpu.c")
-_BF16_SOURCE = Path(__file__).with_name("bf16_cpu.c")
+_ROWS_SOURCE = Path(__file__).with_name("rows_cpu.c")
 
 
 def _declare_int8(lib: ctypes.CDLL) -> None:
@@ -19,9 +20,11 @@ def _declare_int8(lib: ctypes.CDLL) -> None:
     lib.rwkv_int8_gemv.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
 
 
-def _declare_bf16(lib: ctypes.CDLL) -> None:
+def _declare_rows(lib: ctypes.CDLL) -> None:
     lib.rwkv_bf16_matmul.restype = None
     lib.rwkv_bf16_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.rwkv_int8_rows.restype = ctypes.c_int
+    lib.rwkv_int8_rows.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 
 
 def int8_library():
@@ -29,9 +32,9 @@ def int8_library():
     return library(_INT8_SOURCE, _declare_int8, "int8 kernel")
 
 
-def bf16_library():
-    """The bf16-weight kernel library, or None (as int8_library)."""
-    return library(_BF16_SOURCE, _declare_bf16, "bf16 kernel")
+def rows_library():
+    """The row-major bf16/int8 kernel library, or None (as int8_library)."""
+    return library(_ROWS_SOURCE, _declare_rows, "row-major matmul kernel")
 
 
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, mx: torch.Tensor, rx: torch.Tensor, my: torch.Tensor,
@@ -47,10 +50,24 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, mx: torch.Tensor, rx: torch.Tens
 
 def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x: [T, N] (any float dtype); w: bf16 [M, N] contiguous on the CPU. Returns fp32 [T, M] = x @ w.T with
-    fp32 products and sums. Call only when bf16_library() is not None."""
+    fp32 products and sums. Call only when rows_library() is not None."""
     x = x.float().contiguous()
     T, N = x.shape
     M = w.shape[0]
     y = torch.empty((T, M), dtype=torch.float32)
-    bf16_library().rwkv_bf16_matmul(x.data_ptr(), w.data_ptr(), y.data_ptr(), T, N, M, torch.get_num_threads())
+    rows_library().rwkv_bf16_matmul(x.data_ptr(), w.data_ptr(), y.data_ptr(), T, N, M, torch.get_num_threads())
+    return y
+
+
+def int8_rows(x: torch.Tensor, q_rows: torch.Tensor, mx: torch.Tensor, rx: torch.Tensor, my: torch.Tensor,
+              ry: torch.Tensor) -> torch.Tensor:
+    """x: [T, N]; q_rows: uint8 [M, N] contiguous (the package's q transposed); companions fp32 contiguous,
+    mx, rx [M] and my, ry [N]. Returns fp32 [T, M]. Call only when rows_library() is not None."""
+    x = x.float().contiguous()
+    T, N = x.shape
+    M = q_rows.shape[0]
+    y = torch.empty((T, M), dtype=torch.float32)
+    if rows_library().rwkv_int8_rows(x.data_ptr(), q_rows.data_ptr(), mx.data_ptr(), rx.data_ptr(), my.data_ptr(),
+                                     ry.data_ptr(), y.data_ptr(), T, N, M, torch.get_num_threads()):
+        raise MemoryError(f"int8 kernel: no memory for {T}x{N} floats of scratch")
     return y

@@ -14,7 +14,7 @@ import torch
 from ..cuda import ops as cuda_ops
 from .gguf_blocks import Grid
 from .gptq import gptq_on_grid
-from .native import int8_gemv, int8_library
+from .native import int8_gemv, int8_library, int8_rows, rows_library
 
 
 def _safe(divisor: torch.Tensor) -> torch.Tensor:
@@ -102,6 +102,47 @@ class RwkvInt8Weight:
         """In the pip package's converted-file naming."""
         return {name: self.q, name + "_mx": self.mx, name + "_rx": self.rx, name + "_my": self.my,
                 name + "_ry": self.ry}
+
+
+@dataclass
+class RwkvInt8Rows:
+    """The CPU runner's form of an RwkvInt8Weight: q transposed to [out, in], so that a few tokens read each
+    output's bytes in one sequential stream (rows_cpu.c; faster than int8_cpu.c's column blocks). Off the
+    CPU, or written to a file, it is the package's form again."""
+
+    q_rows: torch.Tensor  # uint8 [out, in], contiguous
+    companions: tuple[torch.Tensor, ...]  # mx, rx, my, ry as stored (activation dtype)
+
+    def __post_init__(self):
+        self._f32 = [t.float().reshape(-1).contiguous() for t in self.companions]
+
+    @classmethod
+    def held(cls, weight: RwkvInt8Weight) -> RwkvInt8Rows | RwkvInt8Weight:
+        if weight.q.device.type != "cpu" or rows_library() is None:
+            return weight
+        return cls(weight.q.t().contiguous(), (weight.mx, weight.rx, weight.my, weight.ry))
+
+    def package_form(self) -> RwkvInt8Weight:
+        return RwkvInt8Weight(self.q_rows.t().contiguous(), *self.companions)
+
+    def dequantize(self) -> torch.Tensor:
+        mx, rx, my, ry = self._f32
+        return (self.q_rows.float() + 0.5) * ry * rx.unsqueeze(1) + my + mx.unsqueeze(1)  # the package's order
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= ROWS_KERNEL_TOKENS:
+            return int8_rows(x, self.q_rows, *self._f32).to(x.dtype)
+        return (x.float() @ self.dequantize().t()).to(x.dtype)  # sequences: dequantise once per call
+
+    def to(self, device):
+        return self if torch.device(device).type == "cpu" else self.package_form().to(device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q_rows, *self.companions))
+
+
+ROWS_KERNEL_TOKENS = 4  # as float_weights.NATIVE_TOKENS: the kernel reads the weights once per 4 tokens
 
 
 class RwkvInt8Scheme:
