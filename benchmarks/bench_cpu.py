@@ -219,7 +219,10 @@ def main() -> None:
     ratio("ours:cpu_fp32", "pip:cpu_fp32", "decode_ms", "<= 0.8x")
     ratio("ours:cpu_bf16", "pip:cpu_bf16", "decode_ms", "<= 0.6x")
     ratio("ours:cpu_fp32i8", "llama:q8_0", "decode_ms", "<= 1.2x")
-    ratio("ours:cpu_bf16", "pip:cpu_fp32", "prefill_tok_s", ">= 2x the package's best")
+    pip_rows = [r for r in rows if r.startswith("pip:") and "prefill_tok_s" in rows[r]]
+    if pip_rows:
+        best = max(pip_rows, key=lambda r: rows[r]["prefill_tok_s"])
+        ratio("ours:cpu_bf16", best, "prefill_tok_s", ">= 2x the package's best")
     ratio("ours:cpu_bf16", "llama:f16", "prefill_tok_s", ">= 1x")
     ratio("ours:cpu_fp32", "llama:f16", "prefill_tok_s", ">= 1x")
     ratio("denormal:cpu_fp32", "ours:cpu_fp32", "decode_ms", "~1x: denormals cost nothing")

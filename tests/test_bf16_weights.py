@@ -120,3 +120,29 @@ def test_cpu_fp32_on_a_bf16_file_holds_the_file_size_and_gives_the_same_logits(f
             a, a_state = held.forward(chunk, a_state, full_output=True)
             b, b_state = plain.forward(chunk, b_state, full_output=True)
             assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,strategy", [("bf16", "cpu fp32"), ("bf16", "cpu bf16"), ("fp32", "cpu fp32"),
+                                            ("bf16", "cpu fp32i8")])
+def test_plan_counts_the_matrices_as_the_runner_holds_them(fixture_dir, dtype, strategy):
+    from rwkv_convert.plan import make_plan
+
+    ckpt = read_checkpoint(fixture_path("v7", dtype, directory=fixture_dir))
+    model = Model(ckpt, strategy)
+    held = sum(v.nbytes for lw in model.layers for k, v in lw.items()
+               if k in model.module.MATRICES or k == PROJECTIONS_KEY) + model.head.nbytes
+    plan = make_plan(ckpt.spec, ckpt.shapes, strategy)
+    matrix_slots = {f"blocks.{i}.{name}": str(i) for i in range(ckpt.spec.n_layer) for name in model.module.MATRICES}
+    planned = 0
+    for key, slot in [*matrix_slots.items(), ("head.weight", "head")]:
+        if key in ckpt.shapes:
+            p = next(s for s in plan.slots if s.slot == slot)
+            rows, cols = ckpt.shapes[key]
+            per = {"fp32": 4, "bf16": 2}.get(p.weights)
+            if per is None:  # int8: q plus the four companions in the activation dtype
+                planned += rows * cols + 2 * (rows + cols) * 4
+            else:
+                bf16_held = p.weights == "bf16" or dtype == "bf16"
+                planned += rows * cols * (2 if bf16_held else per)
+    assert planned == held
+    assert any("held as bf16" in n for n in plan.notes) == (strategy == "cpu fp32" and dtype == "bf16")
