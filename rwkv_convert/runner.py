@@ -158,8 +158,18 @@ class Model:
         them in for each call. Per-token tables stay where they are (memory-mapped): rows are gathered."""
         p = self.placements[i]
         home = "cpu" if p.stream else p.device
-        return {k: v if k in self._tables else held_for_cpu(v.to(home)) if _is_matrix(self.module, k)
-                else v.to(p.device) for k, v in lw.items()}
+        # LoRA factors of a bf16/fp16 layer on the CPU are kept in fp32 (arch.common.lora_product says why)
+        lora_fp32 = p.device == "cpu" and p.atype != torch.float32
+        lora = getattr(self.module, "LORA_PARAMS", ())
+
+        def placed(k: str, v):
+            if k in self._tables:
+                return v
+            if _is_matrix(self.module, k):
+                return held_for_cpu(v.to(home))
+            return v.to(p.device, torch.float32) if lora_fp32 and k in lora else v.to(p.device)
+
+        return {k: placed(k, v) for k, v in lw.items()}
 
     def _prepare(self, checkpoint: Checkpoint) -> None:
         """Prepare and place every part; each part's file pages are dropped once it is made, so that the

@@ -197,7 +197,7 @@ def test_int8_strategies_and_calibration_on_the_dense_matrices(name, variant_fil
     report = verify(out, path, tokens=32)
     assert report.passed, report.worst
     model = rwkv_convert.load(out)
-    assert type(model.layers[3]["ffn.key.weight"]).__name__ == "RwkvInt8Weight"
+    assert type(model.layers[3]["ffn.key.weight"]).__name__ in ("RwkvInt8Weight", "RwkvInt8Rows")  # file, CPU form
     assert model.layers[3]["ffn.s_emb.weight"].dtype == torch.float32  # as the file stored it
     plan = cli("plan", path, "--strategy", "cpu fp32i8")
     assert "per-token tables" in plan.stdout and "stay memory-mapped" in plan.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import channel_mix_maa, common_shapes, group_norm, linear, project, residual_block, shifted
+from .common import channel_mix_maa, common_shapes, group_norm, linear, lora_product, project, residual_block, shifted
 from .v5 import KERNEL as KERNEL  # v5.2's recurrence with a per-token decay
 from .v5 import RECURRENCE as RECURRENCE
 from .v5 import init_state as init_state  # same state layout and time_state handling as v5
@@ -19,6 +19,7 @@ MATRICES = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.
             "att.output.weight", "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight")
 FP32_PARAMS = ("att.time_decay", "att.time_faaaa", "att.ln_x.weight", "att.ln_x.bias")
 MAA_ORDER = ("w", "k", "v", "r", "g")  # slice order of time_maa_w2
+LORA_PARAMS = ("att.time_maa_w1", "att.time_maa_w2", "att.time_decay_w1", "att.time_decay_w2")  # lora_product
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.gate.weight")
 DISPLAY_NAMES = {"6": "RWKV-6 (Finch)"}
 FP16_RESCALE = True
@@ -91,15 +92,15 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
     T, H = x.shape[0], lw["att.time_decay"].shape[0]
     sx = shifted(x, state[0]) - x
     xxx = x + sx * lw["att.time_maa_x"]
-    lora = torch.tanh(xxx @ lw["att.time_maa_w1"]).view(T, 5, -1).transpose(0, 1)  # [5, T, Dm]
-    offsets = torch.bmm(lora, lw["att.time_maa_w2"])  # [5, T, C]
+    lora = torch.tanh(lora_product(xxx, lw["att.time_maa_w1"])).view(T, 5, -1).transpose(0, 1)  # [5, T, Dm]
+    offsets = lora_product(lora, lw["att.time_maa_w2"])  # [5, T, C]
     mixed = {n: x + sx * (lw["att.time_maa_" + n] + offsets[j]) for j, n in enumerate(MAA_ORDER)}
 
     p = project(lw, {"att.receptance.weight": mixed["r"], "att.key.weight": mixed["k"],
                      "att.value.weight": mixed["v"], "att.gate.weight": mixed["g"]})
     r, k, v = (p[n].float().view(T, H, -1) for n in ("att.receptance.weight", "att.key.weight", "att.value.weight"))
     g = F.silu(p["att.gate.weight"])
-    decay = torch.tanh(mixed["w"] @ lw["att.time_decay_w1"]) @ lw["att.time_decay_w2"]
+    decay = lora_product(torch.tanh(lora_product(mixed["w"], lw["att.time_decay_w1"])), lw["att.time_decay_w2"])
     w = torch.exp(-torch.exp(lw["att.time_decay"] + decay.float().view(T, H, -1))).unsqueeze(-1)
 
     y, state[1] = ctx.get("recurrence", wkv)(r, k, v, w, lw["att.bonus"], state[1])

@@ -9,7 +9,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .common import common_shapes, group_norm, layer_norm, linear, project, shifted
+from .common import common_shapes, group_norm, layer_norm, linear, lora_product, project, shifted
 
 VERSIONS = ("7",)
 STATE_NAMES = ("att_shift", "att_kv", "ffn_shift")
@@ -29,6 +29,7 @@ DEA_STATE_NAMES = ("dea_k_cache", "dea_v_cache", "dea_q")  # [n, cache], [n, cac
 CONTEXT_STATE_NAMES = ("context_ids",)  # DEA: the token ids so far [n], after every layer's state
 DEA_QUERY_BLOCK = 256  # queries scored at once: a long prompt's scores never take T x n memory
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight")
+LORA_PARAMS = ("att.w1", "att.w2", "att.a1", "att.a2", "att.g1", "att.g2", "att.v1", "att.v2")  # lora_product
 MIXES = ("r", "w", "k", "v", "a", "g")
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1)
 DISPLAY_NAMES = {"7": "RWKV-7 (Goose)"}
@@ -194,16 +195,17 @@ def time_mix(lw: dict, x: torch.Tensor, state: list, ctx: dict) -> torch.Tensor:
 
     p = project(lw, {"att.receptance.weight": xr, "att.key.weight": xk, "att.value.weight": xv})
     r, k, v = p["att.receptance.weight"], p["att.key.weight"], p["att.value.weight"]
-    w = torch.tanh(xw @ lw["att.w1"]) @ lw["att.w2"]
-    a = torch.sigmoid(lw["att.a0"] + (xa @ lw["att.a1"]) @ lw["att.a2"])
-    g = torch.sigmoid(xg @ lw["att.g1"]) @ lw["att.g2"]
+    w = lora_product(torch.tanh(lora_product(xw, lw["att.w1"])), lw["att.w2"])
+    a = torch.sigmoid(lw["att.a0"] + lora_product(lora_product(xa, lw["att.a1"]), lw["att.a2"]))
+    g = lora_product(torch.sigmoid(lora_product(xg, lw["att.g1"])), lw["att.g2"])
 
     kk = F.normalize((k * lw["att.k_k"]).view(T, H, -1), dim=-1, p=2.0, eps=1e-12).view(T, C)
     k = k * (1 + (a - 1) * lw["att.k_a"])
     if "v_first" not in ctx:
         ctx["v_first"] = v
     else:
-        v = v + (ctx["v_first"].to(v) - v) * torch.sigmoid(lw["att.v0"] + (xv @ lw["att.v1"]) @ lw["att.v2"])
+        v = v + (ctx["v_first"].to(v) - v) * torch.sigmoid(lw["att.v0"] + lora_product(lora_product(xv, lw["att.v1"]),
+                                                                                         lw["att.v2"]))
     w = torch.exp(-DECAY_SCALE * torch.sigmoid((lw["att.w0"] + w).float()))
 
     r, k, v = (t.float().view(T, H, -1) for t in (r, k, v))
