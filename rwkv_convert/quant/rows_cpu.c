@@ -75,36 +75,52 @@ static inline float hsum(vf v) {
 
 /* matmul_<type>: rows [m0, m0 + ROWS) of W (element type TYPE, widened by WIDEN) against tokens
  * [t0, t0 + TOKENS) per tile, tiles split across threads. One function per element type (a macro, so that
- * each gets its own vectorised loop). */
+ * each gets its own vectorised loop). The tile is inlined with constant row and token counts for full tiles:
+ * then its ROWS x TOKENS sums stay in registers (with runtime counts GCC kept them on the stack, a load and a
+ * store around every FMA). Measured, 768x768 bf16 on 2 cores: 43 -> 32 us a matrix, and 72 -> 44 us at 4 tokens. */
 #define DEFINE_MATMUL(NAME, TYPE, WIDEN, WIDEN1)                                                              \
+    static inline __attribute__((always_inline)) void NAME##_tile(const float *x, const TYPE *w, float *y,    \
+                                                                  int64_t N, int64_t M, int64_t m0, int64_t t0, \
+                                                                  const int rows, const int tokens) {          \
+        const int64_t body = N - N % LANES;                                                                   \
+        vf acc[ROWS][TOKENS];                                                                                 \
+        for (int r = 0; r < ROWS; r++)                                                                        \
+            for (int t = 0; t < TOKENS; t++) acc[r][t] = (vf){0};                                             \
+        for (int64_t n = 0; n < body; n += LANES) {                                                           \
+            vf xv[TOKENS];                                                                                    \
+            for (int t = 0; t < tokens; t++) xv[t] = load(x + (t0 + t) * N + n);                              \
+            for (int r = 0; r < rows; r++) {                                                                  \
+                const TYPE *at = w + (m0 + r) * N + n;                                                        \
+                /* the same place two tiles on: measured 15 -> 23 GB/s, against 28 for a plain read */         \
+                __builtin_prefetch(at + 2 * ROWS * N);                                                        \
+                const vf wv = WIDEN(at);                                                                      \
+                for (int t = 0; t < tokens; t++) acc[r][t] += wv * xv[t];                                     \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int r = 0; r < rows; r++)                                                                        \
+            for (int t = 0; t < tokens; t++) {                                                                \
+                float s = hsum(acc[r][t]);                                                                    \
+                for (int64_t n = body; n < N; n++) s += WIDEN1(w[(m0 + r) * N + n]) * x[(t0 + t) * N + n];    \
+                y[(t0 + t) * M + m0 + r] = s;                                                                 \
+            }                                                                                                 \
+    }                                                                                                         \
     static void NAME(const float *x, const TYPE *w, float *y, int64_t T, int64_t N, int64_t M, int threads) { \
-        const int64_t n_tiles = (M + ROWS - 1) / ROWS, body = N - N % LANES;                                  \
+        const int64_t n_tiles = (M + ROWS - 1) / ROWS;                                                        \
         for (int64_t t0 = 0; t0 < T; t0 += TOKENS) {                                                          \
             const int tokens = (int)((t0 + TOKENS <= T) ? TOKENS : T - t0);                                   \
             _Pragma("omp parallel for num_threads(threads) schedule(static)")                                 \
             for (int64_t i = 0; i < n_tiles; i++) {                                                           \
                 const int64_t m0 = i * ROWS;                                                                  \
-                const int rows = (int)((m0 + ROWS <= M) ? ROWS : M - m0);                                     \
-                vf acc[ROWS][TOKENS];                                                                         \
-                for (int r = 0; r < ROWS; r++)                                                                \
-                    for (int t = 0; t < TOKENS; t++) acc[r][t] = (vf){0};                                     \
-                for (int64_t n = 0; n < body; n += LANES) {                                                   \
-                    vf xv[TOKENS];                                                                            \
-                    for (int t = 0; t < tokens; t++) xv[t] = load(x + (t0 + t) * N + n);                      \
-                    for (int r = 0; r < rows; r++) {                                                          \
-                        const TYPE *at = w + (m0 + r) * N + n;                                                \
-                        /* the same place two tiles on: measured 15 -> 23 GB/s, against 28 for a plain read */ \
-                        __builtin_prefetch(at + 2 * ROWS * N);                                                \
-                        const vf wv = WIDEN(at);                                                              \
-                        for (int t = 0; t < tokens; t++) acc[r][t] += wv * xv[t];                             \
-                    }                                                                                         \
-                }                                                                                             \
-                for (int r = 0; r < rows; r++)                                                                \
-                    for (int t = 0; t < tokens; t++) {                                                        \
-                        float s = hsum(acc[r][t]);                                                            \
-                        for (int64_t n = body; n < N; n++) s += WIDEN1(w[(m0 + r) * N + n]) * x[(t0 + t) * N + n]; \
-                        y[(t0 + t) * M + m0 + r] = s;                                                         \
-                    }                                                                                         \
+                if (m0 + ROWS > M)                                                                            \
+                    NAME##_tile(x, w, y, N, M, m0, t0, (int)(M - m0), tokens);                                \
+                else if (tokens == 1)                                                                         \
+                    NAME##_tile(x, w, y, N, M, m0, t0, ROWS, 1);                                              \
+                else if (tokens == 2)                                                                         \
+                    NAME##_tile(x, w, y, N, M, m0, t0, ROWS, 2);                                              \
+                else if (tokens == 3)                                                                         \
+                    NAME##_tile(x, w, y, N, M, m0, t0, ROWS, 3);                                              \
+                else                                                                                          \
+                    NAME##_tile(x, w, y, N, M, m0, t0, ROWS, TOKENS);                                         \
             }                                                                                                 \
         }                                                                                                     \
     }
