@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint
 from .cpu import ops as cpu_ops
 from .cuda import ops as cuda_ops
 from .errors import RwkvConvertError, UnsupportedError
-from .quant import held_for_cpu, scheme_for
+from .quant import held_for_cpu, held_lora_for_cpu, scheme_for
 from .spec import ModelSpec
 from .strategy import Placement, Strategy, allocate, parse_strategy
 
@@ -158,8 +158,6 @@ class Model:
         them in for each call. Per-token tables stay where they are (memory-mapped): rows are gathered."""
         p = self.placements[i]
         home = "cpu" if p.stream else p.device
-        # LoRA factors of a bf16/fp16 layer on the CPU are kept in fp32 (arch.common.lora_product says why)
-        lora_fp32 = p.device == "cpu" and p.atype != torch.float32
         lora = getattr(self.module, "LORA_PARAMS", ())
 
         def placed(k: str, v):
@@ -167,7 +165,9 @@ class Model:
                 return v
             if _is_matrix(self.module, k):
                 return held_for_cpu(v.to(home))
-            return v.to(p.device, torch.float32) if lora_fp32 and k in lora else v.to(p.device)
+            if k in lora and p.device == "cpu":
+                return held_lora_for_cpu(v, p.atype)
+            return v.to(p.device)
 
         return {k: placed(k, v) for k, v in lw.items()}
 

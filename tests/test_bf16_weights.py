@@ -8,15 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rwkv_convert.arch.common import PROJECTIONS_KEY
+from rwkv_convert.arch.common import PROJECTIONS_KEY, lora_product
 from rwkv_convert.fixtures import fixture_path
 from rwkv_convert.formats.registry import read_checkpoint
 from rwkv_convert.quant import RwkvInt8Rows, RwkvInt8Scheme, RwkvInt8Weight, float_weights, held_for_cpu
 from rwkv_convert.quant.float_weights import (
+    Bf16LoraFactor,
     Bf16RowsProjections,
     Bf16RowsWeight,
     FloatWeight,
     StackedFloatWeight,
+    held_lora_for_cpu,
 )
 from rwkv_convert.quant.native import bf16_matmul, rows_library
 from rwkv_convert.runner import Model
@@ -146,3 +148,26 @@ def test_plan_counts_the_matrices_as_the_runner_holds_them(fixture_dir, dtype, s
                 planned += rows * cols * (2 if bf16_held else per)
     assert planned == held
     assert any("held as bf16" in n for n in plan.notes) == (strategy == "cpu fp32" and dtype == "bf16")
+
+
+@pytest.mark.parametrize("T", [1, 3, 7])
+@pytest.mark.parametrize("atype", [torch.float32, torch.bfloat16])
+def test_lora_factors_held_as_bf16_rows_multiply_like_the_factor(T, atype):
+    factor = torch.randn(96, 24).bfloat16().float()  # [in, out] with bf16 values, as from a bf16 file
+    held = held_lora_for_cpu(factor, atype)
+    assert isinstance(held, Bf16LoraFactor) and held.nbytes == factor.numel() * 2
+    x = torch.randn(T, 96).to(atype)
+    got = lora_product(x, held)
+    want = x.float() @ factor
+    assert got.dtype == atype and got.shape == want.shape
+    tol = 1e-5 if atype == torch.float32 else 1e-2
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() <= tol
+
+
+def test_lora_factors_that_are_not_bf16_numbers_stay_tensors():
+    factor = torch.randn(64, 16)  # fp32 values: bf16 rows would round them
+    assert held_lora_for_cpu(factor, torch.float32) is factor
+    widened = held_lora_for_cpu(factor.half(), torch.float16)  # a fp16 layer: fp32, small matmuls are faster so
+    assert isinstance(widened, torch.Tensor) and widened.dtype == torch.float32
+    batched = torch.randn(5, 8, 64).bfloat16()  # v6's [5, in, out] factor stays a tensor (a batched matmul)
+    assert isinstance(held_lora_for_cpu(batched, torch.bfloat16), torch.Tensor)

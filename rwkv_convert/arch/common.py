@@ -30,10 +30,12 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
     return weight.matmul(x)
 
 
-def lora_product(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """x @ factor (batched for a 3-D factor) for a LoRA factor, computed in the factor's dtype and returned in
-    x's. The CPU runner keeps the factors of bf16/fp16 layers in fp32 (module.LORA_PARAMS): matmuls this
-    small cost about 3x more in bf16 than in fp32 there (measured: 50 vs 17 us each)."""
+def lora_product(x: torch.Tensor, factor) -> torch.Tensor:
+    """x @ factor (batched for a 3-D factor) for a LoRA factor, returned in x's dtype. On the CPU the runner
+    holds factors in faster forms (quant.held_lora_for_cpu: bf16 rows for the native kernel, which multiply
+    themselves, or fp32 tensors for a bf16/fp16 layer); a tensor of another dtype computes in its own."""
+    if not isinstance(factor, torch.Tensor):
+        return factor.left_multiply(x)
     if x.dtype == factor.dtype:
         return torch.matmul(x, factor)
     return torch.matmul(x.to(factor.dtype), factor).to(x.dtype)

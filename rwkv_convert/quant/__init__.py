@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from .float_weights import FloatScheme, FloatWeight, held_float_for_cpu
+from .float_weights import FloatScheme, FloatWeight, held_float_for_cpu, held_lora_for_cpu
 from .rwkv_int8 import RwkvInt8Rows, RwkvInt8Scheme, RwkvInt8Weight
 
 
@@ -46,4 +46,4 @@ def held_for_cpu(weight):
 
 
 __all__ = ["FloatScheme", "FloatWeight", "RwkvInt8Rows", "RwkvInt8Scheme", "RwkvInt8Weight", "Weight", "WeightScheme",
-           "held_for_cpu", "scheme_for"]
+           "held_for_cpu", "held_lora_for_cpu", "scheme_for"]

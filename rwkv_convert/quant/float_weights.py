@@ -56,6 +56,36 @@ def cpu_bf16_rows(weight: torch.Tensor, dtype: torch.dtype) -> Bf16RowsWeight | 
     return Bf16RowsWeight(weight.to(torch.bfloat16).contiguous(), dtype)
 
 
+def held_lora_for_cpu(factor: torch.Tensor, atype: torch.dtype):
+    """How the runner holds a LoRA factor [in, out] of a CPU layer computing in atype: as bf16 rows for the
+    native kernel where its values are bf16 numbers (half the bytes of fp32; torch's one-row products with
+    these small matrices are slow), else in fp32 for a bf16/fp16 layer (small bf16 matmuls cost ~3x fp32's
+    there), else as it is."""
+    if (factor.device.type == "cpu" and factor.dim() == 2 and rows_library() is not None
+            and atype in (torch.float32, torch.bfloat16) and _bf16_values(factor)):
+        return Bf16LoraFactor(factor.t().to(torch.bfloat16).contiguous())
+    return factor if atype == torch.float32 else factor.float()
+
+
+@dataclass
+class Bf16LoraFactor:
+    """A LoRA factor [in, out] held as bf16 rows [out, in]. left_multiply(x) is x @ factor with fp32 products
+    and sums, in x's dtype (arch.common.lora_product calls it): the native kernel for a few tokens, torch for
+    longer inputs."""
+
+    rows: torch.Tensor  # bf16 [out, in], contiguous
+
+    def left_multiply(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= NATIVE_TOKENS:
+            return bf16_matmul(x, self.rows).to(x.dtype)
+        factor = self.rows.t()
+        return torch.matmul(x, factor if x.dtype == torch.bfloat16 else factor.to(x.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel() * self.rows.element_size()
+
+
 @dataclass
 class Bf16RowsWeight:
     """A CPU matrix stored as bf16 [out, in] rows and multiplied with fp32 products and sums: by the native
