@@ -36,6 +36,9 @@ from .spans import check_spans
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0")
 CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
 CHECKSUMS_KEY = "rwkv_convert.tensor_crc32"  # ours: each tensor's CRC-32, in tensor-info order (GGUF keeps none)
+# ours: CRC-32 of everything before the tensor data (header, metadata, tensor infos), this value counted as zero.
+# A flipped metadata value (rescale_every_n_layers 0 -> 1) otherwise read back as other weights.
+METADATA_CHECKSUM_KEY = "rwkv_convert.metadata_crc32"
 
 
 def _gguf():
@@ -343,6 +346,7 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
 
     # Placeholders, filled in once the data is written (the key-value section comes first in the file).
     writer.add_key_value(CHECKSUMS_KEY, [0] * len(jobs), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+    writer.add_key_value(METADATA_CHECKSUM_KEY, 0, gguf.GGUFValueType.UINT32)
     crcs = []
     with AtomicOutput(out) as target:
         try:
@@ -369,8 +373,19 @@ def _fill_checksums(gguf, path: Path, crcs: list[int]) -> None:
     field = reader.fields[CHECKSUMS_KEY]
     for index, crc in zip(field.data, crcs, strict=True):
         field.parts[index][0] = crc
+    meta = reader.fields[METADATA_CHECKSUM_KEY]
+    meta.parts[meta.data[0]][0] = zlib.crc32(_metadata_bytes(reader, meta))
     reader.data.flush()
     del reader
+
+
+def _metadata_bytes(reader, field) -> bytearray:
+    """The bytes before the tensor data, with `field`'s (the metadata checksum's own) 4 value bytes as zeros."""
+    data = reader.data
+    at = field.parts[field.data[0]].__array_interface__["data"][0] - data.__array_interface__["data"][0]
+    section = bytearray(data[:reader.data_offset])
+    section[at:at + 4] = bytes(4)
+    return section
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
@@ -390,6 +405,9 @@ def _read_row(row: Row, get, i: int, head_size: int) -> dict[str, torch.Tensor]:
 
 def _checksums(path: Path, reader) -> dict[str, int] | None:
     """{tensor name: CRC-32 of its data} where our writer stored them (None in other writers' files)."""
+    meta = reader.fields.get(METADATA_CHECKSUM_KEY)
+    if meta is not None:
+        check_crc32(path, "its metadata", _metadata_bytes(reader, meta), int(meta.parts[meta.data[0]][0]))
     field = reader.fields.get(CHECKSUMS_KEY)
     if field is None:
         return None
