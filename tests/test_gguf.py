@@ -323,6 +323,7 @@ def test_llama_cpps_own_converter_reads_our_hf_export_and_we_read_its_gguf(varia
     deliberate = {
         "general.name",  # theirs: the directory's name; ours: the source file's stem
         "rwkv_convert.tensor_crc32",  # ours: each tensor's CRC-32
+        "rwkv_convert.metadata_crc32",  # ours: the CRC-32 of our own metadata
         f"{arch}.rescale_every_n_layers",  # rwkv6: theirs 6 with att.output/ffn.value divided, ours 0 and undivided
         "tokenizer.chat_template",  # v7: theirs the hf directory's (rwkv7-hf's), ours llama.cpp's rwkv-world one
         "tokenizer.ggml.padding_token_id",  # rwkv6: ours names <s> (0) as padding too, theirs none
