@@ -5,47 +5,26 @@ to torch; RWKV_CONVERT_NO_NATIVE=1 turns every native kernel off."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..atomic import AtomicOutput
-from ..paths import kernels_dir
+from ..native_build import build_library
 
 _loaded: dict[Path, ctypes.CDLL | None] = {}
-
-
-def _cpu_signature() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
 def _build(source: Path) -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler (cc/gcc) found")
-    key = hashlib.sha256(source.read_bytes() + _cpu_signature().encode() + platform.machine().encode()).hexdigest()
-    folder = kernels_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    lib_path = folder / f"{source.stem}-{key[:16]}.so"
-    if not lib_path.exists():
-        flags = ["-O3", "-shared", "-fPIC", "-fopenmp"]
-        if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
-            flags.append("-march=native")
-        with AtomicOutput(lib_path) as out:  # another process may build the same library at the same time
-            proc = subprocess.run([compiler, *flags, str(source), "-lm", "-o", str(out.temp())], capture_output=True,
-                                  text=True)
-            if proc.returncode:
-                raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
-    return ctypes.CDLL(str(lib_path))
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        flags.append("-march=native")
+    return ctypes.CDLL(str(build_library(source, compiler, flags, libraries=("-lm",))))
 
 
 def library(source: Path, declare: Callable[[ctypes.CDLL], None], what: str) -> ctypes.CDLL | None:
