@@ -14,6 +14,7 @@ from . import arch, passes
 from .arch.common import PROJECTIONS_KEY, as_vector, layer_norm
 from .checkpoint import Checkpoint
 from .cpu import ops as cpu_ops
+from .cuda import on_cpu as cuda_on_cpu
 from .cuda import ops as cuda_ops
 from .errors import RwkvConvertError, UnsupportedError
 from .quant import held_for_cpu, held_lora_for_cpu, scheme_for
@@ -34,7 +35,7 @@ def _check_device(device: str) -> None:
         raise RwkvConvertError('the strategy asks for "mps" but torch has no MPS device; use "cpu fp32"')
 
 
-KERNELS = ("auto", "torch")
+KERNELS = ("auto", "torch", "cuda-on-cpu")
 
 
 def runnable(spec: ModelSpec) -> str | None:
@@ -52,6 +53,14 @@ def recurrence_for(module, kernels: str = "auto"):
     torch_code = module.RECURRENCE
     if kernels == "torch":
         return torch_code
+    if kernels == "cuda-on-cpu":  # the CUDA kernels' CPU build (tests): its self-test decides, as on a card
+        emulated, kernel = cuda_on_cpu.trusted_kernels(), getattr(cuda_ops, module.KERNEL)
+
+        def run_emulated(*args):
+            out = None if emulated is None or args[-1].is_cuda else kernel(*args, ext=emulated)
+            return torch_code(*args) if out is None else out
+
+        return run_emulated
     on_gpu, on_cpu = getattr(cuda_ops, module.KERNEL), getattr(cpu_ops, module.KERNEL)
 
     def run(*args):
@@ -76,7 +85,8 @@ class Model:
                  ln0_fold: str = "fp32"):
         """skip_passes: optional passes to leave out (passes.FOLD_LN0, passes.STACK), for comparisons; the
         rescale is set with rescale_layer (0 = none), since forward() halves x to match it. kernels: "auto"
-        (native kernels: CUDA on GPU tensors, C on the CPU) or "torch" (the torch code everywhere). ln0_fold:
+        (native kernels: CUDA on GPU tensors, C on the CPU), "torch" (the torch code everywhere) or "cuda-on-cpu"
+        (the recurrences through the CUDA kernels' CPU build, for tests: docs/cuda.md). ln0_fold:
         "fp32" (ours, the accurate one) or "package" (as the pip package folds it: v4-v6 in the file's dtype, v7 in the
         strategy's; see docs/numerics.md)."""
         if ln0_fold not in LN0_FOLDS:

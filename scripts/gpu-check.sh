@@ -20,9 +20,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 start=$(date +%s)
-python3 -c "from rwkv_convert.cuda.build import extension; import sys; sys.exit(0 if extension() else 1)" \
-    || { echo "KERNEL BUILD FAILED"; exit 1; }
-echo "kernels built in $(( $(date +%s) - start )) s"
+# built, then every kernel against the torch path on this card: the self-test the runner relies on (docs/cuda.md)
+python3 -c "import sys, torch; from rwkv_convert.cuda import build, selftest; ok = build.extension() is not None
+print(selftest.format_checks(build.self_test_report() or [], torch.cuda.get_device_name())); sys.exit(0 if ok else 1)" \
+    | tee "$OUT/selftest.md" || { echo "KERNEL BUILD OR SELF-TEST FAILED"; exit 1; }
+echo "kernels built and self-tested in $(( $(date +%s) - start )) s"
 python3 -m rwkv_convert.cli doctor 2>&1 | tee "$OUT/doctor.txt" | grep -E "GPU|nvcc|kernels"
 
 timeout "${GPU_CHECK_TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15

@@ -12,6 +12,13 @@ from rwkv_convert.fixtures import VARIANTS, fixture_path, make_state_dict
 from rwkv_convert.pip_runtime import run_in_pip_package
 
 N_TOKENS, SPLIT = 64, 20
+# The seed of the CUDA kernels' CPU-build tests (inputs and thread schedules), printed in pytest's header
+KERNEL_TEST_SEED = int(os.environ.get("RWKV_CONVERT_TEST_SEED") or 20261206)
+
+
+def pytest_report_header(config):
+    return f"CUDA kernels on the CPU: seed {KERNEL_TEST_SEED} (RWKV_CONVERT_TEST_SEED=<n> for another)"
+
 # Shapes the standard fixtures do not have: other widths, head counts, layer counts, vocabularies, ranks.
 ODD_SHAPES = {
     "v4-C96-V300-L2": ("v4", dict(n_layer=2, n_embd=96, vocab=300)),

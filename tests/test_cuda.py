@@ -67,6 +67,18 @@ def test_kernels_compile_for_sm_90(tmp_path):
 
 
 # ---- on a GPU: kernels against their torch fallbacks -----------------------------------------------------
+@cuda
+@pytest.mark.cuda
+def test_the_self_test_passes_on_this_card_and_its_verdict_is_kept():
+    from rwkv_convert.cuda import build, selftest
+
+    card = torch.cuda.get_device_name()
+    assert build.extension() is not None
+    report = build.self_test_report()
+    assert report and all(c.passed for c in report), selftest.format_checks(report or [], card)
+    assert (build.build_directory(torch.cuda.get_device_capability()) / selftest.verdict_name(card)).exists()
+
+
 def _rand(*shape, scale=1.0):
     return (torch.randn(*shape, device="cuda") * scale).float()
 
