@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .arch import v7
 from .cpu import ops as cpu_ops
-from .cuda import build as cuda_build
+from .cuda import build as cuda_kernels
 from .units import human_size
 
 LLAMA_PIN = "llama-cpp-python==0.3.36"  # the release our GGUF tests run
@@ -96,8 +96,8 @@ def _cuda_kernels() -> Check:
     if os.environ.get("RWKV_CONVERT_NO_CUDA_KERNELS") == "1":
         return Check("CUDA kernels", "missing", "turned off by RWKV_CONVERT_NO_CUDA_KERNELS=1 (the torch code runs on"
                      " the GPU instead: slower)", "unset RWKV_CONVERT_NO_CUDA_KERNELS")
-    cuda_build.extension()
-    report = cuda_build.self_test_report()
+    cuda_kernels.extension()
+    report = cuda_kernels.self_test_report()
     if report is None:
         return Check("CUDA kernels", "problem", "not built (the torch code runs on the GPU instead: slower); the"
                      " build's one-line reason is printed above", "scripts/gpu-check.sh shows the build")

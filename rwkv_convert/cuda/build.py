@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..paths import kernels_dir
+from .selftest import trusted, verdict_name
 
 SOURCE = Path(__file__).with_name("rwkv_kernels.cu")
 KERNELS_HEADER = SOURCE.with_name("rwkv_kernels.cuh")  # the kernels themselves; the .cu wraps them for torch
@@ -60,8 +61,6 @@ def extension():
         wanted = torch.cuda.is_available() and os.environ.get("RWKV_CONVERT_NO_CUDA_KERNELS") != "1"
         module = build_extension() if wanted else None
         if module is not None:
-            from .selftest import trusted, verdict_name  # here: the self-test drives ops.py, which imports this
-
             card = torch.cuda.get_device_name()
             verdict = build_directory(torch.cuda.get_device_capability()) / verdict_name(card)
             ok, _cache["self_test"] = trusted(module, "cuda", card, verdict)

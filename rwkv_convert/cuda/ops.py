@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from . import HEAD_SIZES
 from .build import extension
-
-HEAD_SIZES = (16, 32, 64, 128)
 
 
 def _ext(t: torch.Tensor):

@@ -16,7 +16,7 @@ import torch
 
 from ..arch import v4, v5, v7
 from ..atomic import AtomicOutput
-from . import ops
+from . import HEAD_SIZES
 
 BOUND = 2e-3  # max |kernel - torch| / max(1, max |torch|): fp32 sums in another order, and fast-math exp on GPUs
 
@@ -40,8 +40,10 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _cases(device: str, seed: int) -> dict[str, list[Callable[[object], tuple[list, list]]]]:
-    """Per kernel: functions of the extension giving (kernel outputs, torch outputs) for one random case."""
+    """Per kernel: functions of an extension giving (kernel outputs, torch outputs) for one random case. The
+    extension's own functions are called, as ops.py calls them, on copies of the states they update."""
     g = torch.Generator().manual_seed(seed)
+    stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(device)
@@ -53,22 +55,28 @@ def _cases(device: str, seed: int) -> dict[str, list[Callable[[object], tuple[li
         w, u = -torch.exp(rand(C)), rand(C)
         k, v = rand(T, C), rand(T, C)
         state = [rand(C), rand(C).abs() + 0.1, rand(C)]
-        return list(ops.wkv4(w, u, k, v, *state, ext=ext)), list(v4.wkv4(w, u, k, v, *state))
+        updated = [t.clone() for t in state]
+        y = ext.wkv4(w, u, k, v, *updated, stream)
+        return [y, *updated], list(v4.wkv4(w, u, k, v, *state))
 
     def wkv5_case(ext, N, per_token, T=2, H=2):
         r, k, v = rand(T, H, N), rand(T, H, N), rand(T, H, N)
-        w = uniform(T, H, N, 1) if per_token else uniform(H, N, 1)
-        u, s = rand(H, N, 1), rand(H, N, N, scale=0.3)
-        return list(ops.wkv5(r, k, v, w, u, s, ext=ext)), list(v5.wkv(r, k, v, w, u, s))
+        w = uniform(T, H, N) if per_token else uniform(H, N)  # the kernel's layouts: [T, H, N] or [H, N]
+        u, s = rand(H, N), rand(H, N, N, scale=0.3)
+        updated = s.clone()
+        y = ext.wkv5(r, k, v, w, u, updated, stream)
+        return [y, updated], list(v5.wkv(r, k, v, w.unsqueeze(-1), u.unsqueeze(-1), s))
 
     def wkv7_case(ext, N, T=2, H=2):
         r, k, v = rand(T, H, N), rand(T, H, N), rand(T, H, N)
         w = torch.exp(-0.6 * uniform(T, H, N))
         kk = torch.nn.functional.normalize(rand(T, H, N), dim=-1)
         a, s = uniform(T, H, N), rand(H, N, N, scale=0.3)
-        return list(ops.wkv7(r, w, k, v, kk, a, s, ext=ext)), list(v7.wkv7(r, w, k, v, kk, a, s))
+        updated = s.clone()
+        y = ext.wkv7(r, w, k, v, kk, a, updated, stream)
+        return [y, updated], list(v7.wkv7(r, w, k, v, kk, a, s))
 
-    def int8_parts(rows=67, cols=36):
+    def int8_parts(rows, cols):  # rows: no multiple of 4
         q = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8).to(device)
         companions = [rand(cols, scale=0.01), uniform(cols) * 0.01, rand(rows, scale=0.01), uniform(rows) * 0.01]
         mx, rx, my, ry = companions
@@ -77,19 +85,18 @@ def _cases(device: str, seed: int) -> dict[str, list[Callable[[object], tuple[li
         return q, companions, weight
 
     def int8_gemv_case(ext):
-        q, companions, weight = int8_parts()
-        x = rand(1, q.shape[0])
-        return [ops.int8_matmul(x, q, companions, ext=ext)], [x @ weight]
+        q, companions, weight = int8_parts(67, 36)
+        x = rand(q.shape[0])
+        return [ext.int8_gemv(x, q, *companions, stream)], [x @ weight]
 
-    def int8_dequant_case(ext, T=3):
-        q, companions, weight = int8_parts(rows=70, cols=40)
-        x = rand(T, q.shape[0])
-        return [ops.int8_matmul(x, q, companions, ext=ext)], [x @ weight]
+    def int8_dequant_case(ext):
+        q, companions, weight = int8_parts(70, 40)
+        return [ext.int8_dequant(q, *companions, torch.float32, stream)], [weight]
 
     return {
         "wkv4": [wkv4_case],
-        "wkv5": [lambda ext, n=n, p=p: wkv5_case(ext, n, p) for n in ops.HEAD_SIZES for p in (False, True)],
-        "wkv7": [lambda ext, n=n: wkv7_case(ext, n) for n in ops.HEAD_SIZES],
+        "wkv5": [lambda ext, n=n, p=p: wkv5_case(ext, n, p) for n in HEAD_SIZES for p in (False, True)],
+        "wkv7": [lambda ext, n=n: wkv7_case(ext, n) for n in HEAD_SIZES],
         "int8_gemv": [int8_gemv_case],
         "int8_dequant": [int8_dequant_case],
     }
