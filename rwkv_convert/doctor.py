@@ -103,9 +103,9 @@ def _cuda_kernels() -> Check:
                      " build's one-line reason is printed above", "scripts/gpu-check.sh shows the build")
     failed = [c for c in report if not c.passed]
     if failed:
-        worst = failed[0]
-        return Check("CUDA kernels", "problem", f"disabled on this card by their self-test: {worst.kernel} differs"
-                     f" from the torch path by {worst.error:.1e} (bound {worst.bound:.0e}); the torch code runs"
+        first = failed[0]
+        return Check("CUDA kernels", "problem", f"disabled on this card by their self-test: {first.kernel} differs"
+                     f" from the torch path by {first.error:.1e} (bound {first.bound:.0e}); the torch code runs"
                      " instead", "report it with the output of scripts/gpu-check.sh")
     return Check("CUDA kernels", "ok", f"built for this card and self-tested: {len(report)} kernels within"
                  f" {max(c.bound for c in report):.0e} of the torch path")

@@ -53,7 +53,13 @@ struct Abort {};  // unwinds a thread out of its kernel when the launch has fail
 class Team {
    public:
     Team(const char* kernel, dim3 grid, dim3 block, uint64_t seed)
-        : kernel_(kernel), grid_(grid), size_(block.x * block.y * block.z), state_(size_), wake_(size_), rng_(seed) {}
+        : kernel_(kernel),
+          grid_(grid),
+          size_(block.x * block.y * block.z),
+          state_(size_),
+          wake_(size_),
+          last_block_(size_, (size_t)-1),
+          rng_(seed) {}
 
     void run(const std::function<void()>& body, double timeout_s) {
         blocks_ = (size_t)grid_.x * grid_.y * grid_.z;
@@ -159,7 +165,6 @@ class Team {
 
     void start_block() {
         for (auto& s : state_) s = RUNNING;
-        if (last_block_.empty()) last_block_.assign(size_, (size_t)-1);
         start_phase();
     }
 
