@@ -114,6 +114,7 @@ def write_error(path: Path, e: OSError) -> RwkvConvertError:
 
 
 _PROTECTED: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("protected", default=())
+_ROOT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("output_root", default=None)
 _PUBLISHED: contextvars.ContextVar[dict[Path, int] | None] = contextvars.ContextVar("published", default=None)
 
 
@@ -131,8 +132,9 @@ def recording() -> Iterator[dict[Path, int]]:
 
 @contextlib.contextmanager
 def protecting(*inputs: Path) -> Iterator[None]:
-    """Within the block, no AtomicOutput may publish over one of these inputs (a file, or a directory and
-    everything in it), whatever the path it is given: the same name, a hard link or a symlink to it."""
+    """Within the block, no path this tool writes may be one of these inputs (a file, or a directory and
+    everything in it), whatever the path it is given (the same name, a hard link or a symlink to it), nor a
+    folder that holds one."""
     token = _PROTECTED.set(_PROTECTED.get() + tuple(Path(p) for p in inputs))
     try:
         yield
@@ -140,22 +142,58 @@ def protecting(*inputs: Path) -> Iterator[None]:
         _PROTECTED.reset(token)
 
 
-def _is_or_inside(final: Path, source: Path) -> bool:
+@contextlib.contextmanager
+def writing_under(root: Path) -> Iterator[None]:
+    """Within the block, every path this tool writes must lie strictly inside `root` (release's --out)."""
+    token = _ROOT.set(Path(root))
     try:
-        if final.exists() and source.exists() and os.path.samefile(final, source):
-            return True
+        yield
+    finally:
+        _ROOT.reset(token)
+
+
+def _forms(path: Path) -> set[Path]:
+    """The path as named (absolute, `..` folded) and with every link resolved: an input reached through a
+    symlink is protected under both names."""
+    forms = {Path(os.path.abspath(path))}
+    with contextlib.suppress(OSError, RuntimeError):
+        forms.add(path.resolve())
+    return forms
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links too
     except OSError:
-        pass
-    target, protected = final.resolve(), source.resolve()
-    return target == protected or (protected.is_dir() and target.is_relative_to(protected))
+        return False
 
 
-def check_not_an_input(final: Path) -> None:
+def check_output(final: Path) -> None:
+    """The one guard every path this tool writes passes (AtomicOutput calls it; the CLI calls it for reports
+    before any work): never an input, a link to one, or a folder holding one; never the current directory or
+    a folder above it; never outside the output root when one is set (release)."""
+    final = Path(final)
+    targets = _forms(final)
+    here = _forms(Path.cwd())
+    if any(h == t or h.is_relative_to(t) for h in here for t in targets):
+        raise RwkvConvertError(f"refusing to write {final}: it is the current directory or a folder above it;"
+                               " name a file or a new folder for the output")
+    root = _ROOT.get()
+    if root is not None:
+        roots = _forms(root)
+        if not all(any(t != r and t.is_relative_to(r) for r in roots) for t in targets):
+            raise RwkvConvertError(f"refusing to write {final}: it is not inside the output folder {root}")
     for source in _PROTECTED.get():
-        if _is_or_inside(final, source):
-            where = "is" if not source.is_dir() or final.resolve() == source.resolve() else "is inside"
-            raise RwkvConvertError(f"refusing to write {final}: it {where} the input {source}; a conversion never"
-                                   " changes its input - choose another output")
+        sources = _forms(source)
+        if _same_file(final, source) or targets & sources:
+            raise RwkvConvertError(f"refusing to write {final}: it is the input {source}; a command never changes"
+                                   " its inputs - choose another output")
+        if any(s.is_relative_to(t) for s in sources for t in targets):
+            raise RwkvConvertError(f"refusing to write {final}: it holds the input {source}; a command never"
+                                   " replaces a folder its inputs are in - choose another output")
+        if source.is_dir() and any(t.is_relative_to(s) for s in sources for t in targets):
+            raise RwkvConvertError(f"refusing to write {final}: it is inside the input {source}; a command never"
+                                   " changes its inputs - choose another output")
 
 
 def check_target_directory(path: Path) -> None:
@@ -215,7 +253,7 @@ class AtomicOutput:
 
     def __enter__(self) -> AtomicOutput:
         for final in self.finals:
-            check_not_an_input(final)
+            check_output(final)
             check_target_directory(final)
             remove_stale_temps(final)
             if self.directory:

@@ -181,7 +181,49 @@ def load_raw(path: Path) -> tuple[dict, bool]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise RwkvConvertError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+    check_tensor_records(path, obj)
     return obj, mmapped
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of the tensor share bytes (a stride-0 or aliasing view): its dimensions, by stride,
+    must each step past everything the smaller ones cover."""
+    covered = 1
+    dims = sorted(((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s > 1))
+    for stride, size in dims:
+        if stride < covered:
+            return True
+        covered = stride * size
+    return False
+
+
+def check_tensor_records(path: Path, obj: dict) -> None:
+    """Declared sizes against the bytes behind them, before any tensor is used: a pickle can declare a view
+    of any shape over a small record (stride 0 expands 6 MB into 2 x 32 GB that a runner would then allocate),
+    or many tensors over one record. Every tensor must be dense (no sparse layouts), no two of its elements
+    may share bytes, and the tensors together may not claim more bytes than their records hold."""
+    records: dict[int, int] = {}
+    claimed = 0
+    for name, t in obj.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.layout != torch.strided:
+            raise RwkvConvertError(f"{path}: tensor {name} is a {str(t.layout).removeprefix('torch.')} tensor;"
+                                   " checkpoint weights are dense tensors - the file is damaged or not a checkpoint")
+        if t.numel() == 0:
+            continue
+        if _overlaps(t):
+            raise RwkvConvertError(f"{path}: tensor {name} declares {list(t.shape)} with strides {list(t.stride())},"
+                                   " a view whose elements share bytes (far more than its record holds); refusing"
+                                   " it - the file is damaged or built to exhaust memory")
+        storage = t.untyped_storage()
+        records[storage.data_ptr()] = storage.nbytes()
+        claimed += t.numel() * t.element_size()
+    held = sum(records.values())
+    if claimed > held:
+        raise RwkvConvertError(f"{path}: its tensors declare {claimed:,} bytes but their records hold {held:,};"
+                               " tensors that are views of each other's bytes are not a checkpoint - the file is"
+                               " damaged or built to exhaust memory")
 
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then (at byte 26) the name and extra-field lengths

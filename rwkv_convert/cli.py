@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__, doctor, quality, release, state_file
-from .atomic import Interrupted, check_target_directory, protecting, recording, write_text_atomic
+from .atomic import Interrupted, check_output, check_target_directory, protecting, recording, write_text_atomic
 from .bundled import DEFAULT_PROMPT, trained_model
 from .describe import describe_checkpoint, format_description
 from .errors import CastWarning, RwkvConvertError
@@ -71,9 +71,16 @@ def state_option(command):
 
 
 def check_json_out(json_out: str | None) -> None:
-    """Before the work: a report that cannot be written must not follow a result."""
+    """Before the work: a report that cannot be written (or that would land on an input: call this within
+    `inputs(...)`) must not follow a result."""
     if json_out:
+        check_output(Path(json_out))
         check_target_directory(Path(json_out))
+
+
+def inputs(*paths) -> protecting:
+    """The command's input files and folders: nothing it writes (reports included) may land on them."""
+    return protecting(*(Path(p) for p in paths if p is not None))
 
 
 def emit(human: str, document, as_json: bool, json_out: str | None) -> None:
@@ -122,9 +129,10 @@ _python_showwarning = warnings.showwarning
 @json_options
 def inspect(path: str, as_json: bool, json_out) -> None:
     """Version, dimensions, LoRA ranks, dtypes and parameters of a checkpoint."""
-    check_json_out(json_out)
-    info = describe_checkpoint(registry.read_checkpoint(path))
-    emit(format_description(info), info, as_json, json_out)
+    with inputs(path):
+        check_json_out(json_out)
+        info = describe_checkpoint(registry.read_checkpoint(path))
+        emit(format_description(info), info, as_json, json_out)
 
 
 @main.command()
@@ -181,10 +189,11 @@ def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_
 @json_options
 def plan(path: str, strategy: str, as_json: bool, json_out) -> None:
     """Per-layer placement of a strategy on PATH: device, dtypes, weight scheme, streaming, memory."""
-    check_json_out(json_out)
-    ckpt = registry.read_checkpoint(path)
-    result = make_plan(ckpt.spec, ckpt.shapes, strategy)
-    emit(format_plan(result), result.to_dict(), as_json, json_out)
+    with inputs(path):
+        check_json_out(json_out)
+        ckpt = registry.read_checkpoint(path)
+        result = make_plan(ckpt.spec, ckpt.shapes, strategy)
+        emit(format_plan(result), result.to_dict(), as_json, json_out)
 
 
 def unescape(text: str) -> str:
@@ -296,10 +305,11 @@ convert.params.extend(FORMAT_FLAGS.values())
 
 
 def _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json_out, runner="native",
-                     ln0_fold=None, state=None) -> None:
-    check_json_out(json_out)
-    report = verify(candidate, reference, strategy, tokens, seed, runner, ln0_fold, state)
-    emit(format_report(report), report.to_dict(), as_json, json_out)
+                     ln0_fold=None, state=None, trust_remote_code=False) -> None:
+    with inputs(candidate, reference, state):
+        check_json_out(json_out)
+        report = verify(candidate, reference, strategy, tokens, seed, runner, ln0_fold, state, trust_remote_code)
+        emit(format_report(report), report.to_dict(), as_json, json_out)
     sys.exit(0 if report.passed else 1)
 
 
@@ -317,14 +327,19 @@ def _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json
 @click.option("--ln0-fold", default=None, type=click.Choice(LN0_FOLDS),
               help=LN0_HELP + " Default: the candidate's own (package for pip-converted files, else fp32).")
 @state_option
-def verify_command(candidate, reference, strategy, tokens, seed, as_json, json_out, runner, ln0_fold, state) -> None:
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run an HF directory's own *.py even where it is not the rwkv7-hf code rwkv-convert ships (off:"
+                   " such a directory is refused). The verdict names it when used.")
+def verify_command(candidate, reference, strategy, tokens, seed, as_json, json_out, runner, ln0_fold, state,
+                   trust_remote_code) -> None:
     """Compare CANDIDATE's outputs with the reference runner on --reference: exit 0 pass, 1 fail, 2 bad input.
 
     Runs a fixed and a random token stream in sequence mode, token by token and in two chunks with the
     state carried, and reports max |Δlogit|, relative L2, KL, top-1 agreement and the state difference.
     Bounds: the table of the candidate's least precise weight scheme, widened to what that scheme itself
     does to this model (the reference run in the scheme); see docs/verification.md."""
-    _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json_out, runner, ln0_fold, state)
+    _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json_out, runner, ln0_fold, state,
+                     trust_remote_code)
 
 
 @main.command("quality")
@@ -351,19 +366,21 @@ def quality_command(source, text, schemes, window, max_bytes, target_size, as_js
     onnxruntime), run on the text, and report file bytes, bytes per parameter, bits per byte, KL from the fp32
     reference and top-1 agreement, in one table ordered by size. Schemes whose runtime is missing (GGUF
     without llama-cpp-python) are listed as not measured."""
-    for path in (json_out, plot_path):
-        if path:
-            check_target_directory(Path(path))
-    names = quality.parse_schemes(schemes)
-    show = sys.stderr.isatty()
-    progress = (lambda line: click.echo(f"\r\033[K{line}", nl=False, err=True)) if show else \
-        (lambda line: None if "window" in line else click.echo(line, err=True))
-    report = quality.measure(source, text, names, window, max_bytes, progress, target_size, state)
-    if show:
-        click.echo("\r\033[K", nl=False, err=True)
-    emit(quality.table(report), report.to_json(), as_json, json_out)
-    if plot_path:
-        quality.plot(report, Path(plot_path))
+    with inputs(source, text, state):
+        for path in (json_out, plot_path):
+            check_json_out(path)
+        if json_out and plot_path and Path(json_out).absolute() == Path(plot_path).absolute():
+            raise click.UsageError("--json-out and --plot name the same file; give each its own")
+        names = quality.parse_schemes(schemes)
+        show = sys.stderr.isatty()
+        progress = (lambda line: click.echo(f"\r\033[K{line}", nl=False, err=True)) if show else \
+            (lambda line: None if "window" in line else click.echo(line, err=True))
+        report = quality.measure(source, text, names, window, max_bytes, progress, target_size, state)
+        if show:
+            click.echo("\r\033[K", nl=False, err=True)
+        emit(quality.table(report), report.to_json(), as_json, json_out)
+        if plot_path:
+            quality.plot(report, Path(plot_path))
 
 
 @main.command("doctor")
@@ -374,9 +391,10 @@ def quality_command(source, text, schemes, window, max_bytes, target_size, as_js
 def doctor_command(checkpoint, as_json, json_out, where) -> None:
     """What this machine can do: torch and its GPU, the kernels, the runtimes each format is verified in, free
     memory and disk (against CHECKPOINT's size when given); each missing piece with the command that fixes it."""
-    check_json_out(json_out)
-    checks = doctor.run_checks(checkpoint, where)
-    emit(doctor.format_checks(checks), doctor.to_json(checks), as_json, json_out)
+    with inputs(checkpoint):
+        check_json_out(json_out)
+        checks = doctor.run_checks(checkpoint, where)
+        emit(doctor.format_checks(checks), doctor.to_json(checks), as_json, json_out)
 
 
 class ReleaseProgress:
@@ -437,17 +455,24 @@ def release_command(files, out, jobs, only, shard, max_memory, reverify, merge, 
       rwkv-convert release models.toml --out dist --shard 2/4
       rwkv-convert release --merge-reports shard*/release-report-shard*.json --out dist
     """
-    check_json_out(json_out)
     out_dir = Path(out)
     started = time.monotonic()
+    if merge:
+        read = list(files)
+    else:
+        if len(files) > 1:
+            raise click.UsageError("give one release file (or --merge-reports with the shards' reports)")
+        spec = release.parse_release(files[0] if files else str(release.bundled_release()))
+        read = release.release_inputs(spec)
+    # the reports may go anywhere but onto what the release reads or its key store
+    with inputs(*read, out_dir / release.STAMPS):
+        check_json_out(json_out)
+        for path in release.report_paths(out_dir, None if merge else release.parse_shard(shard)).values():
+            check_output(path)
     if merge:
         report = release.merge_reports(list(files))
         shard_k_n = None
     else:
-        if len(files) > 1:
-            raise click.UsageError("give one release file (or --merge-reports with the shards' reports)")
-        source = files[0] if files else str(release.bundled_release())
-        spec = release.parse_release(source)
         shard_k_n = release.parse_shard(shard)
         wanted = [n.strip() for item in only for n in item.split(",") if n.strip()]
         chosen, everything = release.select(spec, wanted, shard_k_n)
@@ -466,9 +491,10 @@ def release_command(files, out, jobs, only, shard, max_memory, reverify, merge, 
         progress.close()
         report = release.build_report(spec, everything, shard_k_n, results, time.monotonic() - started)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = release.write_reports(report, out_dir, shard_k_n)
-    emit(release.table(report) + f"\nreports: {', '.join(str(p) for p in paths.values())}", report, as_json,
-         json_out)
+    with inputs(*read, out_dir / release.STAMPS):
+        paths = release.write_reports(report, out_dir, shard_k_n)
+        emit(release.table(report) + f"\nreports: {', '.join(str(p) for p in paths.values())}", report, as_json,
+             json_out)
     sys.exit(release.exit_code(report))
 
 

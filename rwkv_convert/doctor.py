@@ -19,7 +19,7 @@ from . import __version__
 from .arch import v7
 from .cpu import ops as cpu_ops
 from .cuda import build as cuda_kernels
-from .units import human_size
+from .units import human_size, memory_available
 
 LLAMA_PIN = "llama-cpp-python==0.3.36"  # the release our GGUF tests run
 
@@ -117,16 +117,6 @@ def _last_line(command: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "present"
     return out[-1] if out else "present"
-
-
-def memory_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _room(checkpoint: Path | None, where: Path) -> list[Check]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .client_files import client_environment, client_view
 from .errors import RwkvConvertError
 
 
@@ -28,17 +29,20 @@ def run_in_pip_package(jobs: list[dict], v7: bool = False, timeout: float = 3600
     """deep_embed: run RWKV-7 DeepEmbed ("7a") files (the package's RWKV_DE_VERSION=1, read at import)."""
     if not jobs:
         return []
-    with tempfile.TemporaryDirectory(prefix="rwkv-convert-pip-") as tmp:
+    # the package appends ".pth" to a name and strips its spaces: it gets our names for the files, never the user's
+    names = {path: f"model{k}.pth" for k, path in enumerate(dict.fromkeys(job["path"] for job in jobs))}
+    with tempfile.TemporaryDirectory(prefix="rwkv-convert-pip-") as tmp, \
+            client_view({name: Path(path) for path, name in names.items()}) as view:
         jobs_file, out_file = Path(tmp) / "jobs.pt", Path(tmp) / "out.pt"
-        torch.save(jobs, jobs_file)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_")}
+        torch.save([job | {"path": str(view.path(names[job["path"]]))} for job in jobs], jobs_file)
+        env = {k: v for k, v in client_environment().items() if not k.startswith("RWKV_")}
         env.update({"RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0"})
         if v7 or deep_embed:
             env["RWKV_V7_ON"] = "1"
         if deep_embed:
             env["RWKV_DE_VERSION"] = "1"
         proc = subprocess.run([sys.executable, "-m", "rwkv_convert.pip_runtime", str(jobs_file), str(out_file)],
-                              env=env, capture_output=True, text=True, timeout=timeout)
+                              env=env, capture_output=True, text=True, timeout=timeout, pass_fds=view.fds)
         if proc.returncode:
             last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
             raise RwkvConvertError(f"the rwkv pip package failed: {last[:300]}")
@@ -81,7 +85,16 @@ def _run_job(RWKV, job: dict) -> dict:
     return res
 
 
+def _weights_only(load):
+    """torch.load as the package calls it (no weights_only), made to refuse pickled code whatever it is told."""
+    def load_weights_only(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return load(*args, **kwargs)
+    return load_weights_only
+
+
 def main(jobs_path: str, out_path: str) -> None:
+    torch.load = _weights_only(torch.load)  # before the package binds anything (it calls torch.load by attribute)
     from rwkv.model import RWKV
 
     torch.backends.cuda.matmul.allow_tf32 = False

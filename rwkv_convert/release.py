@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -29,15 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .atomic import signals_interrupt, write_text_atomic
+from .atomic import check_output, protecting, signals_interrupt, write_text_atomic, writing_under
 from .bundled import TRAINED_MODELS, trained_model
-from .doctor import memory_available, package_version
+from .doctor import package_version
 from .errors import RwkvConvertError
 from .formats.base import flag_of
 from .formats.prepared import file_sha256
 from .formats.registry import convert, detect, read_checkpoint, writer_for
 from .quality import file_figures
-from .units import human_size
+from .units import human_size, memory_available
 from .verify import TWIN, ReferenceRun, VerifyReport, candidate_run, reference_run, score
 
 if sys.version_info >= (3, 11):
@@ -146,6 +145,10 @@ def parse_release(path: str | os.PathLike) -> Release:
         raise _fail(path, "", f"unknown table {', '.join(unknown)}; a release file has [release], [sources] and"
                     " [[artifact]] entries")
     settings = doc.get("release", {})
+    for table, kind, example in (("release", dict, "[release]"), ("sources", dict, '[sources] v7 = "model.pth"'),
+                                 ("artifact", list, '[[artifact]] to = "gguf"')):
+        if table in doc and not isinstance(doc[table], kind):
+            raise _fail(path, "", f"{table} is a {type(doc[table]).__name__}, not a table: write {example}")
     bad = sorted(set(settings) - set(RELEASE_KEYS))
     if bad:
         raise _fail(path, "[release]: ", f"unknown key {', '.join(bad)}; use {', '.join(RELEASE_KEYS)}")
@@ -157,6 +160,8 @@ def parse_release(path: str | os.PathLike) -> Release:
         raise _fail(path, "", "no [[artifact]] entries: nothing to build")
     artifacts, seen = [], set()
     for n, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise _fail(path, "", f"artifact {n} is a {type(entry).__name__}, not a table: write [[artifact]]")
         where = f"artifact {entry.get('name', n)!r}: "
         if "to" not in entry:
             raise _fail(path, where, "needs to = \"pip|gguf|onnx|safetensors\"")
@@ -179,8 +184,10 @@ def parse_release(path: str | os.PathLike) -> Release:
             raise _fail(path, where, "two artifacts have this name; give each its own name")
         seen.add(name)
         output = entry.get("output", name + SUFFIXES.get(fmt.name, ""))
-        if not isinstance(output, str) or not output or Path(output).is_absolute() or ".." in Path(output).parts:
-            raise _fail(path, where, "output is a file name inside --out")
+        parts = Path(output).parts if isinstance(output, str) else ()
+        if not parts or Path(output).is_absolute() or ".." in parts or parts[0] == STAMPS or "\0" in output:
+            raise _fail(path, where, f"output is a file name inside --out (not {output!r}: not '.', '..', absolute or"
+                        f" in {STAMPS}/, the release's key store)")
         tolerance = entry.get("tolerance", {})
         bad = sorted(set(tolerance) - set(TOLERANCE_KEYS)) if isinstance(tolerance, dict) else ["?"]
         if bad or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -237,6 +244,7 @@ class Job:
     reverify: bool
     quality_bytes: int | None  # None: no quality figures
     n_params: int
+    inputs: tuple[str, ...] = ()  # the release file, the sources and option files: no output may land on them
 
 
 def plan_jobs(release: Release, artifacts: list[Artifact], out: Path, reverify: bool = False) -> list[Job]:
@@ -264,8 +272,16 @@ def plan_jobs(release: Release, artifacts: list[Artifact], out: Path, reverify: 
         verify_key = _digest({"build": key, "tokens": release.tokens, "seed": release.seed, "runner": a.runner,
                               "tolerance": a.tolerance, "runtimes": versions, "quality": quality})
         jobs.append(Job(a, str(release.sources[a.source]), str(out), key, verify_key, release.tokens, release.seed,
-                        reverify, quality, specs[a.source].n_params))
+                        reverify, quality, specs[a.source].n_params, tuple(map(str, release_inputs(release)))))
     return jobs
+
+
+def release_inputs(release: Release) -> list[Path]:
+    """What a release reads: its file, its sources and the files its options name."""
+    files = [release.path, *release.sources.values()]
+    files += [Path(v) for a in release.artifacts for k, v in a.options.items()
+              if k in PATH_OPTIONS and isinstance(v, str) and v != "bundled"]
+    return files
 
 
 # ---- one artifact ------------------------------------------------------------------------------------------
@@ -293,12 +309,32 @@ def _files_intact(out: Path, files: dict) -> bool:
     return bool(files)
 
 
-def _build(job: Job, out: Path) -> dict:
+def remove_recorded(out: Path, target: Path, stamp: dict | None) -> None:
+    """A stale directory artifact goes before it is written again (an HF directory is written into a new or
+    empty one), but only the files this tool recorded writing there: anything else in it is refused."""
+    if not target.is_dir() or target.is_symlink():
+        return
+    check_output(target)
+    recorded = set((stamp or {}).get("files", {})) if isinstance((stamp or {}).get("files"), dict) else set()
+    found = sorted(target.rglob("*"), reverse=True)  # children before their folders
+    foreign = [p for p in found if (p.is_symlink() or not p.is_dir()) and str(p.relative_to(out)) not in recorded]
+    if foreign:
+        raise RwkvConvertError(f"{target} exists and holds {foreign[-1].relative_to(out)}, which this release did not"
+                               " write; move it away (nothing that rwkv-convert did not write is deleted)")
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            p.rmdir()
+        else:
+            p.unlink()
+    target.rmdir()
+
+
+def _build(job: Job, out: Path, stamp: dict | None) -> dict:
     a = job.artifact
     target = out / a.output
-    if target.is_dir():  # an HF directory is written into a new or empty one: the stale one goes first
-        shutil.rmtree(target)
-    written = convert(job.source, a.to, target, layout=a.layout, **a.options)
+    with writing_under(out), protecting(out / STAMPS, *map(Path, job.inputs)):
+        remove_recorded(out, target, stamp)
+        written = convert(job.source, a.to, target, layout=a.layout, **a.options)
     files = {}
     for p in written:
         for f in (sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]):
@@ -371,7 +407,7 @@ def run_job(job: Job, progress: Callable[[str, str], None] = lambda name, what: 
         if not (stamp and stamp.get("key") == job.key and _files_intact(out, stamp.get("files", {}))):
             progress(a.name, "building")
             stamp_path.parent.mkdir(parents=True, exist_ok=True)
-            stamp = {"name": a.name, "key": job.key, "tool": __version__, "files": _build(job, out)}
+            stamp = {"name": a.name, "key": job.key, "tool": __version__, "files": _build(job, out, stamp)}
             write_text_atomic(stamp_path, json.dumps(stamp, indent=1))
             built = True
         files = stamp["files"]

@@ -74,7 +74,7 @@ def read_state(path: str | Path) -> StateFile:
         found[int(m.group(1))] = t
     if not found:
         raise RwkvConvertError(f"{p} holds no blocks.i.att.time_state tensors: it is not a state file")
-    missing = [i for i in range(max(found) + 1) if i not in found]
+    missing = [i for i in range(len(found) + 1) if i not in found and i <= max(found)]  # never up to a huge index
     if missing:
         raise RwkvConvertError(f"{p}: the state of layer {missing[0]} is missing (it has layers"
                                f" {', '.join(map(str, sorted(found)))})")

@@ -1,8 +1,9 @@
-"""Byte sizes, read and written the way people type them (decimal units)."""
+"""Byte sizes, read and written the way people type them (decimal units), and the memory there is to hold them."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from .errors import RwkvConvertError
 
@@ -27,3 +28,44 @@ def parse_size(text: str | int, what: str = "--shard-size") -> int:
         raise RwkvConvertError(f"{what} {text!r} is not a size like 500MB or 2GB")
     unit = units[m.group(2)]
     return int(float(m.group(1)) * unit)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def memory_available() -> int | None:
+    """Bytes this process may still allocate: the kernel's MemAvailable, lowered by a cgroup's memory.max and
+    by this process's RLIMIT_AS/RLIMIT_DATA (a CI runner's limits); None where none of these can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:
+        found.append(max(limit - used, 0))
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        resource = None
+    if resource is not None:
+        for which in ("RLIMIT_AS", "RLIMIT_DATA"):
+            soft = resource.getrlimit(getattr(resource, which))[0] if hasattr(resource, which) else -1
+            if soft != resource.RLIM_INFINITY and soft > 0:
+                found.append(soft)  # the limit itself: what is already used is small next to what is asked for
+    return min(found) if found else None
+
+
+def check_memory(needed: int, what: str, fix: str) -> None:
+    """Refuse, in one line and before allocating, work whose estimated peak exceeds the memory there is."""
+    available = memory_available()
+    if available is not None and needed > available:
+        raise RwkvConvertError(f"{what} needs about {human_size(needed)} of memory and {human_size(available)} is"
+                               f" available; {fix}")

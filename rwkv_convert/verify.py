@@ -20,10 +20,13 @@ from .checkpoint import Checkpoint, checkpoint_from_tensors
 from .errors import RwkvConvertError
 from .formats.base import NativeRun
 from .formats.registry import detect, load_detected, read_checkpoint
+from .hf_runtime import trusting_remote_code
+from .plan import make_plan
 from .runner import Model
 from .spec import ModelSpec
 from .strategy import allocate, parse_strategy
 from .tokenizer import BYTE_TOKENS, WORLD_TOKENS, WorldTokenizer
+from .units import check_memory
 
 MODES = ("sequence", "one-token", "chunked")
 _MODE_KEYS = {"sequence": "seq", "one-token": "one", "chunked": "split"}
@@ -269,6 +272,12 @@ def reference_run(reference: str | Path, tokens: int = 64, seed: int = 0, ln0_fo
     if tokens < 2:
         raise RwkvConvertError("--tokens must be at least 2 (the chunked mode splits the stream)")
     ckpt = read_checkpoint(reference, state)
+    # every run keeps both streams' logits in three modes: the reference's, the candidate's and one more (the
+    # twin or the scheme's own run), all fp32 [tokens, vocab]; checked before any of it is allocated
+    logits = 2 * 3 * 3 * tokens * ckpt.spec.vocab_size * 4
+    weights = sum(make_plan(ckpt.spec, ckpt.shapes, "cpu fp32").device_bytes.values())
+    check_memory(logits + 2 * weights, f"verifying {reference} with --tokens {tokens}",
+                 "use fewer --tokens (the default is 64) or a machine with more memory")
     model = Model(ckpt, "cpu fp32", ln0_fold=ln0_fold)
     streams = token_streams(ckpt.spec.vocab_size, tokens, seed)
     split = max(1, tokens // 3)
@@ -393,19 +402,22 @@ def score(ref: ReferenceRun, cand: NativeRun, candidate: str | Path, reference: 
 
 def verify(candidate: str | Path, reference: str | Path, strategy: str | None = None, tokens: int = 64,
            seed: int = 0, runner: str = "native", ln0_fold: str | None = None,
-           state: str | Path | None = None) -> VerifyReport:
+           state: str | Path | None = None, trust_remote_code: bool = False) -> VerifyReport:
     """runner: "native" runs the candidate in the runtime its format is for (the rwkv pip package for its
     converted files); "ours" runs it with rwkv-convert's reader and runner. ln0_fold: the reference runner's
     (and our runner's, for --runner ours) fold of ln0, "fp32" or "package" (docs/numerics.md); None: the
     candidate's own, i.e. "package" for pip-converted files (they hold the package's fold) and "fp32" else.
-    state: a state-tuning file applied to the reference (and to a candidate that is original weights)."""
+    state: a state-tuning file applied to the reference (and to a candidate that is original weights).
+    trust_remote_code: run an HF directory's code even where it is not the copy we ship (the runner says so)."""
     _check_runner(runner)
     fmt, _ = detect(candidate)  # a missing or unreadable candidate fails before the reference is run
     if ln0_fold is None:
         ln0_fold = "package" if fmt.name == "pip" else "fp32"
     ref = reference_run(reference, tokens, seed, ln0_fold, state)
     shown = reference if state is None else f"{reference} with the state {state}"
-    report = score(ref, candidate_run(candidate, ref, strategy, runner, reference), candidate, shown)
+    with trusting_remote_code(trust_remote_code):
+        run = candidate_run(candidate, ref, strategy, runner, reference)
+    report = score(ref, run, candidate, shown)
     report.ln0_fold = ln0_fold
     return report
 

@@ -6,6 +6,7 @@ directories back."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -20,16 +21,23 @@ from ..arch import module_for
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import CastWarning, RwkvConvertError, brief
-from ..hf_runtime import TransformersRunner, runs_in_transformers, stored_scheme
+from ..hf_runtime import (
+    AUTO_MAP,
+    INDEX_NAME,
+    SHIPPED_CODE,
+    SHIPPED_FROM,
+    TRUST_OPTION,
+    WEIGHTS_NAME,
+    TransformersRunner,
+    runs_in_transformers,
+    stored_scheme,
+)
 from ..spec import ModelSpec
 from ..tokenizer import HFTokenizer, check_fits, gpt_neox_special_tokens, world_vocab_path
 from ..units import parse_size
 from .base import Format, NativeRun, Options, Probe, option, per_token_tables_refusal
 from .gguf_tables import rwkv6_lora_ranks
 from .safetensors_io import SafetensorsWriter, read_safetensors
-
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -270,8 +278,6 @@ def needs(spec: ModelSpec, options: HfOptions) -> str | None:
 # transformers 5.24: RWKV7Config has no use_cache.)
 REFERENCE_FILES = ("configuration_rwkv7.py", "cache_rwkv7.py", "ops_rwkv7.py", "modeling_rwkv7.py",
                    "tokenization_rwkv7.py", "chat_template.jinja")
-AUTO_MAP = {"AutoConfig": "configuration_rwkv7.RWKV7Config", "AutoModel": "modeling_rwkv7.RWKV7Model",
-            "AutoModelForCausalLM": "modeling_rwkv7.RWKV7ForCausalLM"}
 
 
 def _rwkv7_hf_folder() -> Path:
@@ -284,7 +290,12 @@ def _rwkv7_hf_folder() -> Path:
     missing = [name for name in REFERENCE_FILES if not (folder / name).is_file()]
     if missing:
         raise RwkvConvertError(f"the installed rwkv7-hf ({folder}) has no {missing[0]}; rwkv-convert copies the"
-                               " model code of rwkv7-hf 0.9: pip install rwkv7-hf==0.9.0")
+                               f" model code of {SHIPPED_FROM}: pip install rwkv7-hf==0.9.0")
+    # the exports' code is the code verify runs without an opt-in: never another version's or an edited copy
+    for name, digest in SHIPPED_CODE.items():
+        if hashlib.sha256((folder / name).read_bytes()).hexdigest() != digest:
+            raise RwkvConvertError(f"the installed rwkv7-hf's {name} ({folder}) is not {SHIPPED_FROM}'s; exports"
+                                   " carry that code: pip install --force-reinstall rwkv7-hf==0.9.0")
     return folder
 
 
@@ -444,7 +455,8 @@ def native(path: Path, strategy: str | None, streams: dict[str, list[int]], spli
         raise RwkvConvertError("an HF directory runs in transformers as it is: drop --strategy (or use --runner ours)")
     runner = TransformersRunner(path)
     outputs = {name: runner.run(tokens, split) for name, tokens in streams.items()}
-    return NativeRun(f"transformers ({type(runner.model).__name__})", "cpu fp32", outputs,
+    trusted = f", the directory's own code run by {TRUST_OPTION}" if runner.trusted else ""
+    return NativeRun(f"transformers ({type(runner.model).__name__}{trusted})", "cpu fp32", outputs,
                      {"fp32", stored_scheme(path)})
 
 

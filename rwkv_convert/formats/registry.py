@@ -12,8 +12,10 @@ from typing import Any
 from ..atomic import protecting
 from ..checkpoint import Checkpoint
 from ..errors import RwkvConvertError, UnsupportedError
+from ..plan import make_plan
 from ..runner import Model, runnable
 from ..state_file import apply_state_option
+from ..units import check_memory
 from . import gguf_file, hf, pip_pth, prepared, pth, safetensors_blinkdl, web_rwkv
 from .base import Format, Probe
 from .onnx import format as onnx
@@ -120,8 +122,13 @@ def load_detected(fmt: Format, probe: Probe, strategy: str | None = None, ln0_fo
             raise RwkvConvertError(f"--state applies to original weights; {probe.path} ({fmt.summary}) runs with the"
                                    " initial state it was converted with: give --state to convert instead")
         return fmt.load(probe, strategy)
-    return Model(_read_detected(fmt, probe, state), DEFAULT_STRATEGY if strategy is None else strategy,
-                 ln0_fold=ln0_fold)
+    ckpt = _read_detected(fmt, probe, state)
+    strategy = DEFAULT_STRATEGY if strategy is None else strategy
+    held = make_plan(ckpt.spec, ckpt.shapes, strategy).device_bytes
+    check_memory(sum(n for device, n in held.items() if device.startswith("cpu")),
+                 f"running {probe.path} at \"{strategy}\"", "use a narrower strategy (e.g. \"cpu bf16\" or \"cpu"
+                 " fp32i8\"), free some memory, or use a machine with more")
+    return Model(ckpt, strategy, ln0_fold=ln0_fold)
 
 
 def convert(source: str | os.PathLike, to: str, output: str | os.PathLike, state: str | os.PathLike | None = None,

@@ -31,13 +31,16 @@ def seal(model, data_crcs: dict[str, int]) -> None:
 
 
 def check(path: Path, onnx, checked: set) -> None:
-    """Refuse an export of ours whose model file or external weights are not what was written. `checked` holds
-    the (data file, offset, length) ranges already checked for a sibling graph, so shared weights are read once.
-    Files without the entry (other writers', or ours from before it) are not checked here."""
+    """Refuse an ONNX model whose external data entries point outside its folder or past their files, or declare
+    other sizes than their tensors (every model: onnxruntime trusts them), and an export of ours whose model
+    file or external weights are not what was written. `checked` holds the (data file, offset, length) ranges
+    already checked for a sibling graph, so shared weights are read once. Files without the checksum entry
+    (other writers', or ours from before it) get the first check only."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and onnx's own errors
         raise RwkvConvertError(f"{path} is not a readable ONNX model ({brief(e, 160)})") from None
+    spans = external_spans(path, model, onnx)
     entry = _entry(model)
     if entry is None:
         return
@@ -49,15 +52,66 @@ def check(path: Path, onnx, checked: set) -> None:
     model.metadata_props.remove(entry)
     check_crc32(path, "the model", model.SerializeToString(), model_crc)
     # The model's checksum covers each weight's location, offset and length; what lies there is checked here.
-    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     by_file: dict[str, list] = {}
-    for tensor in external:
-        info = {e.key: e.value for e in tensor.external_data}
-        span = (info["location"], int(info.get("offset", 0)), int(info["length"]))
+    for name, span in spans:
         if span not in checked:
-            by_file.setdefault(span[0], []).append((tensor.name, span))
+            by_file.setdefault(span[0], []).append((name, span))
     for location, tensors in by_file.items():
         _check_data(path.parent / location, tensors, data_crcs, checked)
+
+
+def _integer(text: str | None, default: int | None) -> int | None:
+    if text is None:
+        return default
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def external_spans(path: Path, model, onnx) -> list[tuple[str, tuple[str, int, int]]]:
+    """(initializer, (location, offset, length)) of every externally stored weight, each checked before any
+    file it names is opened: the location a plain relative path inside the model's folder (no '..', not
+    absolute, no link out of it), offset and length whole numbers within the data file, and the length the
+    bytes the tensor's shape and type declare (no small file read as a huge tensor)."""
+    # the folder as named, or the one the model file itself resolves to (a cache of links to blobs)
+    folders = (path.parent.resolve(), path.resolve().parent)
+    spans = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        where = f"{path}: weight {tensor.name!r} in external data"
+        location = info.get("location", "")
+        parts = Path(location).parts
+        if not parts or Path(location).is_absolute() or ".." in parts or "\0" in location or "\\" in location:
+            raise RwkvConvertError(f"{where} names {location!r}; a model's external data lies beside it in its"
+                                   " folder - the file is damaged or hostile")
+        data_file = (path.parent / location).resolve()
+        if not any(data_file.is_relative_to(folder) for folder in folders):
+            raise RwkvConvertError(f"{where} names {location!r}, which leads outside the model's folder; refusing it")
+        offset, length = _integer(info.get("offset"), 0), _integer(info.get("length"), None)
+        if offset is None or length is None:
+            raise RwkvConvertError(f"{where} has offset {info.get('offset')!r} and length {info.get('length')!r}; both"
+                                   " must be whole numbers (length is required) - the file is damaged")
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            raise RwkvConvertError(f"{where} has an unknown element type {tensor.data_type}") from None
+        declared = itemsize
+        for dim in tensor.dims:
+            declared *= dim
+        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            declared = (declared + 1) // 2
+        if any(dim < 0 for dim in tensor.dims) or declared != length:
+            raise RwkvConvertError(f"{where} declares shape {list(tensor.dims)} ({declared:,} bytes) but a length of"
+                                   f" {length:,} bytes - the file is damaged")
+        size = data_file.stat().st_size if data_file.is_file() else None
+        if size is None:
+            raise RwkvConvertError(f"{where} names {location!r}, which is not a file beside the model; copy the"
+                                   " export with its data file")
+        if offset + length > size:
+            raise RwkvConvertError(f"{data_file} is shorter than its ONNX export needs (weight {tensor.name} ends"
+                                   f" at byte {offset + length:,} of {size:,}): copy or convert the export again")
+        spans.append((tensor.name, (location, offset, length)))
+    return spans
 
 
 def _check_data(data_file: Path, tensors: list, data_crcs: dict, checked: set) -> None:
