@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .client_files import client_view
 from .errors import RwkvConvertError, brief
 
 
@@ -61,10 +63,11 @@ class LlamaCppRunner:
     def __init__(self, path, n_ctx: int = 512, logits_all: bool = True):
         """logits_all=False keeps only the last token's logits (what a benchmark of prefill wants)."""
         Llama = _llama_class()
-        with _quiet_stderr(), _without_extra_buffer_types():
+        # llama.cpp gets the checked file alone, under our name: no split siblings found by its name (client_files)
+        with client_view({"model.gguf": Path(path)}) as view, _quiet_stderr(), _without_extra_buffer_types():
             try:
                 # Never n_ctx=0 (the file says 1M tokens of context)
-                self.llm = Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False)
+                self.llm = Llama(str(view.path("model.gguf")), n_ctx=n_ctx, logits_all=logits_all, verbose=False)
             except Exception as e:  # llama-cpp-python raises ValueError on a failed load
                 raise RwkvConvertError(f"llama.cpp could not load {path}: {brief(e)}") from None
 

@@ -30,20 +30,21 @@ def seal(model, data_crcs: dict[str, int]) -> None:
     entry.value = json.dumps({"model": model_crc, "data": data_crcs}, separators=(",", ":"))
 
 
-def check(path: Path, onnx, checked: set) -> None:
+def check(path: Path, onnx, checked: set) -> list[str]:
     """Refuse an ONNX model whose external data entries point outside its folder or past their files, or declare
     other sizes than their tensors (every model: onnxruntime trusts them), and an export of ours whose model
     file or external weights are not what was written. `checked` holds the (data file, offset, length) ranges
     already checked for a sibling graph, so shared weights are read once. Files without the checksum entry
-    (other writers', or ours from before it) get the first check only."""
+    (other writers', or ours from before it) get the first check only. Returns the data files' locations."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and onnx's own errors
         raise RwkvConvertError(f"{path} is not a readable ONNX model ({brief(e, 160)})") from None
     spans = external_spans(path, model, onnx)
+    locations = sorted({location for _, (location, _, _) in spans})
     entry = _entry(model)
     if entry is None:
-        return
+        return locations
     try:
         stored = json.loads(entry.value)
         model_crc, data_crcs = int(stored["model"]), dict(stored["data"])
@@ -58,6 +59,7 @@ def check(path: Path, onnx, checked: set) -> None:
             by_file.setdefault(span[0], []).append((name, span))
     for location, tensors in by_file.items():
         _check_data(path.parent / location, tensors, data_crcs, checked)
+    return locations
 
 
 def _integer(text: str | None, default: int | None) -> int | None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ...arch import module_for, state_names
+from ...client_files import client_view
 from ...errors import RwkvConvertError, brief
 from ...spec import ModelSpec
 from . import checksums
@@ -29,11 +30,16 @@ def _ort():
 
 def _session(path: Path, providers, checked: set):
     ort = _ort()
-    checksums.check(path, onnx_module(), checked)  # before onnxruntime, which would run altered weights as is
+    # before onnxruntime, which would run altered weights as is and trusts the data entries
+    locations = checksums.check(path, onnx_module(), checked)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        # onnxruntime gets the checked files alone, under our names (client_files)
+        with client_view({"model.onnx": path} | {loc: path.parent / loc for loc in locations}) as view:
+            return ort.InferenceSession(str(view.path("model.onnx")), options, providers=providers)
+    except RwkvConvertError:
+        raise
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RwkvConvertError(f"onnxruntime could not load {path}: {brief(first, 300)}") from None
