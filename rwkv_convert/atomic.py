@@ -245,6 +245,8 @@ class AtomicOutput:
 
     def __init__(self, *finals: Path, directory: bool = False):
         self.finals = [Path(f) for f in finals]
+        for final in self.finals:  # before any name is made from it ('.' has none)
+            check_output(final)
         self.directory = directory
         self._temps = {final: temp_path(final) for final in self.finals}
 
@@ -253,7 +255,6 @@ class AtomicOutput:
 
     def __enter__(self) -> AtomicOutput:
         for final in self.finals:
-            check_output(final)
             check_target_directory(final)
             remove_stale_temps(final)
             if self.directory:

@@ -261,6 +261,14 @@ def plan_jobs(release: Release, artifacts: list[Artifact], out: Path, reverify: 
         if reason:
             raise RwkvConvertError(f"{release.path}: artifact {a.name!r}: cannot convert {a.source} to {fmt.target}:"
                                    f" {reason}")
+    if out.exists() and not out.is_dir():
+        raise RwkvConvertError(f"--out {out} is a file; give the folder the release goes to")
+    with writing_under(out), protecting(out / STAMPS, *release_inputs(release)):
+        for a in artifacts:  # every output checked before anything is built or deleted
+            try:
+                check_output(out / a.output)
+            except RwkvConvertError as e:
+                raise RwkvConvertError(f"{release.path}: artifact {a.name!r}: {e}") from None
     versions = runtime_versions()
     jobs = []
     for a in artifacts:

@@ -145,6 +145,8 @@ def convert(source: str | os.PathLike, to: str, output: str | os.PathLike, state
     if reason:
         raise UnsupportedError(f"cannot convert {ckpt.path.name} to {fmt.target}: {reason}")
     inputs = [ckpt.path] + ([ckpt.applied_state] if ckpt.applied_state else [])
+    # and any file an option names (a tokenizer, a calibration text)
+    inputs += [Path(v) for v in options.values() if isinstance(v, (str, os.PathLike)) and Path(v).is_file()]
     with protecting(*inputs):  # no file of the output may be an input (or inside a source directory)
         return fmt.write(ckpt, Path(output), opts)
 
