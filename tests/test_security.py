@@ -411,7 +411,7 @@ def altered_onnx(export: Path, folder: Path, change) -> Path:
     would write it: nothing but the entries themselves to go by)."""
     import onnx
 
-    folder.mkdir()
+    folder.mkdir(parents=True)
     for f in export.parent.iterdir():
         if f.name.startswith(export.name) and f.name != export.name:
             shutil.copyfile(f, folder / f.name)
