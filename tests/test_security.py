@@ -479,3 +479,36 @@ def test_token_counts_too_large_to_hold_are_refused_before_allocating(v6, tmp_pa
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     entry = json.loads((tmp_path / "dist" / "release-report.json").read_text())["artifacts"][0]
     assert "of memory and" in entry["failure"]
+
+
+@pytest.mark.parametrize("claim", ["record", "record-and-shape"])
+def test_a_storage_that_claims_more_than_its_record_is_refused(claim, v6, tmp_path):
+    """The pickle names each storage's element count: inflated (and the tensor's first dimension with it), it
+    would map the records after it, or past the file's end."""
+    import pickletools
+    import struct
+    import zipfile
+
+    from .test_fuzz_headers import central_entries, replace_member
+
+    blob = bytearray(v6.read_bytes())
+    with zipfile.ZipFile(v6) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+        pickled = bytearray(archive.read(info))
+    name_len, extra_len = struct.unpack_from("<HH", blob, info.header_offset + 26)
+    start = info.header_offset + 30 + name_len + extra_len
+    ops = list(pickletools.genops(bytes(pickled)))
+    formats = {"BININT1": "<B", "BININT2": "<H", "BININT": "<i"}
+    # the emb.weight storage: the last integer before the first persistent id, then its first size
+    first = next(k for k, (op, _, _) in enumerate(ops) if op.name == "BINPERSID")
+    count = next(ops[k] for k in range(first, 0, -1) if ops[k][0].name in formats)
+    size = next(ops[k] for k in range(first + 2, len(ops)) if ops[k][0].name in formats)
+    struct.pack_into(formats[count[0].name], pickled, count[2] + 1, count[1] * 4 if count[1] * 4 < 65536 else 65535)
+    if claim == "record-and-shape":
+        struct.pack_into(formats[size[0].name], pickled, size[2] + 1, min(size[1] * 4, 255 if size[0].name ==
+                                                                           "BININT1" else 65535))
+    replace_member(blob, info, start, bytes(pickled), central_entries(bytes(blob))[info.filename])
+    path = tmp_path / "inflated.pth"
+    path.write_bytes(blob)
+    for command in (["inspect"], ["run", "--tokens", "2"]):
+        one_line_exit_2(run_limited(command[0], path, *command[1:], timeout=60))
