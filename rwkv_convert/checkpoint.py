@@ -214,7 +214,7 @@ def check_tensor_records(path: Path, obj: dict) -> None:
             continue
         if _overlaps(t):
             raise RwkvConvertError(f"{path}: tensor {name} declares {list(t.shape)} with strides {list(t.stride())},"
-                                   " a view whose elements share bytes (far more than its record holds); refusing"
+                                   " a view whose elements share bytes (it declares more than its bytes); refusing"
                                    " it - the file is damaged or built to exhaust memory")
         storage = t.untyped_storage()
         records[storage.data_ptr()] = storage.nbytes()
