@@ -30,11 +30,15 @@ def run_in_pip_package(jobs: list[dict], v7: bool = False, timeout: float = 3600
     if not jobs:
         return []
     # the package appends ".pth" to a name and strips its spaces: it gets our names for the files, never the user's
-    names = {path: f"model{k}.pth" for k, path in enumerate(dict.fromkeys(job["path"] for job in jobs))}
+    # (a file an earlier "convert" job of the batch writes is the package's own output, read where it lands)
+    made = {job["out"] for job in jobs if job.get("kind") == "convert"}
+    names = {path: f"model{k}.pth" for k, path in enumerate(dict.fromkeys(job["path"] for job in jobs))
+             if path not in made}
     with tempfile.TemporaryDirectory(prefix="rwkv-convert-pip-") as tmp, \
             client_view({name: Path(path) for path, name in names.items()}) as view:
         jobs_file, out_file = Path(tmp) / "jobs.pt", Path(tmp) / "out.pt"
-        torch.save([job | {"path": str(view.path(names[job["path"]]))} for job in jobs], jobs_file)
+        torch.save([job | {"path": str(view.path(names[job["path"]]))} if job["path"] in names else job
+                    for job in jobs], jobs_file)
         env = {k: v for k, v in client_environment().items() if not k.startswith("RWKV_")}
         env.update({"RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0"})
         if v7 or deep_embed:
