@@ -37,7 +37,7 @@ from .formats.prepared import file_sha256
 from .formats.registry import convert, detect, read_checkpoint, writer_for
 from .quality import file_figures
 from .units import human_size, memory_available
-from .verify import TWIN, ReferenceRun, VerifyReport, candidate_run, reference_run, score
+from .verify import ReferenceRun, VerifyReport, candidate_run, reference_run, score, verdict_checks
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -362,21 +362,8 @@ def failure_line(report: VerifyReport) -> str | None:
         return None
     if "non-finite" in report.worst:
         return report.worst
-    tol, worst, line = report.tolerance, -math.inf, report.worst
-    checks = []
-    for row, m in report.rows.items():
-        checks += [(f"max |Δlogit| {m.max_abs:.3g} > {tol.max_abs:.3g}", m.max_abs / tol.max_abs, row),
-                   (f"relative L2 {m.rel_l2:.3g} > {tol.rel_l2:.3g}", m.rel_l2 / tol.rel_l2, row),
-                   (f"KL {m.kl:.3g} > {tol.kl:.3g}", m.kl / tol.kl if tol.kl else math.inf * m.kl, row),
-                   (f"top-1 {m.top1:.1%} < {tol.top1:.1%}", (1 - m.top1) / max(1 - tol.top1, 1e-9), row)]
-    for stream, m in report.twin.items():
-        checks += [(f"relative L2 vs the same strategy {m.rel_l2:.3g} > {TWIN.rel_l2:.3g}", m.rel_l2 / TWIN.rel_l2,
-                    f"{stream}/sequence"), (f"KL vs the same strategy {m.kl:.3g} > {TWIN.kl:.3g}", m.kl / TWIN.kl,
-                                            f"{stream}/sequence")]
-    for text, ratio, row in checks:
-        if ratio > worst:
-            worst, line = ratio, f"{text} ({row})"
-    return line
+    row, _, text, _ = max(verdict_checks(report), key=lambda c: c[3])
+    return f"{text} ({row})"
 
 
 def _verify(job: Job, candidate: Path) -> dict:
