@@ -219,7 +219,7 @@ def _format_flags() -> dict[str, click.Option]:
                 continue
             choices = sorted({c for w in registry.writers() for g in dataclasses.fields(w.options)
                               if flag_of(g) == flag for c in (g.metadata.get("choices") or ())})
-            kind = click.Choice(choices) if choices else None
+            kind = click.Choice(choices, case_sensitive=False) if choices else None
             flags[flag] = click.Option([flag], default=None, type=kind, help=f.metadata["help"])
     return flags
 
@@ -269,8 +269,9 @@ def format_options(target: str, layout: str | None, given: dict) -> dict:
 
 @main.command(cls=ConvertCommand)
 @click.argument("source", type=click.Path(dir_okay=True, path_type=str))
-@click.option("--to", "target", required=True, type=click.Choice(registry.targets()),
-              help="The format to write (its options are listed under it below).")
+@click.option("--to", "target", default=None, type=click.Choice(registry.targets()),
+              help="The format to write (its options are listed under it below). Default: from -o's suffix (.gguf,"
+                   " .onnx, .st for web-rwkv, .pth for the pip package), or safetensors where --layout is given.")
 @click.option("--layout", default=None, type=click.Choice([f.name for f in registry.writers() if f.family]),
               help="With --to safetensors: web-rwkv (.st for web-rwkv/ai00/RWKV-Runner), hf (a Hugging Face"
                    " directory: v4, v7), prepared (our runner's weights for --strategy).")
@@ -292,6 +293,8 @@ def convert(source: str, target: str, layout, output: str, then_verify: bool, to
       rwkv-convert convert model.pth --to gguf --quant q8_0 -o model-q8_0.gguf --verify
       rwkv-convert convert model.pth --to safetensors --layout hf -o model-hf/
     """
+    if target is None:
+        target, layout = registry.target_for_output(output, layout)
     options = format_options(target, layout, flags)
     with recording() as published:  # the sizes this run wrote, even if another run replaces the files
         written = registry.convert(source, to=target, output=output, layout=layout, state=state, **options)

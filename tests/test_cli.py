@@ -145,3 +145,15 @@ def test_make_fixture_writes_a_loadable_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert rwkv_convert.read_checkpoint(proc.stdout.strip()).spec.n_layer == 2
     assert_one_line_error(cli("make-fixture", "v9"), "unknown fixture variant")
+
+
+def test_quant_names_as_llama_cpp_prints_them_and_the_format_from_the_suffix(fixture_dir, tmp_path):
+    """`-o m.gguf --quant Q8_0`: the upper-case name llama.cpp prints is the same type, and .gguf says the format."""
+    from rwkv_convert.formats.gguf_file import tensor_schemes
+
+    src = fixture_path("v6", directory=fixture_dir)
+    proc = cli("convert", src, "-o", tmp_path / "m.gguf", "--quant", "Q8_0")
+    assert proc.returncode == 0, proc.stderr
+    assert "q8_0" in tensor_schemes(tmp_path / "m.gguf")
+    assert_one_line_error(cli("convert", src, "-o", tmp_path / "m.bin"), "cannot tell the format")
+    assert not (tmp_path / "m.bin").exists()

@@ -99,6 +99,11 @@ class Options:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
+            if choices and isinstance(value, str) and value not in choices:
+                # names as other tools print them (llama.cpp's Q8_0, Q4_K) are the same names
+                same = [c for c in choices if isinstance(c, str) and c.lower() == value.lower()]
+                if same:
+                    object.__setattr__(self, f.name, value := same[0])
             if choices and value is not None and value not in choices:
                 raise RwkvConvertError(f"unknown {flag_of(f)} {value!r}; choose from {', '.join(map(str, choices))}")
 

@@ -74,6 +74,24 @@ def writer_for(to: str, layout: str | None = None) -> Format:
     raise RwkvConvertError(f"cannot convert to {to!r}; choose from {', '.join(targets())}")
 
 
+# what an output's suffix says it is, where it says one thing (.safetensors is several layouts; a folder is hf)
+SUFFIX_TARGETS = {".gguf": ("gguf", None), ".onnx": ("onnx", None), ".st": ("safetensors", "web-rwkv"),
+                  ".pth": ("pip", None)}
+
+
+def target_for_output(output: str | os.PathLike, layout: str | None = None) -> tuple[str, str | None]:
+    """(to, layout) for an output named without --to: from its suffix, or safetensors where a layout is given."""
+    if layout is not None:
+        return "safetensors", layout
+    found = SUFFIX_TARGETS.get(Path(output).suffix.lower())
+    if found is None:
+        known = ", ".join(f"{suffix} ({to}{' --layout ' + lay if lay else ''})" for suffix, (to, lay)
+                          in SUFFIX_TARGETS.items())
+        raise RwkvConvertError(f"cannot tell the format from the output name {Path(output).name!r}: give --to"
+                               f" ({', '.join(targets())}); the names that say it: {known}")
+    return found
+
+
 def detect(path: str | os.PathLike) -> tuple[Format, Probe]:
     p = Path(path)
     if not p.exists():
