@@ -33,7 +33,15 @@ from ..hf_runtime import (
     stored_scheme,
 )
 from ..spec import ModelSpec
-from ..tokenizer import HFTokenizer, check_fits, gpt_neox_special_tokens, world_vocab_path
+from ..tokenizer import (
+    BYTE_TOKENS,
+    HFTokenizer,
+    check_fits,
+    gpt_neox_special_tokens,
+    model_vocabulary,
+    vocabulary_too_small,
+    world_vocab_path,
+)
 from ..units import parse_size
 from .base import Format, NativeRun, Options, Probe, option, per_token_tables_refusal
 from .gguf_tables import rwkv6_lora_ranks
@@ -243,7 +251,7 @@ def write_tokenizer_files(directory: Path, spec, tokenizer_json: Path | None) ->
                                                           "clean_up_tokenization_spaces": False, **special})
         _write_json(directory / "special_tokens_map.json", special)
         return
-    shutil.copyfile(world_vocab_path(), directory / "rwkv_vocab_v20230424.txt")
+    write_vocab_file(directory / "rwkv_vocab_v20230424.txt", spec.vocab_size)
     if not (directory / "tokenization_rwkv7.py").is_file():  # v4: the tokenizer's code alone
         shutil.copyfile(_rwkv7_hf_folder() / "tokenization_rwkv7.py", directory / "tokenization_rwkv7.py")
     template = directory / "chat_template.jinja"  # the model code's (v7)
@@ -256,6 +264,17 @@ def write_tokenizer_files(directory: Path, spec, tokenizer_json: Path | None) ->
     _write_json(directory / "special_tokens_map.json", {"pad_token": "<|padding|>", "eos_token": "<|endoftext|>"})
 
 
+def write_vocab_file(path: Path, vocab_size: int) -> None:
+    """RWKV7Tokenizer's vocabulary file: the World vocabulary for World-sized models; for byte-level ones (the
+    bundled models, V=257) only its single bytes, ids 1..256, so that text never becomes ids the model lacks."""
+    if model_vocabulary(vocab_size) == "world":
+        shutil.copyfile(world_vocab_path(), path)
+        return
+    lines = [line for line in world_vocab_path().read_text(encoding="utf-8").splitlines()
+             if line.strip() and int(line[:line.index(" ")]) < BYTE_TOKENS]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def needs(spec: ModelSpec, options: HfOptions) -> str | None:
     """What a model needs of the options: the tokenizer it was trained with (checked against its vocabulary
     before anything is written)."""
@@ -265,6 +284,9 @@ def needs(spec: ModelSpec, options: HfOptions) -> str | None:
         if note:
             warnings.warn(note, CastWarning, stacklevel=2)
         return None
+    too_small = vocabulary_too_small(spec.vocab_size)  # no tokenizer of ours fits: the user's must come with it
+    if too_small:
+        return too_small
     if spec.vocab_size != WORLD_VOCAB and model_type(spec) == "rwkv":
         return (f"this RWKV-4 model has {spec.vocab_size} token ids, not the World vocabulary's {WORLD_VOCAB}: pass"
                 " the tokenizer it was trained with, --tokenizer tokenizer.json (the Pile models: GPT-NeoX's 20B"
