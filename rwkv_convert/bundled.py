@@ -26,3 +26,18 @@ def trained_model(version: str = "v7") -> Path:
     if version not in TRAINED_MODELS:
         raise RwkvConvertError(f"no bundled trained {version} model; choose from {', '.join(TRAINED_MODELS)}")
     return bundled_file(TRAINED_MODELS[version])
+
+
+BUNDLED_PREFIX = "bundled:"  # "bundled:v7", wherever a model's path is taken: the trained model shipped here
+
+
+def model_path(path) -> Path:
+    """A model path as given, with bundled:NAME naming a bundled trained model."""
+    text = str(path)
+    if not text.startswith(BUNDLED_PREFIX):
+        return Path(path)
+    name = text.removeprefix(BUNDLED_PREFIX)
+    if name not in TRAINED_MODELS:
+        raise RwkvConvertError(f"unknown bundled model {text!r}; choose from"
+                               f" {', '.join(BUNDLED_PREFIX + v for v in TRAINED_MODELS)}")
+    return trained_model(name)

@@ -14,7 +14,7 @@ import click
 
 from . import __version__, doctor, quality, release, state_file
 from .atomic import Interrupted, check_output, check_target_directory, protecting, recording, write_text_atomic
-from .bundled import DEFAULT_PROMPT, trained_model
+from .bundled import BUNDLED_PREFIX, DEFAULT_PROMPT, model_path, trained_model
 from .describe import describe_checkpoint, format_description
 from .errors import CastWarning, RwkvConvertError
 from .fixtures import EXTRA_VARIANTS, VARIANTS, fixture_path
@@ -80,7 +80,7 @@ def check_json_out(json_out: str | None) -> None:
 
 def inputs(*paths) -> protecting:
     """The command's input files and folders: nothing it writes (reports included) may land on them."""
-    return protecting(*(Path(p) for p in paths if p is not None))
+    return protecting(*(model_path(p) for p in paths if p is not None))
 
 
 def emit(human: str, document, as_json: bool, json_out: str | None) -> None:
@@ -125,10 +125,11 @@ _python_showwarning = warnings.showwarning
 
 
 @main.command()
-@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("path", required=False, default=f"{BUNDLED_PREFIX}v7", type=click.Path(dir_okay=True, path_type=str))
 @json_options
 def inspect(path: str, as_json: bool, json_out) -> None:
-    """Version, dimensions, LoRA ranks, dtypes and parameters of a checkpoint."""
+    """Version, dimensions, LoRA ranks, dtypes and parameters of a checkpoint (PATH; default the bundled trained
+    RWKV-7, bundled:v7)."""
     with inputs(path):
         check_json_out(json_out)
         info = describe_checkpoint(registry.read_checkpoint(path))
@@ -184,11 +185,12 @@ def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_
 
 
 @main.command()
-@click.argument("path", type=click.Path(dir_okay=True, path_type=str))
-@click.option("--strategy", required=True, help='e.g. "cuda fp16i8 *10 -> cuda fp16".')
+@click.argument("path", required=False, default=f"{BUNDLED_PREFIX}v7", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--strategy", default="cpu fp32", show_default=True, help='e.g. "cuda fp16i8 *10 -> cuda fp16".')
 @json_options
 def plan(path: str, strategy: str, as_json: bool, json_out) -> None:
-    """Per-layer placement of a strategy on PATH: device, dtypes, weight scheme, streaming, memory."""
+    """Per-layer placement of a strategy on PATH (default the bundled trained RWKV-7, bundled:v7): device, dtypes,
+    weight scheme, streaming, memory."""
     with inputs(path):
         check_json_out(json_out)
         ckpt = registry.read_checkpoint(path)
@@ -374,6 +376,8 @@ def quality_command(source, text, schemes, window, max_bytes, target_size, as_js
             check_json_out(path)
         if json_out and plot_path and Path(json_out).absolute() == Path(plot_path).absolute():
             raise click.UsageError("--json-out and --plot name the same file; give each its own")
+        if plot_path:
+            quality.plotting()  # a missing matplotlib is said before the work, not after it
         names = quality.parse_schemes(schemes)
         show = sys.stderr.isatty()
         progress = (lambda line: click.echo(f"\r\033[K{line}", nl=False, err=True)) if show else \

@@ -329,14 +329,20 @@ def table(report: QualityReport) -> str:
     return "\n".join(lines)
 
 
-def plot(report: QualityReport, out: Path) -> None:
-    """Bytes per parameter against bits per byte, one labelled point per scheme (matplotlib)."""
+def plotting():
+    """matplotlib's pyplot, drawing to files; checked before a --plot run does any work."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise RwkvConvertError("--plot needs matplotlib: pip install 'rwkv-convert[plot]'") from None
+    return plt
+
+
+def plot(report: QualityReport, out: Path) -> None:
+    """Bytes per parameter against bits per byte, one labelled point per scheme (matplotlib)."""
+    plt = plotting()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in report.results:
         ax.scatter(r.bytes_per_param, r.bits_per_byte)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import __version__
 from .atomic import check_output, protecting, signals_interrupt, write_text_atomic, writing_under
-from .bundled import TRAINED_MODELS, trained_model
+from .bundled import BUNDLED_PREFIX, model_path
 from .doctor import package_version
 from .errors import RwkvConvertError
 from .formats.base import flag_of
@@ -54,7 +54,6 @@ ARTIFACT_KEYS = ("name", "source", "to", "layout", "output", "runner", "toleranc
 RELEASE_KEYS = ("title", "tokens", "seed", "quality", "quality_bytes")
 RUNTIME_PACKAGES = ("torch", "rwkv", "onnxruntime", "llama_cpp_python", "transformers", "rwkv7-hf")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-BUNDLED_SOURCE = "bundled:"  # source = "bundled:v7": the trained model shipped in the package
 
 
 @dataclass(frozen=True)
@@ -94,12 +93,11 @@ def _fail(path: Path, where: str, what: str) -> RwkvConvertError:
 def _source_path(path: Path, value) -> Path:
     if not isinstance(value, str) or not value:
         raise _fail(path, "", f"a source must be a path (string), not {value!r}")
-    if value.startswith(BUNDLED_SOURCE):
-        version = value.removeprefix(BUNDLED_SOURCE)
-        if version not in TRAINED_MODELS:
-            raise _fail(path, "", f"unknown bundled model {value!r}; choose from"
-                        f" {', '.join(BUNDLED_SOURCE + v for v in TRAINED_MODELS)}")
-        return trained_model(version)
+    if value.startswith(BUNDLED_PREFIX):
+        try:
+            return model_path(value)
+        except RwkvConvertError as e:
+            raise _fail(path, "", str(e)) from None
     return (path.parent / value).resolve()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import protecting
+from ..bundled import model_path
 from ..checkpoint import Checkpoint
 from ..errors import RwkvConvertError, UnsupportedError
 from ..plan import make_plan
@@ -93,7 +94,7 @@ def target_for_output(output: str | os.PathLike, layout: str | None = None) -> t
 
 
 def detect(path: str | os.PathLike) -> tuple[Format, Probe]:
-    p = Path(path)
+    p = model_path(path)  # bundled:v7 names the bundled trained model
     if not p.exists():
         raise RwkvConvertError(f"{p}: no such file")
     probe = Probe(p)
