@@ -637,33 +637,47 @@ def _number(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _cells(e: dict, quality: bool = False) -> list[str]:
-    """A report row: artifact, format, size, bytes/param, runtime, max |Δ|, KL, top-1, [bits/byte,] verdict."""
+def _cells(e: dict, quality: bool = False, checked_now: bool = True) -> list[str]:
+    """A report row: artifact, format, size, bytes/param, runtime, scheme, max |Δ|, KL (and its bound), top-1,
+    [bits/byte,] verdict. checked_now: verified in this run (else its stored verification was kept: the key and
+    the files' hashes still match)."""
     if e["status"] == "error":
-        return [e["name"], e["format"], "-", "-", "-", "-", "-", "-", *(["-"] if quality else []),
+        return [e["name"], e["format"], "-", "-", "-", "-", "-", "-", "-", *(["-"] if quality else []),
                 f"ERROR: {e['failure']}"]
-    m, q = e["metrics"], e.get("quality")
+    m, q, tol = e["metrics"], e.get("quality"), e.get("tolerance", {})
     figures = [f"{q['bits_per_byte']:.4f} ({q['delta_bits_per_byte'] * 100:+.2f}%)" if q else "-"] if quality else []
     runtime = re.sub(r" reading .*?(\([^()]*\))$", r" \1", e["runtime"])  # the format is its own column
+    runtime = runtime.removesuffix(" (cpu fp32)")  # a client's own run: no strategy of ours to name
+    kl = f"{_number(m['kl'], '.2e')} (<= {_number(tol['kl'], '.2g')})" if tol.get("kl") is not None else \
+        _number(m["kl"], ".2e")
+    verdict = "pass" if e["status"] == "passed" else f"FAIL: {e['failure']}"
+    if not checked_now:
+        verdict += " (kept: key and hashes match)"
     return [e["name"], e["format"], human_size(e["bytes"]), f"{e['bytes_per_param']:.3f}", runtime,
-            _number(m["max_abs"], ".3g"), _number(m["kl"], ".2e"), _number(m["top1"], ".1%"), *figures,
-            "pass" if e["status"] == "passed" else f"FAIL: {e['failure']}"]
+            e.get("scheme", "-"), _number(m["max_abs"], ".3g"), kl, _number(m["top1"], ".1%"), *figures, verdict]
 
 
 def markdown(report: dict) -> str:
     entries = report["artifacts"]
     quality = any(e.get("quality") for e in entries)
-    head = ["artifact", "format", "size", "bytes/param", "runtime", "max abs Δ", "KL", "top-1",
+    head = ["artifact", "format", "size", "bytes/param", "runtime", "scheme", "max abs Δ", "KL (bound)", "top-1*",
             *(["bits/byte (Δ)"] if quality else []), "verified"]
     s = report["summary"]
+    now = set(report.get("run", {}).get("verified", []))
     lines = [f"## {report['release']['title']}", "",
              f"{s['artifacts']} artifacts: {s['passed']} verified, {s['failed']} failed, {s['error']} not built or"
              f" not run. Each was run in its runtime on a fixed and a random token stream (sequence, token by"
              f" token, two chunks with the state carried) against the source at fp32 ({report['tool']}).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
-        cells = _cells(e, quality)
+        cells = _cells(e, quality, e["name"] in now)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "scheme: the least precise weights of the file, whose bounds it is judged by; KL: the worst mean"
+              " KL(source || artifact) over the streams and modes, with its bound; top-1*: argmax agreement where the"
+              " source's best logit leads by more than the max |Δ| bound; every artifact is also judged against a"
+              " model that knows nothing of the input (docs/verification.md). The bounds and why:", ""]
+    reasons = {e["scheme"]: e["tolerance"].get("reason", "") for e in entries if e.get("scheme") and e.get("tolerance")}
+    lines += [f"- {scheme}: {reason}" for scheme, reason in reasons.items()]
     if quality:
         lines += ["", "bits/byte: on the held-out text (quality), Δ against the source at fp32."]
     return "\n".join(lines) + "\n"
@@ -671,13 +685,17 @@ def markdown(report: dict) -> str:
 
 def table(report: dict) -> str:
     """The terminal table: one line per artifact."""
-    rows = [["artifact", "format", "size", "B/param", "runtime", "max|Δ|", "KL", "top-1", "verified"]]
+    rows = [["artifact", "format", "size", "B/param", "runtime", "scheme", "max|Δ|", "KL (bound)", "top-1*",
+             "verified"]]
+    now = set(report.get("run", {}).get("verified", []))
     for e in report["artifacts"]:
-        rows.append(_cells(e))
+        rows.append(_cells(e, checked_now=e["name"] in now))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
     s = report["summary"]
-    lines.append(f"{s['passed']}/{s['artifacts']} verified" + (f", {s['failed']} failed" if s["failed"] else "")
+    kept = sum(1 for e in report["artifacts"] if e["status"] == "passed" and e["name"] not in now)
+    lines.append(f"{s['passed']}/{s['artifacts']} verified" + (f" ({kept} kept: key and hashes match)" if kept else "")
+                 + (f", {s['failed']} failed" if s["failed"] else "")
                  + (f", {s['error']} errors" if s["error"] else ""))
     return "\n".join(lines)
 

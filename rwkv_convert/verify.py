@@ -99,6 +99,7 @@ SCHEME_NOISE = {"fp16": ("cpu fp16", 2.0), "bf16": ("cpu bf16", 2.0), "i8": ("cp
 # relative L2 1.04x the baseline's, with 0% top-1 on all positions; honest files up to Q4_0 at KL <= 0.05x and
 # relative L2 <= 0.23x, top-1 >= 53%. The shares below leave about 4-5x room on both sides for KL, 2x for L2.
 NOISE_BASELINE = {"kl": 0.25, "rel_l2": 0.5, "top1": 0.25}  # top1: of the way from the baseline's share to 100%
+GREEDY_EXACT = ("fp32", "fp16")  # schemes whose files must generate the reference's greedy tokens (near ties aside)
 BASELINE_NEEDS_KL = 1e-3  # a reference whose positions barely differ gives no baseline to judge against
 
 
@@ -179,6 +180,9 @@ class Metrics:
     state_max_abs: float | None
     top1_positions: int | None = None  # how many positions top-1 was judged on
     top1_all: float | None = None  # top-1 agreement over every position (judged against the noise baseline)
+    greedy: int | None = None  # greedy tokens the candidate generates as the reference does, from the prompt on
+    greedy_of: int | None = None  # of how many (the fixed stream's continuation)
+    greedy_misses: int | None = None  # of those, where the reference's lead beats the max |Δ| bound yet differs
 
 
 @dataclass
@@ -212,6 +216,9 @@ def verdict_checks(report: VerifyReport) -> list[tuple[str, str, str, float]]:
         if m.top1_positions:  # a share of no positions says nothing: it neither passes nor fails a verdict
             checks.append((row, "top-1 agreement", f"top-1 {m.top1:.1%} < {tol.top1:.1%}",
                            (1 - m.top1) / max(1 - tol.top1, 1e-9)))
+        if report.scheme in GREEDY_EXACT and m.greedy_misses:  # fp32/fp16: the same tokens, near ties aside
+            checks.append((row, "greedy agreement", f"greedy {m.greedy}/{m.greedy_of} ({m.greedy_misses} tokens"
+                           " differ where the reference's lead beats the max |Δ| bound)", 1.0 + m.greedy_misses))
         base = report.baseline.get(row.split("/")[0])
         if base is None or base.kl < BASELINE_NEEDS_KL or m.top1_all is None:
             continue
@@ -230,6 +237,18 @@ def verdict_checks(report: VerifyReport) -> list[tuple[str, str, str, float]]:
                    (f"{stream}/sequence", "KL vs the same strategy", f"KL vs the same strategy {m.kl:.3g} >"
                     f" {TWIN.kl:.3g}", m.kl / TWIN.kl)]
     return checks
+
+
+def greedy_agreement(ref: torch.Tensor, cand: torch.Tensor, start: int, margin: float) -> tuple[int, int, int]:
+    """On a stream whose tokens from `start` on are the reference's greedy choices: (how many of them the candidate
+    generates as the reference does before it first differs, how many there are, at how many positions it picks
+    another token where the reference's best logit leads by more than `margin`)."""
+    picks = range(start - 1, ref.shape[0] - 1)  # the logits at p choose token p + 1
+    same = [int(ref[p].argmax()) == int(cand[p].argmax()) for p in picks]
+    leading = next((k for k, ok in enumerate(same) if not ok), len(same))
+    best = ref.double().topk(2, dim=-1).values
+    misses = sum(1 for p, ok in zip(picks, same, strict=True) if not ok and best[p, 0] - best[p, 1] > margin)
+    return leading, len(same), misses
 
 
 def noise_baseline(ref_logits: torch.Tensor) -> Metrics:
@@ -316,6 +335,7 @@ class ReferenceRun:
     strategy_runs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # strategy_logits' cache
     ln0_fold: str = "fp32"  # the runner's ln0 fold, for every run of the reference
     state: str | Path | None = None  # the state file applied to the reference (and to original-weight candidates)
+    greedy_from: int | None = None  # where the fixed stream becomes the reference's greedy continuation
 
 
 def reference_run(reference: str | Path, tokens: int = 64, seed: int = 0, ln0_fold: str = "fp32",
@@ -334,9 +354,24 @@ def reference_run(reference: str | Path, tokens: int = 64, seed: int = 0, ln0_fo
                  "use fewer --tokens (the default is 64) or a machine with more memory")
     model = Model(ckpt, "cpu fp32", ln0_fold=ln0_fold)
     streams = token_streams(ckpt.spec.vocab_size, tokens, seed)
+    # the fixed stream's second half is the reference's own greedy continuation of its first half: a candidate
+    # that agrees with the reference's argmax there generates what the reference generates (greedy_agreement)
+    prompt = streams["fixed"][:tokens - tokens // 2]
+    streams["fixed"] = prompt + greedy_continuation(model, prompt, tokens // 2)
     split = max(1, tokens // 3)
     return ReferenceRun(ckpt.spec, streams, split, {n: run_ours(model, t, split) for n, t in streams.items()}, ckpt,
-                        ln0_fold=ln0_fold, state=state)
+                        ln0_fold=ln0_fold, state=state, greedy_from=len(prompt))
+
+
+def greedy_continuation(model, prompt: list[int], n: int) -> list[int]:
+    """The n tokens the model generates after `prompt`, each its argmax (one token at a time, as a client would)."""
+    tokens: list[int] = []
+    logits, state = model.forward(prompt)
+    for _ in range(n):
+        tokens.append(int(logits.argmax()))
+        if len(tokens) < n:
+            logits, state = model.forward(tokens[-1:], state)
+    return tokens
 
 
 RUNNERS = ("native", "ours")
@@ -434,7 +469,10 @@ def score(ref: ReferenceRun, cand: NativeRun, candidate: str | Path, reference: 
             max_abs, rel_l2, kl, top1_all = compare(want, got)
             top1, judged = confident_top1(want, got, tol.max_abs)
             state = state_difference(ref.outputs[stream][key + "_state"], cand.outputs[stream].get(key + "_state"))
-            report.rows[f"{stream}/{mode}"] = Metrics(max_abs, rel_l2, kl, top1, state, judged, top1_all)
+            row = report.rows[f"{stream}/{mode}"] = Metrics(max_abs, rel_l2, kl, top1, state, judged, top1_all)
+            if stream == "fixed" and ref.greedy_from is not None:
+                row.greedy, row.greedy_of, row.greedy_misses = greedy_agreement(want, got, ref.greedy_from,
+                                                                                tol.max_abs)
     # after the shape checks above: a candidate of another model is that one line, not a torch error
     twin = twin_run(ref, cand.twin) if calibrate else None
     for stream, logits in (twin or {}).items():
@@ -486,22 +524,25 @@ def format_report(report: VerifyReport) -> str:
                      f" {share['top1']:.0%} of the way from its share to 100%")
     lines += ["",
               f"{'stream/mode':<20}{'max |Δlogit|':>14}{'rel L2':>11}{'KL':>11}{'top-1':>8}{'top-1*':>8}{'of':>5}"
-              f"{'state Δ':>11}"]
+              f"{'greedy':>8}{'state Δ':>11}"]
     for name, m in report.rows.items():
         state = f"{m.state_max_abs:.2e}" if m.state_max_abs is not None else "-"
         confident = f"{m.top1:.1%}" if m.top1_positions else "-"  # a share of no positions is no figure
         every = f"{m.top1_all:.1%}" if m.top1_all is not None else "-"
+        greedy = f"{m.greedy}/{m.greedy_of}" if m.greedy is not None else "-"
         lines.append(f"{name:<20}{m.max_abs:>14.2e}{m.rel_l2:>11.2e}{m.kl:>11.2e}{every:>8}{confident:>8}"
-                     f"{m.top1_positions if m.top1_positions is not None else '-':>5}{state:>11}")
+                     f"{m.top1_positions if m.top1_positions is not None else '-':>5}{greedy:>8}{state:>11}")
     for stream, m in report.twin.items():
         lines.append(f"{stream + '/same-strategy':<20}{'-':>14}{m.rel_l2:>11.2e}{m.kl:>11.2e}{'-':>8}{'-':>8}{'-':>5}"
-                     f"{'-':>11}")
+                     f"{'-':>8}{'-':>11}")
     for stream, m in report.baseline.items():
         lines.append(f"{stream + '/noise-baseline':<20}{m.max_abs:>14.2e}{m.rel_l2:>11.2e}{m.kl:>11.2e}{m.top1:>8.1%}"
-                     f"{'-':>8}{'-':>5}{'-':>11}")
+                     f"{'-':>8}{'-':>5}{'-':>8}{'-':>11}")
     verdict = "PASS" if report.passed else "FAIL"
     lines += ["", "top-1: argmax agreement over every position; top-1*: where the reference's best logit leads by"
                   " more than the max |Δ| bound (of: how many positions; - where none)",
+              "greedy: of the tokens the reference generates after the fixed stream's first half, how many the"
+              " candidate generates too before it first differs (fp32/fp16 files must, near ties aside)",
               "noise-baseline: the reference's own logits at other positions (the stream rolled by half), what a"
               " model that knows nothing of the input scores; state Δ: max |Δ| of the final recurrent state"
               " (reported, not judged)",
