@@ -16,6 +16,7 @@ from . import passes
 from .bundled import CALIBRATION_TEXT, bundled_file
 from .checkpoint import Checkpoint
 from .errors import RwkvConvertError
+from .progress import step
 from .quant.float_weights import FloatWeight
 from .quant.gptq import quantize_gptq
 from .quant.rwkv_int8 import quantize_rwkv_int8_gptq
@@ -140,6 +141,7 @@ class LayerwiseGptq:
 
     def _advance(self) -> None:
         i, module, per_layer = self.next_layer, self.model.module, self.model.state_per_layer
+        step("calibrating (GPTQ) layer by layer", i, self.ckpt.spec.n_layer)
         lw = dict(self.model.layers[i])
         keys = {name: f"blocks.{i}.{name}" for name in module.MATRICES if f"blocks.{i}.{name}" in self.qtypes}
         sums: dict = {}
@@ -201,7 +203,8 @@ def tensor_sensitivity(ckpt: Checkpoint, text: str | Path, rounded: dict, max_to
 
     reference = log_probs()
     out = {}
-    for key, tensor in rounded.items():
+    for k, (key, tensor) in enumerate(rounded.items()):
+        step("measuring each tensor's cost to the model", k, len(rounded))
         if key == "emb.weight":
             saved, model.emb = model.emb, tensor.float()
         elif key == "head.weight":

@@ -19,6 +19,7 @@ import torch
 from .arch import build_spec, check_shapes, module_for
 from .errors import CastWarning, RwkvConvertError, brief, check_crc32
 from .foreign import Dequantized, check_nothing_foreign
+from .progress import step
 from .spec import ModelSpec
 
 CHECK_CHUNK = 1 << 22  # elements checked at once: a large table's check never holds copies of all of it
@@ -58,6 +59,7 @@ class CheckedTensors(Mapping):
                         " file is damaged or was saved from a diverged run - use another copy")
                 self.drop_pages(name)  # checked ahead of its use: do not keep its pages resident until then
             self._checked.add(name)
+            step("reading and checking tensors", len(self._checked), len(self._tensors))
         return t
 
     def drop_pages(self, name: str, rows: slice | None = None) -> None:

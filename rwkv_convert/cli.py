@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__, doctor, quality, release, state_file
+from . import __version__, doctor, progress, quality, release, state_file
 from .atomic import Interrupted, check_output, check_target_directory, protecting, recording, write_text_atomic
 from .bundled import BUNDLED_PREFIX, DEFAULT_PROMPT, model_path, trained_model
 from .describe import describe_checkpoint, format_description
@@ -35,16 +36,55 @@ LN0_HELP = ("How original weights get ln0 folded into the embedding: fp32 (accur
             " package does: v4-v6 in the file's dtype, v7 in the strategy's), to compare with it bit for bit.")
 
 
+CLEAR_LINE = "\r\033[K"
+
+
+class StderrProgress:
+    """The library's progress steps on stderr (never stdout: --json output stays clean). On a terminal a bar,
+    redrawn; in a log a line once a step has taken SHOW_AFTER_S (2 s), then every EVERY_S, and when it ends."""
+
+    EVERY_S = 5.0
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        # RWKV_CONVERT_PROGRESS_AFTER=0: a line for every step of every length (logs that want them all)
+        self.SHOW_AFTER_S = float(os.environ.get("RWKV_CONVERT_PROGRESS_AFTER") or 2.0)
+        self.started: dict[str, float] = {}
+        self.shown: dict[str, float] = {}  # step -> when its last line was written
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        self.started.setdefault(what, now)
+        finished = done >= total
+        if self.tty:
+            if finished:
+                click.echo("\r\033[K", nl=False, err=True)
+            elif now - self.shown.get(what, 0.0) >= 0.1:
+                width = 24
+                filled = width * done // max(total, 1)
+                click.echo(f"\r\033[K{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", nl=False,
+                           err=True)
+                self.shown[what] = now
+        elif (finished and what in self.shown) or (not finished and now - self.started[what] >= self.SHOW_AFTER_S
+                                                   and now - self.shown.get(what, 0.0) >= self.EVERY_S):
+            click.echo(f"{what}: {done}/{total}", err=True)
+            self.shown[what] = now
+        if finished:  # the same step may run again later (another stream, another file)
+            self.started.pop(what, None)
+            self.shown.pop(what, None)
+
+
 class Group(click.Group):
     """Turns errors a user can fix into one line on stderr and exit code 2 (`--debug` shows the trace)."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with progress.showing(StderrProgress()):
+                return super().invoke(ctx)
         except RwkvConvertError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"{CLEAR_LINE if sys.stderr.isatty() else ''}error: {e}", err=True)  # over a progress bar
             sys.exit(e.exit_code)
         except Interrupted as e:  # SIGTERM/SIGHUP during a write: its temps are gone; exit as the signal would
             click.echo(f"error: stopped by {e.args[0]}; no partial output was left", err=True)

@@ -22,6 +22,7 @@ from .formats.base import NativeRun
 from .formats.registry import detect, load_detected, read_checkpoint
 from .hf_runtime import trusting_remote_code
 from .plan import make_plan
+from .progress import step
 from .runner import Model
 from .spec import ModelSpec
 from .strategy import allocate, parse_strategy
@@ -359,8 +360,13 @@ def reference_run(reference: str | Path, tokens: int = 64, seed: int = 0, ln0_fo
     prompt = streams["fixed"][:tokens - tokens // 2]
     streams["fixed"] = prompt + greedy_continuation(model, prompt, tokens // 2)
     split = max(1, tokens // 3)
-    return ReferenceRun(ckpt.spec, streams, split, {n: run_ours(model, t, split) for n, t in streams.items()}, ckpt,
-                        ln0_fold=ln0_fold, state=state, greedy_from=len(prompt))
+    outputs = {}
+    for k, (name, stream) in enumerate(streams.items()):
+        step("verify: running the reference", k, len(streams))
+        outputs[name] = run_ours(model, stream, split)
+    step("verify: running the reference", len(streams), len(streams))
+    return ReferenceRun(ckpt.spec, streams, split, outputs, ckpt, ln0_fold=ln0_fold, state=state,
+                        greedy_from=len(prompt))
 
 
 def greedy_continuation(model, prompt: list[int], n: int) -> list[int]:
@@ -416,6 +422,13 @@ def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None
     """The candidate on the reference's streams: in its format's runtime (runner "native", where the registry
     names one), else loaded by our reader (ONNX: onnxruntime) and run like the reference."""
     _check_runner(runner)
+    step("verify: running the candidate", 0, 1)
+    run = _candidate_run(candidate, ref, strategy, runner, reference)
+    step("verify: running the candidate", 1, 1)
+    return run
+
+
+def _candidate_run(candidate, ref: ReferenceRun, strategy, runner: str, reference) -> NativeRun:
     fmt, probe = detect(candidate)
     if runner == "native" and fmt.native is not None:
         run = fmt.native(probe.path, strategy, ref.streams, ref.split, ref.spec)

@@ -25,6 +25,7 @@ from ..calibration import BUNDLED, LayerwiseGptq, activation_importance, tensor_
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import CastWarning, RwkvConvertError, UnsupportedError, brief, check_crc32
 from ..llama_runtime import LlamaCppRunner
+from ..progress import step
 from ..quant import gguf_blocks, size_plan
 from ..spec import ModelSpec
 from ..strategy import Strategy, allocate, parse_strategy
@@ -159,6 +160,32 @@ def _rows_sample(t: torch.Tensor) -> torch.Tensor:
     return t[torch.linspace(0, t.shape[0] - 1, PLAN_SAMPLE_ROWS).long()]
 
 
+def _tensor_bytes(gguf, job, qtype) -> int:
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return int(np.prod(job.shape)) * (4 if qtype == gguf.GGMLQuantizationType.F32 else 2)
+    return int(np.prod(gguf.quant_shape_to_byte_shape(job.shape, qtype)))
+
+
+def _size_budget(gguf, ckpt: Checkpoint, jobs: list[TensorJob], types: list, options: GgufOptions) -> tuple[int, int]:
+    """(--target-size in bytes, the bytes that do not depend on the plan), refused at once where even every
+    quantizable tensor at its smallest planned type would not fit: before any calibration is run."""
+    overhead = GGUF_OVERHEAD + 56 * len(jobs) + 22 * ckpt.spec.vocab_size  # measured: 11.8 kB at 100 jobs, V257
+    fixed = overhead + sum(_tensor_bytes(gguf, j, t) for j, t in zip(jobs, types, strict=True) if not j.quantizable)
+    f16 = fixed + sum(_tensor_bytes(gguf, j, gguf.GGMLQuantizationType.F16) for j in jobs if j.quantizable)
+    budget = size_plan.parse_target(options.target_size, f16)
+    smallest = fixed
+    for job, qtype in zip(jobs, types, strict=True):
+        if job.quantizable:  # its smallest planned type whose blocks divide its rows, else the type it has
+            fits = [getattr(gguf.GGMLQuantizationType, n.upper()) for n in PLAN_TYPES]
+            fits = [q for q in fits if job.shape[-1] % gguf.GGML_QUANT_SIZES[q][0] == 0] or [qtype]
+            smallest += min(_tensor_bytes(gguf, job, q) for q in fits)
+    if budget < smallest:
+        raise RwkvConvertError(f"--target-size {options.target_size} = {budget:,} bytes is below the smallest this"
+                               f" model can be ({smallest:,} bytes, {smallest / f16:.0%} of F16: every matrix at its"
+                               " smallest type); give at least that")
+    return budget, fixed
+
+
 def _plan_for_size(gguf, ckpt: Checkpoint, jobs: list[TensorJob], types: list, importance: dict,
                    options: GgufOptions) -> list:
     """Each quantizable tensor's type, so that the file fits --target-size: every type's rounding error is
@@ -166,17 +193,14 @@ def _plan_for_size(gguf, ckpt: Checkpoint, jobs: list[TensorJob], types: list, i
     (KL on the calibration text with it at q4_0, through the reference runner), and the planner steps down
     the tensors that cost the least per byte saved (quant.size_plan)."""
     def tensor_bytes(job, qtype) -> int:
-        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            return int(np.prod(job.shape)) * (4 if qtype == gguf.GGMLQuantizationType.F32 else 2)
-        return int(np.prod(gguf.quant_shape_to_byte_shape(job.shape, qtype)))
+        return _tensor_bytes(gguf, job, qtype)
 
-    overhead = GGUF_OVERHEAD + 56 * len(jobs) + 22 * ckpt.spec.vocab_size  # measured: 11.8 kB at 100 jobs, V257
-    fixed = overhead + sum(tensor_bytes(j, t) for j, t in zip(jobs, types, strict=True) if not j.quantizable)
-    f16 = fixed + sum(tensor_bytes(j, gguf.GGMLQuantizationType.F16) for j in jobs if j.quantizable)
-    budget = size_plan.parse_target(options.target_size, f16)
+    budget, fixed = _size_budget(gguf, ckpt, jobs, types, options)
     errors: dict[str, dict[str, float]] = {}
     rounded_q4: dict[str, torch.Tensor] = {}
-    for job in (j for j in jobs if j.quantizable):
+    quantizable = [j for j in jobs if j.quantizable]
+    for k, job in enumerate(quantizable):
+        step("--target-size: measuring each tensor's types", k, len(quantizable))
         full = job.make()
         rows = _rows_sample(full)
         weights = importance.get(job.source) if job.source else None
@@ -293,6 +317,8 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
                       f" ({next(iter(fallbacks))}, ...): written as {quant}'s fallback"
                       f" {gguf_blocks.K_FALLBACK[quant]}, as llama.cpp does", CastWarning, stacklevel=2)
     importance = gptq = None
+    if options.target_size:
+        _size_budget(gguf, ckpt, jobs, types, options)  # an unreachable size is said before the calibration runs
     if options.calibration or options.target_size:  # activation statistics, before anything is written
         importance = activation_importance(ckpt, options.calibration or BUNDLED, head_covariance=True)
         head_moments = importance["head.weight"]
