@@ -34,7 +34,12 @@ from .base import Format, NativeRun, Options, calibration_method_option, option,
 from .gguf_tables import GLOBAL, READ_TABLES, WRITE_TABLES, Row, rwkv6_lora_ranks
 from .spans import check_spans
 
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0")
+# llama-quantize's mixes as it makes them for RWKV (read back from its output for rwkv6 and rwkv7 files): its
+# per-tensor rules name attn_v and ffn_down, which RWKV has not, so every matrix takes the base type and only
+# output.weight is raised, to Q6_K; _M and _S come out the same. name -> (base type, output type, file type)
+MIXES = {"q4_k_m": ("q4_k", "q6_k", "MOSTLY_Q4_K_M"), "q4_k_s": ("q4_k", "q6_k", "MOSTLY_Q4_K_S"),
+         "q5_k_m": ("q5_k", "q6_k", "MOSTLY_Q5_K_M"), "q5_k_s": ("q5_k", "q6_k", "MOSTLY_Q5_K_S")}
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", *MIXES)
 CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
 CHECKSUMS_KEY = "rwkv_convert.tensor_crc32"  # ours: each tensor's CRC-32, in tensor-info order (GGUF keeps none)
 # ours: CRC-32 of everything before the tensor data (header, metadata, tensor infos), this value counted as zero.
@@ -251,7 +256,9 @@ def quant_for_strategy(strategy: Strategy, n_layer: int) -> list[str]:
 @dataclass(frozen=True)
 class GgufOptions(Options):
     quant: str = option("f16", "the type of the large matrices (norms, 1-D parameters and LoRAs stay F32); the"
-                        " K-quants q6_k/q5_k/q4_k are written by our quantizer", choices=QUANTS)
+                        " K-quants q6_k/q5_k/q4_k are written by our quantizer; q4_k_m, q4_k_s, q5_k_m, q5_k_s are"
+                        " llama-quantize's mixes for RWKV (the base type, output.weight Q6_K); names in any case",
+                        choices=QUANTS)
     strategy: str | None = option(None, "per-layer types instead of --quant: fp32 -> F32, fp16 -> F16, bf16 -> BF16,"
                                   " any i8 -> Q8_0")
     tokenizer: str | None = option(None, "a byte-level BPE tokenizer.json to embed; default the World vocabulary"
@@ -298,8 +305,14 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
 
     fallbacks: dict[str, str] = {}
 
+    mix = MIXES.get(quant)
+    if mix is not None:
+        quant = mix[0]
+
     def qtype_of(job: TensorJob):
         name = (slot_quants[job.layer] if slot_quants else quant) if job.quantizable else "f32"
+        if mix is not None and job.name == "output.weight":
+            name = mix[1]
         if name in gguf_blocks.K_TYPES and job.shape[-1] % gguf_blocks.SUPER:
             fallbacks[job.name] = name = gguf_blocks.K_FALLBACK[name]  # as llama.cpp does for such rows
         qtype = getattr(gguf.GGMLQuantizationType, name.upper())
@@ -347,7 +360,8 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
     writer.add_wkv_head_size(spec.head_size)
     writer.add_head_count(0)
     main_quant = max(slot_quants, key=slot_quants.count) if slot_quants else quant  # the most used type
-    writer.add_file_type(getattr(gguf.LlamaFileType, file_type[main_quant]))
+    named = mix[2] if mix and not options.target_size else file_type[main_quant]
+    writer.add_file_type(getattr(gguf.LlamaFileType, named))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if arch == "rwkv7":
         writer.add_decay_lora_rank(spec.lora_ranks["w"])
@@ -431,17 +445,30 @@ def _read_row(row: Row, get, i: int, head_size: int) -> dict[str, torch.Tensor]:
 
 def _checksums(path: Path, reader) -> dict[str, int] | None:
     """{tensor name: CRC-32 of its data} where our writer stored them (None in other writers' files)."""
-    meta = reader.fields.get(METADATA_CHECKSUM_KEY)
-    if meta is not None:
-        check_crc32(path, "its metadata", _metadata_bytes(reader, meta), int(meta.parts[meta.data[0]][0]))
-    field = reader.fields.get(CHECKSUMS_KEY)
-    if field is None:
-        return None
-    crcs = [int(field.parts[i][0]) for i in field.data]
-    if len(crcs) != len(reader.tensors):
+    meta, field = reader.fields.get(METADATA_CHECKSUM_KEY), reader.fields.get(CHECKSUMS_KEY)
+    crcs = [int(field.parts[i][0]) for i in field.data] if field is not None else None
+    if crcs is not None and len(crcs) != len(reader.tensors):
         raise RwkvConvertError(f"{path}: {CHECKSUMS_KEY} has {len(crcs)} entries for {len(reader.tensors)} tensors;"
                                " the file is damaged")
+    if meta is not None:
+        try:
+            check_crc32(path, "its metadata", _metadata_bytes(reader, meta), int(meta.parts[meta.data[0]][0]))
+        except RwkvConvertError:
+            if crcs is None or _rewritten_tensors(reader, crcs) < 2:
+                raise  # damage: a flipped byte changes the metadata or one tensor, not both
+            # llama-quantize (and other tools) copy our keys into a file they rewrite: new metadata, new data
+            warnings.warn(f"{path.name} was rewritten by another tool (llama-quantize?) after rwkv-convert wrote it:"
+                          " its metadata and tensors no longer match the CRC-32s it carries, so they are not checked;"
+                          " verify compares its outputs", CastWarning, stacklevel=3)
+            return None
+    if crcs is None:
+        return None
     return {t.name: crc for t, crc in zip(reader.tensors, crcs, strict=True)}
+
+
+def _rewritten_tensors(reader, crcs: list[int]) -> int:
+    """How many tensors' data differ from the CRC-32s stored for them (a full read: only on a metadata mismatch)."""
+    return sum(zlib.crc32(np.ascontiguousarray(t.data)) != crc for t, crc in zip(reader.tensors, crcs, strict=True))
 
 
 def _open(path: Path):
