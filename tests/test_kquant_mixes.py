@@ -15,7 +15,8 @@ from rwkv_convert.bundled import trained_model
 from rwkv_convert.verify import verify
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None
-                                and os.environ.get("RWKV_CONVERT_REQUIRE_LLAMA") != "1", reason="needs llama-cpp-python")
+                                and os.environ.get("RWKV_CONVERT_REQUIRE_LLAMA") != "1",
+                                reason="needs llama-cpp-python")
 
 
 def types(path) -> dict[str, str]:
