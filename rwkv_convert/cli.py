@@ -16,7 +16,7 @@ import click
 from . import __version__, doctor, progress, quality, release, state_file
 from .atomic import Interrupted, check_output, check_target_directory, protecting, recording, write_text_atomic
 from .bundled import BUNDLED_PREFIX, DEFAULT_PROMPT, model_path, trained_model
-from .describe import describe_checkpoint, format_description
+from .describe import describe_path, format_description
 from .errors import CastWarning, RwkvConvertError
 from .fixtures import EXTRA_VARIANTS, VARIANTS, fixture_path
 from .formats import registry
@@ -172,7 +172,7 @@ def inspect(path: str, as_json: bool, json_out) -> None:
     RWKV-7, bundled:v7)."""
     with inputs(path):
         check_json_out(json_out)
-        info = describe_checkpoint(registry.read_checkpoint(path))
+        info = describe_path(path)
         emit(format_description(info), info, as_json, json_out)
 
 

@@ -1,11 +1,46 @@
-"""What a checkpoint is and what rwkv-convert can do with it (the data behind `inspect`)."""
+"""What a file is and what rwkv-convert can do with it (the data behind `inspect`): original weights in any
+format we read, and the files we write for one runtime (pip-converted, prepared, ONNX), read by their runner."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from .arch import module_for
 from .checkpoint import Checkpoint
-from .formats.registry import capabilities
+from .formats.registry import capabilities, detect, load_detected, read_checkpoint
 from .units import human_size
+
+
+def path_size(path: Path) -> int:
+    """A file's bytes, or a directory's (an HF export: its weights, not its config)."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def describe_path(path: str | os.PathLike) -> dict:
+    """describe_checkpoint for original weights; for a file made for one runtime, what its runner holds: the
+    model's dimensions, the strategy it was made for and its weights' schemes. Both with the format, its
+    runtime, the size on disk and, where the format stores types of its own (GGUF blocks), those."""
+    fmt, probe = detect(path)
+    if fmt.read is not None:
+        info = describe_checkpoint(read_checkpoint(probe.path))
+    else:
+        model = load_detected(fmt, probe)
+        spec, version = model.spec, module_for(model.spec.version)
+        info = {"path": str(probe.path), "architecture": version.DISPLAY_NAMES[spec.version], **spec.to_dict(),
+                "strategy": str(model.strategy), "weight_schemes": sorted(model.weight_schemes),
+                "capabilities": {"run": f"yes: as made, \"{model.strategy}\"",
+                                 "verify": "yes: as the candidate, against the checkpoint it was made from"}}
+        if not version.BONUS_FORMS:
+            info.pop("bonus_is_log")
+    files = fmt.files(probe.path) if fmt.files is not None else [probe.path]
+    info.update(format=fmt.summary, runtime=fmt.runtime, file_size=sum(path_size(f) for f in files),
+                files=[str(f) for f in files])
+    if fmt.types is not None:
+        info["stored"] = fmt.types(probe.path)
+    return info
 
 
 def describe_checkpoint(ckpt: Checkpoint) -> dict:
@@ -32,6 +67,8 @@ def _variant_row(info: dict) -> str:
 def format_description(info: dict) -> str:
     rows = [
         ("file", f"{info['path']} ({human_size(info['file_size'])})"),
+        *([("format", info["format"]), ("runtime", info["runtime"])] if "format" in info else []),
+        *([("files", ", ".join(Path(f).name for f in info["files"]))] if len(info.get("files", ())) > 1 else []),
         ("architecture", f"{info['architecture']}, version {info['version']}"),
         ("layers", info["n_layer"]), ("n_embd", info["n_embd"]), ("vocab", info["vocab_size"]),
         ("ffn width", info["ffn_dim"]),
@@ -44,7 +81,12 @@ def format_description(info: dict) -> str:
         rows.append(("bonus", "time_first (log u)" if info["bonus_is_log"] else "time_faaaa (u)"))
     rows += [
         ("parameters", f"{info['n_params']:,} ({info['n_params'] / 1e6:.2f}M)"),
-        ("dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items())),
+        *([("stored as", ", ".join(f"{k} x{v}" for k, v in info["stored"].items()) + " (the file's own types)")]
+          if info.get("stored") else []),
+        *([("made for", f"\"{info['strategy']}\" (weights: {', '.join(info['weight_schemes'])})")]
+          if "strategy" in info else []),
+        *([(("dtypes read back" if info.get("stored") else "dtypes"),
+             ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()))] if info["dtypes"] else []),
         ("time_state", "yes (state-tuned)" if info["time_state"] else "no"),
         ("variant", _variant_row(info)),
     ]
@@ -56,7 +98,7 @@ def format_description(info: dict) -> str:
         dims = info["variant_dims"]
         rows.append(("state", f"grows with the context: {2 * dims['dea_cache']} fp32 values per layer per token"
                      f" (two {dims['dea_cache']}-wide caches) and the token ids, on top of plain RWKV-7's"))
-    if info["unused_keys"]:
+    if info.get("unused_keys"):
         shown = ", ".join(info["unused_keys"][:4]) + (" ..." if len(info["unused_keys"]) > 4 else "")
         rows.append(("unused keys", f"{len(info['unused_keys'])}: {shown}"))
     rows += [(f"can: {k}", v) for k, v in info["capabilities"].items()]

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +158,32 @@ def test_quant_names_as_llama_cpp_prints_them_and_the_format_from_the_suffix(fix
     assert "q8_0" in tensor_schemes(tmp_path / "m.gguf")
     assert_one_line_error(cli("convert", src, "-o", tmp_path / "m.bin"), "cannot tell the format")
     assert not (tmp_path / "m.bin").exists()
+
+
+def test_inspect_reads_every_format_we_write(fixture_dir, tmp_path):
+    """Files made for one runtime (pip, prepared, ONNX) are described by what their runner holds; a GGUF by its
+    own tensor types, not only the float32 it reads back as; an export of several files by all of them."""
+    src = fixture_path("v6", directory=fixture_dir)
+    made = {"pip": rwkv_convert.convert(src, "pip", tmp_path / "p.pth", strategy="cpu fp32i8")[0],
+            "prepared": rwkv_convert.convert(src, "safetensors", tmp_path / "p.safetensors", layout="prepared",
+                                             strategy="cpu fp16")[0],
+            "onnx": tmp_path / "m.onnx", "hf": tmp_path / "hf",
+            "gguf": rwkv_convert.convert(src, "gguf", tmp_path / "m.gguf", quant="q8_0")[0]}
+    rwkv_convert.convert(src, "onnx", made["onnx"], external_data=True)
+    rwkv_convert.convert(make_state_dict_path(tmp_path), "safetensors", made["hf"], layout="hf")
+    for kind, path in made.items():
+        proc = cli("inspect", path, "--json")
+        assert proc.returncode == 0, (kind, proc.stderr)
+        info = json.loads(proc.stdout)
+        assert info["n_layer"] >= 1 and info["format"], kind
+        on_disk = sum(f.stat().st_size for f in (path.rglob("*") if path.is_dir() else
+                                                  [Path(f) for f in info["files"]]) if f.is_file())
+        assert info["file_size"] == on_disk, kind
+    assert json.loads(cli("inspect", made["pip"], "--json").stdout)["strategy"] == "cpu fp32i8"
+    assert json.loads(cli("inspect", made["prepared"], "--json").stdout)["strategy"] == "cpu fp16"
+    assert json.loads(cli("inspect", made["gguf"], "--json").stdout)["stored"]["Q8_0"] >= 1
+    assert len(json.loads(cli("inspect", made["onnx"], "--json").stdout)["files"]) == 3
+
+
+def make_state_dict_path(tmp_path):
+    return save_atomic(make_state_dict("v7", n_layer=1, n_embd=64, vocab=300), tmp_path / "v7.pth")

@@ -160,6 +160,10 @@ class Format:
     # (a GGUF is dequantized to fp32 on reading)
     stored: Callable[[Path], set[str]] | None = None
     family: str | None = None  # "safetensors": `convert --to safetensors --layout NAME`
+    # the file's own tensor types and how many tensors have each, where reading it back loses them (inspect)
+    types: Callable[[Path], dict[str, int]] | None = None
+    # every file a file of this format consists of, where there are more (an ONNX export's other graph and data)
+    files: Callable[[Path], list[Path]] | None = None
 
     @property
     def target(self) -> str:

@@ -560,6 +560,14 @@ def read_gguf(path: Path) -> Checkpoint:
 _GGUF_LABELS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "Q8_0": "q8_0"}
 
 
+def tensor_type_counts(path) -> dict[str, int]:
+    """{GGML type name: how many tensors have it}, most common first."""
+    counts: dict[str, int] = {}
+    for t in _open(Path(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def tensor_schemes(path) -> set[str]:
     """The GGUF's tensor types as tolerance keys (4-5 bit blocks are "q5/q4")."""
     return {_GGUF_LABELS.get(t.tensor_type.name, "q5/q4") for t in _gguf().GGUFReader(path).tensors}
@@ -579,4 +587,5 @@ def native(path: Path, strategy: str | None, streams: dict[str, list[int]], spli
 FORMAT = Format(
     name="gguf", summary="a GGUF file for llama.cpp", runtime="llama.cpp (llama-cpp-python, ollama, LM Studio)",
     sniff=lambda probe: probe.head.startswith(b"GGUF"), read=lambda probe: read_gguf(probe.path), write=write,
-    options=GgufOptions, supports=supports, needs=needs, native=native, stored=tensor_schemes)
+    options=GgufOptions, supports=supports, needs=needs, native=native, stored=tensor_schemes,
+    types=tensor_type_counts)

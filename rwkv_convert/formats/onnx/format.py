@@ -5,6 +5,7 @@ from __future__ import annotations
 from ...errors import RwkvConvertError
 from ..base import Format, Probe
 from .export import OnnxOptions, supports, write
+from .layout import data_path, sequence_path
 from .runtime import OnnxModel
 
 
@@ -17,4 +18,5 @@ def load(probe: Probe, strategy: str | None) -> OnnxModel:
 FORMAT = Format(
     name="onnx", summary="an ONNX export", runtime="onnxruntime",
     sniff=lambda probe: probe.suffix == ".onnx",  # the format has no magic bytes
-    load=load, write=write, options=OnnxOptions, supports=supports)
+    load=load, write=write, options=OnnxOptions, supports=supports,
+    files=lambda path: [f for f in (path, sequence_path(path), data_path(path)) if f.is_file()])
