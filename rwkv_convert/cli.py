@@ -388,24 +388,29 @@ def verify_command(candidate, reference, strategy, tokens, seed, as_json, json_o
 
 
 @main.command("quality")
-@click.argument("source", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("source", required=False, default=f"{BUNDLED_PREFIX}v7", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--text", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="The text to score (default: the bundled held-out text, Python standard-library modules).")
 @click.option("--schemes", default=None,
               help=f"Comma-separated, from: {', '.join(quality.SCHEMES)}; or all (default:"
               f" {', '.join(quality.DEFAULT_SCHEMES)}; fp32 is always measured).")
+@click.option("--full", is_flag=True, help=f"The larger default set ({len(quality.FULL_SCHEMES)} schemes: every GGUF"
+              " block type, calibrated beside plain); a few minutes on the bundled model.")
 @click.option("--window", default=1024, show_default=True, type=click.IntRange(2, None),
               help="Tokens per window; each window is scored from a fresh state.")
 @click.option("--target-size", default=None,
               help="Also measure a GGUF whose per-tensor types are planned to this size (40%, 3.5MB).")
-@click.option("--max-bytes", default=None, type=click.IntRange(1, None), help="Score only the text's first N bytes.")
+@click.option("--max-bytes", default=None, type=click.IntRange(1, None),
+              help="Score only the text's first N bytes (default: 16384 for the default set, all with --full or"
+                   " --schemes).")
 @json_options
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Also draw bytes per parameter against bits per byte into this PNG (needs matplotlib).")
 @state_option
-def quality_command(source, text, schemes, window, max_bytes, target_size, as_json, json_out, plot_path,
+def quality_command(source, text, schemes, full, window, max_bytes, target_size, as_json, json_out, plot_path,
                     state) -> None:
-    """What each precision and quantization of SOURCE costs, each file run in its own runtime.
+    """What each precision and quantization of SOURCE (default the bundled trained RWKV-7) costs, each file run
+    in its own runtime.
 
     For every scheme: export (prepared safetensors for our runner's strategies, GGUF for llama.cpp, ONNX for
     onnxruntime), run on the text, and report file bytes, bytes per parameter, bits per byte, KL from the fp32
@@ -418,7 +423,11 @@ def quality_command(source, text, schemes, window, max_bytes, target_size, as_js
             raise click.UsageError("--json-out and --plot name the same file; give each its own")
         if plot_path:
             quality.plotting()  # a missing matplotlib is said before the work, not after it
-        names = quality.parse_schemes(schemes)
+        if full and schemes:
+            raise click.UsageError("--full is a set of schemes: give it or --schemes, not both")
+        names = quality.parse_schemes(schemes, full)
+        if max_bytes is None and not full and not schemes:  # the first look: a minute on the bundled model
+            max_bytes = quality.QUICK_BYTES
         show = sys.stderr.isatty()
         progress = (lambda line: click.echo(f"\r\033[K{line}", nl=False, err=True)) if show else \
             (lambda line: None if "window" in line else click.echo(line, err=True))

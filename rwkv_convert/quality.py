@@ -84,10 +84,14 @@ SCHEMES = {s.name: s for s in (
 )}
 # One row per choice a user makes, calibrated beside plain where calibration matters (the 4-bit types and our
 # int8); `--schemes all` measures every scheme (about twice as long).
-DEFAULT_SCHEMES = ("fp32", "fp16", "bf16", "fp32i8", "fp32i8-cal",
-                   "gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q5_0", "gguf-q4_1", "gguf-q4_1-cal",
-                   "gguf-q4_0", "gguf-q4_0-cal", "gguf-q4_k", "gguf-q4_k-cal",
-                   "onnx-fp16", "onnx-int8", "onnx-int4", "onnx-int4-cal", "onnx-fp16-int4-cal-int8-tables")
+QUICK_BYTES = 16384  # the default set scores the text's first 16 KB (--full and --schemes: all of it)
+# one file per runtime and width, so that a first look takes about a minute on the bundled model; --full for the
+# comparisons (calibrated against plain, every GGUF block type), --schemes all for everything
+DEFAULT_SCHEMES = ("fp32", "bf16", "fp32i8", "gguf-q8_0", "gguf-q4_k", "onnx-int8", "onnx-int4")
+FULL_SCHEMES = ("fp32", "fp16", "bf16", "fp32i8", "fp32i8-cal",
+                "gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q5_0", "gguf-q4_1", "gguf-q4_1-cal",
+                "gguf-q4_0", "gguf-q4_0-cal", "gguf-q4_k", "gguf-q4_k-cal",
+                "onnx-fp16", "onnx-int8", "onnx-int4", "onnx-int4-cal", "onnx-fp16-int4-cal-int8-tables")
 MAX_REFERENCE_BYTES = 4 << 30
 SUFFIXES = {"gguf": "gguf", "onnx": "onnx", "safetensors": "safetensors"}
 
@@ -120,10 +124,10 @@ class QualityReport:
         return asdict(self)
 
 
-def parse_schemes(text: str | None) -> list[str]:
-    """A comma-separated list of scheme names, or "all"; None: the default set."""
+def parse_schemes(text: str | None, full: bool = False) -> list[str]:
+    """A comma-separated list of scheme names, or "all"; None: the default set (full: the larger one)."""
     if not text:
-        return list(DEFAULT_SCHEMES)
+        return list(FULL_SCHEMES if full else DEFAULT_SCHEMES)
     names = [s.strip() for s in text.split(",") if s.strip()]
     if names == ["all"]:
         return list(SCHEMES)

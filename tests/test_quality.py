@@ -95,9 +95,10 @@ def test_quality_cli_prints_the_table_and_writes_json(tmp_path):
 
 
 def test_scheme_sets():
-    from rwkv_convert.quality import DEFAULT_SCHEMES, SCHEMES, parse_schemes
+    from rwkv_convert.quality import DEFAULT_SCHEMES, FULL_SCHEMES, SCHEMES, parse_schemes
 
-    assert parse_schemes(None) == list(DEFAULT_SCHEMES) and set(DEFAULT_SCHEMES) < set(SCHEMES)
+    assert parse_schemes(None) == list(DEFAULT_SCHEMES) and set(DEFAULT_SCHEMES) < set(FULL_SCHEMES) < set(SCHEMES)
+    assert parse_schemes(None, full=True) == list(FULL_SCHEMES)
     assert parse_schemes("all") == list(SCHEMES)
     assert parse_schemes("gguf-q4_0, fp16") == ["fp32", "gguf-q4_0", "fp16"]  # the reference first, always
 
