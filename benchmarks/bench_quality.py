@@ -26,9 +26,9 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}")
     for version in args.versions.split(","):
         started = time.monotonic()
-        report = quality.measure(trained_model(version), None, quality.parse_schemes(args.schemes, full=True), args.window,
-                                 args.max_bytes, lambda line: print(f"  {line}", file=sys.stderr)
-                                 if "window" not in line else None)
+        schemes = quality.parse_schemes(args.schemes, full=True)
+        report = quality.measure(trained_model(version), None, schemes, args.window, args.max_bytes,
+                                 lambda line: print(f"  {line}", file=sys.stderr) if "window" not in line else None)
         print(quality.table(report))
         print(f"({version}: {time.monotonic() - started:.0f} s for {len(report.results)} schemes)\n")
 
