@@ -17,7 +17,7 @@ import rwkv_convert
 from rwkv_convert.bundled import model_path
 from rwkv_convert.verify import verify
 
-MIXES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s")
+MIXES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q3_k_m", "q2_k")  # the last two: llama.cpp makes ours too
 
 
 def llama_quantize(f16: Path, out: Path, mix: str) -> Path:

@@ -76,8 +76,11 @@ TOLERANCES: dict[str, Tolerance] = {
                        "GGUF 4-5 bit blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, and the mixes of them): measured on"
                        " the 7-layer random v5.2-v7 fixtures in llama.cpp rel L2 <= 0.23, KL <= 0.36 (Q4_0; Q4_K"
                        " and Q5_K <= 0.08), top-1 of all positions >= 53%; on the trained models KL <= 0.034"),
+    "q3/q2": Tolerance(30.0, 1.2, 3.0, 0.2,
+                       "GGUF 2-3 bit K blocks (llama.cpp's Q3_K and Q2_K mixes): on the trained v7 Q3_K_M KL 0.075,"
+                       " rel L2 0.049; Q2_K KL 0.22, rel L2 0.11 (the noise baseline is what keeps these honest)"),
 }
-_PRECISION_ORDER = ("fp32", "fp16", "bf16", "i8", "int8-block", "bf16i8", "q8_0", "int4-block", "q5/q4")
+_PRECISION_ORDER = ("fp32", "fp16", "bf16", "i8", "int8-block", "bf16i8", "q8_0", "int4-block", "q5/q4", "q3/q2")
 
 # How the reference runner reproduces each scheme's rounding on the reference checkpoint itself, and how far
 # beyond that run's error a valid candidate may go. A strategy of ours is the pip package's own math for that
@@ -91,7 +94,7 @@ _PRECISION_ORDER = ("fp32", "fp16", "bf16", "i8", "int8-block", "bf16i8", "q8_0"
 # 12-layer model's max |Δ| to 5.7x the weights-only run's while its rel L2 grows 2.9x.
 SCHEME_NOISE = {"fp16": ("cpu fp16", 2.0), "bf16": ("cpu bf16", 2.0), "i8": ("cpu fp32i8", 2.0),
                 "bf16i8": ("cpu bf16i8", 2.0), "q8_0": ("blocks8", 4.0), "int8-block": ("blocks8", 4.0),
-                "int4-block": ("blocks4", 4.0), "q5/q4": ("blocks4", 4.0)}
+                "int4-block": ("blocks4", 4.0), "q5/q4": ("blocks4", 4.0), "q3/q2": ("blocks3", 4.0)}
 
 # Every verdict is also judged against a model that knows nothing of the input: the reference's own logits at
 # other positions (each stream rolled by half its length: plausible distributions, about other tokens). A model of

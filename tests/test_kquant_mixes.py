@@ -1,6 +1,7 @@
-"""llama-quantize's mix names (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S) give the per-tensor types llama-quantize itself
-gives an RWKV file, load and verify in llama.cpp; and a file llama-quantize rewrote from ours (it copies our
-CRC-32 keys) reads as another tool's file, not as a damaged one of ours."""
+"""llama-quantize's mix names (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S written by us; Q3_K_*, Q2_K made by llama.cpp's
+quantizer and given our CRC-32s) give the per-tensor types llama-quantize itself gives an RWKV file, load and
+verify in llama.cpp; and a file llama-quantize rewrote from ours (it copies our CRC-32 keys) reads as another
+tool's file, not as a damaged one of ours."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def types(path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize("mix", ["Q4_K_M", "q5_k_s"])
+@pytest.mark.parametrize("mix", ["Q4_K_M", "q5_k_s", "Q3_K_M", "q2_k"])
 def test_mixes_match_llama_quantize_and_verify(mix, tmp_path):
     import llama_cpp
 

@@ -35,6 +35,8 @@ SCHEMES = {
     "q5/q4 (q4_0)": ("gguf", {"quant": "q4_0"}),
     "q5/q4 (q4_k)": ("gguf", {"quant": "q4_k"}),
     "q5/q4 (q5_k)": ("gguf", {"quant": "q5_k"}),
+    "q3/q2 (q3_k_m)": ("gguf", {"quant": "q3_k_m"}),
+    "q3/q2 (q2_k)": ("gguf", {"quant": "q2_k"}),
 }
 SUFFIX = {"safetensors": ".safetensors", "gguf": ".gguf", "onnx": ".onnx"}
 

@@ -8,6 +8,7 @@ See ../shared/reference/gguf.md (in the project's docs) for the facts this follo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 import zlib
@@ -39,7 +40,10 @@ from .spans import check_spans
 # output.weight is raised, to Q6_K; _M and _S come out the same. name -> (base type, output type, file type)
 MIXES = {"q4_k_m": ("q4_k", "q6_k", "MOSTLY_Q4_K_M"), "q4_k_s": ("q4_k", "q6_k", "MOSTLY_Q4_K_S"),
          "q5_k_m": ("q5_k", "q6_k", "MOSTLY_Q5_K_M"), "q5_k_s": ("q5_k", "q6_k", "MOSTLY_Q5_K_S")}
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", *MIXES)
+# the 2-3 bit K mixes, made by llama.cpp's own quantizer (llama-cpp-python) from an F16 file of ours, then given
+# our CRC-32s: rwkv-convert has no 2-3 bit block packer of its own
+LLAMA_MADE = ("q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "q2_k_s")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", *MIXES, *LLAMA_MADE)
 CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
 CHECKSUMS_KEY = "rwkv_convert.tensor_crc32"  # ours: each tensor's CRC-32, in tensor-info order (GGUF keeps none)
 # ours: CRC-32 of everything before the tensor data (header, metadata, tensor infos), this value counted as zero.
@@ -297,6 +301,8 @@ def supports(spec: ModelSpec) -> str | None:
 
 
 def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
+    if options.quant in LLAMA_MADE:
+        return _write_through_llama_quantize(ckpt, out, options)
     gguf = _gguf()
     spec, quant, strategy = ckpt.spec, options.quant, options.strategy
     arch = module_for(spec.version).LLAMA_CPP_ARCH[spec.version]
@@ -404,6 +410,30 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
                     _release_finished(ckpt, job, jobs[n + 1] if n + 1 < len(jobs) else None)
         finally:
             writer.close()
+        _fill_checksums(gguf, target.temp(), crcs)
+    return [out]
+
+
+def _write_through_llama_quantize(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
+    """A 2-3 bit K mix: our F16 file (scratch, beside the output's temp), llama.cpp's quantizer on it, and the
+    result's tensor and metadata CRC-32s written anew (llama.cpp copies our keys with the F16 file's values)."""
+    from ..llama_runtime import check_quantizer, llama_quantize
+
+    check_quantizer()  # before anything is written
+    if options.strategy or options.target_size or options.calibration:
+        raise RwkvConvertError(f"--quant {options.quant} is llama.cpp's own mix: it takes no --strategy,"
+                               " --target-size or --calibration")
+    gguf = _gguf()
+    with AtomicOutput(out) as target:
+        scratch = target.temp().with_name(target.temp().name + ".data")  # removed with the temp on failure
+        try:
+            write(ckpt, scratch, dataclasses.replace(options, quant="f16"))
+            llama_quantize(scratch, target.temp(), options.quant)
+        finally:
+            scratch.unlink(missing_ok=True)
+        reader = gguf.GGUFReader(target.temp())
+        crcs = [zlib.crc32(np.ascontiguousarray(t.data)) for t in reader.tensors]
+        del reader
         _fill_checksums(gguf, target.temp(), crcs)
     return [out]
 
@@ -557,7 +587,7 @@ def read_gguf(path: Path) -> Checkpoint:
     return checkpoint_from_tensors(path, sd, mmapped=False)
 
 
-_GGUF_LABELS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "Q8_0": "q8_0"}
+_GGUF_LABELS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "Q8_0": "q8_0", "Q3_K": "q3/q2", "Q2_K": "q3/q2"}
 
 
 def tensor_type_counts(path) -> dict[str, int]:
@@ -569,7 +599,7 @@ def tensor_type_counts(path) -> dict[str, int]:
 
 
 def tensor_schemes(path) -> set[str]:
-    """The GGUF's tensor types as tolerance keys (4-5 bit blocks are "q5/q4")."""
+    """The GGUF's tensor types as tolerance keys (4-6 bit blocks are "q5/q4", 2-3 bit K blocks "q3/q2")."""
     return {_GGUF_LABELS.get(t.tensor_type.name, "q5/q4") for t in _gguf().GGUFReader(path).tensors}
 
 
