@@ -3,7 +3,9 @@ int8/int4 (MatMulNBits), external data, and the errors of the runner that loads 
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,7 +235,11 @@ def test_wrong_states_and_foreign_files_get_clear_errors(fp32_exports, tmp_path)
 @pytest.mark.slow
 def test_cli_inspect_says_what_an_export_is_and_run_runs_it(fp32_exports):
     step = fp32_exports["v7"][0]
-    assert_one_line_error(cli("inspect", step), "ONNX export, not an original checkpoint")
+    proc = cli("inspect", step, "--json")  # what onnxruntime holds: the model's dims, its scheme, its files
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["format"] == "an ONNX export" and info["version"] == "7" and info["weight_schemes"] == ["fp32"]
+    assert [Path(f).name for f in info["files"]][:2] == [step.name, step.name.replace(".onnx", ".seq.onnx")]
     proc = cli("run", step, "--tokens", "4", "--seed", "1")
     assert proc.returncode == 0 and "Assistant:" in proc.stdout, proc.stderr
 

@@ -25,7 +25,7 @@ from ..atomic import AtomicOutput
 from ..calibration import BUNDLED, LayerwiseGptq, activation_importance, tensor_sensitivity
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import CastWarning, RwkvConvertError, UnsupportedError, brief, check_crc32
-from ..llama_runtime import LlamaCppRunner
+from ..llama_runtime import LlamaCppRunner, check_quantizer, llama_quantize
 from ..progress import step
 from ..quant import gguf_blocks, size_plan
 from ..spec import ModelSpec
@@ -417,8 +417,6 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
 def _write_through_llama_quantize(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
     """A 2-3 bit K mix: our F16 file (scratch, beside the output's temp), llama.cpp's quantizer on it, and the
     result's tensor and metadata CRC-32s written anew (llama.cpp copies our keys with the F16 file's values)."""
-    from ..llama_runtime import check_quantizer, llama_quantize
-
     check_quantizer()  # before anything is written
     if options.strategy or options.target_size or options.calibration:
         raise RwkvConvertError(f"--quant {options.quant} is llama.cpp's own mix: it takes no --strategy,"
