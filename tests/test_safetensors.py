@@ -182,7 +182,7 @@ def test_hf_v5_2_and_v6_read_back_as_the_model_they_hold(variant, fixture_dir, t
 
 
 def test_hf_v6_with_ranks_llama_cpps_converter_does_not_expect_gets_a_note(tmp_path):
-    src = save_atomic(make_state_dict("v6", n_layer=1, n_embd=128, vocab=256, ranks={"maa": 16, "decay": 40}),
+    src = save_atomic(make_state_dict("v6", n_layer=1, n_embd=128, vocab=257, ranks={"maa": 16, "decay": 40}),
                       tmp_path / "v6.pth")
     proc = cli("convert", src, "--to", "safetensors", "--layout", "hf", "-o", tmp_path / "hf")
     assert proc.returncode == 0, proc.stderr
