@@ -41,14 +41,14 @@ CLEAR_LINE = "\r\033[K"
 
 class StderrProgress:
     """The library's progress steps on stderr (never stdout: --json output stays clean). On a terminal a bar,
-    redrawn; in a log a line once a step has taken SHOW_AFTER_S (2 s), then every EVERY_S, and when it ends."""
+    redrawn; in a log a line once a step has taken show_after_s (2 s), then every EVERY_S, and when it ends."""
 
     EVERY_S = 5.0
 
     def __init__(self):
         self.tty = sys.stderr.isatty()
         # RWKV_CONVERT_PROGRESS_AFTER=0: a line for every step of every length (logs that want them all)
-        self.SHOW_AFTER_S = float(os.environ.get("RWKV_CONVERT_PROGRESS_AFTER") or 2.0)
+        self.show_after_s = float(os.environ.get("RWKV_CONVERT_PROGRESS_AFTER") or 2.0)
         self.started: dict[str, float] = {}
         self.shown: dict[str, float] = {}  # step -> when its last line was written
 
@@ -58,14 +58,14 @@ class StderrProgress:
         finished = done >= total
         if self.tty:
             if finished:
-                click.echo("\r\033[K", nl=False, err=True)
+                click.echo(CLEAR_LINE, nl=False, err=True)
             elif now - self.shown.get(what, 0.0) >= 0.1:
                 width = 24
                 filled = width * done // max(total, 1)
-                click.echo(f"\r\033[K{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", nl=False,
+                click.echo(f"{CLEAR_LINE}{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", nl=False,
                            err=True)
                 self.shown[what] = now
-        elif (finished and what in self.shown) or (not finished and now - self.started[what] >= self.SHOW_AFTER_S
+        elif (finished and what in self.shown) or (not finished and now - self.started[what] >= self.show_after_s
                                                    and now - self.shown.get(what, 0.0) >= self.EVERY_S):
             click.echo(f"{what}: {done}/{total}", err=True)
             self.shown[what] = now
@@ -429,11 +429,11 @@ def quality_command(source, text, schemes, full, window, max_bytes, target_size,
         if max_bytes is None and not full and not schemes:  # the first look: a minute on the bundled model
             max_bytes = quality.QUICK_BYTES
         show = sys.stderr.isatty()
-        progress = (lambda line: click.echo(f"\r\033[K{line}", nl=False, err=True)) if show else \
+        progress = (lambda line: click.echo(f"{CLEAR_LINE}{line}", nl=False, err=True)) if show else \
             (lambda line: None if "window" in line else click.echo(line, err=True))
         report = quality.measure(source, text, names, window, max_bytes, progress, target_size, state)
         if show:
-            click.echo("\r\033[K", nl=False, err=True)
+            click.echo(CLEAR_LINE, nl=False, err=True)
         emit(quality.table(report), report.to_json(), as_json, json_out)
         if plot_path:
             quality.plot(report, Path(plot_path))
@@ -474,13 +474,13 @@ class ReleaseProgress:
             filled = width * self.done // max(len(self.names), 1)
             now = ", ".join(f"{n} {w}" for n, w in self.running.items())
             line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{len(self.names)} {now}"
-            click.echo(f"\r\033[K{line[:200]}", nl=False, err=True)
+            click.echo(f"{CLEAR_LINE}{line[:200]}", nl=False, err=True)
             if what != "started" and what not in ("building", "verifying", "quality"):
-                click.echo(f"\r\033[K{name}: {what}", err=True)
+                click.echo(f"{CLEAR_LINE}{name}: {what}", err=True)
 
     def close(self) -> None:
         if self.mode == "bar":
-            click.echo("\r\033[K", nl=False, err=True)
+            click.echo(CLEAR_LINE, nl=False, err=True)
 
 
 @main.command("release")

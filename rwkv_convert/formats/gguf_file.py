@@ -261,7 +261,8 @@ def quant_for_strategy(strategy: Strategy, n_layer: int) -> list[str]:
 class GgufOptions(Options):
     quant: str = option("f16", "the type of the large matrices (norms, 1-D parameters and LoRAs stay F32); the"
                         " K-quants q6_k/q5_k/q4_k are written by our quantizer; q4_k_m, q4_k_s, q5_k_m, q5_k_s are"
-                        " llama-quantize's mixes for RWKV (the base type, output.weight Q6_K); names in any case",
+                        " llama-quantize's mixes for RWKV (the base type, output.weight Q6_K); q3_k_l/m/s and"
+                        " q2_k(_s) are made by llama.cpp's own quantizer (needs llama-cpp-python); names in any case",
                         choices=QUANTS)
     strategy: str | None = option(None, "per-layer types instead of --quant: fp32 -> F32, fp16 -> F16, bf16 -> BF16,"
                                   " any i8 -> Q8_0")
