@@ -62,9 +62,10 @@ def _read(path: Path) -> bytes:
         raise RwkvConvertError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def checked_code(directory: Path, trusted: bool) -> dict[str, bytes]:
+def checked_code(directory: Path, trusted: bool, config: bytes) -> dict[str, bytes]:
     """The directory's code files (name -> bytes), each the copy we ship, and its config's auto_map ours; with
-    `trusted`, whatever it holds. One line naming the first file that differs otherwise."""
+    `trusted`, whatever it holds. One line naming the first file that differs otherwise. config: config.json's
+    bytes as read once (the auto_map checked is the one handed to transformers)."""
     directory = Path(directory)
     code = {}
     for path in sorted(directory.rglob("*.py")):
@@ -76,7 +77,7 @@ def checked_code(directory: Path, trusted: bool) -> dict[str, bytes]:
                                    f" code from the model directory - pass {TRUST_OPTION} to run it anyway")
         code[name] = data
     try:
-        auto_map = json.loads(_read(directory / "config.json")).get("auto_map")
+        auto_map = json.loads(config).get("auto_map")
     except (ValueError, AttributeError):
         auto_map = None  # the reader has refused a bad config.json before the runtime gets the directory
     if not trusted and auto_map is not None and auto_map != AUTO_MAP:
@@ -112,14 +113,15 @@ class TransformersRunner:
                                    " pip install 'rwkv-convert[runtimes]' (or verify with --runner ours)") from None
         self.kind = model_type(directory)
         self.trusted = _TRUSTED.get()
-        code = checked_code(directory, self.trusted)
+        viewed = {k: _read(directory / k) for k in VIEWED_FILES if (directory / k).is_file()}
+        code = checked_code(directory, self.trusted, viewed.get("config.json", b"{}"))  # the bytes handed on
         logging.set_verbosity_error()  # its load bars and deprecation notes would bury verify's own lines
         logging.disable_progress_bar()
         # transformers keeps a copy of remote code per folder name: the checked code always under one name
         name = "rwkv7_checked" if not self.trusted else "rwkv7_trusted_" + hashlib.sha256(
             b"".join(code.values())).hexdigest()[:12]
         copies = {f"{name}/{k}": v for k, v in code.items()}
-        copies |= {f"{name}/{k}": _read(directory / k) for k in VIEWED_FILES if (directory / k).is_file()}
+        copies |= {f"{name}/{k}": v for k, v in viewed.items()}
         weights = {f"{name}/{k}": directory / k for k in _weight_files(directory)}
         try:
             with client_view(weights, copies) as view, weights_only_here():
