@@ -100,7 +100,7 @@ def run_ours(path: Path, strategy: str, args, denormal: bool = False) -> dict:
 
 def run_llama(path: Path, quant: str, args) -> dict:
     import rwkv_convert
-    from rwkv_convert.llama_runtime import LlamaCppRunner
+    from rwkv_convert.runtimes.llama_cpp import LlamaCppRunner
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         out = Path(tmp) / f"m-{quant}.gguf"
@@ -118,7 +118,7 @@ def run_llama(path: Path, quant: str, args) -> dict:
 
 def run_onnx(path: Path, args) -> dict:
     import rwkv_convert
-    from rwkv_convert.formats.onnx.runtime import OnnxModel
+    from rwkv_convert.runtimes.onnx_runtime import OnnxModel
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         paths = rwkv_convert.convert(path, "onnx", Path(tmp) / "m.onnx", logits="last")

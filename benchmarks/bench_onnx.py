@@ -32,7 +32,7 @@ ROWS = [("pip", "cpu fp32", "rwkv 0.8.32 cpu fp32"), ("pip", "cpu fp32i8", "rwkv
 def run_onnx(path: Path, setting: str, args) -> dict:
     """setting: --onnx-quant, then /COMPUTE for --onnx-compute (default int8: accuracy_level 4)."""
     import rwkv_convert
-    from rwkv_convert.formats.onnx.runtime import OnnxModel
+    from rwkv_convert.runtimes.onnx_runtime import OnnxModel
 
     quant, _, compute = setting.partition("/")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

@@ -19,9 +19,10 @@ from . import __version__
 from .arch import v7
 from .cpu import ops as cpu_ops
 from .cuda import build as cuda_kernels
+from .runtimes import CLIENTS, Client
 from .units import human_size, memory_available
 
-LLAMA_PIN = "llama-cpp-python==0.3.36"  # the release our GGUF tests run
+PLOT = Client("matplotlib", "matplotlib", "matplotlib", "quality --plot", "pip install 'rwkv-convert[plot]'")
 
 
 @dataclass
@@ -32,18 +33,11 @@ class Check:
     fix: str = ""  # the command that fixes it, where there is one
 
 
-def package_version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _package(name: str, module: str, purpose: str, fix: str) -> Check:
-    version = package_version(name) if importlib.util.find_spec(module) is not None else None
+def _client(client: Client) -> Check:
+    version = client.version()
     if version is None:
-        return Check(name, "missing", f"not installed: {purpose}", fix)
-    return Check(name, "ok", f"{version}: {purpose}")
+        return Check(client.distribution, "missing", f"not installed: {client.purpose}", client.install)
+    return Check(client.distribution, "ok", f"{version}: {client.purpose}")
 
 
 def _self_check(kernel, device: str) -> bool | None:
@@ -156,14 +150,8 @@ def run_checks(checkpoint: str | os.PathLike | None = None, where: str | os.Path
               f" build, {torch.get_num_threads()} threads)"),
         *_gpu(),
         _cpu_kernels(),
-        _package("onnxruntime", "onnxruntime", "runs ONNX exports", "pip install onnxruntime"),
-        _package("llama-cpp-python", "llama_cpp", "runs GGUF files in llama.cpp (verify, quality)",
-                 f"pip install {LLAMA_PIN}  (builds llama.cpp: 5-10 minutes)"),
-        _package("rwkv", "rwkv", "the pip package: runs --to pip files, the numerical oracle", "pip install rwkv"),
-        _package("transformers", "transformers", "loads --layout hf exports of RWKV-4",
-                 "pip install 'transformers>=4.56'"),
-        _package("rwkv7-hf", "rwkv7_hf", "runs --layout hf exports of RWKV-7", "pip install rwkv7-hf==0.9.0"),
-        _package("matplotlib", "matplotlib", "quality --plot", "pip install 'rwkv-convert[plot]'"),
+        *(_client(c) for c in CLIENTS),
+        _client(PLOT),
     ]
     if importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime

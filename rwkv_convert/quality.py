@@ -22,8 +22,8 @@ from .bundled import HELD_OUT_TEXT, bundled_file
 from .calibration import BUNDLED
 from .errors import RwkvConvertError
 from .formats.registry import convert, detect, load_detected, read_checkpoint
-from .llama_runtime import LlamaCppRunner
 from .runner import Model
+from .runtimes.llama_cpp import LlamaCppRunner
 from .tokenizer import default_tokenizer
 
 

@@ -30,12 +30,12 @@ from pathlib import Path
 from . import __version__
 from .atomic import check_output, protecting, signals_interrupt, write_text_atomic, writing_under
 from .bundled import BUNDLED_PREFIX, model_path
-from .doctor import package_version
 from .errors import RwkvConvertError
 from .formats.base import flag_of
 from .formats.prepared import file_sha256
 from .formats.registry import convert, detect, read_checkpoint, writer_for
 from .quality import file_figures
+from .runtimes.base import installed_version
 from .units import human_size, memory_available
 from .verify import ReferenceRun, VerifyReport, candidate_run, reference_run, score, verdict_checks
 
@@ -226,7 +226,7 @@ def _digest(obj) -> str:
 
 
 def runtime_versions() -> dict[str, str | None]:
-    return {package: package_version(package) for package in RUNTIME_PACKAGES}
+    return {package: installed_version(package) for package in RUNTIME_PACKAGES}
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,12 @@ import torch
 from .arch import module_for
 from .checkpoint import Checkpoint, checkpoint_from_tensors
 from .errors import RwkvConvertError
-from .formats.base import NativeRun
 from .formats.registry import detect, load_detected, read_checkpoint
-from .hf_runtime import trusting_remote_code
 from .plan import make_plan
 from .progress import step
 from .runner import Model
+from .runtimes.base import ClientRun
+from .runtimes.hf_transformers import trusting_remote_code
 from .spec import ModelSpec
 from .strategy import allocate, parse_strategy
 from .tokenizer import BYTE_TOKENS, WORLD_TOKENS, WorldTokenizer
@@ -421,7 +421,7 @@ def _check_runner(runner: str) -> None:
 
 
 def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None = None, runner: str = "native",
-                  reference: str | Path = "the reference") -> NativeRun:
+                  reference: str | Path = "the reference") -> ClientRun:
     """The candidate on the reference's streams: in its format's runtime (runner "native", where the registry
     names one), else loaded by our reader (ONNX: onnxruntime) and run like the reference."""
     _check_runner(runner)
@@ -431,10 +431,10 @@ def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None
     return run
 
 
-def _candidate_run(candidate, ref: ReferenceRun, strategy, runner: str, reference) -> NativeRun:
+def _candidate_run(candidate, ref: ReferenceRun, strategy, runner: str, reference) -> ClientRun:
     fmt, probe = detect(candidate)
-    if runner == "native" and fmt.native is not None:
-        run = fmt.native(probe.path, strategy, ref.streams, ref.split, ref.spec)
+    if runner == "native" and fmt.client_run is not None:
+        run = fmt.client_run(probe.path, strategy, ref.streams, ref.split, ref.spec)
         if run is not None:  # None: no runtime for this kind of file in its format (HF v5.2/v6): our reader
             return run
     # the probe already holds what sniffing read; original weights are folded as the reference is
@@ -451,10 +451,10 @@ def _candidate_run(candidate, ref: ReferenceRun, strategy, runner: str, referenc
     # levels chosen by calibration round differently from the strategy's own int8 by design: no exact twin
     calibrated_levels = (probe.safetensors_metadata or {}).get("rwkv_convert.calibration", "none") != "none"
     twin = str(model.strategy) if fmt.name in STRATEGY_FILES and not calibrated_levels else None
-    return NativeRun(name, str(model.strategy), outputs, schemes, twin=twin)
+    return ClientRun(name, str(model.strategy), outputs, schemes, twin=twin)
 
 
-def score(ref: ReferenceRun, cand: NativeRun, candidate: str | Path, reference: str | Path,
+def score(ref: ReferenceRun, cand: ClientRun, candidate: str | Path, reference: str | Path,
           calibrate: bool = True, overrides: dict[str, float] | None = None) -> VerifyReport:
     """Every stream and mode against the tolerance of the candidate's least precise weights, calibrated on the
     reference model (calibrated(), scheme_noise()) unless calibrate is False (the table alone). overrides:

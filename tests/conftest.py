@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rwkv_convert.fixtures import VARIANTS, fixture_path, make_state_dict
-from rwkv_convert.pip_runtime import run_in_pip_package
+from rwkv_convert.runtimes.pip_package import run_in_pip_package
 
 N_TOKENS, SPLIT = 64, 20
 # The seed of the CUDA kernels' CPU-build tests (inputs and thread schedules), printed in pytest's header

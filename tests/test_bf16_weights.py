@@ -20,7 +20,7 @@ from rwkv_convert.quant.float_weights import (
     StackedFloatWeight,
     held_lora_for_cpu,
 )
-from rwkv_convert.quant.native import bf16_matmul, rows_library
+from rwkv_convert.quant.kernels import bf16_matmul, rows_library
 from rwkv_convert.runner import Model
 
 SEED = 1234

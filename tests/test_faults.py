@@ -21,7 +21,7 @@ from rwkv_convert.atomic import TEMP_SUFFIX, AtomicOutput
 from rwkv_convert.cli import printable, unescape
 from rwkv_convert.errors import brief
 from rwkv_convert.fixtures import fixture_path, make_state_dict
-from rwkv_convert.formats.onnx.runtime import OnnxModel
+from rwkv_convert.runtimes.onnx_runtime import OnnxModel
 
 from .conftest import save_atomic
 from .test_cli import assert_one_line_error, cli

@@ -24,10 +24,10 @@ if os.environ.get("RWKV_CONVERT_REQUIRE_LLAMA") == "1":  # CI: a missing llama-c
     import gguf
     import llama_cpp  # noqa: F401
 
-    from rwkv_convert import llama_runtime
+    from rwkv_convert.runtimes import llama_cpp as llama_runtime
 else:
     gguf = pytest.importorskip("gguf")
-    llama_runtime = pytest.importorskip("rwkv_convert.llama_runtime")
+    llama_runtime = pytest.importorskip("rwkv_convert.runtimes.llama_cpp")
     pytest.importorskip("llama_cpp")
 
 VARIANTS = ["v5.2", "v6", "v7", "v7-layer0-v"]  # v5.2 is written as rwkv6 (zero LoRAs)

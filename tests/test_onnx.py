@@ -21,8 +21,8 @@ from .test_cli import assert_one_line_error, cli
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from rwkv_convert.formats.onnx.layout import sequence_path  # noqa: E402
-from rwkv_convert.formats.onnx.runtime import OnnxModel  # noqa: E402
+from rwkv_convert.runtimes.onnx_layout import sequence_path  # noqa: E402
+from rwkv_convert.runtimes.onnx_runtime import OnnxModel  # noqa: E402
 
 ONNX_VARIANTS = [*VARIANTS, *EXTRA_VARIANTS]  # DeepEmbed and DEA too: per-token tables gathered in the graph
 SPLIT = 20
@@ -306,7 +306,7 @@ def test_chunked_recurrence_survives_extreme_decays(variant, tmp_path):
 def test_checksums_cover_the_model_and_its_data_and_older_exports_still_load(tmp_path):
     """Our exports carry CRC-32s (rwkv.checksums) of the model file and each external weight; an export
     written before them (no entry) loads as it did, and an altered inline weight is refused before it runs."""
-    from rwkv_convert.formats.onnx.checksums import CHECKSUMS_KEY
+    from rwkv_convert.runtimes.onnx_checksums import CHECKSUMS_KEY
 
     src = save_atomic(make_state_dict("v6", n_layer=2, n_embd=64, vocab=256), tmp_path / "m.pth")
     out = rwkv_convert.convert(src, "onnx", tmp_path / "m.onnx", graphs="step", external_data=False)[0]

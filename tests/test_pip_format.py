@@ -7,7 +7,7 @@ import torch
 
 import rwkv_convert
 from rwkv_convert.fixtures import fixture_path, make_state_dict
-from rwkv_convert.pip_runtime import run_in_pip_package
+from rwkv_convert.runtimes.pip_package import run_in_pip_package
 
 from .conftest import save_atomic, tokens_for
 

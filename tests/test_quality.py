@@ -13,8 +13,8 @@ import torch
 from rwkv_convert import Model, read_checkpoint
 from rwkv_convert.bundled import DEFAULT_PROMPT, HELD_OUT_TEXT, bundled_file, trained_model
 from rwkv_convert.generate import generate
-from rwkv_convert.pip_runtime import run_in_pip_package
 from rwkv_convert.quality import measure, windows_of
+from rwkv_convert.runtimes.pip_package import run_in_pip_package
 from rwkv_convert.tokenizer import default_tokenizer
 
 from .test_cli import assert_one_line_error, cli

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rwkv_convert.quant import scheme_for
-from rwkv_convert.quant.native import int8_library
+from rwkv_convert.quant.kernels import int8_library
 from rwkv_convert.quant.rwkv_int8 import quantize_rwkv_int8
 
 

@@ -8,7 +8,7 @@ import torch
 import rwkv_convert
 from rwkv_convert.errors import RwkvConvertError
 from rwkv_convert.fixtures import VARIANTS, fixture_path, make_state_dict
-from rwkv_convert.pip_runtime import run_in_pip_package
+from rwkv_convert.runtimes.pip_package import run_in_pip_package
 from rwkv_convert.verify import run_ours
 
 from .conftest import ODD_SHAPES, SPLIT, save_atomic, tokens_for

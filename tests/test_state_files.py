@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import rwkv_convert
 from rwkv_convert.fixtures import fixture_path
-from rwkv_convert.pip_runtime import run_in_pip_package
+from rwkv_convert.runtimes.pip_package import run_in_pip_package
 from rwkv_convert.state_file import read_state
 from rwkv_convert.verify import run_ours, verify
 

@@ -14,8 +14,8 @@ import torch
 
 import rwkv_convert
 from rwkv_convert.fixtures import fixture_path, make_state_dict
-from rwkv_convert.pip_runtime import run_in_pip_package
 from rwkv_convert.runner import Model
+from rwkv_convert.runtimes.pip_package import run_in_pip_package
 from rwkv_convert.verify import run_ours, verify
 
 from .conftest import SPLIT, save_atomic, tokens_for

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..native_build import build_library
+from ..kernel_build import build_library
 
 _loaded: dict[Path, ctypes.CDLL | None] = {}
 

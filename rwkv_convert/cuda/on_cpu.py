@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..native_build import build_library
+from ..kernel_build import build_library
 from .selftest import trusted, verdict_name
 
 HERE = Path(__file__).parent

@@ -4,8 +4,8 @@ once, and the base of the formats' write options.
 A format module declares one `Format`: how to recognise its files (`sniff`), how to read them (`read` ->
 an original-weights Checkpoint, or `load` -> a runnable model), how to write them (`write` with its
 `options` dataclass), which models it can hold (`supports(spec)` -> None or the reason why not: the one
-place that says so), and the runtime its users run it in (`runtime`, and `native` to run a file there for
-`verify`)."""
+place that says so), and the runtime its users run it in (`runtime`, and `client_run` to run a file
+there for `verify`)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, load_raw
 from ..errors import RwkvConvertError
+from ..runtimes.base import ClientRun
 from ..spec import ModelSpec
 from .safetensors_io import is_safetensors, read_header
 
@@ -65,18 +66,6 @@ class Probe:
     def torch_raw(self) -> tuple[dict, bool]:
         """(top-level dict, mmapped) of a torch file, read once with weights_only=True."""
         return load_raw(self.path)
-
-
-@dataclass(frozen=True)
-class NativeRun:
-    """A file run by the runtime its users run it in, on verify's token streams."""
-    runner: str  # e.g. "llama.cpp (llama-cpp-python)"
-    strategy: str  # what the candidate ran as
-    outputs: dict[str, dict]  # stream name -> {"seq", "one", "split" logits [T, V]; "*_state" where known}
-    schemes: set[str]  # tolerance keys of the weight types that ran (rwkv_convert.verify.TOLERANCES)
-    # A strategy whose math our runner reproduces for this file exactly (the pip package's converted files:
-    # the strategy they were made for), so verify can also compare it with the reference run that way.
-    twin: str | None = None
 
 
 def option(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
@@ -155,7 +144,7 @@ class Format:
     # None, or the reason convert refuses with them
     needs: Callable[[ModelSpec, Any], str | None] | None = None
     # (path, strategy, streams, split, spec) in `runtime`; it returns None for files with no runtime of their own
-    native: Callable[..., NativeRun | None] | None = None
+    client_run: Callable[..., ClientRun | None] | None = None
     # the precisions the file stores its weights in, as tolerance keys, when reading it back cannot tell
     # (a GGUF is dequantized to fp32 on reading)
     stored: Callable[[Path], set[str]] | None = None

@@ -25,15 +25,17 @@ from ..atomic import AtomicOutput
 from ..calibration import BUNDLED, LayerwiseGptq, activation_importance, tensor_sensitivity
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import CastWarning, RwkvConvertError, UnsupportedError, brief, check_crc32
-from ..llama_runtime import LlamaCppRunner, check_quantizer, llama_quantize
 from ..progress import step
 from ..quant import gguf_blocks, size_plan
+from ..runtimes.base import ClientRun
+from ..runtimes.llama_cpp import CLIENT as LLAMA_CPP
+from ..runtimes.llama_cpp import LlamaCppRunner, check_quantizer, llama_quantize
+from ..spans import check_spans
 from ..spec import ModelSpec
 from ..strategy import Strategy, allocate, parse_strategy
 from . import gguf_vocab
-from .base import Format, NativeRun, Options, calibration_method_option, option, per_token_tables_refusal
+from .base import Format, Options, calibration_method_option, option, per_token_tables_refusal
 from .gguf_tables import GLOBAL, READ_TABLES, WRITE_TABLES, Row, rwkv6_lora_ranks
-from .spans import check_spans
 
 # llama-quantize's mixes as it makes them for RWKV (read back from its output for rwkv6 and rwkv7 files): its
 # per-tensor rules name attn_v and ffn_down, which RWKV has not, so every matrix takes the base type and only
@@ -602,7 +604,8 @@ def tensor_schemes(path) -> set[str]:
     return {_GGUF_LABELS.get(t.tensor_type.name, "q5/q4") for t in _gguf().GGUFReader(path).tensors}
 
 
-def native(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int, spec: ModelSpec) -> NativeRun:
+def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int,
+               spec: ModelSpec) -> ClientRun:
     """Runs the file in llama.cpp (llama-cpp-python)."""
     if strategy:
         raise RwkvConvertError("a GGUF runs in llama.cpp as it is: drop --strategy (or use --runner ours)")
@@ -610,11 +613,11 @@ def native(path: Path, strategy: str | None, streams: dict[str, list[int]], spli
     tokens = len(next(iter(streams.values())))
     llama = LlamaCppRunner(path, n_ctx=max(64, 2 * tokens))
     outputs = {name: llama.run(toks, split) for name, toks in streams.items()}
-    return NativeRun("llama.cpp (llama-cpp-python)", "cpu fp32", outputs, {"fp32"} | tensor_schemes(path))
+    return ClientRun(LLAMA_CPP.name, "cpu fp32", outputs, {"fp32"} | tensor_schemes(path))
 
 
 FORMAT = Format(
     name="gguf", summary="a GGUF file for llama.cpp", runtime="llama.cpp (llama-cpp-python, ollama, LM Studio)",
     sniff=lambda probe: probe.head.startswith(b"GGUF"), read=lambda probe: read_gguf(probe.path), write=write,
-    options=GgufOptions, supports=supports, needs=needs, native=native, stored=tensor_schemes,
+    options=GgufOptions, supports=supports, needs=needs, client_run=client_run, stored=tensor_schemes,
     types=tensor_type_counts)

@@ -21,7 +21,8 @@ from ..arch import module_for
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import CastWarning, RwkvConvertError, brief
-from ..hf_runtime import (
+from ..runtimes.base import ClientRun
+from ..runtimes.hf_transformers import (
     AUTO_MAP,
     INDEX_NAME,
     SHIPPED_CODE,
@@ -43,7 +44,7 @@ from ..tokenizer import (
     world_vocab_path,
 )
 from ..units import parse_size
-from .base import Format, NativeRun, Options, Probe, option, per_token_tables_refusal
+from .base import Format, Options, Probe, option, per_token_tables_refusal
 from .gguf_tables import rwkv6_lora_ranks
 from .safetensors_io import SafetensorsWriter, read_safetensors
 
@@ -467,8 +468,8 @@ def read(probe: Probe) -> Checkpoint:
     return checkpoint_from_tensors(probe.path, read_hf_dir(probe.path), mmapped=True)
 
 
-def native(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int,
-           spec: ModelSpec) -> NativeRun | None:
+def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int,
+           spec: ModelSpec) -> ClientRun | None:
     """RWKV-4 and RWKV-7 directories in transformers, loaded as their users load them; None for v5.2/v6 ones
     (their client is llama.cpp's converter, not a Python runtime: our reader runs them)."""
     if not runs_in_transformers(path):
@@ -478,11 +479,11 @@ def native(path: Path, strategy: str | None, streams: dict[str, list[int]], spli
     runner = TransformersRunner(path)
     outputs = {name: runner.run(tokens, split) for name, tokens in streams.items()}
     trusted = f", the directory's own code run by {TRUST_OPTION}" if runner.trusted else ""
-    return NativeRun(f"transformers ({type(runner.model).__name__}{trusted})", "cpu fp32", outputs,
+    return ClientRun(f"transformers ({type(runner.model).__name__}{trusted})", "cpu fp32", outputs,
                      {"fp32", stored_scheme(path)})
 
 
 FORMAT = Format(
     name="hf", family="safetensors", summary="a Hugging Face model directory",
     runtime="transformers (RWKV-4) and rwkv7-hf / fla (RWKV-7)", sniff=lambda probe: is_hf_dir(probe.path),
-    read=read, write=write, options=HfOptions, supports=supports, needs=needs, native=native)
+    read=read, write=write, options=HfOptions, supports=supports, needs=needs, client_run=client_run)

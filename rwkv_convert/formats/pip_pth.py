@@ -23,13 +23,15 @@ from ..arch.common import PROJECTIONS_KEY
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, ZipRecordCheck
 from ..errors import RwkvConvertError, brief
-from ..pip_runtime import run_in_pip_package
 from ..quant.float_weights import FloatWeight
 from ..quant.rwkv_int8 import RwkvInt8Weight, quantize_rwkv_int8
 from ..runner import Model
+from ..runtimes.base import ClientRun
+from ..runtimes.pip_package import CLIENT as PIP_PACKAGE
+from ..runtimes.pip_package import run_in_pip_package
 from ..spec import ModelSpec
 from ..strategy import DTYPES, allocate, parse_strategy
-from .base import Format, NativeRun, Options, Probe, option
+from .base import Format, Options, Probe, option
 from .torch_stream import StreamingTorchWriter
 
 FORMAT_VERSION = "0.7"
@@ -191,7 +193,8 @@ def converted_for(probe: Probe) -> str | None:
     return probe.torch_raw[0].get("_strategy") if probe.is_torch_file else None
 
 
-def native(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int, spec: ModelSpec) -> NativeRun:
+def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int,
+               spec: ModelSpec) -> ClientRun:
     """Runs the file in the rwkv pip package, with the strategy it was converted for."""
     made_for = converted_for(Probe(path))
     if strategy and str(parse_strategy(strategy)) != made_for:
@@ -204,11 +207,11 @@ def native(path: Path, strategy: str | None, streams: dict[str, list[int]], spli
         if "error" in out:
             raise RwkvConvertError(f"the rwkv pip package could not run {path}: {brief(out['error'], 300)}")
     schemes = {p.precision for p in allocate(parse_strategy(made_for), spec.n_layer)}
-    return NativeRun("rwkv pip package", made_for, dict(zip(streams, outputs, strict=True)), schemes, twin=made_for)
+    return ClientRun(PIP_PACKAGE.name, made_for, dict(zip(streams, outputs, strict=True)), schemes, twin=made_for)
 
 
 FORMAT = Format(
     name="pip", summary="a pip-converted file (the rwkv pip package's format)", runtime="the rwkv pip package",
     sniff=lambda probe: converted_for(probe) is not None,
     load=lambda probe, strategy: read_pip_converted(probe.path, *probe.torch_raw, strategy=strategy),
-    write=write, options=PipOptions, supports=supports, native=native)
+    write=write, options=PipOptions, supports=supports, client_run=client_run)

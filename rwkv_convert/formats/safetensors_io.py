@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RwkvConvertError, brief
-from .spans import check_mapped_crcs, check_spans
+from ..spans import check_mapped_crcs, check_spans
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

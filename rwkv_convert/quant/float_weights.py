@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .native import bf16_matmul, rows_library
+from .kernels import bf16_matmul, rows_library
 
 NATIVE_TOKENS = 4  # up to here the native kernel beats torch (it reads the weights once per 4 tokens)
 _WIDEN_BLOCK = 1 << 22  # fp32 elements widened at once for longer inputs: 16 MB, one block in cache

@@ -14,7 +14,7 @@ import torch
 from ..cuda import ops as cuda_ops
 from .gguf_blocks import Grid
 from .gptq import gptq_on_grid
-from .native import int8_gemv, int8_library, int8_rows, rows_library
+from .kernels import int8_gemv, int8_library, int8_rows, rows_library
 
 
 def _safe(divisor: torch.Tensor) -> torch.Tensor:

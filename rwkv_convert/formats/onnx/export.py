@@ -26,13 +26,13 @@ from ...checkpoint import Checkpoint
 from ...errors import RwkvConvertError
 from ...passes import rescale_factor, rescale_for_fp16
 from ...quant import matmul_nbits
+from ...runtimes.onnx_layout import FORMAT_TAG, data_path, onnx_module, sequence_path
 from ...spec import ModelSpec
 from ...strategy import parse_strategy
 from ..base import Options, calibration_method_option, option
 from . import v4, v5, v6, v7
 from .emit import ACCURACY_LEVELS, QUANT_BITS, Emitter, as_array
-from .graph import Graph, WeightStore, onnx_module
-from .layout import FORMAT_TAG, data_path, sequence_path
+from .graph import Graph, WeightStore
 
 DTYPES = ("fp32", "fp16")
 QUANTS = ("none", "int8", "int4")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ...errors import RwkvConvertError
+from ...runtimes.onnx_layout import data_path, sequence_path
+from ...runtimes.onnx_runtime import OnnxModel
 from ..base import Format, Probe
 from .export import OnnxOptions, supports, write
-from .layout import data_path, sequence_path
-from .runtime import OnnxModel
 
 
 def load(probe: Probe, strategy: str | None) -> OnnxModel:

@@ -10,21 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import RwkvConvertError
-from . import checksums
+from ...runtimes import onnx_checksums as checksums
+from ...runtimes.onnx_layout import onnx_module
 
 OPSET = 17  # LayerNormalization is opset 17; onnxruntime >= 1.14 runs it
 IR_VERSION = 8  # onnx 1.23 writes IR 14 by default, which onnxruntime rejects
 MS_DOMAIN = "com.microsoft"  # MatMulNBits
 EXTERNAL_ALIGN = 64  # bytes: lets onnxruntime mmap the data file with aligned tensors
 
-
-def onnx_module():
-    try:
-        import onnx
-    except ImportError:
-        raise RwkvConvertError("ONNX export needs the `onnx` package: pip install 'rwkv-convert[onnx]'") from None
-    return onnx
 
 
 class WeightStore:

@@ -18,8 +18,14 @@ from pathlib import Path
 
 import torch
 
-from .client_files import client_view, weights_only_here
-from .errors import RwkvConvertError, brief
+from ..client_files import client_view, weights_only_here
+from ..errors import RwkvConvertError, brief
+from .base import Client
+
+CLIENT = Client("transformers", "transformers", "transformers", "loads --layout hf exports of RWKV-4",
+                "pip install 'transformers>=4.56'")
+RWKV7_HF = Client("rwkv7-hf", "rwkv7-hf", "rwkv7_hf", "runs --layout hf exports of RWKV-7",
+                  "pip install rwkv7-hf==0.9.0")
 
 # model_type in config.json -> how the model hands its state back and takes it again
 CARRIED = {"rwkv": ("state", "state"), "rwkv7": ("past_key_values", "past_key_values")}
@@ -105,12 +111,9 @@ def stored_scheme(directory: Path) -> str:
 
 class TransformersRunner:
     def __init__(self, directory: Path):
-        try:
-            from transformers import AutoModelForCausalLM
-            from transformers.utils import logging
-        except ImportError:
-            raise RwkvConvertError("running HF exports needs transformers (and, for RWKV-7, rwkv7-hf's dependencies):"
-                                   " pip install 'rwkv-convert[runtimes]' (or verify with --runner ours)") from None
+        CLIENT.imported("running HF exports", "or verify with --runner ours")
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
         self.kind = model_type(directory)
         self.trusted = _TRUSTED.get()
         viewed = {k: _read(directory / k) for k in VIEWED_FILES if (directory / k).is_file()}

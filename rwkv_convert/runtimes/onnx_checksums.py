@@ -9,7 +9,7 @@ import mmap
 import zlib
 from pathlib import Path
 
-from ...errors import RwkvConvertError, brief, check_crc32
+from ..errors import RwkvConvertError, brief, check_crc32
 from ..spans import check_mapped_crcs
 
 CHECKSUMS_KEY = "rwkv.checksums"  # JSON {"model": crc, "data": {initializer: crc}}

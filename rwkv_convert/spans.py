@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import drop_file_pages
-from ..errors import RwkvConvertError, check_crc32
+from .checkpoint import drop_file_pages
+from .errors import RwkvConvertError, check_crc32
 
 
 def check_spans(path: Path, spans: list[tuple[int, int, str]], packed_size: int | None = None) -> None:

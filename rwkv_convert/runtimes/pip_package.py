@@ -20,8 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .client_files import client_environment, client_view
-from .errors import RwkvConvertError
+from ..client_files import client_environment, client_view
+from ..errors import RwkvConvertError
+from .base import Client
+
+CLIENT = Client("rwkv pip package", "rwkv", "rwkv", "the pip package: runs --to pip files, the numerical oracle",
+                "pip install rwkv")
 
 
 def run_in_pip_package(jobs: list[dict], v7: bool = False, timeout: float = 3600,
@@ -45,8 +49,8 @@ def run_in_pip_package(jobs: list[dict], v7: bool = False, timeout: float = 3600
             env["RWKV_V7_ON"] = "1"
         if deep_embed:
             env["RWKV_DE_VERSION"] = "1"
-        proc = subprocess.run([sys.executable, "-m", "rwkv_convert.pip_runtime", str(jobs_file), str(out_file)],
-                              env=env, capture_output=True, text=True, timeout=timeout, pass_fds=view.fds)
+        proc = subprocess.run([sys.executable, "-m", __name__, str(jobs_file), str(out_file)], env=env,
+                              capture_output=True, text=True, timeout=timeout, pass_fds=view.fds)
         if proc.returncode:
             last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
             raise RwkvConvertError(f"the rwkv pip package failed: {last[:300]}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import RwkvConvertError
+
 FORMAT_TAG = "rwkv-convert-onnx-1"
 
 
@@ -16,3 +18,10 @@ def sequence_path(step_path: Path) -> Path:
 def data_path(output: Path) -> Path:
     """The external weights file shared by the graphs of one export."""
     return output.with_name(output.name + ".data")
+
+def onnx_module():
+    try:
+        import onnx
+    except ImportError:
+        raise RwkvConvertError("ONNX export needs the `onnx` package: pip install 'rwkv-convert[onnx]'") from None
+    return onnx

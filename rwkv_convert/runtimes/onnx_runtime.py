@@ -10,22 +10,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...arch import module_for, state_names
-from ...client_files import client_view
-from ...errors import RwkvConvertError, brief
-from ...spec import ModelSpec
-from . import checksums
-from .graph import onnx_module
-from .layout import FORMAT_TAG, sequence_path
+from ..arch import module_for, state_names
+from ..client_files import client_view
+from ..errors import RwkvConvertError, brief
+from ..spec import ModelSpec
+from . import onnx_checksums as checksums
+from .base import Client
+from .onnx_layout import FORMAT_TAG, onnx_module, sequence_path
+
+CLIENT = Client("onnxruntime", "onnxruntime", "onnxruntime", "runs ONNX exports",
+                "pip install onnxruntime (or onnxruntime-gpu for the CUDA provider)")
 
 
 def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise RwkvConvertError("running ONNX files needs onnxruntime: pip install onnxruntime"
-                               " (or onnxruntime-gpu for the CUDA provider)") from None
-    return onnxruntime
+    return CLIENT.imported("running ONNX files")
 
 
 def _session(path: Path, providers, checked: set):

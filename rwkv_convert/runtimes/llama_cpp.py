@@ -10,17 +10,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .client_files import client_view
-from .errors import RwkvConvertError, brief
+from ..client_files import client_view
+from ..errors import RwkvConvertError, brief
+from .base import Client
+
+LLAMA_PIN = "llama-cpp-python==0.3.36"  # the release our GGUF tests run
+CLIENT = Client("llama.cpp (llama-cpp-python)", "llama-cpp-python", "llama_cpp",
+                "runs GGUF files in llama.cpp (verify, quality)",
+                f"pip install {LLAMA_PIN}  (builds llama.cpp: 5-10 minutes)")
 
 
 def _llama_class():
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise RwkvConvertError("running GGUF files in llama.cpp needs llama-cpp-python:"
-                               " pip install 'rwkv-convert[llama]' (or verify with --runner ours)") from None
-    return Llama
+    return CLIENT.imported("running GGUF files in llama.cpp", "or verify with --runner ours").Llama
 
 
 @contextlib.contextmanager
@@ -51,11 +52,7 @@ def llama_quantize(source: Path, target: Path, mix: str) -> None:
 
 
 def check_quantizer() -> None:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise RwkvConvertError("this --quant is made by llama.cpp's own quantizer: pip install 'rwkv-convert[llama]'"
-                               " (llama-cpp-python)") from None
+    CLIENT.imported("this --quant (made by llama.cpp's own quantizer)")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,18 @@
+"""The clients our files run in, one module each, besides our own runner (runner.py): the `rwkv` pip package
+(pip_package), llama.cpp through llama-cpp-python (llama_cpp), onnxruntime (onnx_runtime, with the ONNX
+files' layout and checksums it shares with the writer), transformers with rwkv7-hf (hf_transformers). Each
+declares a `Client` (runtimes/base.py): its name in verdicts, what it needs and how to install it; verify,
+quality, release and doctor ask them. A client gets only files our readers checked (client_files.py)."""
+
+from __future__ import annotations
+
+from .base import Client, ClientRun
+from .hf_transformers import CLIENT as TRANSFORMERS
+from .hf_transformers import RWKV7_HF
+from .llama_cpp import CLIENT as LLAMA_CPP
+from .onnx_runtime import CLIENT as ONNXRUNTIME
+from .pip_package import CLIENT as PIP_PACKAGE
+
+CLIENTS: tuple[Client, ...] = (ONNXRUNTIME, LLAMA_CPP, PIP_PACKAGE, TRANSFORMERS, RWKV7_HF)
+
+__all__ = ["CLIENTS", "LLAMA_CPP", "ONNXRUNTIME", "PIP_PACKAGE", "RWKV7_HF", "TRANSFORMERS", "Client", "ClientRun"]
