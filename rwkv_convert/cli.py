@@ -22,6 +22,7 @@ from .fixtures import EXTRA_VARIANTS, VARIANTS, fixture_path
 from .formats import registry
 from .formats.base import flag_of
 from .generate import generate
+from .json_text import json_safe
 from .plan import format_plan, make_plan
 from .runner import LN0_FOLDS
 from .tokenizer import HFTokenizer, check_fits, default_tokenizer
@@ -124,7 +125,7 @@ def inputs(*paths) -> protecting:
 
 
 def emit(human: str, document, as_json: bool, json_out: str | None) -> None:
-    text = json.dumps(release.json_safe(document), indent=2, allow_nan=False)  # null for an unbounded tolerance
+    text = json.dumps(json_safe(document), indent=2, allow_nan=False)  # null for an unbounded tolerance
     if json_out:
         write_text_atomic(Path(json_out), text + "\n")
     if as_json:
