@@ -193,18 +193,29 @@ def test_a_hang_stops_with_one_line(tmp_path):
 # ---- the self-test decides, and its verdict is kept --------------------------------------------------------------
 def run_fixture(kernels: str, corrupt: str | None, cache: Path) -> subprocess.CompletedProcess:
     """The v7 fixture's logits with the CUDA kernels' CPU build (or the torch path), in a child with its own cache;
-    it prints whether they equal the torch path's exactly and how far apart they are."""
+    it prints whether they equal the torch path's exactly and how far apart they are. corrupt: a kernel of the
+    CPU build made wrong in the child (1 added to its first output), under another card's name so that no
+    verdict of the honest build covers it."""
     code = f"""
 import torch, rwkv_convert
+from rwkv_convert.cuda import on_cpu
 from rwkv_convert.runner import Model
+corrupt = {corrupt!r}
+if corrupt:
+    honest = getattr(on_cpu.KernelsOnCpu, corrupt)
+    def wrong(self, *args, **kwargs):
+        out = honest(self, *args, **kwargs)
+        (out[0] if isinstance(out, tuple) else out).view(-1)[0] += 1
+        return out
+    setattr(on_cpu.KernelsOnCpu, corrupt, wrong)
+    on_cpu.CARD += f" ({{corrupt}} corrupted by a test)"
 ckpt = rwkv_convert.read_checkpoint({str(fixture_path("v7"))!r})
 tokens = {tokens_for(9)!r}
 got = Model(ckpt, "cpu fp32", kernels={kernels!r}).forward(tokens, None, full_output=True)[0]
 want = Model(ckpt, "cpu fp32", kernels="torch").forward(tokens, None, full_output=True)[0]
 print(torch.equal(got, want), (got - want).abs().max().item())
 """
-    env = {k: v for k, v in os.environ.items() if k != "RWKV_CONVERT_CORRUPT_KERNEL"}
-    env.update(RWKV_CONVERT_CACHE=str(cache), **({"RWKV_CONVERT_CORRUPT_KERNEL": corrupt} if corrupt else {}))
+    env = {**os.environ, "RWKV_CONVERT_CACHE": str(cache)}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -214,7 +225,7 @@ def test_a_corrupted_kernel_is_disabled_with_one_line_and_the_torch_path_runs(tm
         assert proc.returncode == 0, proc.stderr
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1, (attempt, lines)
-        assert "CUDA kernels disabled on the CPU build of the CUDA kernels (RWKV_CONVERT_CORRUPT_KERNEL=wkv7)" \
+        assert "CUDA kernels disabled on the CPU build of the CUDA kernels (wkv7 corrupted by a test)" \
                in lines[0] and "wkv7 differs from the torch path by" in lines[0], lines[0]
         assert proc.stdout.split()[0] == "True", (attempt, proc.stdout)  # exactly the torch path's logits
     assert list(tmp_path.rglob("*selftest-the_CPU_build*wkv7*.json"))  # the verdict, kept beside the build

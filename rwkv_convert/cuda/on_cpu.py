@@ -127,17 +127,10 @@ class KernelsOnCpu:
 _trusted: dict[str, KernelsOnCpu | None] = {}
 
 
-def card_name() -> str:
-    """The CPU build's name in verdicts and messages; a corrupting switch makes it another card, so a verdict
-    cached without the switch never covers a corrupted run."""
-    corrupt = os.environ.get("RWKV_CONVERT_CORRUPT_KERNEL")
-    return CARD + (f" (RWKV_CONVERT_CORRUPT_KERNEL={corrupt})" if corrupt else "")
-
-
 def trusted_kernels() -> KernelsOnCpu | None:
     """The CPU build when it builds and passes its self-test (cached beside the library), else None after one
     line on stderr. Once per process."""
-    card = card_name()
+    card = CARD  # read here: a test that alters the kernels names another card, so no honest verdict covers it
     if card not in _trusted:
         try:
             ext = build()
