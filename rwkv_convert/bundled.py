@@ -1,5 +1,5 @@
 """Files shipped inside the package: the small trained models and the texts they are measured on
-(rwkv_convert/trained; made by fixtures/train_tiny.py, on Python's standard library under the PSF License)."""
+(rwkv_convert/trained; made by scripts/train_tiny.py, on Python's standard library under the PSF License)."""
 
 from __future__ import annotations
 
