@@ -260,9 +260,11 @@ def _format_flags() -> dict[str, click.Option]:
             flag = flag_of(f)
             if flag in flags:
                 continue
-            choices = sorted({c for w in registry.writers() for g in dataclasses.fields(w.options)
-                              if flag_of(g) == flag for c in (g.metadata.get("choices") or ())})
-            kind = click.Choice(choices, case_sensitive=False) if choices else None
+            fields = [g for w in registry.writers() for g in dataclasses.fields(w.options) if flag_of(g) == flag]
+            choices = sorted({c for g in fields for c in (g.metadata.get("choices") or ())})
+            # a storage type's word is checked by the format's options, which name a foreign one (precision.py)
+            storage = any(g.metadata.get("storage") for g in fields)
+            kind = click.Choice(choices, case_sensitive=False) if choices and not storage else None
             flags[flag] = click.Option([flag], default=None, type=kind, help=f.metadata["help"])
     return flags
 

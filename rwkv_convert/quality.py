@@ -22,8 +22,10 @@ from .bundled import HELD_OUT_TEXT, bundled_file
 from .calibration import BUNDLED
 from .errors import RwkvConvertError
 from .formats.registry import convert, detect, load_detected, read_checkpoint
+from .precision import StorageType, by_gguf, by_onnx, storage
 from .runner import Model
 from .runtimes.llama_cpp import LlamaCppRunner
+from .strategy import allocate, parse_strategy
 from .tokenizer import default_tokenizer
 
 
@@ -33,54 +35,64 @@ class Scheme:
     to: str | None  # the export (None: the source itself, at fp32)
     options: dict
     runtime: str  # "ours", "onnxruntime" or "llama.cpp"
-    bits: float  # nominal bits per weight of the large matrices, for ordering expectations
+
+    @property
+    def storage(self) -> StorageType:
+        """The storage type of its large matrices, from the precision table."""
+        if self.to == "gguf":
+            return by_gguf(self.options["quant"].upper())
+        if self.to == "onnx":
+            quant = self.options.get("quant", "none")
+            return by_onnx(self.options.get("dtype", "fp32") if quant == "none" else quant)
+        placements = allocate(parse_strategy(self.options.get("strategy", "cpu fp32")), 1)
+        return storage(placements[0].precision)
 
 
 SCHEMES = {s.name: s for s in (
-    Scheme("fp32", None, {}, "ours", 32),
-    Scheme("fp16", "safetensors", {"layout": "prepared", "strategy": "cpu fp16"}, "ours", 16),
-    Scheme("bf16", "safetensors", {"layout": "prepared", "strategy": "cpu bf16"}, "ours", 16),
-    Scheme("fp32i8", "safetensors", {"layout": "prepared", "strategy": "cpu fp32i8"}, "ours", 8),
+    Scheme("fp32", None, {}, "ours"),
+    Scheme("fp16", "safetensors", {"layout": "prepared", "strategy": "cpu fp16"}, "ours"),
+    Scheme("bf16", "safetensors", {"layout": "prepared", "strategy": "cpu bf16"}, "ours"),
+    Scheme("fp32i8", "safetensors", {"layout": "prepared", "strategy": "cpu fp32i8"}, "ours"),
     Scheme("fp32i8-cal", "safetensors", {"layout": "prepared", "strategy": "cpu fp32i8", "calibration": BUNDLED},
-           "ours", 8),
-    Scheme("fp16i8", "safetensors", {"layout": "prepared", "strategy": "cpu fp16i8"}, "ours", 8),
+           "ours"),
+    Scheme("fp16i8", "safetensors", {"layout": "prepared", "strategy": "cpu fp16i8"}, "ours"),
     Scheme("fp16i8-cal", "safetensors", {"layout": "prepared", "strategy": "cpu fp16i8", "calibration": BUNDLED},
-           "ours", 8),
-    Scheme("gguf-f16", "gguf", {"quant": "f16"}, "llama.cpp", 16),
-    Scheme("gguf-q8_0", "gguf", {"quant": "q8_0"}, "llama.cpp", 8.5),
-    Scheme("gguf-q5_1", "gguf", {"quant": "q5_1"}, "llama.cpp", 6),
-    Scheme("gguf-q5_0", "gguf", {"quant": "q5_0"}, "llama.cpp", 5.5),
-    Scheme("gguf-q4_1", "gguf", {"quant": "q4_1"}, "llama.cpp", 5),
-    Scheme("gguf-q4_0", "gguf", {"quant": "q4_0"}, "llama.cpp", 4.5),
-    Scheme("gguf-q6_k", "gguf", {"quant": "q6_k"}, "llama.cpp", 6.5625),
-    Scheme("gguf-q5_k", "gguf", {"quant": "q5_k"}, "llama.cpp", 5.5),
-    Scheme("gguf-q4_k", "gguf", {"quant": "q4_k"}, "llama.cpp", 4.5),
-    *(Scheme(f"gguf-{q}-cal", "gguf", {"quant": q, "calibration": BUNDLED}, "llama.cpp", bits)
-      for q, bits in (("q5_1", 6), ("q5_0", 5.5), ("q4_1", 5), ("q4_0", 4.5), ("q5_k", 5.5), ("q4_k", 4.5))),
+           "ours"),
+    Scheme("gguf-f16", "gguf", {"quant": "f16"}, "llama.cpp"),
+    Scheme("gguf-q8_0", "gguf", {"quant": "q8_0"}, "llama.cpp"),
+    Scheme("gguf-q5_1", "gguf", {"quant": "q5_1"}, "llama.cpp"),
+    Scheme("gguf-q5_0", "gguf", {"quant": "q5_0"}, "llama.cpp"),
+    Scheme("gguf-q4_1", "gguf", {"quant": "q4_1"}, "llama.cpp"),
+    Scheme("gguf-q4_0", "gguf", {"quant": "q4_0"}, "llama.cpp"),
+    Scheme("gguf-q6_k", "gguf", {"quant": "q6_k"}, "llama.cpp"),
+    Scheme("gguf-q5_k", "gguf", {"quant": "q5_k"}, "llama.cpp"),
+    Scheme("gguf-q4_k", "gguf", {"quant": "q4_k"}, "llama.cpp"),
+    *(Scheme(f"gguf-{q}-cal", "gguf", {"quant": q, "calibration": BUNDLED}, "llama.cpp")
+      for q in ("q5_1", "q5_0", "q4_1", "q4_0", "q5_k", "q4_k")),
     # calibrated by importance-weighted rounding alone, to set beside GPTQ (-cal); not in the default set
     *(Scheme(f"gguf-{q}-round", "gguf", {"quant": q, "calibration": BUNDLED, "calibration_method": "rounding"},
-             "llama.cpp", 4.5) for q in ("q4_0", "q4_k")),
-    Scheme("onnx-fp16", "onnx", {"dtype": "fp16", "graphs": "sequence"}, "onnxruntime", 16),
-    Scheme("onnx-int8", "onnx", {"quant": "int8", "graphs": "sequence"}, "onnxruntime", 8),
-    Scheme("onnx-int4", "onnx", {"quant": "int4", "graphs": "sequence"}, "onnxruntime", 4),
+             "llama.cpp") for q in ("q4_0", "q4_k")),
+    Scheme("onnx-fp16", "onnx", {"dtype": "fp16", "graphs": "sequence"}, "onnxruntime"),
+    Scheme("onnx-int8", "onnx", {"quant": "int8", "graphs": "sequence"}, "onnxruntime"),
+    Scheme("onnx-int4", "onnx", {"quant": "int4", "graphs": "sequence"}, "onnxruntime"),
     Scheme("onnx-int8-all", "onnx", {"quant": "int8", "graphs": "sequence", "quant_embedding_head": True},
-           "onnxruntime", 8),
+           "onnxruntime"),
     Scheme("onnx-int4-all", "onnx", {"quant": "int4", "graphs": "sequence", "quant_embedding_head": True},
-           "onnxruntime", 4),
+           "onnxruntime"),
     # calibrated (GPTQ on the bundled text); fp16 weights and scales with the embedding and head quantized too
-    Scheme("onnx-int8-cal", "onnx", {"quant": "int8", "graphs": "sequence", "calibration": BUNDLED}, "onnxruntime", 8),
-    Scheme("onnx-int4-cal", "onnx", {"quant": "int4", "graphs": "sequence", "calibration": BUNDLED}, "onnxruntime", 4),
+    Scheme("onnx-int8-cal", "onnx", {"quant": "int8", "graphs": "sequence", "calibration": BUNDLED}, "onnxruntime"),
+    Scheme("onnx-int4-cal", "onnx", {"quant": "int4", "graphs": "sequence", "calibration": BUNDLED}, "onnxruntime"),
     Scheme("onnx-fp16-int4-all-cal", "onnx", {"dtype": "fp16", "quant": "int4", "graphs": "sequence",
-                                               "quant_embedding_head": True, "calibration": BUNDLED}, "onnxruntime", 4),
+                                               "quant_embedding_head": True, "calibration": BUNDLED}, "onnxruntime"),
     Scheme("onnx-fp16-int4-cal-int8-tables", "onnx", {
         "dtype": "fp16", "quant": "int4", "graphs": "sequence", "quant_embedding_head": True,
-        "embedding_head_quant": "int8", "calibration": BUNDLED}, "onnxruntime", 4),
+        "embedding_head_quant": "int8", "calibration": BUNDLED}, "onnxruntime"),
     # MatMulNBits computing in fp32 (accuracy_level 1) instead of int8: what quantized activations cost
     *(Scheme(f"onnx-int{b}-fp32compute", "onnx", {"quant": f"int{b}", "graphs": "sequence", "compute": "fp32"},
-             "onnxruntime", b) for b in (8, 4)),
+             "onnxruntime") for b in (8, 4)),
     Scheme("onnx-fp16-int8-all-cal-fp32compute", "onnx", {
         "dtype": "fp16", "quant": "int8", "graphs": "sequence", "quant_embedding_head": True, "calibration": BUNDLED,
-        "compute": "fp32"}, "onnxruntime", 8),
+        "compute": "fp32"}, "onnxruntime"),
 )}
 # One row per choice a user makes, calibrated beside plain where calibration matters (the 4-bit types and our
 # int8); `--schemes all` measures every scheme (about twice as long).
@@ -196,7 +208,7 @@ def measure(source: str | Path, text: str | Path | None = None, schemes: list[st
     names = parse_schemes(",".join(schemes) if schemes else None)
     known = dict(SCHEMES)
     if target_size:
-        planned = Scheme(f"gguf-target-{target_size}", "gguf", {"target_size": target_size}, "llama.cpp", 0)
+        planned = Scheme(f"gguf-target-{target_size}", "gguf", {"target_size": target_size}, "llama.cpp")
         known[planned.name] = planned
         names.append(planned.name)
 

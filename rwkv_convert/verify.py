@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint, checkpoint_from_tensors
 from .errors import RwkvConvertError
 from .formats.registry import detect, load_detected, read_checkpoint
 from .plan import make_plan
+from .precision import BOUND_ORDER, BOUNDS, Bound, float_bound, least_precise
 from .progress import step
 from .runner import Model
 from .runtimes.base import ClientRun
@@ -33,55 +34,9 @@ MODES = ("sequence", "one-token", "chunked")
 _MODE_KEYS = {"sequence": "seq", "one-token": "one", "chunked": "split"}
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    max_abs: float  # max |Δlogit|
-    rel_l2: float  # ||Δ|| / ||reference|| over all positions
-    kl: float  # mean KL(reference || candidate) of the softmax, nats
-    top1: float  # minimum share of positions whose argmax agrees
-    reason: str
-
-
-# One table, keyed by the least precise part of the candidate's plan. Measured on the fixtures (7 layers,
-# logits of magnitude ~13, 2 x 64 tokens, v4-v7), worst case in the reason; bounds leave about 3x room.
-TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(1e-3, 1e-4, 1e-6, 0.99,
-                      "same math in fp32, only summation order differs: measured max |Δ| <= 4e-5"),
-    "fp16": Tolerance(0.5, 0.01, 1e-3, 0.95,
-                      "fp16 (10-bit mantissa; v4-v6 rescaled every 6 layers): measured max |Δ| 0.2 (v7),"
-                      " rel L2 0.0034"),
-    "bf16": Tolerance(1.0, 0.05, 0.01, 0.85,
-                      "bf16 (7-bit mantissa): measured max |Δ| 0.33, rel L2 0.017, KL 0.0012, top-1 95%"),
-    "i8": Tolerance(1.0, 0.05, 0.01, 0.85,
-                    "int8 weights, row+column scales, fp32/fp16 activations: measured max |Δ| 0.34, rel L2 0.016,"
-                    " KL 0.0011, top-1 92%"),
-    "bf16i8": Tolerance(3.0, 0.15, 0.05, 0.75,
-                        "int8 weights with bf16 activations and scales: measured max |Δ| 1.4, rel L2 0.065,"
-                        " KL 0.018, top-1 88%"),
-    "q8_0": Tolerance(5.0, 0.1, 0.05, 0.9,
-                      "GGUF Q8_0 (blocks of 32, one fp16 scale; llama.cpp also quantizes activations): measured on"
-                      " the fixtures rel L2 <= 0.057, KL <= 0.02, top-1 92-100% per 64-token stream and 94.5-96.9%"
-                      " pooled over 8 streams (flips at reference top-2 margins <= 0.5), max |Δ| <= 1.1 in"
-                      " llama.cpp and one 3.2 outlier in our fp32 reader (v7 bf16: Q8_0 of the embedding alone"
-                      " moves a logit by 2.7 in that random model)"),
-    "int8-block": Tolerance(4.0, 0.1, 0.02, 0.85,
-                            "ONNX int8 (onnxruntime MatMulNBits, blocks of 32 along K with zero points, int8"
-                            " activations: accuracy_level 4): measured on the v4-v7 fixtures max |Δ| <= 1.8,"
-                            " rel L2 <= 0.036, KL <= 0.0061, top-1 >= 92%"),
-    "int4-block": Tolerance(15.0, 0.6, 1.0, 0.35,
-                            "ONNX int4 (MatMulNBits, blocks of 32 with zero points): measured on the v4-v7 fixtures"
-                            " max |Δ| <= 6.9, rel L2 <= 0.29, KL <= 0.33, top-1 >= 55% (random 7-layer models are"
-                            " far more sensitive to weight noise than trained ones)"),
-    "q5/q4": Tolerance(15.0, 0.6, 1.0, 0.35,
-                       "GGUF 4-6 bit blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, and the mixes of them):"
-                       " measured on the 7-layer random v5.2 and v6 fixtures in llama.cpp rel L2 <= 0.23, KL <= 0.36"
-                       " (Q4_0; Q4_K and Q5_K <= 0.08), top-1 of all positions >= 53%; on the trained models KL"
-                       " <= 0.034"),
-    "q3/q2": Tolerance(30.0, 1.2, 3.0, 0.2,
-                       "GGUF 2-3 bit K blocks (llama.cpp's Q3_K and Q2_K mixes): on the trained v7 Q3_K_M KL 0.075,"
-                       " rel L2 0.049; Q2_K KL 0.22, rel L2 0.11 (the noise baseline is what keeps these honest)"),
-}
-_PRECISION_ORDER = ("fp32", "fp16", "bf16", "i8", "int8-block", "bf16i8", "q8_0", "int4-block", "q5/q4", "q3/q2")
+# A verdict's bound is the precision table's (precision.py: one row per storage type, one bound per class)
+Tolerance = Bound
+TOLERANCES = BOUNDS
 
 # How the reference runner reproduces each scheme's rounding on the reference checkpoint itself, and how far
 # beyond that run's error a valid candidate may go. A strategy of ours is the pip package's own math for that
@@ -115,14 +70,12 @@ def scheme_label(placement) -> str:
 
 def stored_precision(spec) -> str:
     """The least precise float type a model file stores its weights in (fp32, fp16 or bf16)."""
-    stored = {"float16": "fp16", "bfloat16": "bf16"}
-    return max((stored.get(d, "fp32") for d, n in spec.dtypes.items() if n and d.startswith(("float", "bfloat"))),
-               key=_PRECISION_ORDER.index, default="fp32")
+    return max((float_bound(d) for d, n in spec.dtypes.items() if n and d.startswith(("float", "bfloat"))),
+               key=BOUND_ORDER.index, default="fp32")
 
 
 def tolerance_for(schemes: set[str]) -> tuple[str, Tolerance]:
-    worst = max(schemes, key=_PRECISION_ORDER.index)
-    return worst, TOLERANCES[worst]
+    return least_precise(schemes)
 
 
 def round_to_blocks(weight: torch.Tensor, bits: int, block: int = 32) -> torch.Tensor:
@@ -444,7 +397,7 @@ def _candidate_run(candidate, ref: ReferenceRun, strategy, runner: str, referenc
     _check_same_model(model, candidate, ref.spec, reference)
     schemes = set(model.weight_schemes) | (fmt.stored(probe.path) if fmt.stored else set())
     stored = stored_precision(model.spec)  # a file stored less precisely than its reference: a web-rwkv .st (F16)
-    if _PRECISION_ORDER.index(stored) > _PRECISION_ORDER.index(stored_precision(ref.spec)):
+    if BOUND_ORDER.index(stored) > BOUND_ORDER.index(stored_precision(ref.spec)):
         schemes.add(stored)
     name = model.runner_name + ("" if fmt.read else f" reading {fmt.summary}")
     outputs = {n: run_ours(model, toks, ref.split) for n, toks in ref.streams.items()}

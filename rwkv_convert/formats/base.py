@@ -18,6 +18,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, load_raw
 from ..errors import RwkvConvertError
+from ..precision import no_counterpart
 from ..runtimes.base import ClientRun
 from ..spec import ModelSpec
 from .safetensors_io import is_safetensors, read_header
@@ -68,9 +69,12 @@ class Probe:
         return load_raw(self.path)
 
 
-def option(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
-    """A write option: a dataclass field that the CLI turns into `flag` (default --NAME) under its format."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+def option(default: Any, help: str, flag: str | None = None, choices: tuple | None = None,
+           storage: str | None = None) -> Any:
+    """A write option: a dataclass field that the CLI turns into `flag` (default --NAME) under its format.
+    storage: the precision table's column its choices name (gguf, onnx): a storage type of another format is
+    refused by name (precision.no_counterpart)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "storage": storage})
 
 
 def calibration_method_option() -> Any:
@@ -94,6 +98,10 @@ class Options:
                 if same:
                     object.__setattr__(self, f.name, value := same[0])
             if choices and value is not None and value not in choices:
+                foreign = f.metadata.get("storage") and isinstance(value, str) and \
+                    no_counterpart(value, f.metadata["storage"], flag_of(f), choices)
+                if foreign:
+                    raise RwkvConvertError(foreign)
                 raise RwkvConvertError(f"unknown {flag_of(f)} {value!r}; choose from {', '.join(map(str, choices))}")
 
     @classmethod

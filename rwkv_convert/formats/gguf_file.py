@@ -25,6 +25,7 @@ from ..atomic import AtomicOutput
 from ..calibration import BUNDLED, LayerwiseGptq, activation_importance, tensor_sensitivity
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import CastWarning, RwkvConvertError, UnsupportedError, brief, check_crc32
+from ..precision import by_gguf
 from ..progress import step
 from ..quant import gguf_blocks, size_plan
 from ..runtimes.base import ClientRun
@@ -265,7 +266,7 @@ class GgufOptions(Options):
                         " K-quants q6_k/q5_k/q4_k are written by our quantizer; q4_k_m, q4_k_s, q5_k_m, q5_k_s are"
                         " llama-quantize's mixes for RWKV (the base type, output.weight Q6_K); q3_k_l/m/s and"
                         " q2_k(_s) are made by llama.cpp's own quantizer (needs llama-cpp-python); names in any case",
-                        choices=QUANTS)
+                        choices=QUANTS, storage="gguf")
     strategy: str | None = option(None, "per-layer types instead of --quant: fp32 -> F32, fp16 -> F16, bf16 -> BF16,"
                                   " any i8 -> Q8_0")
     tokenizer: str | None = option(None, "a byte-level BPE tokenizer.json to embed; default the World vocabulary"
@@ -588,7 +589,6 @@ def read_gguf(path: Path) -> Checkpoint:
     return checkpoint_from_tensors(path, sd, mmapped=False)
 
 
-_GGUF_LABELS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "Q8_0": "q8_0", "Q3_K": "q3/q2", "Q2_K": "q3/q2"}
 
 
 def tensor_type_counts(path) -> dict[str, int]:
@@ -600,8 +600,8 @@ def tensor_type_counts(path) -> dict[str, int]:
 
 
 def tensor_schemes(path) -> set[str]:
-    """The GGUF's tensor types as tolerance keys (4-6 bit blocks are "q5/q4", 2-3 bit K blocks "q3/q2")."""
-    return {_GGUF_LABELS.get(t.tensor_type.name, "q5/q4") for t in _gguf().GGUFReader(path).tensors}
+    """The GGUF's tensor types as their bounds in the precision table (4-6 bit blocks "q5/q4", 2-3 bit "q3/q2")."""
+    return {by_gguf(t.tensor_type.name).bound for t in _gguf().GGUFReader(path).tensors}
 
 
 def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int,

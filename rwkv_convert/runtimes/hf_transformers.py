@@ -20,6 +20,7 @@ import torch
 
 from ..client_files import client_view, weights_only_here
 from ..errors import RwkvConvertError, brief
+from ..precision import float_bound
 from .base import Client
 
 CLIENT = Client("transformers", "transformers", "transformers", "loads --layout hf exports of RWKV-4",
@@ -29,7 +30,6 @@ RWKV7_HF = Client("rwkv7-hf", "rwkv7-hf", "rwkv7_hf", "runs --layout hf exports 
 
 # model_type in config.json -> how the model hands its state back and takes it again
 CARRIED = {"rwkv": ("state", "state"), "rwkv7": ("past_key_values", "past_key_values")}
-STORED = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 # The model code RWKV-7 exports carry: rwkv7-hf 0.9.0's self-contained implementation, by SHA-256. The writer
 # copies these from the installed package and refuses another version's; the runner runs only these.
@@ -106,7 +106,7 @@ def runs_in_transformers(directory: Path) -> bool:
 
 def stored_scheme(directory: Path) -> str:
     config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
-    return STORED.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), "fp32")
+    return float_bound(str(config.get("dtype") or config.get("torch_dtype") or "float32"))
 
 
 class TransformersRunner:

@@ -13,6 +13,7 @@ import torch
 from ..arch import module_for, state_names
 from ..client_files import client_view
 from ..errors import RwkvConvertError, brief
+from ..precision import by_onnx
 from ..spec import ModelSpec
 from . import onnx_checksums as checksums
 from .base import Client
@@ -114,8 +115,8 @@ class OnnxModel:
 
     @property
     def scheme(self) -> str:
-        """The tolerance-table key of this export."""
-        return {"int8": "int8-block", "int4": "int4-block"}.get(self.quant, self.dtype)
+        """The bound of this export's matrices in the precision table."""
+        return by_onnx(self.dtype if self.quant == "none" else self.quant).bound
 
     # ---- state -----------------------------------------------------------------------------------
     # A batch state is a tuple of arrays in the graphs' input order: shift, wkv, and for DEA ("7b") the caches,

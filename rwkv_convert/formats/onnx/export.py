@@ -25,6 +25,7 @@ from ...calibration import LayerwiseGptq, activation_importance, describe
 from ...checkpoint import Checkpoint
 from ...errors import RwkvConvertError
 from ...passes import rescale_factor, rescale_for_fp16
+from ...precision import onnx_dtypes, onnx_quants
 from ...quant import matmul_nbits
 from ...runtimes.onnx_layout import FORMAT_TAG, data_path, onnx_module, sequence_path
 from ...spec import ModelSpec
@@ -34,8 +35,8 @@ from . import v4, v5, v6, v7
 from .emit import ACCURACY_LEVELS, QUANT_BITS, Emitter, as_array
 from .graph import Graph, WeightStore
 
-DTYPES = ("fp32", "fp16")
-QUANTS = ("none", "int8", "int4")
+DTYPES = onnx_dtypes()
+QUANTS = ("none", *onnx_quants())
 LOGITS = ("all", "last")
 GRAPHS = ("both", "step", "sequence")
 INLINE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB limit, less room for the graph itself
@@ -256,9 +257,10 @@ def _metadata(ckpt, spec, graph: str, dtype: str, quant: str, logits: str, resca
 @dataclass(frozen=True)
 class OnnxOptions(Options):
     dtype: str = option("fp32", "fp32 or fp16 weights and activations (inputs, outputs and state stay fp32)",
-                        choices=DTYPES)
+                        choices=DTYPES, storage="onnx")
     quant: str = option("none", "block-quantize the layers' matrices with onnxruntime's MatMulNBits (embedding and"
-                        " head keep --dtype unless --quant-embedding-head)", flag="--onnx-quant", choices=QUANTS)
+                        " head keep --dtype unless --quant-embedding-head)", flag="--onnx-quant", choices=QUANTS,
+                        storage="onnx")
     quant_embedding_head: bool = option(False, "with --onnx-quant, also quantize the embedding (GatherBlockQuantized)"
                                         " and the head (MatMulNBits): the same bits for the whole model",
                                         flag="--quant-embedding-head/--float-embedding-head")
