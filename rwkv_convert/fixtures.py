@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .atomic import AtomicOutput
+from .errors import RwkvConvertError
 from .paths import cache_root
 
 GENERATOR_VERSION = 1  # bump when values change, so cached files are remade
@@ -141,6 +142,14 @@ def make_state_dict(variant: str, n_layer: int = 7, n_embd: int = 128, vocab: in
     sd.update(d.norm("ln_out", C))
     sd["head.weight"] = d.linear(vocab, C, 3.0)  # logits of magnitude ~8, like trained models
     return sd
+
+
+def check_variant(variant: str) -> str:
+    """The variant, or one line naming the known ones."""
+    if variant not in VARIANTS + EXTRA_VARIANTS:
+        known = ", ".join(VARIANTS + EXTRA_VARIANTS)
+        raise RwkvConvertError(f"unknown fixture variant {variant!r}; choose from {known}")
+    return variant
 
 
 def fixture_path(variant: str = DEFAULT_VARIANT, dtype: str = "fp32", n_layer: int = 7,

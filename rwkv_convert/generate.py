@@ -3,11 +3,50 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
+from .bundled import DEFAULT_PROMPT, trained_model
 from .errors import RwkvConvertError
-from .tokenizer import END_OF_TEXT, StreamDecoder
+from .formats import registry
+from .tokenizer import END_OF_TEXT, HFTokenizer, StreamDecoder, check_fits, default_tokenizer
+
+NEOX_VOCABS = (50277, 50304)
+CHAT_PROMPT = "\nUser: Hello!\n\nAssistant:"  # RWKV-4 Pile/Raven models (GPT-NeoX 20B tokenizer)
+
+
+@dataclass
+class RunSetup:
+    """What `rwkv-convert run` generates from: the model, its tokenizer, the prompt, and notes for the user."""
+    model: object
+    tokenizer: object
+    prompt: str
+    notes: list[str]
+
+
+def prepare_run(path: str | None, prompt: str | None, strategy: str | None, ln0_fold: str = "fp32", state=None,
+                tokenizer_file: str | None = None) -> RunSetup:
+    """The model at `path` (None: the bundled trained RWKV-7, with a prompt in its language), the tokenizer its
+    vocabulary needs (World, a byte vocabulary, or `tokenizer_file`), and the prompt (default: a chat turn)."""
+    notes = []
+    if path is None:
+        path = str(trained_model("v7"))
+        notes.append(f"(no model given: running the bundled 2.7M-parameter RWKV-7 trained on Python's standard"
+                     f" library, {path})")
+        prompt = DEFAULT_PROMPT if prompt is None else prompt
+    model = registry.load(path, strategy, ln0_fold, state)
+    vocab = model.spec.vocab_size
+    if tokenizer_file:
+        tokenizer = HFTokenizer(tokenizer_file)
+        note = check_fits(tokenizer, vocab)
+        notes += [f"note: {note}"] if note else []
+    elif vocab in NEOX_VOCABS:
+        raise RwkvConvertError(f"this model has the GPT-NeoX vocabulary ({vocab} ids), not World; pass"
+                               " --tokenizer 20B_tokenizer.json")
+    else:
+        tokenizer = default_tokenizer(vocab)
+    return RunSetup(model, tokenizer, CHAT_PROMPT if prompt is None else prompt, notes)
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 0.85,

@@ -149,6 +149,15 @@ def parse_schemes(text: str | None, full: bool = False) -> list[str]:
     return ["fp32", *(n for n in names if n != "fp32")]  # the reference is always measured, first
 
 
+def choose(schemes: str | None, full: bool, max_bytes: int | None) -> tuple[list[str], int | None]:
+    """The schemes to measure and the bytes of text to score, from --schemes, --full and --max-bytes: the first
+    look (neither set) scores QUICK_BYTES, a minute on the bundled model."""
+    if full and schemes:
+        raise RwkvConvertError("--full is a set of schemes: give it or --schemes, not both")
+    quick = max_bytes is None and not full and not schemes
+    return parse_schemes(schemes, full), QUICK_BYTES if quick else max_bytes
+
+
 def windows_of(tokens: list[int], window: int) -> list[list[int]]:
     """Consecutive windows of `window` tokens (the last may be shorter; one of a single token is dropped:
     it predicts nothing)."""

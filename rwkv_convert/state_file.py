@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import AtomicOutput
+from .atomic import AtomicOutput, protecting
 from .checkpoint import Checkpoint, load_raw, tensors_only
 from .errors import RwkvConvertError, brief
 from .spec import ModelSpec
@@ -121,6 +121,17 @@ def with_state(ckpt: Checkpoint, state: StateFile) -> Checkpoint:
 
 def apply_state_option(ckpt: Checkpoint, state: str | Path | None) -> Checkpoint:
     return ckpt if state is None else with_state(ckpt, read_state(state))
+
+
+def convert_state(source: str | Path, layout: str, output: str | Path, spec: ModelSpec | None = None,
+                  model: str | Path | None = None) -> tuple[Path, StateFile]:
+    """The state-tuning file `source` (any of the three forms) written alone as `layout`; with `spec` (that of
+    the base `model`), its shapes checked against it first. Never onto the source or the model."""
+    state = read_state(source)
+    if spec is not None:
+        check_fits(state, spec, model or "the model")
+    with protecting(Path(source), *([Path(model)] if model else [])):
+        return write_state(state, Path(output), layout, spec), state
 
 
 def write_state(state: StateFile, output: Path, layout: str, spec: ModelSpec | None = None) -> Path:

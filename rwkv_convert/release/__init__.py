@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from .jobs import Job, default_memory_budget, failure_line, job_memory, plan_jobs, remove_recorded, run_job, run_jobs
 from .reports import build_report, exit_code, junit_xml, markdown, merge_reports, summarize, table, write_reports
+from .run import ReleaseRequest, check_reports, interrupted_line, open_release, run_release
 from .spec import (
                    REPORT_NAME,
                    STAMPS,
@@ -31,8 +32,9 @@ from .spec import (
                    select,
 )
 
-__all__ = ["Artifact", "Job", "REPORT_NAME", "Release", "STAMPS", "SUFFIXES", "build_report", "bundled_release",
-           "content_digest", "default_memory_budget", "exit_code", "failure_line", "job_memory", "junit_xml",
-           "markdown", "merge_reports", "parse_release", "parse_shard", "plan_jobs", "release_inputs",
-           "remove_recorded", "report_paths", "run_job", "run_jobs", "runtime_versions", "select", "summarize",
-           "table", "write_reports"]
+__all__ = ["Artifact", "Job", "REPORT_NAME", "Release", "ReleaseRequest", "STAMPS", "SUFFIXES", "build_report",
+           "bundled_release", "check_reports", "content_digest", "default_memory_budget", "exit_code",
+           "failure_line", "interrupted_line", "job_memory", "junit_xml", "markdown", "merge_reports",
+           "open_release", "parse_release", "parse_shard", "plan_jobs", "release_inputs", "remove_recorded",
+           "report_paths", "run_job", "run_jobs", "run_release", "runtime_versions", "select", "summarize", "table",
+           "write_reports"]

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bundled import BUNDLED_PREFIX, model_path
+from ..bundled import BUNDLED_PREFIX, bundled_file, model_path
 from ..errors import RwkvConvertError
 from ..formats.base import flag_of
 from ..formats.prepared import file_sha256
@@ -63,7 +63,7 @@ class Release:
 
 def bundled_release() -> Path:
     """The release file of the bundled trained model (the README's main job)."""
-    return Path(__file__).with_name("trained") / "release.toml"
+    return bundled_file("release.toml")
 
 
 def _fail(path: Path, where: str, what: str) -> RwkvConvertError:
