@@ -16,11 +16,23 @@ from pathlib import Path
 import torch
 
 from .arch import module_for
+from .bounds import (
+    BASELINE_NEEDS_KL,
+    GREEDY_EXACT,
+    NOISE_BASELINE,
+    SCHEME_NOISE,
+    Tolerance,
+    calibrated,
+    round_to_blocks,
+    stored_precision,
+    tolerance_for,
+)
 from .checkpoint import Checkpoint, checkpoint_from_tensors
 from .errors import RwkvConvertError
 from .formats.registry import detect, load_detected, read_checkpoint
+from .metrics import Metrics, compare, confident_top1, greedy_agreement, noise_baseline, state_difference
 from .plan import make_plan
-from .precision import BOUND_ORDER, BOUNDS, Bound, float_bound, least_precise
+from .precision import BOUND_ORDER
 from .progress import step
 from .runner import Model
 from .runtimes.base import ClientRun
@@ -32,62 +44,6 @@ from .units import check_memory
 
 MODES = ("sequence", "one-token", "chunked")
 _MODE_KEYS = {"sequence": "seq", "one-token": "one", "chunked": "split"}
-
-
-# A verdict's bound is the precision table's (precision.py: one row per storage type, one bound per class)
-Tolerance = Bound
-TOLERANCES = BOUNDS
-
-# How the reference runner reproduces each scheme's rounding on the reference checkpoint itself, and how far
-# beyond that run's error a valid candidate may go. A strategy of ours is the pip package's own math for that
-# scheme (the same rounding, so a faithful candidate's error is about the same: factor 2); "blocksN" rounds
-# every matrix to symmetric N-bit blocks of 32 and runs in fp32, which leaves out what the client adds
-# (llama.cpp and onnxruntime also quantize activations: factor 4). What that run differs from the fp32
-# reference by is the error the scheme itself causes on this model. Random-weight models of other sizes amplify
-# rounding 3-7x more or less than the 7-layer fixtures the table above was measured on, trained models
-# differently again: the table alone, calibrated at one size, is a false alarm at another (docs/verification.md).
-# max |Δ|, the tail of the error, takes twice the factor: measured, llama.cpp's Q8_0 activations take a random
-# 12-layer model's max |Δ| to 5.7x the weights-only run's while its rel L2 grows 2.9x.
-SCHEME_NOISE = {"fp16": ("cpu fp16", 2.0), "bf16": ("cpu bf16", 2.0), "i8": ("cpu fp32i8", 2.0),
-                "bf16i8": ("cpu bf16i8", 2.0), "q8_0": ("blocks8", 4.0), "int8-block": ("blocks8", 4.0),
-                "int4-block": ("blocks4", 4.0), "q5/q4": ("blocks4", 4.0), "q3/q2": ("blocks3", 4.0)}
-
-# Every verdict is also judged against a model that knows nothing of the input: the reference's own logits at
-# other positions (each stream rolled by half its length: plausible distributions, about other tokens). A model of
-# noise scores about what that baseline scores; an honest file, however coarse, a small part of it. Measured
-# (2026-12-07) on the 7-layer v5.2 and v6 fixtures and the trained models, GGUF q8_0 to q4_0 and prepared i8/bf16:
-# noise copies at KL 1.05-1.08x and relative L2 1.04x the baseline's, with 0% top-1 on all positions; honest files
-# at KL <= 0.05x and relative L2 <= 0.23x, top-1 >= 53% (Q2_K of the trained v7: rel L2 0.4x). The shares below
-# leave about 4-5x room on both sides for KL, 2x for L2; tests/test_noise_copies.py holds one case per scheme.
-NOISE_BASELINE = {"kl": 0.25, "rel_l2": 0.5, "top1": 0.25}  # top1: of the way from the baseline's share to 100%
-GREEDY_EXACT = ("fp32", "fp16")  # schemes whose files must generate the reference's greedy tokens (near ties aside)
-BASELINE_NEEDS_KL = 1e-3  # a reference whose positions barely differ gives no baseline to judge against
-
-
-def scheme_label(placement) -> str:
-    return placement.precision
-
-
-def stored_precision(spec) -> str:
-    """The least precise float type a model file stores its weights in (fp32, fp16 or bf16)."""
-    return max((float_bound(d) for d, n in spec.dtypes.items() if n and d.startswith(("float", "bfloat"))),
-               key=BOUND_ORDER.index, default="fp32")
-
-
-def tolerance_for(schemes: set[str]) -> tuple[str, Tolerance]:
-    return least_precise(schemes)
-
-
-def round_to_blocks(weight: torch.Tensor, bits: int, block: int = 32) -> torch.Tensor:
-    """A matrix as symmetric absmax blocks of `block` values along its rows store it (GGUF Q8_0 / Q4_0-like):
-    the rounding a block-quantized export applies, back in fp32."""
-    rows, cols = weight.shape
-    if cols % block:
-        return weight
-    w = weight.float().reshape(rows, cols // block, block)
-    levels = 2 ** (bits - 1) - 1
-    scale = (w.abs().amax(-1, keepdim=True) / levels).clamp_min(1e-30)
-    return ((w / scale).round().clamp(-levels - 1, levels) * scale).reshape(rows, cols)
 
 
 def scheme_noise(ref: ReferenceRun, scheme: str) -> Metrics | None:
@@ -112,36 +68,6 @@ def scheme_noise(ref: ReferenceRun, scheme: str) -> Metrics | None:
         worst = Metrics(max(worst.max_abs, max_abs), max(worst.rel_l2, rel_l2), max(worst.kl, kl),
                         min(worst.top1, top1), None)
     return worst
-
-
-def calibrated(scheme: str, noise: Metrics | None) -> Tolerance:
-    """The scheme's table bound, widened to the scheme's factor (SCHEME_NOISE) times its measured error on this
-    model where that is larger (KL, a square of the error, by the factor squared; max |Δ| by twice the factor)."""
-    tol = TOLERANCES[scheme]
-    if noise is None:
-        return tol
-    k = SCHEME_NOISE[scheme][1]
-    bounds = (max(tol.max_abs, 2 * k * noise.max_abs), max(tol.rel_l2, k * noise.rel_l2), max(tol.kl, k * k * noise.kl),
-              tol.top1)  # top-1 is judged where the reference is confident beyond max |Δ|: no widening needed
-    if bounds == (tol.max_abs, tol.rel_l2, tol.kl, tol.top1):
-        return tol
-    measured = (f"this model in {scheme} by the reference runner: max |Δ| {noise.max_abs:.3g}, rel L2"
-                f" {noise.rel_l2:.3g}, KL {noise.kl:.3g}")
-    return Tolerance(*bounds, f"{k:g}x the scheme's own error on {measured}; table: {tol.reason}")
-
-
-@dataclass
-class Metrics:
-    max_abs: float
-    rel_l2: float
-    kl: float
-    top1: float  # in a report: over the positions the reference is confident in (confident_top1)
-    state_max_abs: float | None
-    top1_positions: int | None = None  # how many positions top-1 was judged on
-    top1_all: float | None = None  # top-1 agreement over every position (judged against the noise baseline)
-    greedy: int | None = None  # greedy tokens the candidate generates as the reference does, from the prompt on
-    greedy_of: int | None = None  # of how many (the fixed stream's continuation)
-    greedy_misses: int | None = None  # of those, where the reference's lead beats the max |Δ| bound yet differs
 
 
 @dataclass
@@ -196,62 +122,6 @@ def verdict_checks(report: VerifyReport) -> list[tuple[str, str, str, float]]:
                    (f"{stream}/sequence", "KL vs the same strategy", f"KL vs the same strategy {m.kl:.3g} >"
                     f" {TWIN.kl:.3g}", m.kl / TWIN.kl)]
     return checks
-
-
-def greedy_agreement(ref: torch.Tensor, cand: torch.Tensor, start: int, margin: float) -> tuple[int, int, int]:
-    """On a stream whose tokens from `start` on are the reference's greedy choices: (how many of them the candidate
-    generates as the reference does before it first differs, how many there are, at how many positions it picks
-    another token where the reference's best logit leads by more than `margin`)."""
-    picks = range(start - 1, ref.shape[0] - 1)  # the logits at p choose token p + 1
-    same = [int(ref[p].argmax()) == int(cand[p].argmax()) for p in picks]
-    leading = next((k for k, ok in enumerate(same) if not ok), len(same))
-    best = ref.double().topk(2, dim=-1).values
-    misses = sum(1 for p, ok in zip(picks, same, strict=True) if not ok and best[p, 0] - best[p, 1] > margin)
-    return leading, len(same), misses
-
-
-def noise_baseline(ref_logits: torch.Tensor) -> Metrics:
-    """What a model unrelated to the input scores against the reference on this stream: the reference's own
-    logits rolled by half the stream (every position), over all positions."""
-    rolled = ref_logits.roll(max(ref_logits.shape[0] // 2, 1), 0)
-    max_abs, rel_l2, kl, top1 = compare(ref_logits, rolled)
-    return Metrics(max_abs, rel_l2, kl, top1, None, ref_logits.shape[0])
-
-
-def compare(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, float, float, float]:
-    ref, cand = ref.double(), cand.double()
-    diff = cand - ref
-    max_abs = diff.abs().max().item()
-    rel_l2 = (diff.norm() / ref.norm().clamp_min(1e-30)).item()
-    log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
-    top1 = (ref.argmax(-1) == cand.argmax(-1)).double().mean().item()
-    return max_abs, rel_l2, max(kl, 0.0), top1
-
-
-def confident_top1(ref: torch.Tensor, cand: torch.Tensor, margin: float) -> tuple[float, int]:
-    """(top-1 agreement, positions judged) over the positions where the reference's best logit leads the
-    second by more than `margin` (the max |Δ| bound): elsewhere a within-bound error may flip a near tie, which
-    says nothing about the candidate (random-weight models are mostly near ties, trained ones rarely)."""
-    best = ref.double().topk(2, dim=-1).values
-    confident = (best[..., 0] - best[..., 1]) > margin
-    n = int(confident.sum())
-    if n == 0:
-        return 1.0, 0
-    return (ref.argmax(-1) == cand.argmax(-1))[confident].double().mean().item(), n
-
-
-def state_difference(ref: list, cand: list) -> float | None:
-    if not cand or len(ref) != len(cand):
-        return None
-    worst = 0.0
-    for a, b in zip(ref, cand, strict=True):
-        a, b = a.double(), b.double().to(a.device)
-        if a.shape != b.shape:
-            return None
-        finite = a.abs() < 1e29  # v4's pp starts at -1e30
-        worst = max(worst, (a - b)[finite].abs().max().item() if finite.any() else 0.0)
-    return worst
 
 
 def token_streams(vocab: int, n: int, seed: int) -> dict[str, list[int]]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 
 import rwkv_convert
+from rwkv_convert.bounds import TOLERANCES
 from rwkv_convert.bundled import trained_model
 from rwkv_convert.fixtures import fixture_path
 from rwkv_convert.formats.safetensors_io import read_safetensors
+from rwkv_convert.metrics import compare
 from rwkv_convert.quant.rwkv_int8 import RwkvInt8Weight, quantize_rwkv_int8, quantize_rwkv_int8_gptq
-from rwkv_convert.verify import TOLERANCES, compare, verify
+from rwkv_convert.verify import verify
 
 from .conftest import tokens_for
 from .test_cli import assert_one_line_error, cli

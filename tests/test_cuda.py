@@ -16,13 +16,14 @@ import torch
 
 import rwkv_convert
 from rwkv_convert.arch import v4, v5, v7
+from rwkv_convert.bounds import scheme_label, tolerance_for
 from rwkv_convert.cuda import build, ops, selftest
 from rwkv_convert.cuda.build import SOURCE, compile_flags
 from rwkv_convert.fixtures import VARIANTS, fixture_path
+from rwkv_convert.metrics import compare
 from rwkv_convert.quant.rwkv_int8 import RwkvInt8Scheme
 from rwkv_convert.runner import Model, recurrence_for
 from rwkv_convert.strategy import allocate, parse_strategy
-from rwkv_convert.verify import compare, scheme_label, tolerance_for
 
 from .conftest import tokens_for
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import rwkv_convert
+from rwkv_convert.bounds import TOLERANCES
 from rwkv_convert.errors import RwkvConvertError, UnsupportedError
 from rwkv_convert.fixtures import EXTRA_VARIANTS, VARIANTS, fixture_path, make_state_dict
-from rwkv_convert.verify import TOLERANCES, compare
+from rwkv_convert.metrics import compare
 
 from .conftest import ODD_SHAPES, save_atomic, tokens_for
 from .test_cli import assert_one_line_error, cli

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from rwkv_convert import precision
+from rwkv_convert.bounds import TOLERANCES, stored_precision, tolerance_for
 from rwkv_convert.errors import RwkvConvertError
-from rwkv_convert.formats.gguf_file import MIXES, PLAN_TYPES, QUANTS, GgufOptions
+from rwkv_convert.formats.gguf_file import MIXES, QUANTS, GgufOptions
+from rwkv_convert.formats.gguf_size import PLAN_TYPES
 from rwkv_convert.formats.onnx.export import DTYPES, OnnxOptions
 from rwkv_convert.formats.onnx.export import QUANTS as ONNX_QUANTS
 from rwkv_convert.strategy import allocate, parse_strategy
-from rwkv_convert.verify import TOLERANCES, stored_precision, tolerance_for
 
 from .test_cli import assert_one_line_error, cli
 

@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 import rwkv_convert
+from rwkv_convert.bounds import TOLERANCES
 from rwkv_convert.errors import RwkvConvertError, UnsupportedError
 from rwkv_convert.fixtures import VARIANTS, fixture_path, make_state_dict
 from rwkv_convert.formats.safetensors_io import read_header
-from rwkv_convert.verify import TOLERANCES, compare
+from rwkv_convert.metrics import compare
 
 from .conftest import save_atomic, tokens_for
 from .test_cli import assert_one_line_error, cli

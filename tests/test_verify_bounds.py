@@ -7,19 +7,10 @@ import pytest
 import torch
 
 import rwkv_convert
+from rwkv_convert.bounds import SCHEME_NOISE, TOLERANCES, calibrated, round_to_blocks
 from rwkv_convert.fixtures import make_state_dict
-from rwkv_convert.verify import (
-    SCHEME_NOISE,
-    TOLERANCES,
-    TWIN,
-    Metrics,
-    calibrated,
-    candidate_run,
-    confident_top1,
-    reference_run,
-    round_to_blocks,
-    score,
-)
+from rwkv_convert.metrics import Metrics, confident_top1
+from rwkv_convert.verify import TWIN, candidate_run, reference_run, score
 
 from .conftest import save_atomic
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rwkv_convert.bounds import TOLERANCES
 from rwkv_convert.fixtures import fixture_path
-from rwkv_convert.verify import TOLERANCES, verify
+from rwkv_convert.verify import verify
 
 from .conftest import save_atomic
 from .test_cli import assert_one_line_error, cli

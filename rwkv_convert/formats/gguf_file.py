@@ -22,21 +22,29 @@ import torch
 
 from ..arch import module_for
 from ..atomic import AtomicOutput
-from ..calibration import BUNDLED, LayerwiseGptq, activation_importance, tensor_sensitivity
-from ..checkpoint import Checkpoint, checkpoint_from_tensors
-from ..errors import CastWarning, RwkvConvertError, UnsupportedError, brief, check_crc32
-from ..precision import by_gguf
-from ..progress import step
-from ..quant import gguf_blocks, size_plan
+from ..calibration import BUNDLED, LayerwiseGptq, activation_importance
+from ..checkpoint import Checkpoint
+from ..errors import CastWarning, RwkvConvertError, UnsupportedError
+from ..quant import gguf_blocks
 from ..runtimes.base import ClientRun
 from ..runtimes.llama_cpp import CLIENT as LLAMA_CPP
 from ..runtimes.llama_cpp import LlamaCppRunner, check_quantizer, llama_quantize
-from ..spans import check_spans
 from ..spec import ModelSpec
 from ..strategy import Strategy, allocate, parse_strategy
 from . import gguf_vocab
 from .base import Format, Options, calibration_method_option, option, per_token_tables_refusal
-from .gguf_tables import GLOBAL, READ_TABLES, WRITE_TABLES, Row, rwkv6_lora_ranks
+from .gguf_read import (
+    CHECKSUMS_KEY,
+    METADATA_CHECKSUM_KEY,
+    check_checksums,
+    fill_checksums,
+    gguf_module,
+    read_gguf,
+    tensor_schemes,
+    tensor_type_counts,
+)
+from .gguf_size import plan_for_size, size_budget
+from .gguf_tables import GLOBAL, WRITE_TABLES, Row, rwkv6_lora_ranks
 
 # llama-quantize's mixes as it makes them for RWKV (read back from its output for rwkv6 and rwkv7 files): its
 # per-tensor rules name attn_v and ffn_down, which RWKV has not, so every matrix takes the base type and only
@@ -48,18 +56,6 @@ MIXES = {"q4_k_m": ("q4_k", "q6_k", "MOSTLY_Q4_K_M"), "q4_k_s": ("q4_k", "q6_k",
 LLAMA_MADE = ("q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "q2_k_s")
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", *MIXES, *LLAMA_MADE)
 CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
-CHECKSUMS_KEY = "rwkv_convert.tensor_crc32"  # ours: each tensor's CRC-32, in tensor-info order (GGUF keeps none)
-# ours: CRC-32 of everything before the tensor data (header, metadata, tensor infos), this value counted as zero.
-# A flipped metadata value (rescale_every_n_layers 0 -> 1) otherwise read back as other weights.
-METADATA_CHECKSUM_KEY = "rwkv_convert.metadata_crc32"
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise RwkvConvertError("GGUF support needs the `gguf` package: pip install gguf") from None
-    return gguf
 
 
 @dataclass
@@ -160,100 +156,6 @@ def _release_finished(ckpt: Checkpoint, job: TensorJob, following: TensorJob | N
             ckpt.release(key)
 
 
-PLAN_TYPES = ("q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0")
-PLAN_SAMPLE_ROWS = 512  # rows per tensor whose rounding error is measured for each type
-GGUF_OVERHEAD = 1024  # the header, besides the vocabulary and the per-tensor infos (estimated below)
-
-
-def _rows_sample(t: torch.Tensor) -> torch.Tensor:
-    t = t.float().reshape(-1, t.shape[-1]) if t.dim() > 1 else t.float().reshape(1, -1)
-    if t.shape[0] <= PLAN_SAMPLE_ROWS:
-        return t
-    return t[torch.linspace(0, t.shape[0] - 1, PLAN_SAMPLE_ROWS).long()]
-
-
-def _tensor_bytes(gguf, job, qtype) -> int:
-    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-        return int(np.prod(job.shape)) * (4 if qtype == gguf.GGMLQuantizationType.F32 else 2)
-    return int(np.prod(gguf.quant_shape_to_byte_shape(job.shape, qtype)))
-
-
-def _size_budget(gguf, ckpt: Checkpoint, jobs: list[TensorJob], types: list, options: GgufOptions) -> tuple[int, int]:
-    """(--target-size in bytes, the bytes that do not depend on the plan), refused at once where even every
-    quantizable tensor at its smallest planned type would not fit: before any calibration is run."""
-    overhead = GGUF_OVERHEAD + 56 * len(jobs) + 22 * ckpt.spec.vocab_size  # measured: 11.8 kB at 100 jobs, V257
-    fixed = overhead + sum(_tensor_bytes(gguf, j, t) for j, t in zip(jobs, types, strict=True) if not j.quantizable)
-    f16 = fixed + sum(_tensor_bytes(gguf, j, gguf.GGMLQuantizationType.F16) for j in jobs if j.quantizable)
-    budget = size_plan.parse_target(options.target_size, f16)
-    smallest = fixed
-    for job, qtype in zip(jobs, types, strict=True):
-        if job.quantizable:  # its smallest planned type whose blocks divide its rows, else the type it has
-            fits = [getattr(gguf.GGMLQuantizationType, n.upper()) for n in PLAN_TYPES]
-            fits = [q for q in fits if job.shape[-1] % gguf.GGML_QUANT_SIZES[q][0] == 0] or [qtype]
-            smallest += min(_tensor_bytes(gguf, job, q) for q in fits)
-    if budget < smallest:
-        raise RwkvConvertError(f"--target-size {options.target_size} = {budget:,} bytes is below the smallest this"
-                               f" model can be ({smallest:,} bytes, {smallest / f16:.0%} of F16: every matrix at its"
-                               " smallest type); give at least that")
-    return budget, fixed
-
-
-def _plan_for_size(gguf, ckpt: Checkpoint, jobs: list[TensorJob], types: list, importance: dict,
-                   options: GgufOptions) -> list:
-    """Each quantizable tensor's type, so that the file fits --target-size: every type's rounding error is
-    measured (importance-weighted, on a sample of rows), scaled by how much that tensor alone costs the model
-    (KL on the calibration text with it at q4_0, through the reference runner), and the planner steps down
-    the tensors that cost the least per byte saved (quant.size_plan)."""
-    def tensor_bytes(job, qtype) -> int:
-        return _tensor_bytes(gguf, job, qtype)
-
-    budget, fixed = _size_budget(gguf, ckpt, jobs, types, options)
-    errors: dict[str, dict[str, float]] = {}
-    rounded_q4: dict[str, torch.Tensor] = {}
-    quantizable = [j for j in jobs if j.quantizable]
-    for k, job in enumerate(quantizable):
-        step("--target-size: measuring each tensor's types", k, len(quantizable))
-        full = job.make()
-        rows = _rows_sample(full)
-        weights = importance.get(job.source) if job.source else None
-        w = weights.numpy() if weights is not None and weights.numel() == rows.shape[1] else None
-        errors[job.name] = {}
-        for name in PLAN_TYPES:
-            qtype = getattr(gguf.GGMLQuantizationType, name.upper())
-            block = gguf.GGML_QUANT_SIZES[qtype][0]
-            if rows.shape[1] % block:
-                continue
-            x = rows.numpy()
-            packed = gguf_blocks.quantize_any(x, name, w)
-            back = gguf.quants.dequantize(packed, qtype).reshape(x.shape)
-            err = ((back - x) ** 2 * (w if w is not None else 1.0)).sum() * (np.prod(job.shape[:-1]) / x.shape[0])
-            errors[job.name][name] = float(err)
-        if job.source and "q4_0" in errors[job.name] and full.dim() == 2:
-            x = full.float().numpy()
-            q4 = gguf.quants.dequantize(gguf_blocks.quantize(x, "q4_0", w), gguf.GGMLQuantizationType.Q4_0)
-            rounded_q4[job.source] = torch.from_numpy(np.ascontiguousarray(q4.reshape(x.shape)))
-    kl = tensor_sensitivity(ckpt, options.calibration or BUNDLED, rounded_q4)
-    by_source = {j.source: j.name for j in jobs if j.source in kl}
-    scale = {by_source[k]: v / max(errors[by_source[k]]["q4_0"], 1e-30) for k, v in kl.items()}
-    typical = float(np.median(list(scale.values()))) if scale else 1.0
-    candidates = {name: [size_plan.Option(t, tensor_bytes(next(j for j in jobs if j.name == name),
-                                                           getattr(gguf.GGMLQuantizationType, t.upper())),
-                                          e * scale.get(name, typical)) for t, e in errs.items()]
-                  for name, errs in errors.items() if errs}
-    chosen = size_plan.plan(candidates, fixed + sum(tensor_bytes(j, t) for j, t in zip(jobs, types, strict=True)
-                                                    if j.quantizable and j.name not in candidates), budget)
-    counts: dict[str, int] = {}
-    for opt in chosen.values():
-        counts[opt.qtype] = counts.get(opt.qtype, 0) + 1
-    total = fixed + sum(o.nbytes for o in chosen.values())
-    warnings.warn(f"--target-size {options.target_size} = {budget:,} bytes: planned {total:,} bytes with "
-                  + ", ".join(f"{n} {t.upper()}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-                  + f"; predicted KL {sum(o.error for o in chosen.values()):.3g} (sum of each tensor's own)",
-                  CastWarning, stacklevel=3)
-    return [getattr(gguf.GGMLQuantizationType, chosen[j.name].qtype.upper()) if j.name in chosen else t
-            for j, t in zip(jobs, types, strict=True)]
-
-
 def quant_for_strategy(strategy: Strategy, n_layer: int) -> list[str]:
     """Per slot: fp32 -> f32, fp16 -> f16, bf16 -> bf16, any i8 -> q8_0 (llama.cpp's 8-bit type)."""
     return ["q8_0" if p.weights == "i8" else {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}[p.weights]
@@ -307,7 +209,7 @@ def supports(spec: ModelSpec) -> str | None:
 def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
     if options.quant in LLAMA_MADE:
         return _write_through_llama_quantize(ckpt, out, options)
-    gguf = _gguf()
+    gguf = gguf_module()
     spec, quant, strategy = ckpt.spec, options.quant, options.strategy
     arch = module_for(spec.version).LLAMA_CPP_ARCH[spec.version]
     slot_quants = quant_for_strategy(parse_strategy(strategy), spec.n_layer) if strategy else None
@@ -341,7 +243,7 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
                       f" {gguf_blocks.K_FALLBACK[quant]}, as llama.cpp does", CastWarning, stacklevel=2)
     importance = gptq = None
     if options.target_size:
-        _size_budget(gguf, ckpt, jobs, types, options)  # an unreachable size is said before the calibration runs
+        size_budget(gguf, ckpt, jobs, types, options.target_size)  # an unreachable size: said before calibrating
     if options.calibration or options.target_size:  # activation statistics, before anything is written
         importance = activation_importance(ckpt, options.calibration or BUNDLED, head_covariance=True)
         head_moments = importance["head.weight"]
@@ -349,7 +251,8 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
     if options.target_size:
         if strategy:
             raise RwkvConvertError("--target-size chooses each tensor's type itself: drop --strategy")
-        types = _plan_for_size(gguf, ckpt, jobs, types, importance, options)
+        types = plan_for_size(gguf, ckpt, jobs, types, importance, options.target_size,
+                                  options.calibration)
         quant = max((t.name.lower() for t, j in zip(types, jobs, strict=True) if j.quantizable),
                     key=[t.name.lower() for t in types].count)
     if importance is not None and options.calibration_method == "gptq":
@@ -414,7 +317,7 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
                     _release_finished(ckpt, job, jobs[n + 1] if n + 1 < len(jobs) else None)
         finally:
             writer.close()
-        _fill_checksums(gguf, target.temp(), crcs)
+        fill_checksums(gguf, target.temp(), crcs)
     return [out]
 
 
@@ -425,7 +328,7 @@ def _write_through_llama_quantize(ckpt: Checkpoint, out: Path, options: GgufOpti
     if options.strategy or options.target_size or options.calibration:
         raise RwkvConvertError(f"--quant {options.quant} is llama.cpp's own mix: it takes no --strategy,"
                                " --target-size or --calibration")
-    gguf = _gguf()
+    gguf = gguf_module()
     with AtomicOutput(out) as target:
         scratch = target.temp().with_name(target.temp().name + ".data")  # removed with the temp on failure
         try:
@@ -436,172 +339,8 @@ def _write_through_llama_quantize(ckpt: Checkpoint, out: Path, options: GgufOpti
         reader = gguf.GGUFReader(target.temp())
         crcs = [zlib.crc32(np.ascontiguousarray(t.data)) for t in reader.tensors]
         del reader
-        _fill_checksums(gguf, target.temp(), crcs)
+        fill_checksums(gguf, target.temp(), crcs)
     return [out]
-
-
-def _fill_checksums(gguf, path: Path, crcs: list[int]) -> None:
-    reader = gguf.GGUFReader(path, "r+")
-    field = reader.fields[CHECKSUMS_KEY]
-    for index, crc in zip(field.data, crcs, strict=True):
-        field.parts[index][0] = crc
-    meta = reader.fields[METADATA_CHECKSUM_KEY]
-    meta.parts[meta.data[0]][0] = zlib.crc32(_metadata_bytes(reader, meta))
-    reader.data.flush()
-    del reader
-
-
-def _metadata_bytes(reader, field) -> bytearray:
-    """The bytes before the tensor data, with `field`'s (the metadata checksum's own) 4 value bytes as zeros."""
-    data = reader.data
-    at = field.parts[field.data[0]].__array_interface__["data"][0] - data.__array_interface__["data"][0]
-    section = bytearray(data[:reader.data_offset])
-    section[at:at + 4] = bytes(4)
-    return section
-
-
-# ---- reading ---------------------------------------------------------------------------------------------
-def _read_row(row: Row, get, i: int, head_size: int) -> dict[str, torch.Tensor]:
-    """Our tensors back from the row's GGUF tensor (the inverse of _source)."""
-    t = get(row.gguf.format(i=i))
-    if row.layout == "t":
-        t = t.t().contiguous()
-    elif row.layout == "swap12":
-        t = t.permute(0, 2, 1).contiguous()
-    parts = [p.clone() for p in t.unbind(0)] if len(row.ours) > 1 else [t]
-    if row.ours_shape is not None:
-        shape = tuple(head_size if d == "N" else d for d in row.ours_shape)
-        parts = [p.reshape(shape) for p in parts]
-    return {key.format(i=i): part for key, part in zip(row.ours, parts, strict=True)}
-
-
-def _checksums(path: Path, reader) -> dict[str, int] | None:
-    """{tensor name: CRC-32 of its data} where our writer stored them (None in other writers' files)."""
-    meta, field = reader.fields.get(METADATA_CHECKSUM_KEY), reader.fields.get(CHECKSUMS_KEY)
-    crcs = [int(field.parts[i][0]) for i in field.data] if field is not None else None
-    if crcs is not None and len(crcs) != len(reader.tensors):
-        raise RwkvConvertError(f"{path}: {CHECKSUMS_KEY} has {len(crcs)} entries for {len(reader.tensors)} tensors;"
-                               " the file is damaged")
-    if meta is not None:
-        try:
-            check_crc32(path, "its metadata", _metadata_bytes(reader, meta), int(meta.parts[meta.data[0]][0]))
-        except RwkvConvertError:
-            if crcs is None or _rewritten_tensors(reader, crcs) < 2:
-                raise  # damage: a flipped byte changes the metadata or one tensor, not both
-            # llama-quantize (and other tools) copy our keys into a file they rewrite: new metadata, new data
-            warnings.warn(f"{path.name} was rewritten by another tool (llama-quantize?) after rwkv-convert wrote it:"
-                          " its metadata and tensors no longer match the CRC-32s it carries, so they are not checked;"
-                          " verify compares its outputs", CastWarning, stacklevel=3)
-            return None
-    if crcs is None:
-        return None
-    return {t.name: crc for t, crc in zip(reader.tensors, crcs, strict=True)}
-
-
-def _rewritten_tensors(reader, crcs: list[int]) -> int:
-    """How many tensors' data differ from the CRC-32s stored for them (a full read: only on a metadata mismatch)."""
-    return sum(zlib.crc32(np.ascontiguousarray(t.data)) != crc for t, crc in zip(reader.tensors, crcs, strict=True))
-
-
-def _open(path: Path):
-    """A GGUFReader on the file, its tensor layout checked."""
-    try:
-        reader = _gguf().GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/struct errors on damaged files
-        raise RwkvConvertError(f"{path} is not a readable GGUF file: {brief(e)}") from None
-    _check_layout(path, reader)
-    return reader
-
-
-def _check_tensor(path: Path, tensor, crcs: dict[str, int] | None) -> None:
-    if crcs is not None:
-        check_crc32(path, f"tensor {tensor.name}", np.ascontiguousarray(tensor.data), crcs[tensor.name])
-
-
-def check_checksums(path: Path) -> None:
-    """Every tensor of one of our GGUFs against its stored CRC-32 (nothing to check in other writers' files)."""
-    reader = _open(path)
-    crcs = _checksums(path, reader)
-    for tensor in reader.tensors:
-        _check_tensor(path, tensor, crcs)
-
-
-def _check_layout(path: Path, reader) -> None:
-    """Tensor data aligned and never overlapping, as every GGUF writer lays it out: a damaged offset in the tensor
-    infos (the format keeps no checksum) would otherwise read another tensor's bytes without a word."""
-    field = reader.fields.get("general.alignment")
-    align = int(field.parts[field.data[0]][0]) if field else 32
-    spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in reader.tensors)
-    for begin, _, name in spans:
-        if align <= 0 or (begin - reader.data_offset) % align:
-            raise RwkvConvertError(f"{path}: tensor {name} starts at byte {begin:,}, not on the file's {align}-byte"
-                                   " alignment; the tensor infos are damaged")
-    check_spans(path, [s for s in spans if s[1] > s[0]])  # gaps: alignment padding
-
-
-def read_gguf(path: Path) -> Checkpoint:
-    """An RWKV-6/7 GGUF (ours or upstream-converted with the same tensor set) as a BlinkDL-keyed checkpoint,
-    dequantised to fp32 with the gguf package."""
-    gguf = _gguf()
-    reader = _open(path)
-    field = reader.fields.get("general.architecture")
-    arch = bytes(field.parts[field.data[0]]).decode(errors="replace") if field else "?"
-    if arch not in ("rwkv6", "rwkv7"):
-        raise RwkvConvertError(f"{path} is a GGUF for architecture {arch!r}, not rwkv6 or rwkv7")
-
-    def meta(key: str, default=None):
-        f = reader.fields.get(f"{arch}.{key}")
-        if f is None:
-            if default is None:
-                raise RwkvConvertError(f"{path} has no {arch}.{key}: it is damaged or not a complete {arch} GGUF")
-            return default
-        return int(f.parts[f.data[0]][0])
-
-    tensors = {t.name: t for t in reader.tensors}
-    crcs = _checksums(path, reader)
-
-    def get(name: str) -> torch.Tensor:
-        if name not in tensors:
-            raise RwkvConvertError(f"{path}: tensor {name} is missing; this GGUF does not have llama.cpp's {arch}"
-                                   " tensor set")
-        t = tensors[name]
-        _check_tensor(path, t, crcs)
-        shape = tuple(int(d) for d in reversed(t.shape))  # ggml ne -> numpy order
-        try:
-            data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-        except (ValueError, TypeError, NotImplementedError) as e:  # a type or shape its data does not fit
-            raise RwkvConvertError(f"{path}: tensor {name} ({t.tensor_type.name}, {list(shape)}) cannot be read:"
-                                   f" {brief(e)}; the file is damaged") from None
-        return torch.from_numpy(np.array(data, dtype=np.float32))  # a writable copy of the mapped data
-
-    n_layer, head_size = meta("block_count"), meta("wkv.head_size", 64)
-    rescale_every = meta("rescale_every_n_layers", 0)
-    sd: dict[str, torch.Tensor] = {}
-    for row in GLOBAL:
-        sd |= _read_row(row, get, 0, head_size)
-    for i in range(n_layer):
-        for row in READ_TABLES[arch]:
-            if row.make is None and not (i == 0 and row.layer0):
-                sd |= _read_row(row, get, i, head_size)
-        if rescale_every > 0:  # undo a writer's fp16 rescale
-            for key in (f"blocks.{i}.att.output.weight", f"blocks.{i}.ffn.value.weight"):
-                sd[key] = sd[key] * 2 ** (i // rescale_every)
-    return checkpoint_from_tensors(path, sd, mmapped=False)
-
-
-
-
-def tensor_type_counts(path) -> dict[str, int]:
-    """{GGML type name: how many tensors have it}, most common first."""
-    counts: dict[str, int] = {}
-    for t in _open(Path(path)).tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def tensor_schemes(path) -> set[str]:
-    """The GGUF's tensor types as their bounds in the precision table (4-6 bit blocks "q5/q4", 2-3 bit "q3/q2")."""
-    return {by_gguf(t.tensor_type.name).bound for t in _gguf().GGUFReader(path).tensors}
 
 
 def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int,

@@ -52,7 +52,7 @@ class ClientRun:
     runner: str  # e.g. "llama.cpp (llama-cpp-python)"
     strategy: str  # what the candidate ran as
     outputs: dict[str, dict]  # stream name -> {"seq", "one", "split" logits [T, V]; "*_state" where known}
-    schemes: set[str]  # tolerance keys of the weight types that ran (rwkv_convert.verify.TOLERANCES)
+    schemes: set[str]  # tolerance keys of the weight types that ran (precision.BOUNDS: the precision table)
     # A strategy whose math our runner reproduces for this file exactly (the pip package's converted files:
     # the strategy they were made for), so verify can also compare it with the reference run that way.
     twin: str | None = None
