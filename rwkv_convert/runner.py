@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint
 from .cpu import ops as cpu_ops
 from .cuda import on_cpu as cuda_on_cpu
 from .cuda import ops as cuda_ops
-from .errors import RwkvConvertError, UnsupportedError
+from .errors import RwkvConvertError
 from .quant import held_for_cpu, held_lora_for_cpu, scheme_for
 from .spec import ModelSpec
 from .strategy import Placement, Strategy, allocate, parse_strategy
@@ -36,11 +36,6 @@ def _check_device(device: str) -> None:
 
 
 KERNELS = ("auto", "torch", "cuda-on-cpu")
-
-
-def runnable(spec: ModelSpec) -> str | None:
-    """None if the runner can run this model, else why not."""
-    return None
 
 
 def recurrence_for(module, kernels: str = "auto"):
@@ -92,7 +87,6 @@ class Model:
         if ln0_fold not in LN0_FOLDS:
             raise RwkvConvertError(f"unknown ln0 fold {ln0_fold!r}; choose from {', '.join(LN0_FOLDS)}")
         self._ln0_fold = ln0_fold
-        self._check_runnable(checkpoint)
         self._setup(checkpoint.spec, strategy, rescale_layer, checkpoint.path, kernels)
         self._ln0_per_token = ln0_fold == "fp32" and self.placements[0].device == "cpu"
         unknown = set(skip_passes) - {passes.FOLD_LN0, passes.STACK}
@@ -102,19 +96,12 @@ class Model:
         self._prepare(checkpoint)
         self._state_template = [(tuple(t.shape), t.dtype, t.device) for t in self.init_state()]
 
-    @staticmethod
-    def _check_runnable(checkpoint: Checkpoint) -> None:
-        reason = runnable(checkpoint.spec)
-        if reason:
-            raise UnsupportedError(f"{checkpoint.path}: {reason} (`inspect` reads it)")
-
     @classmethod
     def unprepared(cls, checkpoint: Checkpoint, strategy: str | Strategy, quantizer=None) -> Model:
         """A model whose weights are not prepared yet: iterating `prepared_parts(checkpoint.tensors)` prepares
         them part by part (for writers of prepared files, which store each layer as it is made). quantizer:
         None, or a function (our key, the matrix as prepared [out, in], its Placement) -> the weight to use
         instead of the slot's scheme's, or None to leave the matrix to the scheme."""
-        cls._check_runnable(checkpoint)
         model = cls.__new__(cls)
         model._setup(checkpoint.spec, strategy, None, checkpoint.path)
         model._skip, model._ln0_fold, model._quantizer = set(), "fp32", quantizer

@@ -19,7 +19,7 @@ from ..checkpoint import Checkpoint
 from ..errors import RwkvConvertError
 from ..quant.float_weights import FloatWeight, StackedFloatWeight
 from ..quant.rwkv_int8 import RwkvInt8Weight
-from ..runner import Model, runnable
+from ..runner import Model
 from ..spec import ModelSpec
 from ..strategy import parse_strategy
 from .base import Format, Options, Probe, option
@@ -153,4 +153,4 @@ def sniff(probe: Probe) -> bool:
 FORMAT = Format(
     name="prepared", family="safetensors", summary="a prepared file (the runner's weights for one strategy)",
     runtime="rwkv-convert's runner", sniff=sniff, load=lambda probe, strategy: read_prepared(probe.path, strategy),
-    write=write, options=PreparedOptions, supports=runnable)
+    write=write, options=PreparedOptions)  # the runner runs every version and variant

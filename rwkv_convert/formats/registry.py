@@ -14,7 +14,7 @@ from ..bundled import model_path
 from ..checkpoint import Checkpoint
 from ..errors import RwkvConvertError, UnsupportedError
 from ..plan import make_plan
-from ..runner import Model, runnable
+from ..runner import Model
 from ..state_file import apply_state_option
 from ..units import check_memory
 from . import gguf_file, hf, pip_pth, prepared, pth, safetensors_blinkdl, web_rwkv
@@ -173,8 +173,7 @@ def convert(source: str | os.PathLike, to: str, output: str | os.PathLike, state
 def capabilities(ckpt: Checkpoint) -> dict[str, str]:
     """What can be done with this checkpoint, by the same `supports` that convert obeys."""
     can: dict[str, str] = {"inspect": "yes"}
-    why_not = runnable(ckpt.spec)
-    can["run"] = f"no: {why_not}" if why_not else "yes: any strategy (cpu|cuda|mps, fp32|fp16|bf16, i8, *N, *N+, ->)"
+    can["run"] = "yes: any strategy (cpu|cuda|mps, fp32|fp16|bf16, i8, *N, *N+, ->)"  # every version and variant
     for fmt in writers():
         reason = fmt.supports(ckpt.spec)
         needed = fmt.needs(ckpt.spec, fmt.options()) if fmt.needs and not reason else None
