@@ -204,7 +204,7 @@ def test_last_logits_sequence_graph(fixture_dir, tmp_path):
 
 def test_state_tuned_model_starts_from_its_learned_state(fp32_exports):
     exported = OnnxModel(fp32_exports["v5.2-state"][0])
-    _, wkv = exported.initial_state(2)
+    _, wkv = exported.init_batch_state(2)
     assert np.abs(wkv).max() > 0.1 and np.array_equal(wkv[0], wkv[1])
 
 

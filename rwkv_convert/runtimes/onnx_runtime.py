@@ -121,7 +121,8 @@ class OnnxModel:
     # ---- state -----------------------------------------------------------------------------------
     # A batch state is a tuple of arrays in the graphs' input order: shift, wkv, and for DEA ("7b") the caches,
     # the last queries and the context's token ids, whose length axis grows with each call.
-    def initial_state(self, batch: int = 1) -> tuple[np.ndarray, ...]:
+    def init_batch_state(self, batch: int = 1) -> tuple[np.ndarray, ...]:
+        """The state forward_batch starts a batch from (the runner's init_state, for `batch` streams at once)."""
         shift = np.zeros((batch, *self.shift_shape), np.float32)
         if self._initial_wkv is not None:
             wkv = np.repeat(self._initial_wkv[None], batch, axis=0).copy()
@@ -140,12 +141,12 @@ class OnnxModel:
 
     def _check_batch_state(self, state, batch: int) -> tuple[np.ndarray, ...]:
         if state is None:
-            return self.initial_state(batch)
+            return self.init_batch_state(batch)
         names = self.state_names
         if not isinstance(state, (tuple, list)) or len(state) != len(names):
             raise RwkvConvertError(f"an ONNX model's state is a tuple ({', '.join(names)}) as returned by"
                                    " forward_batch")
-        fresh = self.initial_state(batch)
+        fresh = self.init_batch_state(batch)
         length = np.shape(state[-1])[1] if self.spec.dea and np.ndim(state[-1]) == 2 else None
         out = []
         for name, value, blank in zip(names, state, fresh, strict=True):
@@ -179,7 +180,7 @@ class OnnxModel:
             n = len(state) if isinstance(state, (list, tuple)) else type(state).__name__
             raise RwkvConvertError(f"state has {n} tensors; this RWKV-{self.spec.variant} export with"
                                    f" {self.spec.n_layer} layers needs {expected}")
-        shift, wkv, *dea = self.initial_state(1)
+        shift, wkv, *dea = self.init_batch_state(1)
         if dea:
             length = len(state[-1])
             dea = [np.zeros((1, self.spec.n_layer, length, a.shape[3]), np.float32) for a in dea[:2]] + \
