@@ -1,5 +1,6 @@
 """A strategy applied to a checkpoint: each slot's device, activation dtype, weight scheme, whether it is
-streamed, and the bytes each device holds. Computed from tensor shapes alone (nothing is loaded)."""
+streamed, the fp16 rescale, and the bytes each device holds. Computed from tensor shapes alone (nothing is
+loaded). The runner executes the plan it is given (its placements and rescale): `plan` prints the same object."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import arch, passes
-from .strategy import Strategy, allocate, parse_strategy
+from .strategy import Placement, Strategy, allocate, parse_strategy
 from .units import human_size
 
 _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
@@ -34,9 +35,14 @@ class Plan:
     passes: list[str] = field(default_factory=list)  # load-time passes the runner applies (rwkv_convert.passes)
     device_bytes: dict[str, int] = field(default_factory=dict)  # resident on each device
     notes: list[str] = field(default_factory=list)
+    # what the runner executes: the parsed strategy and each slot's Placement (strategy.allocate)
+    parsed: Strategy | None = field(default=None, repr=False)
+    placements: list[Placement] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["parsed"], out["placements"]
+        return out
 
 
 def _matrix_bytes(shape, weights: str, atype: torch.dtype, held_as_bf16: bool) -> int:
@@ -51,13 +57,19 @@ def bf16_file(spec) -> bool:
     return set(spec.dtypes) == {"bfloat16"}
 
 
-def make_plan(spec, shapes: dict[str, tuple[int, ...]], strategy: str | Strategy) -> Plan:
+def make_plan(spec, shapes: dict[str, tuple[int, ...]] | None, strategy: str | Strategy,
+              rescale_layer: int | None = None) -> Plan:
+    """The plan of `strategy` on a model; shapes None (weights already prepared, as a converted file holds them):
+    no byte counts. rescale_layer: the fp16 rescale a file was made with, instead of the strategy's."""
     strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
     placements = allocate(strategy, spec.n_layer)
     module = arch.module_for(spec.version)
-    rescale = arch.rescale_interval(spec, strategy)
+    rescale = arch.rescale_interval(spec, strategy) if rescale_layer is None else rescale_layer
+    rescale = rescale if module.FP16_RESCALE else 0
     tables = arch.token_tables(spec)
-    plan = Plan(str(strategy), spec.n_layer, rescale, [])
+    plan = Plan(str(strategy), spec.n_layer, rescale, [], parsed=strategy, placements=placements)
+    if shapes is None:
+        return plan
 
     def held_as_bf16(p) -> bool:  # the runner's Bf16RowsWeight (rwkv_convert.quant.float_weights.held_for_cpu)
         return p.weights in ("fp32", "bf16") and (p.weights == "bf16" or bf16_file(spec)) and (

@@ -17,9 +17,10 @@ from .cpu import ops as cpu_ops
 from .cuda import on_cpu as cuda_on_cpu
 from .cuda import ops as cuda_ops
 from .errors import RwkvConvertError
+from .plan import Plan, make_plan
 from .quant import held_for_cpu, held_lora_for_cpu, scheme_for
 from .spec import ModelSpec
-from .strategy import Placement, Strategy, allocate, parse_strategy
+from .strategy import Placement, Strategy
 
 
 def _check_device(device: str) -> None:
@@ -75,19 +76,22 @@ LN0_FOLDS = ("fp32", "package")
 class Model:
     """A runnable RWKV model. `forward(tokens, state=None, full_output=False) -> (logits, state)`."""
 
-    def __init__(self, checkpoint: Checkpoint, strategy: str | Strategy = "cpu fp32",
+    def __init__(self, checkpoint: Checkpoint, strategy: str | Strategy | Plan = "cpu fp32",
                  rescale_layer: int | None = None, skip_passes: tuple[str, ...] = (), kernels: str = "auto",
                  ln0_fold: str = "fp32"):
-        """skip_passes: optional passes to leave out (passes.FOLD_LN0, passes.STACK), for comparisons; the
-        rescale is set with rescale_layer (0 = none), since forward() halves x to match it. kernels: "auto"
-        (native kernels: CUDA on GPU tensors, C on the CPU), "torch" (the torch code everywhere) or "cuda-on-cpu"
-        (the recurrences through the CUDA kernels' CPU build, for tests: docs/cuda.md). ln0_fold:
-        "fp32" (ours, the accurate one) or "package" (as the pip package folds it: v4-v6 in the file's dtype, v7 in the
-        strategy's; see docs/numerics.md)."""
+        """strategy: a strategy string, or the Plan of one on this checkpoint (plan.make_plan: what
+        `rwkv-convert plan` prints is what runs). skip_passes: optional passes to leave out (passes.FOLD_LN0,
+        passes.STACK), for comparisons; the rescale is set with rescale_layer (0 = none; a Plan has its own),
+        since forward() halves x to match it. kernels: "auto" (the kernels: CUDA on GPU tensors, C on the
+        CPU), "torch" (the torch code everywhere) or "cuda-on-cpu" (the recurrences through the CUDA kernels' CPU
+        build, for tests: docs/cuda.md). ln0_fold: "fp32" (ours, the accurate one) or "package" (as the pip package
+        folds it: v4-v6 in the file's dtype, v7 in the strategy's; see docs/numerics.md)."""
         if ln0_fold not in LN0_FOLDS:
             raise RwkvConvertError(f"unknown ln0 fold {ln0_fold!r}; choose from {', '.join(LN0_FOLDS)}")
         self._ln0_fold = ln0_fold
-        self._setup(checkpoint.spec, strategy, rescale_layer, checkpoint.path, kernels)
+        plan = strategy if isinstance(strategy, Plan) else \
+            make_plan(checkpoint.spec, checkpoint.shapes, strategy, rescale_layer)
+        self._setup(checkpoint.spec, plan, checkpoint.path, kernels)
         self._ln0_per_token = ln0_fold == "fp32" and self.placements[0].device == "cpu"
         unknown = set(skip_passes) - {passes.FOLD_LN0, passes.STACK}
         if unknown:
@@ -103,7 +107,7 @@ class Model:
         None, or a function (our key, the matrix as prepared [out, in], its Placement) -> the weight to use
         instead of the slot's scheme's, or None to leave the matrix to the scheme."""
         model = cls.__new__(cls)
-        model._setup(checkpoint.spec, strategy, None, checkpoint.path)
+        model._setup(checkpoint.spec, make_plan(checkpoint.spec, checkpoint.shapes, strategy), checkpoint.path)
         model._skip, model._ln0_fold, model._quantizer = set(), "fp32", quantizer
         return model
 
@@ -111,18 +115,16 @@ class Model:
         chosen = self._quantizer(key, weight, placement) if self._quantizer is not None else None
         return chosen if chosen is not None else scheme_for(placement.weights).quantize(weight, placement.atype)
 
-    def _setup(self, spec: ModelSpec, strategy: str | Strategy, rescale_layer: int | None, source,
-               kernels: str = "auto") -> None:
-        self.spec = spec
-        self.strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
-        self.placements: list[Placement] = allocate(self.strategy, spec.n_layer)
+    def _setup(self, spec: ModelSpec, plan: Plan, source, kernels: str = "auto") -> None:
+        """Every constructor ends here: the model executes `plan` (its placements and fp16 rescale)."""
+        self.spec, self.plan = spec, plan
+        self.strategy = plan.parsed
+        self.placements: list[Placement] = plan.placements
         for p in self.placements:
             _check_device(p.device)
         self.module = arch.module_for(spec.version)
         self.recurrence = recurrence_for(self.module, kernels)
-        if rescale_layer is None:
-            rescale_layer = arch.rescale_interval(spec, self.strategy)
-        self.rescale_layer = rescale_layer if self.module.FP16_RESCALE else 0
+        self.rescale_layer = plan.rescale_layer
         self.source = source
         self._ln0_per_token = False  # Model() sets it: writers of files and prepared models fold the table
         self._tables = arch.token_tables(spec)
@@ -139,7 +141,7 @@ class Model:
                       layers: list[dict], ln_out: tuple, head, applied: list[str]) -> Model:
         """A model from weights already transformed for the runner (e.g. read from a converted file)."""
         model = cls.__new__(cls)
-        model._setup(spec, strategy, rescale_layer, source)
+        model._setup(spec, make_plan(spec, None, strategy, rescale_layer), source)
         model.passes, model.ln0 = list(applied), None
         model.emb = emb.to(model.placements[0].device)
         model.layers = [model._place(i, lw) for i, lw in enumerate(layers)]

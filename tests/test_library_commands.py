@@ -3,6 +3,7 @@ the bundled trained RWKV-7, without the CLI."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rwkv_convert import doctor, quality, release, state_file
@@ -12,6 +13,7 @@ from rwkv_convert.fixtures import check_variant, fixture_path
 from rwkv_convert.formats import registry
 from rwkv_convert.generate import generate, prepare_run
 from rwkv_convert.plan import make_plan
+from rwkv_convert.runner import Model
 from rwkv_convert.verify import verify
 
 from .test_state_files import make_state
@@ -53,3 +55,17 @@ def test_quality_doctor_release_state_and_fixture_are_library_calls(tmp_path):
     path, state = state_file.convert_state(tmp_path / "state.pth", "safetensors", tmp_path / "state.st", spec)
     assert path.is_file() and len(state.layers) == spec.n_layer
     assert fixture_path(check_variant("v7"), n_layer=1, directory=tmp_path).is_file()
+
+
+@pytest.mark.parametrize("version", ["v4", "v5.2", "v6", "v7"])
+def test_the_runner_executes_the_plan_that_plan_prints(version, fixture_dir):
+    ckpt = registry.read_checkpoint(fixture_path(version, directory=fixture_dir))
+    for strategy in ("cpu fp16", "cpu bf16 *2 -> cpu fp32i8"):
+        plan = make_plan(ckpt.spec, ckpt.shapes, strategy)
+        model = Model(ckpt, plan)
+        assert model.plan is plan and model.placements is plan.placements
+        assert model.rescale_layer == plan.rescale_layer and model.passes == plan.passes, (strategy, model.passes)
+        again = Model(ckpt, strategy)  # a string is planned the same way
+        assert again.plan.to_dict() == plan.to_dict()
+        tokens = [1, 2, 3, 4]
+        assert torch.equal(model.forward(tokens, None)[0], again.forward(tokens, None)[0])

@@ -143,11 +143,11 @@ def load_detected(fmt: Format, probe: Probe, strategy: str | None = None, ln0_fo
         return fmt.load(probe, strategy)
     ckpt = _read_detected(fmt, probe, state)
     strategy = DEFAULT_STRATEGY if strategy is None else strategy
-    held = make_plan(ckpt.spec, ckpt.shapes, strategy).device_bytes
-    check_memory(sum(n for device, n in held.items() if device.startswith("cpu")),
+    plan = make_plan(ckpt.spec, ckpt.shapes, strategy)  # checked here, executed by the runner
+    check_memory(sum(n for device, n in plan.device_bytes.items() if device.startswith("cpu")),
                  f"running {probe.path} at \"{strategy}\"", "use a narrower strategy (e.g. \"cpu bf16\" or \"cpu"
                  " fp32i8\"), free some memory, or use a machine with more")
-    return Model(ckpt, strategy, ln0_fold=ln0_fold)
+    return Model(ckpt, plan, ln0_fold=ln0_fold)
 
 
 def convert(source: str | os.PathLike, to: str, output: str | os.PathLike, state: str | os.PathLike | None = None,
