@@ -38,7 +38,7 @@ from .runner import Model
 from .runtimes.base import ClientRun
 from .runtimes.hf_transformers import trusting_remote_code
 from .spec import ModelSpec
-from .strategy import allocate, parse_strategy
+from .strategy import parse_strategy
 from .tokenizer import BYTE_TOKENS, WORLD_TOKENS, WorldTokenizer
 from .units import check_memory
 
@@ -222,7 +222,7 @@ def twin_run(ref: ReferenceRun, strategy: str | None) -> dict[str, torch.Tensor]
     activations are all fp32 (fp16/bf16 activations round differently in each runtime: no exact twin)."""
     if strategy is None or ref.ckpt is None:
         return None
-    placements = allocate(parse_strategy(strategy), ref.spec.n_layer)
+    placements = make_plan(ref.spec, None, strategy).placements
     if any(p.atype != torch.float32 for p in placements):
         return None
     return strategy_logits(ref, strategy)

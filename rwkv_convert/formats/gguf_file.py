@@ -25,12 +25,13 @@ from ..atomic import AtomicOutput
 from ..calibration import BUNDLED, LayerwiseGptq, activation_importance
 from ..checkpoint import Checkpoint
 from ..errors import CastWarning, RwkvConvertError, UnsupportedError
+from ..plan import Plan, make_plan
+from ..precision import storage
 from ..quant import gguf_blocks
 from ..runtimes.base import ClientRun
 from ..runtimes.llama_cpp import CLIENT as LLAMA_CPP
 from ..runtimes.llama_cpp import LlamaCppRunner, check_quantizer, llama_quantize
 from ..spec import ModelSpec
-from ..strategy import Strategy, allocate, parse_strategy
 from . import gguf_vocab
 from .base import Format, Options, calibration_method_option, option, per_token_tables_refusal
 from .gguf_read import (
@@ -156,10 +157,10 @@ def _release_finished(ckpt: Checkpoint, job: TensorJob, following: TensorJob | N
             ckpt.release(key)
 
 
-def quant_for_strategy(strategy: Strategy, n_layer: int) -> list[str]:
-    """Per slot: fp32 -> f32, fp16 -> f16, bf16 -> bf16, any i8 -> q8_0 (llama.cpp's 8-bit type)."""
-    return ["q8_0" if p.weights == "i8" else {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}[p.weights]
-            for p in allocate(strategy, n_layer)]
+def quant_for_plan(plan: Plan) -> list[str]:
+    """Per slot of the plan: its float type's GGUF name (the precision table's), any i8 -> q8_0 (llama.cpp's
+    8-bit type)."""
+    return ["q8_0" if p.weights == "i8" else storage(p.weights).gguf.lower() for p in plan.placements]
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
     gguf = gguf_module()
     spec, quant, strategy = ckpt.spec, options.quant, options.strategy
     arch = module_for(spec.version).LLAMA_CPP_ARCH[spec.version]
-    slot_quants = quant_for_strategy(parse_strategy(strategy), spec.n_layer) if strategy else None
+    slot_quants = quant_for_plan(make_plan(spec, None, strategy)) if strategy else None
     jobs = tensor_jobs(ckpt)
 
     fallbacks: dict[str, str] = {}

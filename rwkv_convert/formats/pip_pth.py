@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import passes
-from ..arch import build_spec, detect_version, module_for, rescale_interval
+from ..arch import build_spec, detect_version, module_for
 from ..arch.common import PROJECTIONS_KEY
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, ZipRecordCheck
 from ..errors import RwkvConvertError, brief
+from ..plan import make_plan
 from ..quant.float_weights import FloatWeight
 from ..quant.rwkv_int8 import RwkvInt8Weight, quantize_rwkv_int8
 from ..runner import Model
@@ -30,7 +31,7 @@ from ..runtimes.base import ClientRun
 from ..runtimes.pip_package import CLIENT as PIP_PACKAGE
 from ..runtimes.pip_package import run_in_pip_package
 from ..spec import ModelSpec
-from ..strategy import DTYPES, allocate, parse_strategy
+from ..strategy import DTYPES, parse_strategy
 from .base import Format, Options, Probe, option
 from .torch_stream import StreamingTorchWriter
 
@@ -90,9 +91,8 @@ def supports(spec: ModelSpec) -> str | None:
 
 def write(ckpt: Checkpoint, out: Path, options: PipOptions) -> list[Path]:
     spec, tensors = ckpt.spec, ckpt.tensors
-    strategy = parse_strategy(options.strategy)
-    placements = allocate(strategy, spec.n_layer)
-    rescale_layer = rescale_interval(spec, strategy)
+    plan = make_plan(spec, None, options.strategy)  # the package's own rescale rule (arch.rescale_interval)
+    strategy, placements, rescale_layer = plan.parsed, plan.placements, plan.rescale_layer
     with torch.no_grad(), AtomicOutput(out) as target, StreamingTorchWriter(target.temp()) as writer:
         for name in _key_order(list(tensors)):
             if name.startswith("blocks.0.ln0."):
@@ -206,7 +206,7 @@ def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], 
     for out in outputs:
         if "error" in out:
             raise RwkvConvertError(f"the rwkv pip package could not run {path}: {brief(out['error'], 300)}")
-    schemes = {p.precision for p in allocate(parse_strategy(made_for), spec.n_layer)}
+    schemes = {p.precision for p in make_plan(spec, None, made_for).placements}
     return ClientRun(PIP_PACKAGE.name, made_for, dict(zip(streams, outputs, strict=True)), schemes, twin=made_for)
 
 
