@@ -18,7 +18,7 @@ import torch
 
 import rwkv_convert
 from rwkv_convert.atomic import TEMP_SUFFIX, AtomicOutput
-from rwkv_convert.cli import printable, unescape
+from rwkv_convert.cli_support import printable, unescape
 from rwkv_convert.errors import brief
 from rwkv_convert.fixtures import fixture_path, make_state_dict
 from rwkv_convert.runtimes.onnx_runtime import OnnxModel
