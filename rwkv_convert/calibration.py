@@ -16,6 +16,7 @@ from . import passes
 from .bundled import CALIBRATION_TEXT, bundled_file
 from .checkpoint import Checkpoint
 from .errors import RwkvConvertError
+from .prepare import Preparation
 from .progress import step
 from .quant.float_weights import FloatWeight
 from .quant.gptq import quantize_gptq
@@ -166,10 +167,10 @@ class LayerwiseGptq:
 class PipInt8Gptq:
     """The pip package's int8 for a strategy's int8 slots with its levels chosen by GPTQ, layer by layer
     (LayerwiseGptq over quant.rwkv_int8.quantize_rwkv_int8_gptq): the same companions, file size and kernel as
-    the package's scheme, less output error. Pass it as Model.unprepared(..., quantizer=) and the matrices are
+    the package's scheme, less output error. Pass it as Preparation(..., quantizer=) and the matrices are
     made as the model prepares them, in layer order."""
 
-    def __init__(self, ckpt: Checkpoint, text: str | Path, model: Model):
+    def __init__(self, ckpt: Checkpoint, text: str | Path, model: Preparation):
         spec, slots = ckpt.spec, model.placements
         keys = {f"blocks.{i}.{name}": slots[i] for i in range(spec.n_layer) for name in model.module.MATRICES
                 if f"blocks.{i}.{name}" in ckpt.tensors and slots[i].weights == "i8"}

@@ -17,7 +17,7 @@ from .fixtures import check_variant, fixture_path
 from .formats import registry
 from .generate import CHAT_PROMPT, generate, prepare_run
 from .plan import format_plan, make_plan
-from .runner import LN0_FOLDS
+from .prepare import LN0_FOLDS
 from .units import parse_size
 from .verify import format_report, verify
 

@@ -10,15 +10,16 @@ from collections.abc import Sequence
 
 import torch
 
-from . import arch, passes
-from .arch.common import PROJECTIONS_KEY, as_vector, layer_norm
+from . import arch
+from .arch.common import PROJECTIONS_KEY, layer_norm
 from .checkpoint import Checkpoint
 from .cpu import ops as cpu_ops
 from .cuda import on_cpu as cuda_on_cpu
 from .cuda import ops as cuda_ops
 from .errors import RwkvConvertError
 from .plan import Plan, make_plan
-from .quant import held_for_cpu, held_lora_for_cpu, scheme_for
+from .prepare import Preparation, PreparedWeights
+from .quant import held_for_cpu, held_lora_for_cpu
 from .spec import ModelSpec
 from .strategy import Placement, Strategy
 
@@ -70,50 +71,35 @@ def _is_matrix(module, name: str) -> bool:
     return name in module.MATRICES or name == PROJECTIONS_KEY
 
 
-LN0_FOLDS = ("fp32", "package")
 
 
 class Model:
     """A runnable RWKV model. `forward(tokens, state=None, full_output=False) -> (logits, state)`."""
 
-    def __init__(self, checkpoint: Checkpoint, strategy: str | Strategy | Plan = "cpu fp32",
+    def __init__(self, source: Checkpoint | PreparedWeights, strategy: str | Strategy | Plan = "cpu fp32",
                  rescale_layer: int | None = None, skip_passes: tuple[str, ...] = (), kernels: str = "auto",
                  ln0_fold: str = "fp32"):
-        """strategy: a strategy string, or the Plan of one on this checkpoint (plan.make_plan: what
-        `rwkv-convert plan` prints is what runs). skip_passes: optional passes to leave out (passes.FOLD_LN0,
-        passes.STACK), for comparisons; the rescale is set with rescale_layer (0 = none; a Plan has its own),
-        since forward() halves x to match it. kernels: "auto" (the kernels: CUDA on GPU tensors, C on the
-        CPU), "torch" (the torch code everywhere) or "cuda-on-cpu" (the recurrences through the CUDA kernels' CPU
-        build, for tests: docs/cuda.md). ln0_fold: "fp32" (ours, the accurate one) or "package" (as the pip package
-        folds it: v4-v6 in the file's dtype, v7 in the strategy's; see docs/numerics.md)."""
-        if ln0_fold not in LN0_FOLDS:
-            raise RwkvConvertError(f"unknown ln0 fold {ln0_fold!r}; choose from {', '.join(LN0_FOLDS)}")
-        self._ln0_fold = ln0_fold
-        plan = strategy if isinstance(strategy, Plan) else \
-            make_plan(checkpoint.spec, checkpoint.shapes, strategy, rescale_layer)
-        self._setup(checkpoint.spec, plan, checkpoint.path, kernels)
-        self._ln0_per_token = ln0_fold == "fp32" and self.placements[0].device == "cpu"
-        unknown = set(skip_passes) - {passes.FOLD_LN0, passes.STACK}
-        if unknown:
-            raise ValueError(f"cannot skip {sorted(unknown)}: only {passes.FOLD_LN0} and {passes.STACK} are optional")
-        self._skip, self._quantizer = set(skip_passes), None
-        self._prepare(checkpoint)
+        """The one constructor. source: original weights (a Checkpoint), prepared here for `strategy`, or weights
+        already prepared (PreparedWeights, read from a converted file: they carry their plan, the other
+        arguments but `kernels` do not apply). strategy: a strategy string, or the Plan of one on this
+        checkpoint (plan.make_plan: what `rwkv-convert plan` prints is what runs). skip_passes: optional passes
+        to leave out (passes.FOLD_LN0, passes.STACK), for comparisons; the rescale is set with rescale_layer
+        (0 = none; a Plan has its own), since forward() halves x to match it. kernels: "auto" (the kernels: CUDA
+        on GPU tensors, C on the CPU), "torch" (the torch code everywhere) or "cuda-on-cpu" (the recurrences
+        through the CUDA kernels' CPU build, for tests: docs/cuda.md). ln0_fold: "fp32" (ours, the accurate one)
+        or "package" (as the pip package folds it: v4-v6 in the file's dtype, v7 in the strategy's; see
+        docs/numerics.md)."""
+        if isinstance(source, PreparedWeights):
+            self._setup(source.spec, source.plan, source.source, kernels)
+            self.layers = [self._place(i, lw) for i, lw in enumerate(source.layers)]
+            self._take(source.passes, source.ln0, source.emb, source.ln_out, source.head)
+        else:
+            plan = strategy if isinstance(strategy, Plan) else \
+                make_plan(source.spec, source.shapes, strategy, rescale_layer)
+            self._setup(source.spec, plan, source.path, kernels)
+            per_token = ln0_fold == "fp32" and plan.placements[0].device == "cpu"
+            self._prepare(source, Preparation(source.spec, plan, None, skip_passes, ln0_fold, per_token))
         self._state_template = [(tuple(t.shape), t.dtype, t.device) for t in self.init_state()]
-
-    @classmethod
-    def unprepared(cls, checkpoint: Checkpoint, strategy: str | Strategy, quantizer=None) -> Model:
-        """A model whose weights are not prepared yet: iterating `prepared_parts(checkpoint.tensors)` prepares
-        them part by part (for writers of prepared files, which store each layer as it is made). quantizer:
-        None, or a function (our key, the matrix as prepared [out, in], its Placement) -> the weight to use
-        instead of the slot's scheme's, or None to leave the matrix to the scheme."""
-        model = cls.__new__(cls)
-        model._setup(checkpoint.spec, make_plan(checkpoint.spec, checkpoint.shapes, strategy), checkpoint.path)
-        model._skip, model._ln0_fold, model._quantizer = set(), "fp32", quantizer
-        return model
-
-    def _quantize(self, key: str, weight: torch.Tensor, placement: Placement):
-        chosen = self._quantizer(key, weight, placement) if self._quantizer is not None else None
-        return chosen if chosen is not None else scheme_for(placement.weights).quantize(weight, placement.atype)
 
     def _setup(self, spec: ModelSpec, plan: Plan, source, kernels: str = "auto") -> None:
         """Every constructor ends here: the model executes `plan` (its placements and fp16 rescale)."""
@@ -126,7 +112,6 @@ class Model:
         self.recurrence = recurrence_for(self.module, kernels)
         self.rescale_layer = plan.rescale_layer
         self.source = source
-        self._ln0_per_token = False  # Model() sets it: writers of files and prepared models fold the table
         self._tables = arch.token_tables(spec)
         self._layer_state, self._context_state = arch.state_names(spec)
         devices = {p.device for p in self.placements}
@@ -135,21 +120,6 @@ class Model:
         self._graph_capable = (len(devices) == 1 and next(iter(devices)).startswith("cuda") and not self._tables
                                and not any(p.stream for p in self.placements)
                                and os.environ.get("RWKV_CONVERT_CUDA_GRAPH", "1") != "0")
-
-    @classmethod
-    def from_prepared(cls, spec: ModelSpec, strategy: str | Strategy, rescale_layer: int, source, emb: torch.Tensor,
-                      layers: list[dict], ln_out: tuple, head, applied: list[str]) -> Model:
-        """A model from weights already transformed for the runner (e.g. read from a converted file)."""
-        model = cls.__new__(cls)
-        model._setup(spec, make_plan(spec, None, strategy, rescale_layer), source)
-        model.passes, model.ln0 = list(applied), None
-        model.emb = emb.to(model.placements[0].device)
-        model.layers = [model._place(i, lw) for i, lw in enumerate(layers)]
-        head_place = model.placements[spec.n_layer]
-        model.ln_out = tuple(t.to(head_place.device) for t in ln_out)
-        model.head = held_for_cpu(head.to(head_place.device))
-        model._state_template = [(tuple(t.shape), t.dtype, t.device) for t in model.init_state()]
-        return model
 
     # ---- loading ---------------------------------------------------------------------------------
     def _place(self, i: int, lw: dict) -> dict:
@@ -170,87 +140,31 @@ class Model:
 
         return {k: placed(k, v) for k, v in lw.items()}
 
-    def _prepare(self, checkpoint: Checkpoint) -> None:
+    def _prepare(self, checkpoint: Checkpoint, preparation: Preparation) -> None:
         """Prepare and place every part; each part's file pages are dropped once it is made, so that the
         resident memory is the runner's weights, not the runner's weights plus the file."""
-        self.layers: list[dict] = []
-        done = ["emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias"]
-        for i, lw in self.prepared_parts(checkpoint.tensors):
-            if i < self.spec.n_layer:
-                self.layers.append(self._place(i, lw))
-                done = [k for k in checkpoint.shapes if k.startswith(f"blocks.{i}.")] + (done if i == 0 else [])
-            else:
-                done = ["ln_out.weight", "ln_out.bias", "head.weight"]
-            for name in done:
-                checkpoint.release(name)
-        self.head = held_for_cpu(self.head)
-
-    def prepared_parts(self, tensors: dict[str, torch.Tensor]):
-        """Prepare the weights part by part: sets self.passes, self.ln0, self.emb, self.ln_out, self.head and
-        yields (i, layer i's weights) for each layer, then (n_layer, {}) once the head is ready. Writers of
-        prepared files consume it one layer at a time."""
-        spec, module, skip = self.spec, self.module, self._skip
-        first, head = self.placements[0], self.placements[spec.n_layer]
-        self.passes: list[str] = []
-
-        def record(name: str) -> None:
-            if name not in self.passes:
-                self.passes.append(name)
-
-        def ran(name: str) -> bool:
-            if name in skip:
-                return False
-            record(name)
-            return True
-
-        with torch.no_grad():
-            # ln0 is folded into the embedding table in fp32 (the pip package does it in the file's dtype
-            # for v4-v6, so bf16 files give it a bf16-rounded table; see docs/numerics.md). A model run on the
-            # CPU applies the same fp32 fold to each token's row as it is read instead: the table stays as
-            # stored, memory-mapped, and is never copied (a 65536x768 bf16 table would take 201 MB as fp32).
-            self.ln0 = None
-            if self._ln0_per_token and passes.FOLD_LN0 not in skip:
-                record(passes.FOLD_LN0)
-                self.ln0 = tuple(tensors[f"blocks.0.ln0.{n}"].float() for n in ("weight", "bias"))
-                self.emb = tensors["emb.weight"]
-            else:
-                if ran(passes.FOLD_LN0):
-                    fold_dtype = torch.float32
-                    if self._ln0_fold == "package":
-                        fold_dtype = tensors["emb.weight"].dtype if module.PIP_LN0_FOLD == "file" else first.atype
-                    tensors = passes.fold_ln0(tensors, fold_dtype)
+        def parts():
+            done = ["emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias"]
+            for i, lw in preparation.prepared_parts(checkpoint.tensors):
+                if i < self.spec.n_layer:
+                    yield i, lw
+                    done = [k for k in checkpoint.shapes if k.startswith(f"blocks.{i}.")] + (done if i == 0 else [])
                 else:
-                    self.ln0 = tuple(tensors[f"blocks.0.ln0.{n}"].to(first.atype).to(first.device)
-                                     for n in ("weight", "bias"))
-                self.emb = tensors["emb.weight"].to(first.atype).to(first.device)
-            for i in range(spec.n_layer):
-                p = self.placements[i]
-                prefix = f"blocks.{i}."
-                lw = {k[len(prefix):]: v for k, v in tensors.items()
-                      if k.startswith(prefix) and not k.startswith(prefix + "ln0.")}
-                for name, t in lw.items():
-                    if name in self._tables:
-                        continue  # kept as stored: rows are read per token (arch.v7.token_rows)
-                    if name not in module.MATRICES:
-                        dtype = torch.float32 if name in module.FP32_PARAMS else p.atype
-                        lw[name] = as_vector(t).to(dtype)
-                if self.rescale_layer:
-                    record(passes.RESCALE)
-                    lw = passes.rescale_for_fp16(lw, i, self.rescale_layer)
-                for name in module.MATRICES:
-                    if name in lw:
-                        lw[name] = self._quantize(prefix + name, lw[name], p)
-                record(passes.DECAY)  # the runner's math expects it: it always runs
-                lw = passes.precompute_decay(lw, module, spec, i)
-                if passes.STACK not in skip:
-                    lw = passes.stack_projections(lw, module.PROJECTIONS)
-                    if PROJECTIONS_KEY in lw:  # float layers only
-                        record(passes.STACK)
-                yield i, lw
-            self.ln_out = (tensors["ln_out.weight"].to(head.atype).to(head.device),
-                           tensors["ln_out.bias"].to(head.atype).to(head.device))
-            self.head = self._quantize("head.weight", tensors["head.weight"], head).to(head.device)
-            yield spec.n_layer, {}
+                    done = ["ln_out.weight", "ln_out.bias", "head.weight"]
+                for name in done:
+                    checkpoint.release(name)
+
+        self.layers = [self._place(i, lw) for i, lw in parts()]
+        p = preparation
+        self._take(p.passes, p.ln0, p.emb, p.ln_out, p.head)
+
+    def _take(self, applied: list[str], ln0, emb, ln_out: tuple, head) -> None:
+        """The prepared embedding, ln0 (where it is left to the runner) and head onto their devices."""
+        first, last = self.placements[0], self.placements[self.spec.n_layer]
+        self.passes, self.ln0 = list(applied), ln0
+        self.emb = emb.to(first.device)  # (a per-token ln0 fold keeps the file's table: on the CPU, as stored)
+        self.ln_out = tuple(t.to(last.device) for t in ln_out)
+        self.head = held_for_cpu(head.to(last.device))
 
     runner_name = "rwkv-convert runner"
 

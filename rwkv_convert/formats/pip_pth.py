@@ -24,6 +24,7 @@ from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, ZipRecordCheck
 from ..errors import RwkvConvertError, brief
 from ..plan import make_plan
+from ..prepare import PreparedWeights
 from ..quant.float_weights import FloatWeight
 from ..quant.rwkv_int8 import RwkvInt8Weight, quantize_rwkv_int8
 from ..runner import Model
@@ -183,9 +184,9 @@ def read_pip_converted(path: Path, tensors: dict, mmapped: bool = False, strateg
         head = FloatWeight(head.t())
     applied = ["pip-converted file", passes.DECAY] + ([passes.STACK] if any(
         PROJECTIONS_KEY in lw for lw in layers) else [])
-    return Model.from_prepared(spec, file_strategy, int(tensors.get("_rescale_layer", 0)), path,
-                               weights["emb.weight"], layers, (weights["ln_out.weight"], weights["ln_out.bias"]),
-                               head, applied)
+    plan = make_plan(spec, None, file_strategy, int(tensors.get("_rescale_layer", 0)))
+    return Model(PreparedWeights(spec, plan, path, weights["emb.weight"], layers,
+                                 (weights["ln_out.weight"], weights["ln_out.bias"]), head, applied))
 
 
 def converted_for(probe: Probe) -> str | None:

@@ -17,6 +17,8 @@ from ..atomic import AtomicOutput
 from ..calibration import PipInt8Gptq, describe
 from ..checkpoint import Checkpoint
 from ..errors import RwkvConvertError
+from ..plan import make_plan
+from ..prepare import Preparation, PreparedWeights
 from ..quant.float_weights import FloatWeight, StackedFloatWeight
 from ..quant.rwkv_int8 import RwkvInt8Weight
 from ..runner import Model
@@ -81,35 +83,36 @@ class PreparedOptions(Options):
 
 def write(ckpt: Checkpoint, output: Path, options: PreparedOptions) -> list[Path]:
     """Prepare the checkpoint for the strategy layer by layer, writing each layer as it is made."""
-    model = Model.unprepared(ckpt, options.strategy)
+    plan = make_plan(ckpt.spec, ckpt.shapes, options.strategy)
+    prepared = Preparation(ckpt.spec, plan)
     calibration = "none"
     if options.calibration:
-        if "i8" not in {p.weights for p in model.placements}:
-            raise RwkvConvertError(f"--calibration chooses how int8 weights round, and \"{model.strategy}\" has none:"
-                                   " give an i8 strategy (e.g. \"cpu fp32i8\")")
-        gptq = PipInt8Gptq(ckpt, options.calibration, model)
-        model = Model.unprepared(ckpt, options.strategy, quantizer=gptq)
+        if "i8" not in {p.weights for p in prepared.placements}:
+            raise RwkvConvertError(f"--calibration chooses how int8 weights round, and \"{plan.strategy}\" has"
+                                   " none: give an i8 strategy (e.g. \"cpu fp32i8\")")
+        gptq = PipInt8Gptq(ckpt, options.calibration, prepared)
+        prepared = Preparation(ckpt.spec, plan, quantizer=gptq)
         calibration = describe("gptq", options.calibration)
     kinds: dict = {}
     with AtomicOutput(output) as target:
         writer = SafetensorsWriter(target.temp(), align=64)
         try:
-            for i, lw in model.prepared_parts(ckpt.tensors):
+            for i, lw in prepared.prepared_parts(ckpt.tensors):
                 if i == 0:
-                    writer.add("emb.weight", model.emb)
+                    writer.add("emb.weight", prepared.emb)
                 for name, value in lw.items():
                     for key, t in _flatten(f"blocks.{i}.{name}", value, kinds).items():
                         writer.add(key, t)
                 for name in [k for k in ckpt.tensors if k.startswith(f"blocks.{i}.")]:
                     ckpt.release(name)
-            writer.add("ln_out.weight", model.ln_out[0])
-            writer.add("ln_out.bias", model.ln_out[1])
-            for key, t in _flatten("head.weight", model.head, kinds).items():
+            writer.add("ln_out.weight", prepared.ln_out[0])
+            writer.add("ln_out.bias", prepared.ln_out[1])
+            for key, t in _flatten("head.weight", prepared.head, kinds).items():
                 writer.add(key, t)
             meta = {"format": "pt", "rwkv_convert.layout": LAYOUT, "rwkv_convert.format": FORMAT_TAG,
-                    "rwkv_convert.spec": json.dumps(ckpt.spec.to_dict()), "rwkv_convert.strategy": str(model.strategy),
-                    "rwkv_convert.rescale_layer": str(model.rescale_layer),
-                    "rwkv_convert.passes": json.dumps(model.passes), "rwkv_convert.weights": json.dumps(kinds),
+                    "rwkv_convert.spec": json.dumps(ckpt.spec.to_dict()), "rwkv_convert.strategy": plan.strategy,
+                    "rwkv_convert.rescale_layer": str(prepared.rescale_layer),
+                    "rwkv_convert.passes": json.dumps(prepared.passes), "rwkv_convert.weights": json.dumps(kinds),
                     "rwkv_convert.source": ckpt.path.name, "rwkv_convert.source_sha256": file_sha256(ckpt.path),
                     "rwkv_convert.calibration": calibration}
             writer.close(meta)
@@ -138,9 +141,9 @@ def read_prepared(path: Path, strategy: str | None) -> Model:
             prefix = f"blocks.{i}."
             keys = {k.split("/")[0] for k in tensors if k.startswith(prefix)}
             layers.append({k[len(prefix):]: _wrap(k, tensors, kinds) for k in sorted(keys)})
-        return Model.from_prepared(spec, stored, rescale, path, tensors["emb.weight"], layers,
-                                   (tensors["ln_out.weight"], tensors["ln_out.bias"]),
-                                   _wrap("head.weight", tensors, kinds), passes)
+        return Model(PreparedWeights(spec, make_plan(spec, None, stored, rescale), path, tensors["emb.weight"], layers,
+                                     (tensors["ln_out.weight"], tensors["ln_out.bias"]),
+                                     _wrap("head.weight", tensors, kinds), passes))
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
         raise RwkvConvertError(f"{path} is a damaged prepared file ({type(e).__name__}: {e})") from None
 
