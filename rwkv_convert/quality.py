@@ -37,10 +37,13 @@ class Scheme:
     runtime: str  # "ours", "onnxruntime" or "llama.cpp"
 
     @property
-    def storage(self) -> StorageType:
-        """The storage type of its large matrices, from the precision table."""
+    def storage(self) -> StorageType | None:
+        """The storage type of its large matrices, from the precision table; None where no one type is given
+        (a --target-size plan mixes types per tensor, a file measured as it is keeps its own)."""
         if self.to == "gguf":
-            return by_gguf(self.options["quant"].upper())
+            return by_gguf(self.options["quant"].upper()) if "quant" in self.options else None
+        if self.to is not None and not self.options:
+            return None
         if self.to == "onnx":
             quant = self.options.get("quant", "none")
             return by_onnx(self.options.get("dtype", "fp32") if quant == "none" else quant)
@@ -325,7 +328,7 @@ def file_figures(source: str | Path, path: str | Path, text: str | Path | None =
         _REFERENCE_FIGURES[key] = (text_path, len(data), chunks, scored_bytes, ref_logp, nll)
     text_path, n_bytes, chunks, scored_bytes, ref_logp, ref_nll = _REFERENCE_FIGURES[key]
     fmt, _ = detect(path)
-    scheme = Scheme(fmt.name, fmt.name, {}, {"gguf": "llama.cpp", "onnx": "onnxruntime"}.get(fmt.name, "ours"), 0)
+    scheme = Scheme(fmt.name, fmt.name, {}, {"gguf": "llama.cpp", "onnx": "onnxruntime"}.get(fmt.name, "ours"))
     nll, kl, agree, positions = _score(_Logits(scheme, Path(path), window).each(chunks), chunks, ref_logp,
                                        Path(path).name)
     return {"text": text_path.name, "text_bytes": n_bytes, "runtime": _runtime_name(scheme),
