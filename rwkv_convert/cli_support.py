@@ -31,6 +31,12 @@ LN0_HELP = ("How original weights get ln0 folded into the embedding: fp32 (accur
 CLEAR_LINE = "\r\033[K"
 
 
+def bar(done: int, total: int, width: int = 24) -> str:
+    """[####....] done/total, as both progress renderers draw it."""
+    filled = width * done // max(total, 1)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
 class StderrProgress:
     """The library's progress steps on stderr (never stdout: --json output stays clean). On a terminal a bar,
     redrawn; in a log a line once a step has taken show_after_s (2 s), then every EVERY_S, and when it ends."""
@@ -52,10 +58,7 @@ class StderrProgress:
             if finished:
                 click.echo(CLEAR_LINE, nl=False, err=True)
             elif now - self.shown.get(what, 0.0) >= 0.1:
-                width = 24
-                filled = width * done // max(total, 1)
-                click.echo(f"{CLEAR_LINE}{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", nl=False,
-                           err=True)
+                click.echo(f"{CLEAR_LINE}{what} {bar(done, total)}", nl=False, err=True)
                 self.shown[what] = now
         elif (finished and what in self.shown) or (not finished and now - self.started[what] >= self.show_after_s
                                                    and now - self.shown.get(what, 0.0) >= self.EVERY_S):
@@ -145,6 +148,7 @@ def unescape(text: str) -> str:
     r"""--prompt "User: hi\n\nAssistant:" as the shell passes it (a backslash and an n) means a newline."""
     return re.sub(r"\\(\\|n|t)", lambda m: {"\\": "\\", "n": "\n", "t": "\t"}[m.group(1)], text)
 
+
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
@@ -168,6 +172,7 @@ def _format_flags() -> dict[str, click.Option]:
             kind = click.Choice(choices, case_sensitive=False) if choices and not storage else None
             flags[flag] = click.Option([flag], default=None, type=kind, help=f.metadata["help"])
     return flags
+
 
 FORMAT_FLAGS = _format_flags()
 
@@ -235,10 +240,8 @@ class ReleaseProgress:
         if self.mode == "lines" and what != "started":  # a job's first stage says it started
             click.echo(f"[{self.done}/{len(self.names)}] {name}: {what}", err=True)
         elif self.mode == "bar":
-            width = 24
-            filled = width * self.done // max(len(self.names), 1)
             now = ", ".join(f"{n} {w}" for n, w in self.running.items())
-            line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{len(self.names)} {now}"
+            line = f"{bar(self.done, len(self.names))} {now}"
             click.echo(f"{CLEAR_LINE}{line[:200]}", nl=False, err=True)
             if what != "started" and what not in ("building", "verifying", "quality"):
                 click.echo(f"{CLEAR_LINE}{name}: {what}", err=True)

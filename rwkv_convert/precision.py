@@ -109,7 +109,6 @@ STORAGE: tuple[StorageType, ...] = (
     StorageType("int4-block", "ONNX MatMulNBits int4: blocks of 32 with zero points", 4, "int4-block", (ORT,),
                 onnx="int4"),
 )
-_BY_NAME = {s.name: s for s in STORAGE}
 
 
 def _known(column: str) -> list[str]:
@@ -136,11 +135,6 @@ def by_gguf(type_name: str) -> StorageType:
 def by_onnx(word: str) -> StorageType:
     """The storage type of an ONNX export's dtype or quant word (fp16, int4)."""
     return _lookup("onnx", word, "ONNX storage")
-
-
-def by_torch_dtype(name: str) -> StorageType:
-    """The storage type of a float dtype name as torch and safetensors configs spell it (bfloat16)."""
-    return _lookup("torch_dtype", name.removeprefix("torch."), "float dtype")
 
 
 def float_bound(dtype_name: str) -> str:

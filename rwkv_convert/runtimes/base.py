@@ -31,12 +31,6 @@ class Client:
         """The installed version, or None when the module cannot be imported here."""
         return installed_version(self.distribution) if importlib.util.find_spec(self.module) is not None else None
 
-    def missing(self) -> str | None:
-        """None when the client can be imported here; else one line: what is missing and how to install it."""
-        if importlib.util.find_spec(self.module) is not None:
-            return None
-        return f"{self.distribution} is not installed ({self.purpose}): {self.install}"
-
     def imported(self, doing: str, instead: str = ""):
         """The client's module, or one line for the user who was `doing` something that needs it."""
         try:
