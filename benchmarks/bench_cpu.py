@@ -100,12 +100,12 @@ def run_ours(path: Path, strategy: str, args, denormal: bool = False) -> dict:
 
 def run_llama(path: Path, quant: str, args) -> dict:
     import rwkv_convert
-    from rwkv_convert.runtimes.llama_cpp import LlamaCppRunner
+    from rwkv_convert.runtimes.llama_cpp import LlamaCppSession
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         out = Path(tmp) / f"m-{quant}.gguf"
         rwkv_convert.convert(path, "gguf", out, quant=quant)
-        llm = LlamaCppRunner(out, n_ctx=args.prefill + args.decode_tokens + 64, logits_all=False).llm
+        llm = LlamaCppSession(out, n_ctx=args.prefill + args.decode_tokens + 64, logits_all=False).llm
 
         def forward(tokens, state):
             if state is None:

@@ -92,11 +92,11 @@ def plan(path: str, strategy: str, as_json: bool, json_out) -> None:
 @main.command(cls=ui.ConvertCommand)
 @click.argument("source", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--to", "target", default=None, type=click.Choice(registry.targets()),
-              help="The format to write (its options are listed under it below). Default: from -o's suffix (.gguf,"
-                   " .onnx, .st for web-rwkv, .pth for the pip package), or safetensors where --layout is given.")
+              help="The format to write (its options are listed under it below): web-rwkv is the .st for"
+                   " web-rwkv/ai00/RWKV-Runner, hf a Hugging Face directory, prepared our runner's weights for"
+                   " --strategy. Default: from -o's suffix (.gguf, .onnx, .st for web-rwkv, .pth for the pip package).")
 @click.option("--layout", default=None, type=click.Choice([f.name for f in registry.writers() if f.family]),
-              help="With --to safetensors: web-rwkv (.st for web-rwkv/ai00/RWKV-Runner), hf (a Hugging Face"
-                   " directory: v4, v7), prepared (our runner's weights for --strategy).")
+              help="The older spelling of the safetensors formats: --to safetensors --layout hf is --to hf.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str),
               help="The output file (hf: a new or empty directory; onnx: the step graph, the others beside it).")
 @click.option("--verify", "then_verify", is_flag=True, help="Verify the written files against SOURCE.")
@@ -112,7 +112,7 @@ def convert(source: str, target: str, layout, output: str, then_verify: bool, to
     Examples:
       rwkv-convert convert RWKV-x060-World-1B6.pth --to pip --strategy "cuda fp16i8" -o 1B6-fp16i8.pth
       rwkv-convert convert model.pth --to gguf --quant q8_0 -o model-q8_0.gguf --verify
-      rwkv-convert convert model.pth --to safetensors --layout hf -o model-hf/
+      rwkv-convert convert model.pth --to hf -o model-hf/
     """
     if target is None:
         target, layout = registry.target_for_output(output, layout)
@@ -125,7 +125,7 @@ def convert(source: str, target: str, layout, output: str, then_verify: bool, to
         _verify_and_exit(output, source, None, tokens, 0, False, None, runner, state=state)
 
 
-def _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json_out, runner="native",
+def _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json_out, runner="client",
                      ln0_fold=None, state=None, trust_remote_code=False) -> None:
     with ui.reporting(json_out, candidate, reference, state):
         report = verify(candidate, reference, strategy, tokens, seed, runner, ln0_fold, state, trust_remote_code)
@@ -142,7 +142,7 @@ def _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(2, None), help="Tokens per stream.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random token stream.")
 @ui.json_options
-@ui.runner_option("native: the runtime the format is for (the rwkv pip package for its files); ours: our reader.")
+@ui.runner_option("client: the runtime the format is for (the rwkv pip package for its files); ours: our reader.")
 @click.option("--ln0-fold", default=None, type=click.Choice(LN0_FOLDS),
               help=ui.LN0_HELP + " Default: the candidate's own (package for pip-converted files, else fp32).")
 @ui.state_option

@@ -24,6 +24,7 @@ from .errors import CastWarning, RwkvConvertError
 from .formats import registry
 from .formats.base import flag_of
 from .json_text import json_safe
+from .runtimes.base import RUNNER_ALIASES, RUNNERS, runner_named
 
 LN0_HELP = ("How original weights get ln0 folded into the embedding: fp32 (accurate) or package (as the rwkv pip"
             " package does: v4-v6 in the file's dtype, v7 in the strategy's), to compare with it bit for bit.")
@@ -102,9 +103,10 @@ def inputs(*paths) -> protecting:
 
 
 def runner_option(help: str):
-    """--runner: the file's own runtime (native) or our reader (ours)."""
-    return click.option("--runner", default="native", show_default=True, type=click.Choice(["native", "ours"]),
-                        help=help)
+    """--runner: the file's own runtime (client) or our reader (ours); "native" is client's older name."""
+    return click.option("--runner", default="client", show_default=True,
+                        type=click.Choice([*RUNNERS, *RUNNER_ALIASES]),
+                        callback=lambda _context, _option, word: runner_named(word), help=help)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from . import __version__
 from .arch import v7
 from .cpu import ops as cpu_ops
 from .cuda import build as cuda_kernels
+from .kernel_build import kernels_turned_off
 from .runtimes import CLIENTS, Client
 from .units import human_size, memory_available
 
@@ -55,9 +56,9 @@ def _self_check(kernel, device: str) -> bool | None:
 
 
 def _cpu_kernels() -> Check:
-    if os.environ.get("RWKV_CONVERT_NO_NATIVE") == "1":
-        return Check("CPU kernels", "missing", "turned off by RWKV_CONVERT_NO_NATIVE=1 (the torch loops run instead)",
-                     "unset RWKV_CONVERT_NO_NATIVE")
+    off = kernels_turned_off()
+    if off:
+        return Check("CPU kernels", "missing", f"turned off by {off}=1 (the torch loops run instead)", f"unset {off}")
     passed = _self_check(cpu_ops.wkv7, "cpu")
     if passed is None:
         return Check("CPU kernels", "problem", "could not be built (the torch loops run instead: slower)",

@@ -5,12 +5,22 @@ processes building the same library never load a half-written one."""
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import subprocess
 from pathlib import Path
 
 from .atomic import AtomicOutput
 from .paths import kernels_dir
+
+# Set to 1, the C kernels are not built and the torch loops run. The second name is the one before the C code was
+# called "kernels" rather than "native" (still honoured).
+KERNELS_OFF_VARIABLES = ("RWKV_CONVERT_NO_KERNELS", "RWKV_CONVERT_NO_NATIVE")
+
+
+def kernels_turned_off() -> str | None:
+    """The environment variable that turns the C kernels off, where one is set to 1."""
+    return next((name for name in KERNELS_OFF_VARIABLES if os.environ.get(name) == "1"), None)
 
 
 def cpu_signature() -> str:

@@ -24,7 +24,8 @@ from .errors import RwkvConvertError
 from .formats.registry import convert, detect, load_detected, read_checkpoint
 from .precision import StorageType, by_gguf, by_onnx, storage
 from .runner import Model
-from .runtimes.llama_cpp import LlamaCppRunner
+from .runtimes.llama_cpp import LlamaCppSession
+from .runtimes.ours import ForwardSession
 from .strategy import allocate, parse_strategy
 from .tokenizer import default_tokenizer
 
@@ -53,13 +54,13 @@ class Scheme:
 
 SCHEMES = {s.name: s for s in (
     Scheme("fp32", None, {}, "ours"),
-    Scheme("fp16", "safetensors", {"layout": "prepared", "strategy": "cpu fp16"}, "ours"),
-    Scheme("bf16", "safetensors", {"layout": "prepared", "strategy": "cpu bf16"}, "ours"),
-    Scheme("fp32i8", "safetensors", {"layout": "prepared", "strategy": "cpu fp32i8"}, "ours"),
-    Scheme("fp32i8-cal", "safetensors", {"layout": "prepared", "strategy": "cpu fp32i8", "calibration": BUNDLED},
+    Scheme("fp16", "prepared", {"strategy": "cpu fp16"}, "ours"),
+    Scheme("bf16", "prepared", {"strategy": "cpu bf16"}, "ours"),
+    Scheme("fp32i8", "prepared", {"strategy": "cpu fp32i8"}, "ours"),
+    Scheme("fp32i8-cal", "prepared", {"strategy": "cpu fp32i8", "calibration": BUNDLED},
            "ours"),
-    Scheme("fp16i8", "safetensors", {"layout": "prepared", "strategy": "cpu fp16i8"}, "ours"),
-    Scheme("fp16i8-cal", "safetensors", {"layout": "prepared", "strategy": "cpu fp16i8", "calibration": BUNDLED},
+    Scheme("fp16i8", "prepared", {"strategy": "cpu fp16i8"}, "ours"),
+    Scheme("fp16i8-cal", "prepared", {"strategy": "cpu fp16i8", "calibration": BUNDLED},
            "ours"),
     Scheme("gguf-f16", "gguf", {"quant": "f16"}, "llama.cpp"),
     Scheme("gguf-q8_0", "gguf", {"quant": "q8_0"}, "llama.cpp"),
@@ -108,7 +109,7 @@ FULL_SCHEMES = ("fp32", "fp16", "bf16", "fp32i8", "fp32i8-cal",
                 "gguf-q4_0", "gguf-q4_0-cal", "gguf-q4_k", "gguf-q4_k-cal",
                 "onnx-fp16", "onnx-int8", "onnx-int4", "onnx-int4-cal", "onnx-fp16-int4-cal-int8-tables")
 MAX_REFERENCE_BYTES = 4 << 30
-SUFFIXES = {"gguf": "gguf", "onnx": "onnx", "safetensors": "safetensors"}
+SUFFIXES = {"gguf": "gguf", "onnx": "onnx", "prepared": "safetensors"}
 
 
 @dataclass
@@ -177,10 +178,11 @@ class _Logits:
     def __init__(self, scheme: Scheme, path: Path, window: int):
         self.scheme = scheme
         if scheme.runtime == "llama.cpp":
-            self.llama = LlamaCppRunner(path, n_ctx=max(64, window))
+            self.session = LlamaCppSession(path, n_ctx=max(64, window))
         else:
             fmt, probe = detect(path)
             self.model = load_detected(fmt, probe)
+            self.session = ForwardSession(self.model)
 
     def each(self, chunks: list[list[int]]) -> Iterator[torch.Tensor]:
         if self.scheme.runtime == "onnxruntime":  # a batch of windows per run: the Scan steps once for all
@@ -197,10 +199,7 @@ class _Logits:
                 start = end
             return
         for tokens in chunks:
-            if self.scheme.runtime == "llama.cpp":
-                yield self.llama.logits([tokens])
-            else:
-                yield self.model.forward(tokens, None, full_output=True)[0].float()
+            yield self.session.logits([tokens]).float()
 
 
 def measure(source: str | Path, text: str | Path | None = None, schemes: list[str] | None = None,

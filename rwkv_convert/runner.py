@@ -41,7 +41,7 @@ KERNELS = ("auto", "torch", "cuda-on-cpu")
 
 
 def recurrence_for(module, kernels: str = "auto"):
-    """The version's recurrence: its torch code, or ("auto") the native kernel for the tensors' device (CUDA,
+    """The version's recurrence: its torch code, or ("auto") the C kernel for the tensors' device (CUDA,
     or C on the CPU), with the torch code for what they cannot run (no GPU or compiler, a failed build, other
     head sizes). The version modules never pick a backend themselves, so the torch path can run anywhere and
     be compared with the kernels."""

@@ -35,8 +35,9 @@ from .plan import make_plan
 from .precision import BOUND_ORDER
 from .progress import step
 from .runner import Model
-from .runtimes.base import ClientRun
+from .runtimes.base import ClientRun, runner_named
 from .runtimes.hf_transformers import trusting_remote_code
+from .runtimes.ours import run_ours
 from .spec import ModelSpec
 from .strategy import parse_strategy
 from .tokenizer import BYTE_TOKENS, WORLD_TOKENS, WorldTokenizer
@@ -134,18 +135,6 @@ def token_streams(vocab: int, n: int, seed: int) -> dict[str, list[int]]:
     return {"fixed": fixed, "random": torch.randint(0, vocab, (n,), generator=gen).tolist()}
 
 
-def run_ours(model, tokens: list[int], split: int) -> dict:
-    seq, seq_state = model.forward(tokens, full_output=True)
-    state, rows = None, []
-    for t in tokens:
-        logits, state = model.forward([t], state)
-        rows.append(logits)
-    first, s = model.forward(tokens[:split], full_output=True)
-    second, split_state = model.forward(tokens[split:], s, full_output=True)
-    return {"seq": seq, "seq_state": seq_state, "one": torch.stack(rows), "one_state": state,
-            "split": torch.cat([first, second]), "split_state": split_state}
-
-
 def _check_same_model(model, candidate, spec, reference) -> None:
     if (model.spec.vocab_size, model.spec.n_embd) != (spec.vocab_size, spec.n_embd):
         raise RwkvConvertError(f"{candidate} (vocab {model.spec.vocab_size}, n_embd {model.spec.n_embd}) is not"
@@ -206,7 +195,6 @@ def greedy_continuation(model, prompt: list[int], n: int) -> list[int]:
     return tokens
 
 
-RUNNERS = ("native", "ours")
 STRATEGY_FILES = ("pip", "prepared")  # formats whose weights are stored as a strategy of ours prepares them
 
 # A candidate whose strategy our runner reproduces exactly, in fp32 activations (int8 weights included: the
@@ -238,16 +226,11 @@ def strategy_logits(ref: ReferenceRun, strategy: str) -> dict[str, torch.Tensor]
     return ref.strategy_runs[key]
 
 
-def _check_runner(runner: str) -> None:
-    if runner not in RUNNERS:
-        raise RwkvConvertError(f"unknown runner {runner!r}; use native or ours")
-
-
-def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None = None, runner: str = "native",
+def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None = None, runner: str = "client",
                   reference: str | Path = "the reference") -> ClientRun:
-    """The candidate on the reference's streams: in its format's runtime (runner "native", where the registry
+    """The candidate on the reference's streams: in its format's runtime (runner "client", where the registry
     names one), else loaded by our reader (ONNX: onnxruntime) and run like the reference."""
-    _check_runner(runner)
+    runner = runner_named(runner)
     step("verify: running the candidate", 0, 1)
     run = _candidate_run(candidate, ref, strategy, runner, reference)
     step("verify: running the candidate", 1, 1)
@@ -256,7 +239,7 @@ def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None
 
 def _candidate_run(candidate, ref: ReferenceRun, strategy, runner: str, reference) -> ClientRun:
     fmt, probe = detect(candidate)
-    if runner == "native" and fmt.client_run is not None:
+    if runner == "client" and fmt.client_run is not None:
         run = fmt.client_run(probe.path, strategy, ref.streams, ref.split, ref.spec)
         if run is not None:  # None: no runtime for this kind of file in its format (HF v5.2/v6): our reader
             return run
@@ -325,15 +308,15 @@ def score(ref: ReferenceRun, cand: ClientRun, candidate: str | Path, reference: 
 
 
 def verify(candidate: str | Path, reference: str | Path, strategy: str | None = None, tokens: int = 64,
-           seed: int = 0, runner: str = "native", ln0_fold: str | None = None,
+           seed: int = 0, runner: str = "client", ln0_fold: str | None = None,
            state: str | Path | None = None, trust_remote_code: bool = False) -> VerifyReport:
-    """runner: "native" runs the candidate in the runtime its format is for (the rwkv pip package for its
+    """runner: "client" runs the candidate in the runtime its format is for (the rwkv pip package for its
     converted files); "ours" runs it with rwkv-convert's reader and runner. ln0_fold: the reference runner's
     (and our runner's, for --runner ours) fold of ln0, "fp32" or "package" (docs/numerics.md); None: the
     candidate's own, i.e. "package" for pip-converted files (they hold the package's fold) and "fp32" else.
     state: a state-tuning file applied to the reference (and to a candidate that is original weights).
     trust_remote_code: run an HF directory's code even where it is not the copy we ship (the runner says so)."""
-    _check_runner(runner)
+    runner = runner_named(runner)
     fmt, _ = detect(candidate)  # a missing or unreadable candidate fails before the reference is run
     if ln0_fold is None:
         ln0_fold = "package" if fmt.name == "pip" else "fp32"

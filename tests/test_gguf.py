@@ -36,7 +36,7 @@ TOKENS = tokens_for(512)
 
 
 def llama_logits(path, chunk: int | None) -> torch.Tensor:
-    runner = llama_runtime.LlamaCppRunner(path, n_ctx=128)
+    runner = llama_runtime.LlamaCppSession(path, n_ctx=128)
     chunks = [TOKENS] if chunk is None else [TOKENS[i:i + chunk] for i in range(0, len(TOKENS), chunk)]
     return runner.logits(chunks)
 
@@ -82,7 +82,7 @@ def test_q8_0_top1_agreement_over_eight_streams(variant, dtype, fixture_dir, tmp
     94.5% (v6 bf16) to 96.9%; the flips sit at reference top-2 margins under 0.5 of these random models."""
     src = fixture_path(variant, dtype, directory=fixture_dir)
     (out,) = rwkv_convert.convert(src, "gguf", tmp_path / "m.gguf", quant="q8_0")
-    model, runner = rwkv_convert.load(src), llama_runtime.LlamaCppRunner(out, n_ctx=128)
+    model, runner = rwkv_convert.load(src), llama_runtime.LlamaCppSession(out, n_ctx=128)
     streams = [tokens_for(512, seed=1234 + s) for s in range(8)]
     ref = torch.cat([model.forward(t, full_output=True)[0] for t in streams])
     cand = torch.cat([runner.logits([t]) for t in streams])
@@ -94,7 +94,7 @@ def test_models_load_without_llama_cpps_extra_buffer_types(fixture_dir, tmp_path
     """On CPUs with AMX the extra (repacking) buffer types segfault quantized RWKV models on multi-token batches;
     Llama() ignores a use_extra_bufts keyword, so the runner sets it on the model parameters itself."""
     (out,) = rwkv_convert.convert(fixture_path("v7", directory=fixture_dir), "gguf", tmp_path / "m.gguf", quant="q8_0")
-    runner = llama_runtime.LlamaCppRunner(out, n_ctx=128)
+    runner = llama_runtime.LlamaCppSession(out, n_ctx=128)
     assert runner.llm.model_params.use_extra_bufts is False
     assert runner.logits([tokens_for(512)[:64]]).shape == (64, 512)  # a multi-token batch of a quantized model
     from llama_cpp import llama_cpp as bindings
@@ -182,7 +182,7 @@ def test_tokenizer_in_the_file_round_trips_like_the_pip_package(tmp_path):
     sd = make_state_dict("v7", n_layer=1, n_embd=64, vocab=65536)
     (out,) = rwkv_convert.convert(save_atomic(sd, tmp_path / "full-vocab.pth"), "gguf", tmp_path / "m.gguf",
                                   quant="f16")
-    runner = llama_runtime.LlamaCppRunner(out, n_ctx=64)
+    runner = llama_runtime.LlamaCppSession(out, n_ctx=64)
     pip = TRIE_TOKENIZER(str(world_vocab_path()))
     for text in ["Hello world!", "User: 你好，世界。\n\nAssistant: 🙂 ñ", "   spaces  \t tabs", "日本語のテキスト",
                  "The quick brown fox jumps over the lazy dog.", "\\x00 \\n literal backslashes"]:
@@ -206,7 +206,7 @@ def test_a_byte_level_model_gets_bytes_and_unused_ids_not_world_tokens(tmp_path)
     assert set(types[257:]) == {gguf.TokenType.UNUSED} and set(types[1:257]) == {gguf.TokenType.NORMAL}
     assert "tokenizer.chat_template" not in reader.fields  # the World chat format is for World models
     text = "hello, 你好 🙂\n\n"
-    assert llama_runtime.LlamaCppRunner(out, n_ctx=64).tokenize(text) == [b + 1 for b in text.encode("utf-8")]
+    assert llama_runtime.LlamaCppSession(out, n_ctx=64).tokenize(text) == [b + 1 for b in text.encode("utf-8")]
 
 
 def test_a_given_bpe_tokenizer_is_embedded_as_llama_cpps_gpt2_model(tmp_path, neox_tokenizer):
@@ -215,7 +215,7 @@ def test_a_given_bpe_tokenizer_is_embedded_as_llama_cpps_gpt2_model(tmp_path, ne
 
     src = save_atomic(make_state_dict("v7", n_layer=1, n_embd=64, vocab=448), tmp_path / "bpe.pth")
     (out,) = rwkv_convert.convert(src, "gguf", tmp_path / "m.gguf", quant="f32", tokenizer=str(neox_tokenizer))
-    runner = llama_runtime.LlamaCppRunner(out, n_ctx=64)
+    runner = llama_runtime.LlamaCppSession(out, n_ctx=64)
     library = Tokenizer.from_file(str(neox_tokenizer))
     for text in ["hello world", "The quick brown fox jumps over the lazy dog.", "numbers 12345 and 3.14159",
                  "ünïcödé café 你好 🙂", "tabs\t and  spaces"]:
@@ -338,7 +338,7 @@ def test_llama_cpps_own_converter_reads_our_hf_export_and_we_read_its_gguf(varia
     ref = rwkv_convert.load(src).forward(tokens, full_output=True)[0]
     ours = rwkv_convert.load(out).forward(tokens, full_output=True)[0]
     assert (ours - ref).abs().max().item() <= 1e-4
-    assert (llama_runtime.LlamaCppRunner(out, n_ctx=128).logits([tokens]) - ref).abs().max().item() <= 1e-3
+    assert (llama_runtime.LlamaCppSession(out, n_ctx=128).logits([tokens]) - ref).abs().max().item() <= 1e-3
 
 
 def gguf_metadata(path) -> dict:
@@ -354,6 +354,6 @@ def test_v5_2_of_another_shape_runs_as_rwkv6(tmp_path):
     (out,) = rwkv_convert.convert(src, "gguf", tmp_path / "m.gguf", quant="f32")
     tokens = tokens_for(1000)
     ref = rwkv_convert.load(src).forward(tokens, full_output=True)[0]
-    runner = llama_runtime.LlamaCppRunner(out, n_ctx=128)
+    runner = llama_runtime.LlamaCppSession(out, n_ctx=128)
     assert (runner.logits([tokens]) - ref).abs().max().item() <= 1e-3
     assert (runner.logits([tokens[:20], tokens[20:]]) - ref).abs().max().item() <= 1e-3

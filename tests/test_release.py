@@ -252,8 +252,7 @@ def test_the_readme_main_job_releases_the_bundled_model(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = read_report(tmp_path / "release")  # the default --out
     formats = {e["format"] for e in report["artifacts"]}
-    assert {"gguf", "onnx", "safetensors --layout hf", "safetensors --layout web-rwkv",
-            "safetensors --layout prepared"} <= formats
+    assert {"gguf", "onnx", "hf", "web-rwkv", "prepared"} <= formats
     assert report["summary"]["passed"] == len(report["artifacts"]) >= 8
     assert "8/8 verified" in proc.stdout or f"{len(report['artifacts'])}/{len(report['artifacts'])}" in proc.stdout
 

@@ -117,8 +117,7 @@ def test_mismatched_state_files_are_one_line(tuned, fixture_dir, tmp_path):
 def test_formats_without_an_initial_state_refuse_and_point_to_the_routes_that_work(tuned, tmp_path):
     base, state, _ = tuned["v7"]
     proc = cli("convert", base, "--state", state, "--to", "gguf", "-o", tmp_path / "m.gguf")
-    assert_one_line_error(proc, "llama.cpp's GGUF has no initial-state field.*--to onnx or --to safetensors"
-                                " --layout prepared")
+    assert_one_line_error(proc, "llama.cpp's GGUF has no initial-state field.*--to onnx or --to prepared")
     assert not (tmp_path / "m.gguf").exists()
     proc = cli("convert", base, "--state", state, "--to", "safetensors", "--layout", "hf", "-o", tmp_path / "hf")
     assert_one_line_error(proc, "state-tuned")

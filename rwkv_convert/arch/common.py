@@ -32,7 +32,7 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
 
 def lora_product(x: torch.Tensor, factor) -> torch.Tensor:
     """x @ factor (batched for a 3-D factor) for a LoRA factor, returned in x's dtype. On the CPU the runner
-    holds factors in faster forms (quant.held_lora_for_cpu: bf16 rows for the native kernel, which multiply
+    holds factors in faster forms (quant.held_lora_for_cpu: bf16 rows for the C kernel, which multiply
     themselves, or fp32 tensors for a bf16/fp16 layer); a tensor of another dtype computes in its own."""
     if not isinstance(factor, torch.Tensor):
         return factor.left_multiply(x)

@@ -1,5 +1,5 @@
 """The runner's CPU fast paths for the recurrences (wkv_cpu.c). Like cuda/ops.py, each returns None when the
-kernel cannot run these tensors (GPU tensors, no compiler, RWKV_CONVERT_NO_NATIVE=1), and the caller then
+kernel cannot run these tensors (GPU tensors, no compiler, RWKV_CONVERT_NO_KERNELS=1), and the caller then
 runs its torch code, which has the same semantics (rwkv_convert/arch/v4.py, v5.py, v7.py). Inputs are never
 modified: the kernel updates a copy of the state."""
 

@@ -134,7 +134,7 @@ def per_token_tables_refusal(spec: ModelSpec, runtime: str) -> str | None:
     parts = "per-token tables (DeepEmbed's ffn.s_emb"
     parts += ", DEA's qkv.k_emb/v_emb and its attention)" if spec.dea else ")"
     return (f"this is an RWKV-{spec.variant} model and {runtime} has no {parts}: it cannot be expressed there;"
-            " use --to onnx or --to safetensors --layout prepared, or run the .pth itself")
+            " use --to onnx or --to prepared, or run the .pth itself")
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class Format:
     # the precisions the file stores its weights in, as tolerance keys, when reading it back cannot tell
     # (a GGUF is dequantized to fp32 on reading)
     stored: Callable[[Path], set[str]] | None = None
-    family: str | None = None  # "safetensors": `convert --to safetensors --layout NAME`
+    family: str | None = None  # "safetensors": also `convert --to safetensors --layout NAME` (the older spelling)
     # the file's own tensor types and how many tensors have each, where reading it back loses them (inspect)
     types: Callable[[Path], dict[str, int]] | None = None
     # every file a file of this format consists of, where there are more (an ONNX export's other graph and data)
@@ -164,5 +164,6 @@ class Format:
 
     @property
     def target(self) -> str:
-        """How the CLI names this format as a convert target."""
-        return f"{self.family} --layout {self.name}" if self.family else self.name
+        """How the CLI names this format as a convert target (`--to NAME`; a family's formats also answer to the
+        older `--to FAMILY --layout NAME`)."""
+        return self.name

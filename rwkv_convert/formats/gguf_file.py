@@ -28,9 +28,9 @@ from ..errors import CastWarning, RwkvConvertError, UnsupportedError
 from ..plan import Plan, make_plan
 from ..precision import storage
 from ..quant import gguf_blocks
-from ..runtimes.base import ClientRun
+from ..runtimes.base import ClientRun, verify_modes
 from ..runtimes.llama_cpp import CLIENT as LLAMA_CPP
-from ..runtimes.llama_cpp import LlamaCppRunner, check_quantizer, llama_quantize
+from ..runtimes.llama_cpp import LlamaCppSession, check_quantizer, llama_quantize
 from ..spec import ModelSpec
 from . import gguf_vocab
 from .base import Format, Options, calibration_method_option, option, per_token_tables_refusal
@@ -191,10 +191,10 @@ def supports(spec: ModelSpec) -> str | None:
     arch = module_for(spec.version).LLAMA_CPP_ARCH.get(spec.version)
     if arch is None:
         return (f"llama.cpp has no architecture for RWKV-{spec.version} (rwkv6 runs v5.2 and v6, rwkv7 v7); for this"
-                " version use --to onnx, --to safetensors or --to pip")
+                " version use --to onnx, --to prepared, --to web-rwkv or --to pip")
     if spec.time_state:
         return ("this is a state-tuned model (att.time_state, or --state): llama.cpp's GGUF has no initial-state"
-                " field, so its learned state would be lost; use --to onnx or --to safetensors --layout prepared"
+                " field, so its learned state would be lost; use --to onnx or --to prepared"
                 " (or --to pip for v5/v6), which carry it, or convert the base model and keep the state file beside"
                 " it (convert-state)")
     if spec.deep_embed or spec.dea:
@@ -351,8 +351,8 @@ def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], 
         raise RwkvConvertError("a GGUF runs in llama.cpp as it is: drop --strategy (or use --runner ours)")
     check_checksums(path)  # llama.cpp would run altered data as it is
     tokens = len(next(iter(streams.values())))
-    llama = LlamaCppRunner(path, n_ctx=max(64, 2 * tokens))
-    outputs = {name: llama.run(toks, split) for name, toks in streams.items()}
+    llama = LlamaCppSession(path, n_ctx=max(64, 2 * tokens))
+    outputs = {name: verify_modes(llama, toks, split) for name, toks in streams.items()}
     return ClientRun(LLAMA_CPP.name, "cpu fp32", outputs, {"fp32"} | tensor_schemes(path))
 
 

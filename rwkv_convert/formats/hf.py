@@ -19,13 +19,13 @@ from ..arch import module_for
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import CastWarning, RwkvConvertError, brief
-from ..runtimes.base import ClientRun
+from ..runtimes.base import ClientRun, verify_modes
 from ..runtimes.hf_transformers import (
     AUTO_MAP,
     INDEX_NAME,
     TRUST_OPTION,
     WEIGHTS_NAME,
-    TransformersRunner,
+    TransformersSession,
     runs_in_transformers,
     stored_scheme,
 )
@@ -148,10 +148,10 @@ def model_type(spec: ModelSpec) -> str | None:
 def supports(spec: ModelSpec) -> str | None:
     if model_type(spec) is None:
         return (f"RWKV-{spec.version} has no Hugging Face layout (there are RWKV-4, 5.2 and 6 as Rwkv6ForCausalLM,"
-                " and 7); use --layout web-rwkv or prepared, or --to onnx")
+                " and 7); use --to web-rwkv, --to prepared or --to onnx")
     if spec.time_state:
         return ("this is a state-tuned model (att.time_state): no Hugging Face layout has a place for its learned"
-                " initial state; use --layout web-rwkv or prepared, --to onnx or --to pip, which keep it")
+                " initial state; use --to web-rwkv, --to prepared, --to onnx or --to pip, which keep it")
     if spec.deep_embed or spec.dea:
         return per_token_tables_refusal(spec, "the fla-hub layout (transformers)")
     return None
@@ -378,10 +378,10 @@ def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], 
         return None
     if strategy:
         raise RwkvConvertError("an HF directory runs in transformers as it is: drop --strategy (or use --runner ours)")
-    runner = TransformersRunner(path)
-    outputs = {name: runner.run(tokens, split) for name, tokens in streams.items()}
-    trusted = f", the directory's own code run by {TRUST_OPTION}" if runner.trusted else ""
-    return ClientRun(f"transformers ({type(runner.model).__name__}{trusted})", "cpu fp32", outputs,
+    session = TransformersSession(path)
+    outputs = {name: verify_modes(session, tokens, split) for name, tokens in streams.items()}
+    trusted = f", the directory's own code run by {TRUST_OPTION}" if session.trusted else ""
+    return ClientRun(f"transformers ({type(session.model).__name__}{trusted})", "cpu fp32", outputs,
                      {"fp32", stored_scheme(path)})
 
 

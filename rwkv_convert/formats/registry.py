@@ -46,38 +46,35 @@ def writers() -> list[Format]:
 
 
 def targets() -> list[str]:
-    """What `convert --to` accepts: each writable format's name, a family (safetensors) once."""
-    seen: list[str] = []
-    for fmt in writers():
-        name = fmt.family or fmt.name
-        if name not in seen:
-            seen.append(name)
-    return seen
+    """What `convert --to` accepts: each writable format's name, then each family's name (safetensors: the older
+    spelling `--to safetensors --layout NAME` of the formats stored in safetensors files)."""
+    names = [fmt.name for fmt in writers()]
+    return names + list(dict.fromkeys(fmt.family for fmt in writers() if fmt.family))
 
 
 def writer_for(to: str, layout: str | None = None) -> Format:
-    """The format `convert(to=..., layout=...)` writes: to="safetensors" needs a layout."""
+    """The format `convert(to=..., layout=...)` writes: a format's own name, or a family (to="safetensors") and
+    the layout that names one of its formats."""
     family = [fmt for fmt in writers() if fmt.family == to]
     if family:
         names = ", ".join(f.name for f in family)
         if layout is None:
-            raise RwkvConvertError(f"--to {to} needs --layout ({names})")
+            raise RwkvConvertError(f"--to {to} needs --layout ({names}); or give the layout as --to")
         for fmt in family:
             if fmt.name == layout:
                 return fmt
         raise RwkvConvertError(f"unknown {to} layout {layout!r}; choose from {names}")
+    for fmt in writers():
+        if fmt.name == to and layout in (None, to):
+            return fmt
     if layout is not None:
         raise RwkvConvertError(f"--layout is for --to {', '.join(sorted({f.family for f in writers() if f.family}))},"
                                f" not --to {to}")
-    for fmt in writers():
-        if fmt.name == to:
-            return fmt
     raise RwkvConvertError(f"cannot convert to {to!r}; choose from {', '.join(targets())}")
 
 
-# what an output's suffix says it is, where it says one thing (.safetensors is several layouts; a folder is hf)
-SUFFIX_TARGETS = {".gguf": ("gguf", None), ".onnx": ("onnx", None), ".st": ("safetensors", "web-rwkv"),
-                  ".pth": ("pip", None)}
+# what an output's suffix says it is, where it says one thing (.safetensors is several formats; a folder is hf)
+SUFFIX_TARGETS = {".gguf": "gguf", ".onnx": "onnx", ".st": "web-rwkv", ".pth": "pip"}
 
 
 def target_for_output(output: str | os.PathLike, layout: str | None = None) -> tuple[str, str | None]:
@@ -86,11 +83,10 @@ def target_for_output(output: str | os.PathLike, layout: str | None = None) -> t
         return "safetensors", layout
     found = SUFFIX_TARGETS.get(Path(output).suffix.lower())
     if found is None:
-        known = ", ".join(f"{suffix} ({to}{' --layout ' + lay if lay else ''})" for suffix, (to, lay)
-                          in SUFFIX_TARGETS.items())
+        known = ", ".join(f"{suffix} ({to})" for suffix, to in SUFFIX_TARGETS.items())
         raise RwkvConvertError(f"cannot tell the format from the output name {Path(output).name!r}: give --to"
                                f" ({', '.join(targets())}); the names that say it: {known}")
-    return found
+    return found, None
 
 
 def detect(path: str | os.PathLike) -> tuple[Format, Probe]:

@@ -94,7 +94,7 @@ class WebRwkvOptions(Options):
     def __post_init__(self) -> None:
         if self.dtype != "fp16":
             raise RwkvConvertError(f"web-rwkv's loader accepts only F16 tensors: drop --dtype {self.dtype} (or use"
-                                   " --layout hf or prepared)")
+                                   " --to hf or --to prepared)")
 
 
 def write(ckpt: Checkpoint, output: Path, options: WebRwkvOptions) -> list[Path]:

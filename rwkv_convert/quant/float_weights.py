@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .kernels import bf16_matmul, rows_library
 
-NATIVE_TOKENS = 4  # up to here the native kernel beats torch (it reads the weights once per 4 tokens)
+KERNEL_TOKENS = 4  # up to here the C kernel beats torch (it reads the weights once per 4 tokens)
 _WIDEN_BLOCK = 1 << 22  # fp32 elements widened at once for longer inputs: 16 MB, one block in cache
 
 
@@ -43,13 +43,13 @@ def held_float_for_cpu(value):
         return cpu_bf16_rows(value.weight, value.weight.dtype) or value
     if isinstance(value, StackedFloatWeight):
         rows = [cpu_bf16_rows(m.t(), value.stacked.dtype) for m in value.stacked]
-        if all(rows):  # the native kernel beats the batched matmul: one call per projection
+        if all(rows):  # the C kernel beats the batched matmul: one call per projection
             return Bf16RowsProjections(value.names, rows)
     return value
 
 
 def cpu_bf16_rows(weight: torch.Tensor, dtype: torch.dtype) -> Bf16RowsWeight | None:
-    """The matrix as bf16 rows for the CPU's native kernel when that loses nothing (and the kernel builds),
+    """The matrix as bf16 rows for the CPU's C kernel when that loses nothing (and the kernel builds),
     else None. dtype: the scheme's (what the matrix is on other devices)."""
     if weight.device.type != "cpu" or weight.dim() != 2 or rows_library() is None or not _bf16_values(weight):
         return None
@@ -58,7 +58,7 @@ def cpu_bf16_rows(weight: torch.Tensor, dtype: torch.dtype) -> Bf16RowsWeight | 
 
 def held_lora_for_cpu(factor: torch.Tensor, atype: torch.dtype):
     """How the runner holds a LoRA factor [in, out] of a CPU layer computing in atype: as bf16 rows for the
-    native kernel where its values are bf16 numbers (half the bytes of fp32; torch's one-row products with
+    C kernel where its values are bf16 numbers (half the bytes of fp32; torch's one-row products with
     these small matrices are slow), else in fp32 for a bf16/fp16 layer (small bf16 matmuls cost ~3x fp32's
     there), else as it is."""
     if (factor.device.type == "cpu" and factor.dim() == 2 and rows_library() is not None
@@ -70,13 +70,13 @@ def held_lora_for_cpu(factor: torch.Tensor, atype: torch.dtype):
 @dataclass
 class Bf16LoraFactor:
     """A LoRA factor [in, out] held as bf16 rows [out, in]. left_multiply(x) is x @ factor with fp32 products
-    and sums, in x's dtype (arch.common.lora_product calls it): the native kernel for a few tokens, torch for
+    and sums, in x's dtype (arch.common.lora_product calls it): the C kernel for a few tokens, torch for
     longer inputs."""
 
     rows: torch.Tensor  # bf16 [out, in], contiguous
 
     def left_multiply(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= NATIVE_TOKENS:
+        if x.dim() == 2 and x.shape[0] <= KERNEL_TOKENS:
             return bf16_matmul(x, self.rows).to(x.dtype)
         factor = self.rows.t()
         return torch.matmul(x, factor if x.dtype == torch.bfloat16 else factor.to(x.dtype))
@@ -88,7 +88,7 @@ class Bf16LoraFactor:
 
 @dataclass
 class Bf16RowsWeight:
-    """A CPU matrix stored as bf16 [out, in] rows and multiplied with fp32 products and sums: by the native
+    """A CPU matrix stored as bf16 [out, in] rows and multiplied with fp32 products and sums: by the C
     kernel for a few tokens, else (longer inputs) by torch, in bf16 for bf16 activations and block by block
     widened to fp32 for fp32 ones."""
 
@@ -96,7 +96,7 @@ class Bf16RowsWeight:
     dtype: torch.dtype  # the scheme's: fp32 weights from a bf16 file, or bf16
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= NATIVE_TOKENS:
+        if x.dim() == 2 and x.shape[0] <= KERNEL_TOKENS:
             return bf16_matmul(x, self.weight).to(x.dtype)
         if x.dtype == torch.bfloat16:
             return F.linear(x, self.weight)

@@ -28,7 +28,7 @@ def _declare_rows(lib: ctypes.CDLL) -> None:
 
 
 def int8_library():
-    """The loaded kernel library, or None when it cannot be built (RWKV_CONVERT_NO_NATIVE=1 forces None)."""
+    """The loaded kernel library, or None when it cannot be built (RWKV_CONVERT_NO_KERNELS=1 forces None)."""
     return library(_INT8_SOURCE, _declare_int8, "int8 kernel")
 
 

@@ -142,7 +142,7 @@ class RwkvInt8Rows:
         return sum(t.numel() * t.element_size() for t in (self.q_rows, *self.companions))
 
 
-ROWS_KERNEL_TOKENS = 4  # as float_weights.NATIVE_TOKENS: the kernel reads the weights once per 4 tokens
+ROWS_KERNEL_TOKENS = 4  # as float_weights.KERNEL_TOKENS: the kernel reads the weights once per 4 tokens
 
 
 class RwkvInt8Scheme:

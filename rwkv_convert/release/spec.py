@@ -16,8 +16,8 @@ from ..bundled import BUNDLED_PREFIX, bundled_file, model_path
 from ..errors import RwkvConvertError
 from ..formats.base import flag_of
 from ..formats.prepared import file_sha256
-from ..formats.registry import writer_for
-from ..runtimes.base import installed_version
+from ..formats.registry import targets, writer_for
+from ..runtimes.base import installed_version, runner_named
 
 try:
     import tomllib
@@ -44,7 +44,7 @@ class Artifact:
     layout: str | None
     options: dict  # the format's option names -> values (file options resolved to absolute paths)
     output: str  # relative to the output directory
-    runner: str = "native"
+    runner: str = "client"
     tolerance: dict = field(default_factory=dict)  # overrides: TOLERANCE_KEYS -> bound
 
 
@@ -142,7 +142,7 @@ def parse_release(path: str | os.PathLike) -> Release:
             raise _fail(path, "", f"artifact {n} is a {type(entry).__name__}, not a table: write [[artifact]]")
         where = f"artifact {entry.get('name', n)!r}: "
         if "to" not in entry:
-            raise _fail(path, where, "needs to = \"pip|gguf|onnx|safetensors\"")
+            raise _fail(path, where, f"needs to = \"{'|'.join(targets())}\"")
         source = entry.get("source", next(iter(sources)) if len(sources) == 1 else None)
         if source not in sources:
             raise _fail(path, where, f"source {source!r} is not one of [sources] ({', '.join(sources)})")
@@ -171,9 +171,10 @@ def parse_release(path: str | os.PathLike) -> Release:
         if bad or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                           and (0 <= v <= 1 if k == "top1" else v > 0) for k, v in tolerance.items()):
             raise _fail(path, where, "tolerance takes max_abs, rel_l2 and kl above 0 and top1 from 0 to 1")
-        runner = entry.get("runner", "native")
-        if runner not in ("native", "ours"):
-            raise _fail(path, where, "runner is native (the format's runtime) or ours")
+        try:
+            runner = runner_named(entry.get("runner", "client"))
+        except (RwkvConvertError, TypeError):
+            raise _fail(path, where, "runner is client (the format's own runtime) or ours") from None
         artifacts.append(Artifact(name, source, to, layout, options, output, runner,
                                   {k: float(v) for k, v in tolerance.items()}))
     outputs = [a.output for a in artifacts]

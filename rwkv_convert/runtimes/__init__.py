@@ -1,8 +1,11 @@
-"""The clients our files run in, one module each, besides our own runner (runner.py): the `rwkv` pip package
+"""The runtimes our files run in, one module each: our own runner as a session (ours), the `rwkv` pip package
 (pip_package), llama.cpp through llama-cpp-python (llama_cpp), onnxruntime (onnx_runtime, with the ONNX
 files' layout and checksums it shares with the writer), transformers with rwkv7-hf (hf_transformers). Each
-declares a `Client` (runtimes/base.py): its name in verdicts, what it needs and how to install it; verify,
-quality, release and doctor ask them. A client gets only files our readers checked (client_files.py)."""
+client declares a `Client` (runtimes/base.py): its name in verdicts, what it needs and how to install it;
+verify, quality, release and doctor ask them. An opened file is a `Session` (base.py: logits of chunks fed
+with the state carried; `verify_modes` feeds a stream verify's three ways). The pip package runs in a process
+of its own, a batch of jobs at a time (pip_package.py), and returns the same modes. A client gets only files our
+readers checked (client_files.py)."""
 
 from __future__ import annotations
 

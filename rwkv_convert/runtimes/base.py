@@ -1,13 +1,31 @@
-"""What every client runtime declares: its name in verdicts, the package it needs and the command that installs
-it. verify, quality, release and doctor ask these; nothing else spells a client's install line."""
+"""What every runtime declares and does. A `Client` says its name in verdicts, the package it needs and the
+command that installs it (verify, quality, release and doctor ask these; nothing else spells an install line).
+A `Session` is one file opened in a runtime: logits of tokens fed chunk by chunk with the state carried, from a
+fresh state; `verify_modes` runs verify's three ways of feeding a stream through any session."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
+from typing import Protocol
+
+import torch
 
 from ..errors import RwkvConvertError
+
+# verify's --runner: "client" runs a file in the runtime its format is for, "ours" in our runner. "native" is
+# client's name from before the C kernels took that word (still accepted).
+RUNNERS = ("client", "ours")
+RUNNER_ALIASES = {"native": "client"}
+
+
+def runner_named(word: str) -> str:
+    """The runner a --runner word names, or one line listing the words."""
+    runner = RUNNER_ALIASES.get(word, word)
+    if runner not in RUNNERS:
+        raise RwkvConvertError(f"unknown runner {word!r}; use client (the format's own runtime) or ours")
+    return runner
 
 
 def installed_version(distribution: str) -> str | None:
@@ -50,3 +68,19 @@ class ClientRun:
     # A strategy whose math our runner reproduces for this file exactly (the pip package's converted files:
     # the strategy they were made for), so verify can also compare it with the reference run that way.
     twin: str | None = None
+
+
+class Session(Protocol):
+    """One file opened in a runtime (ours: runtimes/ours.py; llama.cpp, transformers, onnxruntime, ...)."""
+
+    def logits(self, chunks: list[list[int]]) -> torch.Tensor:
+        """[T, V] fp32 logits of every token of the chunks, fed in order with the state carried, from a fresh
+        state (T: all the chunks' tokens)."""
+        ...
+
+
+def verify_modes(session: Session, tokens: list[int], split: int) -> dict[str, torch.Tensor]:
+    """The ways verify feeds one stream: one batch ("seq"), one token at a time ("one"), and two chunks with the
+    state carried across `split` ("split"). A client that disagrees between them carries its state wrongly."""
+    return {"seq": session.logits([tokens]), "one": session.logits([[t] for t in tokens]),
+            "split": session.logits([tokens[:split], tokens[split:]])}

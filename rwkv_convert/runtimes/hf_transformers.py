@@ -23,9 +23,9 @@ from ..errors import RwkvConvertError, brief
 from ..precision import float_bound
 from .base import Client
 
-CLIENT = Client("transformers", "transformers", "transformers", "loads --layout hf exports of RWKV-4",
+CLIENT = Client("transformers", "transformers", "transformers", "loads --to hf exports of RWKV-4",
                 "pip install 'transformers>=4.56'")
-RWKV7_HF = Client("rwkv7-hf", "rwkv7-hf", "rwkv7_hf", "runs --layout hf exports of RWKV-7",
+RWKV7_HF = Client("rwkv7-hf", "rwkv7-hf", "rwkv7_hf", "runs --to hf exports of RWKV-7",
                   "pip install rwkv7-hf==0.9.0")
 
 # model_type in config.json -> how the model hands its state back and takes it again
@@ -109,7 +109,9 @@ def stored_scheme(directory: Path) -> str:
     return float_bound(str(config.get("dtype") or config.get("torch_dtype") or "float32"))
 
 
-class TransformersRunner:
+class TransformersSession:
+    """An HF directory opened in transformers: a runtimes.base.Session."""
+
     def __init__(self, directory: Path):
         CLIENT.imported("running HF exports", "or verify with --runner ours")
         from transformers import AutoModelForCausalLM
@@ -147,10 +149,6 @@ class TransformersRunner:
                 carried = getattr(out, returned)
                 rows.append(out.logits[0].float())
         return torch.cat(rows)
-
-    def run(self, tokens: list[int], split: int) -> dict:
-        return {"seq": self.logits([tokens]), "one": self.logits([[t] for t in tokens]),
-                "split": self.logits([tokens[:split], tokens[split:]])}
 
 
 def _weight_files(directory: Path) -> list[str]:

@@ -78,7 +78,9 @@ def _without_extra_buffer_types():
         bindings.llama_model_default_params = default
 
 
-class LlamaCppRunner:
+class LlamaCppSession:
+    """A GGUF opened in llama.cpp: a runtimes.base.Session."""
+
     def __init__(self, path, n_ctx: int = 512, logits_all: bool = True):
         """logits_all=False keeps only the last token's logits (what a benchmark of prefill wants)."""
         Llama = _llama_class()
@@ -96,11 +98,6 @@ class LlamaCppRunner:
         for chunk in chunks:
             self.llm.eval(chunk)
         return torch.from_numpy(np.array(self.llm.scores[: self.llm.n_tokens], dtype=np.float32))
-
-    def run(self, tokens: list[int], split: int) -> dict:
-        """The verify modes: one batch, one token at a time, and two chunks."""
-        return {"seq": self.logits([tokens]), "one": self.logits([[t] for t in tokens]),
-                "split": self.logits([tokens[:split], tokens[split:]])}
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
