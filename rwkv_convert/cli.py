@@ -191,7 +191,7 @@ def quality_command(source, text, schemes, full, window, max_bytes, target_size,
     reference and top-1 agreement, in one table ordered by size. Schemes whose runtime is missing (GGUF
     without llama-cpp-python) are listed as not measured."""
     with ui.inputs(source, text, state):
-        ui.check_json_out(json_out, plot_path)
+        ui.check_reports({"--json-out": json_out, "--plot": plot_path})
         if plot_path:
             quality.plotting()  # a missing matplotlib is said before the work, not after it
         names, max_bytes = quality.choose(schemes, full, max_bytes)

@@ -86,13 +86,17 @@ def state_option(command):
                              " applied to the original weights (shapes checked against the model).")(command)
 
 
-def check_json_out(*reports: str | None) -> None:
-    """Before the work: a report (--json-out, --plot) that cannot be written (or that would land on an input: call
-    this within `inputs(...)`, or on another report) must not follow a result."""
-    given = [Path(r) for r in reports if r]
-    if len({p.absolute() for p in given}) < len(given):
-        raise click.UsageError("--json-out and --plot name the same file; give each its own")  # (quality's two)
-    for path in given:
+def check_reports(reports: dict[str, str | None]) -> None:
+    """Before the work: a report ({"--json-out": path, "--plot": path}) that cannot be written (or that would land
+    on an input: call this within `inputs(...)`, or on another report) must not follow a result."""
+    seen: dict[Path, str] = {}
+    for option, given in reports.items():
+        if not given:
+            continue
+        path = Path(given)
+        if path.absolute() in seen:
+            raise click.UsageError(f"{seen[path.absolute()]} and {option} name the same file; give each its own")
+        seen[path.absolute()] = option
         check_output(path)
         check_target_directory(path)
 
@@ -113,7 +117,7 @@ def runner_option(help: str):
 def reporting(json_out: str | None, *paths) -> Iterator[None]:
     """A reporting command's inputs guarded (inputs()) and its --json-out checked before the work."""
     with inputs(*paths):
-        check_json_out(json_out)
+        check_reports({"--json-out": json_out})
         yield
 
 

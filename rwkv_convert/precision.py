@@ -176,9 +176,8 @@ def bound(name: str) -> Bound:
 
 
 def least_precise(bounds: set[str]) -> tuple[str, Bound]:
-    """The bound key a plan mixing these is judged by, and its bound."""
-    worst = max(bounds, key=BOUND_ORDER.index)
-    return worst, BOUNDS[worst]
+    """The bound key a plan mixing these is judged by, and its bound (an unknown key: one line, from bound())."""
+    return max(((name, bound(name)) for name in bounds), key=lambda known: BOUND_ORDER.index(known[0]))
 
 
 assert set(BOUND_ORDER) == set(BOUNDS) and {s.bound for s in STORAGE} <= set(BOUNDS)

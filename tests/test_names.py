@@ -81,3 +81,10 @@ def test_our_runner_is_a_session_with_verify_modes():
         assert len(with_states[mode + "_state"]) == len(model.init_state())
     # the three ways agree: the state is carried
     assert (modes["one"] - modes["seq"]).abs().max() < 1e-4 and (modes["split"] - modes["seq"]).abs().max() < 1e-4
+
+
+def test_two_reports_on_one_file_name_the_options_that_collide(tmp_path):
+    report = tmp_path / "r.json"
+    proc = cli("quality", BUNDLED, "--json-out", report, "--plot", report)
+    assert proc.returncode == 2 and "--json-out and --plot name the same file" in proc.stderr
+    assert not report.exists()

@@ -17,6 +17,7 @@ from ..errors import RwkvConvertError
 from ..formats.base import flag_of
 from ..formats.prepared import file_sha256
 from ..formats.registry import targets, writer_for
+from ..runtimes import CLIENTS
 from ..runtimes.base import installed_version, runner_named
 
 try:
@@ -32,7 +33,6 @@ PATH_OPTIONS = ("tokenizer", "calibration")  # options that name a file: its byt
 TOLERANCE_KEYS = ("max_abs", "rel_l2", "kl", "top1")
 ARTIFACT_KEYS = ("name", "source", "to", "layout", "output", "runner", "tolerance")
 RELEASE_KEYS = ("title", "tokens", "seed", "quality", "quality_bytes")
-RUNTIME_PACKAGES = ("torch", "rwkv", "onnxruntime", "llama_cpp_python", "transformers", "rwkv7-hf")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -205,7 +205,9 @@ def digest(obj) -> str:
 
 
 def runtime_versions() -> dict[str, str | None]:
-    return {package: installed_version(package) for package in RUNTIME_PACKAGES}
+    """The installed versions of torch (our runner) and of every client: part of each verdict's key, so that a
+    new runtime re-verifies what it runs."""
+    return {package: installed_version(package) for package in ("torch", *(c.distribution for c in CLIENTS))}
 
 
 def release_inputs(release: Release) -> list[Path]:
