@@ -35,7 +35,7 @@ from .plan import make_plan
 from .precision import BOUND_ORDER
 from .progress import step
 from .runner import Model
-from .runtimes.base import ClientRun, runner_named
+from .runtimes.base import ClientFailed, ClientRun, NoClient, runner_named
 from .runtimes.hf_transformers import trusting_remote_code
 from .runtimes.ours import run_ours
 from .spec import ModelSpec
@@ -85,6 +85,7 @@ class VerifyReport:
     passed: bool = True
     worst: str = ""  # the metric furthest beyond (or closest to) its bound, "stream/mode metric"
     ln0_fold: str = "fp32"  # how the reference runner folded ln0
+    note: str = ""  # why the file's own client did not run it (ClientRun.note): said in the verdict line
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -239,8 +240,14 @@ def candidate_run(candidate: str | Path, ref: ReferenceRun, strategy: str | None
 
 def _candidate_run(candidate, ref: ReferenceRun, strategy, runner: str, reference) -> ClientRun:
     fmt, probe = detect(candidate)
+    note = ""
     if runner == "client" and fmt.client_run is not None:
-        run = fmt.client_run(probe.path, strategy, ref.streams, ref.split, ref.spec)
+        try:
+            run = fmt.client_run(probe.path, strategy, ref.streams, ref.split, ref.spec)
+        except NoClient as e:  # our reader runs it, and the verdict says why
+            run, note = None, f"checked with our reader only: {e}"
+        except ClientFailed as e:
+            return ClientRun(fmt.runtime, "as it is", {}, {"fp32"}, failure=str(e))
         if run is not None:  # None: no runtime for this kind of file in its format (HF v5.2/v6): our reader
             return run
     # the probe already holds what sniffing read; original weights are folded as the reference is
@@ -257,7 +264,7 @@ def _candidate_run(candidate, ref: ReferenceRun, strategy, runner: str, referenc
     # levels chosen by calibration round differently from the strategy's own int8 by design: no exact twin
     calibrated_levels = (probe.safetensors_metadata or {}).get("rwkv_convert.calibration", "none") != "none"
     twin = str(model.strategy) if fmt.name in STRATEGY_FILES and not calibrated_levels else None
-    return ClientRun(name, str(model.strategy), outputs, schemes, twin=twin)
+    return ClientRun(name, str(model.strategy), outputs, schemes, twin=twin, note=note)
 
 
 def score(ref: ReferenceRun, cand: ClientRun, candidate: str | Path, reference: str | Path,
@@ -276,13 +283,19 @@ def score(ref: ReferenceRun, cand: ClientRun, candidate: str | Path, reference: 
         tol = dataclasses.replace(tol, **overrides, reason=f"set by the user: {set_here}; else {tol.reason}")
     report = VerifyReport(candidate=str(candidate), reference=str(reference),
                           runner=f"{cand.runner} ({cand.strategy})", scheme=scheme, tolerance=tol,
-                          tokens=len(next(iter(ref.streams.values()))))
+                          tokens=len(next(iter(ref.streams.values()))), note=cand.note)
+    if cand.failure:
+        report.passed, report.worst = False, cand.failure
+        return report
     non_finite = None
     for stream in ref.streams:
         report.baseline[stream] = noise_baseline(ref.outputs[stream]["seq"])
         for mode in MODES:
             key = _MODE_KEYS[mode]
             want, got = ref.outputs[stream][key], cand.outputs[stream][key]
+            every_position = key not in cand.positions
+            if not every_position:  # a client that gives these rows only (runtimes/web_rwkv.py)
+                want = want[cand.positions[key]]
             if got.shape != want.shape:
                 raise RwkvConvertError(f"the candidate's logits have shape {tuple(got.shape)}, expected"
                                        f" {tuple(want.shape)}: it is not a conversion of {reference}")
@@ -292,7 +305,7 @@ def score(ref: ReferenceRun, cand: ClientRun, candidate: str | Path, reference: 
             top1, judged = confident_top1(want, got, tol.max_abs)
             state = state_difference(ref.outputs[stream][key + "_state"], cand.outputs[stream].get(key + "_state"))
             row = report.rows[f"{stream}/{mode}"] = Metrics(max_abs, rel_l2, kl, top1, state, judged, top1_all)
-            if stream == "fixed" and ref.greedy_from is not None:
+            if stream == "fixed" and ref.greedy_from is not None and every_position:
                 row.greedy, row.greedy_of, row.greedy_misses = greedy_agreement(want, got, ref.greedy_from,
                                                                                 tol.max_abs)
     # after the shape checks above: a candidate of another model is that one line, not a torch error
@@ -368,6 +381,7 @@ def format_report(report: VerifyReport) -> str:
               "noise-baseline: the reference's own logits at other positions (the stream rolled by half), what a"
               " model that knows nothing of the input scores; state Δ: max |Δ| of the final recurrent state"
               " (reported, not judged)",
-              f"{verdict}: {report.tokens} tokens per stream; worst: {report.worst}"]
+              f"{verdict}{f' ({report.note})' if report.note else ''}: {report.tokens} tokens per stream; worst:"
+              f" {report.worst}"]
     return "\n".join(lines)
 

@@ -1,8 +1,10 @@
 """The web-rwkv / ai00 / RWKV-Runner safetensors layout (`.st`), as RWKV-Runner's convert_safetensors.py
 writes it: the raw .pth values, every tensor F16, names renamed (time_faaaa -> time_first, time_maa ->
 time_mix, lora_A/B -> lora.0/1) then lower-cased, the last two dims swapped for the first of TRANSPOSED
-that the new name contains, and for 5.1 the per-head time_decay/time_faaaa [H] expanded to [H, C/H].
-No ln0 fold, no rescale, no exp: web-rwkv does those at load. Metadata {"format": "pt"}."""
+that the new name contains, and for 5.1 the per-head time_decay and bonus [H] expanded to [H, C/H]. web-rwkv reads
+every v5 file as 5.2: a 5.1 bonus stored in log form (time_first) is written exp'd, as 5.2's u; 5.0 (no gate) it
+cannot run. No ln0 fold, no rescale, no decay exp: web-rwkv does those at load. Metadata {"format": "pt"}.
+runtimes/web_rwkv.py runs the files in web-rwkv itself (verify)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,12 @@ import torch
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import RwkvConvertError
+from ..runtimes.base import ClientRun, NoClient
+from ..runtimes.web_rwkv import CLIENT as WEB_RWKV
+from ..runtimes.web_rwkv import PIN as WEB_RWKV_PIN
+from ..runtimes.web_rwkv import VERSIONS as CLIENT_VERSIONS
+from ..runtimes.web_rwkv import mode_positions, out_of_reach, run_in_web_rwkv
+from ..spec import ModelSpec
 from .base import Format, Options, Probe, option, per_token_tables_refusal
 from .safetensors_io import SafetensorsWriter, read_safetensors
 
@@ -37,7 +45,9 @@ def to_web_rwkv(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor]:
     new = web_rwkv_name(name)
     # RWKV-Runner's own rule names the version: 5.1's per-head decay and bonus are stored per channel
     per_head = spec.version == "5.1"  # a rule of this name table, keyed by version as RWKV-Runner keys it
-    if per_head and name.endswith(("att.time_decay", "att.time_faaaa")) and t.dim() == 1:
+    if name.endswith("att.time_first") and spec.bonus_is_log:
+        t = t.float().exp()  # web-rwkv reads every v5 bonus as 5.2's u: a 5.1 log-form one, exp'd (5.0: refused)
+    if per_head and name.endswith(("att.time_decay", "att.time_faaaa", "att.time_first")) and t.dim() == 1:
         t = t.reshape(-1, 1).expand(-1, spec.head_size)
     if is_transposed(new) and t.dim() >= 2:
         t = t.transpose(-2, -1)
@@ -45,8 +55,7 @@ def to_web_rwkv(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor]:
 
 
 def metadata(spec) -> dict[str, str]:
-    return {"format": "pt", LAYOUT_KEY: "web-rwkv", "rwkv_convert.version": spec.version,
-            "rwkv_convert.bonus": "log" if spec.bonus_is_log else "u"}
+    return {"format": "pt", LAYOUT_KEY: "web-rwkv", "rwkv_convert.version": spec.version, "rwkv_convert.bonus": "u"}
 
 
 def looks_like_web_rwkv(shapes: dict[str, tuple[int, ...]], meta: dict) -> bool:
@@ -120,7 +129,30 @@ def read(probe: Probe) -> Checkpoint:
     return checkpoint_from_tensors(probe.path, from_web_rwkv(tensors, meta), mmapped=True)
 
 
+def supports(spec: ModelSpec) -> str | None:
+    if spec.version == "5.0":  # measured: web-rwkv 0.8 panics on it
+        return ("web-rwkv has no RWKV-5.0: its attention has no gate, and web-rwkv's loader takes a gateless file for"
+                " RWKV-4; use --to onnx, --to prepared or --to pip")
+    return per_token_tables_refusal(spec, "web-rwkv")
+
+
+def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int,
+               spec: ModelSpec) -> ClientRun:
+    """Runs the file in web-rwkv (web-rwkv-py, in a process of its own: runtimes/web_rwkv.py)."""
+    if strategy:
+        raise RwkvConvertError("a web-rwkv file runs in web-rwkv as it is: drop --strategy (or use --runner ours)")
+    if spec.version not in CLIENT_VERSIONS:
+        raise NoClient(f"{WEB_RWKV_PIN} runs RWKV-{', '.join(CLIENT_VERSIONS)}, not RWKV-{spec.variant}")
+    if out_of_reach(spec):
+        raise NoClient(out_of_reach(spec))
+    if WEB_RWKV.version() is None:
+        raise NoClient(f"{WEB_RWKV.distribution} is not installed: {WEB_RWKV.install}")
+    outputs = run_in_web_rwkv(path, streams, split)
+    positions = {key: mode_positions(len(next(iter(streams.values()))), split) for key in ("one", "split")}
+    return ClientRun(WEB_RWKV.name, "fp16", outputs, {"fp16"}, positions=positions)
+
+
 FORMAT = Format(
     name="web-rwkv", family="safetensors", summary="a web-rwkv / ai00 / RWKV-Runner .st file (F16)",
     runtime="web-rwkv, ai00 and RWKV-Runner", sniff=sniff, read=read, write=write, options=WebRwkvOptions,
-    supports=lambda spec: per_token_tables_refusal(spec, "web-rwkv"))
+    supports=supports, client_run=client_run)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -58,6 +58,15 @@ class Client:
                                    + (f" ({instead})" if instead else "")) from None
 
 
+class NoClient(RwkvConvertError):
+    """The file's client cannot run it here (not installed, or not this version): our reader runs it instead, and
+    the verdict says so with this reason, never a bare PASS."""
+
+
+class ClientFailed(RwkvConvertError):
+    """The client could not run the file (a panic, an abort, an error): a failed verification, not ours."""
+
+
 @dataclass(frozen=True)
 class ClientRun:
     """A file run by the runtime its users run it in, on verify's token streams."""
@@ -68,6 +77,10 @@ class ClientRun:
     # A strategy whose math our runner reproduces for this file exactly (the pip package's converted files:
     # the strategy they were made for), so verify can also compare it with the reference run that way.
     twin: str | None = None
+    # mode key ("one", ...) -> the positions its rows are of, where a client gives fewer than every position
+    positions: dict[str, list[int]] = field(default_factory=dict)
+    note: str = ""  # why the file's own client did not run it (NoClient), said in the verdict
+    failure: str = ""  # the client could not run the file (a panic, an error): a failed verification
 
 
 class Session(Protocol):
