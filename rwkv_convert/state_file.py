@@ -138,23 +138,27 @@ def write_state(state: StateFile, output: Path, layout: str, spec: ModelSpec | N
     """The state alone, in one of LAYOUTS, atomically. pth and safetensors keep the source's dtype."""
     if layout not in LAYOUTS:
         raise RwkvConvertError(f"unknown state layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    with AtomicOutput(output) as out:
+        write_state_to(state, out.temp(), layout, spec)
+    return output
+
+
+def write_state_to(state: StateFile, target: Path, layout: str, spec: ModelSpec | None = None) -> None:
+    """The state written at `target` as it is (the caller's atomic temporary file)."""
     dtype = getattr(torch, state.source_dtype) if state.source_dtype in ("float32", "bfloat16", "float16") \
         else torch.float32
     if layout == "web-rwkv":  # F16, [head, key, value]: convert_safetensors.py's swap of the last two axes
         tensors = {KEY.format(i): t.transpose(1, 2).to(torch.float16).contiguous() for i, t in enumerate(state.layers)}
     else:
         tensors = {KEY.format(i): t.to(dtype).contiguous() for i, t in enumerate(state.layers)}
-    with AtomicOutput(output) as out:
-        target = out.temp()
-        if layout == "pth":
-            buffer = io.BytesIO()
-            torch.save(tensors, buffer)
-            target.write_bytes(buffer.getbuffer())
-        else:
-            from safetensors.torch import save_file
+    if layout == "pth":
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
+        target.write_bytes(buffer.getbuffer())
+    else:
+        from safetensors.torch import save_file
 
-            meta = {"format": "pt", LAYOUT_TAG: "web-rwkv" if layout == "web-rwkv" else "blinkdl",
-                    "rwkv_convert.state_of": json.dumps({"n_layer": len(state.layers), "shape": list(state.shape),
-                                                         **({"version": spec.version} if spec else {})})}
-            save_file(tensors, str(target), metadata=meta)
-    return output
+        meta = {"format": "pt", LAYOUT_TAG: "web-rwkv" if layout == "web-rwkv" else "blinkdl",
+                "rwkv_convert.state_of": json.dumps({"n_layer": len(state.layers), "shape": list(state.shape),
+                                                     **({"version": spec.version} if spec else {})})}
+        save_file(tensors, str(target), metadata=meta)

@@ -18,6 +18,7 @@ from rwkv_convert.runtimes import web_rwkv
 from rwkv_convert.verify import format_report, verify
 
 from .test_cli import assert_one_line_error, cli
+from .test_state_files import tuned  # noqa: F401  (the fixture)
 
 REQUIRED = os.environ.get("RWKV_CONVERT_REQUIRE_WEB_RWKV") == "1"  # CI: a missing client fails, not skips
 needs_client = pytest.mark.skipif(importlib.util.find_spec("web_rwkv_py") is None and not REQUIRED,
@@ -114,3 +115,27 @@ def test_noise_in_web_rwkv_fails(fixture_dir, tmp_path):
     save_file(tensors, tmp_path / "noise.st", metadata=meta)
     report = verify(tmp_path / "noise.st", src, tokens=TOKENS)
     assert not report.passed and report.runner.startswith("web-rwkv"), format_report(report)
+
+
+def test_a_state_goes_into_its_own_file_beside_the_model_never_into_it(tuned, tmp_path):  # noqa: F811
+    """web-rwkv ignores a time_state inside the model file: a state-tuned model's state is written as the state
+    file web-rwkv and ai00 load, beside the model, and the model names it."""
+    from rwkv_convert.state_file import read_state
+
+    base, state, merged = tuned["v6"]
+    written = rwkv_convert.convert(merged, "web-rwkv", tmp_path / "m.st")
+    assert written == [tmp_path / "m.st", tmp_path / "m-state.st"]
+    assert not any("time_state" in name for name in load_file(tmp_path / "m.st"))
+    stored, given = read_state(tmp_path / "m-state.st"), read_state(state)
+    assert all(torch.allclose(a, b, atol=1e-2, rtol=1e-3) for a, b in zip(stored.layers, given.layers, strict=True))
+    report = verify(tmp_path / "m.st", merged, tokens=8)
+    assert report.passed, format_report(report)
+    if importlib.util.find_spec("web_rwkv_py") is not None or REQUIRED:
+        assert "has no way to load a state file" in report.note
+    # --state at convert time: the same two files
+    assert rwkv_convert.convert(base, "web-rwkv", tmp_path / "s.st", state=state)[1] == tmp_path / "s-state.st"
+    assert verify(tmp_path / "s.st", base, tokens=8, state=state).passed
+    proc = cli("inspect", tmp_path / "m.st", "--json")
+    assert str(tmp_path / "m-state.st") in proc.stdout, proc.stdout + proc.stderr
+    (tmp_path / "m-state.st").unlink()
+    assert_one_line_error(cli("inspect", tmp_path / "m.st"), "state is in m-state.st, which is not beside it")

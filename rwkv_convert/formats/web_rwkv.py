@@ -8,6 +8,7 @@ runtimes/web_rwkv.py runs the files in web-rwkv itself (verify)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ..runtimes.web_rwkv import PIN as WEB_RWKV_PIN
 from ..runtimes.web_rwkv import VERSIONS as CLIENT_VERSIONS
 from ..runtimes.web_rwkv import mode_positions, out_of_reach, run_in_web_rwkv
 from ..spec import ModelSpec
+from ..state_file import KEY, StateFile, read_state, with_state, write_state_to
 from .base import Format, Options, Probe, option, per_token_tables_refusal
 from .safetensors_io import SafetensorsWriter, read_safetensors
 
@@ -29,6 +31,8 @@ RENAMES = (("time_faaaa", "time_first"), ("time_maa", "time_mix"), ("lora_A", "l
 TRANSPOSED = ("time_mix_w1", "time_mix_w2", "time_decay_w1", "time_decay_w2", "w1", "w2", "a1", "a2", "g1", "g2",
               "v1", "v2", "time_state", "lora.0")
 LAYOUT_KEY = "rwkv_convert.layout"  # our own extra metadata: lets our reader undo every rule exactly
+STATE_KEY = "rwkv_convert.state_file"  # a state-tuned model's state file, beside it (write)
+STATE_SUFFIX = "-state.st"
 
 
 def web_rwkv_name(name: str) -> str:
@@ -106,17 +110,32 @@ class WebRwkvOptions(Options):
                                    " --to hf or --to prepared)")
 
 
+def state_path_for(output: Path) -> Path:
+    """Where the state of a state-tuned model goes: beside the model, as ai00 and RWKV-Runner take it."""
+    return output.with_name(f"{output.stem}{STATE_SUFFIX}")
+
+
 def write(ckpt: Checkpoint, output: Path, options: WebRwkvOptions) -> list[Path]:
-    with AtomicOutput(output) as target:
+    """The model as a .st; a learned initial state (state-tuned, or --state) as a state file of its own beside it
+    (web-rwkv reads state only from such a file: in the model file it would be ignored without a word)."""
+    states = [KEY.format(i) for i in range(ckpt.spec.n_layer)] if ckpt.spec.time_state else []
+    state_out = state_path_for(output) if states else None
+    meta = metadata(ckpt.spec) | ({STATE_KEY: state_out.name} if state_out else {})
+    with AtomicOutput(output) as target, contextlib.ExitStack() as stack:
+        if state_out:  # written (and committed) with the model: both or neither
+            state_target = stack.enter_context(AtomicOutput(state_out))
+            layers = [ckpt.tensors[name].float().clone() for name in states]
+            write_state_to(StateFile(state_out, layers, "float16"), state_target.temp(), "web-rwkv", ckpt.spec)
         writer = SafetensorsWriter(target.temp())
         try:
             for name, t in ckpt.tensors.items():
-                writer.add(*to_web_rwkv(name, t, ckpt.spec))
+                if name not in states:
+                    writer.add(*to_web_rwkv(name, t, ckpt.spec))
                 ckpt.release(name)
-            writer.close(metadata(ckpt.spec))
+            writer.close(meta)
         finally:
             writer.abort()
-    return [output]
+    return [output, *([state_out] if state_out else [])]
 
 
 def sniff(probe: Probe) -> bool:
@@ -126,7 +145,31 @@ def sniff(probe: Probe) -> bool:
 
 def read(probe: Probe) -> Checkpoint:
     tensors, meta = read_safetensors(probe.path)
-    return checkpoint_from_tensors(probe.path, from_web_rwkv(tensors, meta), mmapped=True)
+    ckpt = checkpoint_from_tensors(probe.path, from_web_rwkv(tensors, meta), mmapped=True)
+    state = state_file_of(probe.path, meta)
+    return with_state(ckpt, read_state(state)) if state else ckpt
+
+
+def state_file_of(path: Path, meta: dict) -> Path | None:
+    """The state file a .st of ours names (beside it, by a plain name), or None for a model without one."""
+    name = meta.get(STATE_KEY)
+    if name is None:
+        return None
+    if Path(name).name != name or not name.endswith(STATE_SUFFIX):
+        raise RwkvConvertError(f"{path} names its state file {name!r}, which is not a file name of ours beside it")
+    state = path.parent / name
+    if not state.is_file():
+        raise RwkvConvertError(f"{path} is a state-tuned model whose state is in {name}, which is not beside it:"
+                               " copy it there too (web-rwkv and ai00 load the state from it)")
+    return state
+
+
+def files(path: Path) -> list[Path]:
+    """The model and the state file it names, where that is there (inspect lists both)."""
+    header = Probe(path).safetensors_header
+    name = header[1].get(STATE_KEY) if header else None
+    state = path.parent / name if name and Path(name).name == name else None
+    return [path, *([state] if state is not None and state.is_file() else [])]
 
 
 def supports(spec: ModelSpec) -> str | None:
@@ -145,6 +188,9 @@ def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], 
         raise NoClient(f"{WEB_RWKV_PIN} runs RWKV-{', '.join(CLIENT_VERSIONS)}, not RWKV-{spec.variant}")
     if out_of_reach(spec):
         raise NoClient(out_of_reach(spec))
+    if spec.time_state:
+        raise NoClient(f"{WEB_RWKV_PIN} has no way to load a state file (web-rwkv and ai00 load it; this binding"
+                       " does not), so the model and its state file ran in our reader")
     if WEB_RWKV.version() is None:
         raise NoClient(f"{WEB_RWKV.distribution} is not installed: {WEB_RWKV.install}")
     outputs = run_in_web_rwkv(path, streams, split)
@@ -155,4 +201,4 @@ def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], 
 FORMAT = Format(
     name="web-rwkv", family="safetensors", summary="a web-rwkv / ai00 / RWKV-Runner .st file (F16)",
     runtime="web-rwkv, ai00 and RWKV-Runner", sniff=sniff, read=read, write=write, options=WebRwkvOptions,
-    supports=supports, client_run=client_run)
+    supports=supports, client_run=client_run, files=files)
