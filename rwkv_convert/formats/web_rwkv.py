@@ -184,6 +184,7 @@ def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], 
     """Runs the file in web-rwkv (web-rwkv-py, in a process of its own: runtimes/web_rwkv.py)."""
     if strategy:
         raise RwkvConvertError("a web-rwkv file runs in web-rwkv as it is: drop --strategy (or use --runner ours)")
+    read_safetensors(path)  # our checksums first: web-rwkv would run altered data as it is
     if spec.version not in CLIENT_VERSIONS:
         raise NoClient(f"{WEB_RWKV_PIN} runs RWKV-{', '.join(CLIENT_VERSIONS)}, not RWKV-{spec.variant}")
     if out_of_reach(spec):
