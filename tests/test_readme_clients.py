@@ -3,12 +3,14 @@ fresh shell, on small random models with the table's file names."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from rwkv_convert.fixtures import make_state_dict
 
@@ -36,6 +38,9 @@ ROWS = client_rows()
 def workdir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("readme")
     save_atomic(make_state_dict("v6", n_layer=2, n_embd=128, vocab=512), folder / "v6.pth")
+    state = torch.Generator().manual_seed(5)
+    save_atomic({f"blocks.{i}.att.time_state": torch.randn(2, 64, 64, generator=state) * 0.3 for i in range(2)},
+                folder / "v6-state.pth")
     save_atomic(make_state_dict("v4", n_layer=2, n_embd=64, vocab=448), folder / "v4.pth")
     save_atomic(make_state_dict("v7", n_layer=2, n_embd=128, vocab=512), folder / "v7.pth")
     save_atomic(make_state_dict("v6", n_layer=2, n_embd=64, vocab=65536), folder / "v6-world.pth")
@@ -45,7 +50,7 @@ def workdir(tmp_path_factory) -> Path:
 
 def test_the_table_has_every_format():
     assert [r[0] for r in ROWS] == ["pip `.pth`", "GGUF", "ONNX", "HF, RWKV-4", "HF, RWKV-7", "HF, RWKV-5.2/6",
-                                    "prepared", "web-rwkv `.st`"]
+                                    "prepared", "web-rwkv `.st`", "web-rwkv `.st` with a state"]
 
 
 @pytest.mark.slow
@@ -57,6 +62,10 @@ def test_each_row_runs_as_written(name, convert, load, workdir):
         assert proc.returncode == 0, (line, proc.stderr[-3000:])
 
     shell(convert)
+    if "web_rwkv_py" in load and importlib.util.find_spec("web_rwkv_py") is None:
+        if os.environ.get("RWKV_CONVERT_REQUIRE_WEB_RWKV") == "1":
+            pytest.fail("CI installs web-rwkv-py (see .ci/run)")
+        pytest.skip("web-rwkv-py is not installed")
     if load.startswith("python convert_hf_to_gguf.py"):  # llama.cpp's converter, from its source (see .ci/run)
         converter = os.environ.get("RWKV_CONVERT_LLAMA_CONVERTER")
         if not converter:
@@ -64,7 +73,7 @@ def test_each_row_runs_as_written(name, convert, load, workdir):
                 pytest.fail("CI must set RWKV_CONVERT_LLAMA_CONVERTER (see .ci/run)")
             pytest.skip("RWKV_CONVERT_LLAMA_CONVERTER (llama.cpp's convert_hf_to_gguf.py) not set")
         load = load.replace("convert_hf_to_gguf.py", converter)
-    elif not load.startswith("python"):  # web-rwkv: no client here; the file must at least read back
+    elif not load.startswith("python"):  # a client not run here: the file must at least read back
         output = convert.split(" -o ")[-1]
         load = f"python -c 'import rwkv_convert; rwkv_convert.load(\"{output}\")'"
     shell(load)
