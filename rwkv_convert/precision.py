@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import RwkvConvertError
 
-OURS, PIP, LLAMA, ORT, HF = "ours", "rwkv pip package", "llama.cpp", "onnxruntime", "transformers"
+OURS, PIP, LLAMA, ORT, HF, MLX = "ours", "rwkv pip package", "llama.cpp", "onnxruntime", "transformers", "mlx-lm"
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,16 @@ class StorageType:
     onnx: str | None = None  # its --dtype / --onnx-quant word in ONNX exports
     strategy: str | None = None  # its weights word in a strategy string's placements (Placement.precision)
     torch_dtype: str | None = None  # the torch / safetensors dtype name of a float type
+    mlx: str | None = None  # its --dtype / --quant word in MLX exports
 
 
 _K = (OURS, LLAMA)  # GGUF blocks run in llama.cpp and in our reader (dequantized)
 STORAGE: tuple[StorageType, ...] = (
-    StorageType("fp32", "32-bit floats", 32, "fp32", (OURS, PIP, LLAMA, ORT, HF), "F32", "fp32", "fp32", "float32"),
-    StorageType("fp16", "16-bit floats", 16, "fp16", (OURS, PIP, LLAMA, ORT, HF), "F16", "fp16", "fp16", "float16"),
-    StorageType("bf16", "bfloat16", 16, "bf16", (OURS, PIP, LLAMA, HF), "BF16", None, "bf16", "bfloat16"),
+    StorageType("fp32", "32-bit floats", 32, "fp32", (OURS, PIP, LLAMA, ORT, HF, MLX), "F32", "fp32", "fp32", "float32",
+                "fp32"),
+    StorageType("fp16", "16-bit floats", 16, "fp16", (OURS, PIP, LLAMA, ORT, HF, MLX), "F16", "fp16", "fp16", "float16",
+                "fp16"),
+    StorageType("bf16", "bfloat16", 16, "bf16", (OURS, PIP, LLAMA, HF, MLX), "BF16", None, "bf16", "bfloat16", "bf16"),
     StorageType("i8", "the pip package's int8 (row and column scales), fp32/fp16 activations", 8, "i8", (OURS, PIP),
                 strategy="i8"),
     StorageType("bf16i8", "the pip package's int8 with bf16 activations and scales", 8, "bf16i8", (OURS, PIP),
@@ -108,6 +111,11 @@ STORAGE: tuple[StorageType, ...] = (
                 onnx="int8"),
     StorageType("int4-block", "ONNX MatMulNBits int4: blocks of 32 with zero points", 4, "int4-block", (ORT,),
                 onnx="int4"),
+    # MLX's affine groups (mlx.core.quantize): a scale and a bias in the model's dtype per group of --group-size
+    StorageType("mlx-q8", "MLX affine 8-bit groups (scale and bias per group)", 8, "q8_0", (MLX, OURS), mlx="q8"),
+    StorageType("mlx-q6", "MLX affine 6-bit groups (scale and bias per group)", 6, "q5/q4", (MLX, OURS), mlx="q6"),
+    StorageType("mlx-q4", "MLX affine 4-bit groups (scale and bias per group)", 4, "q5/q4", (MLX, OURS), mlx="q4"),
+    StorageType("mlx-q3", "MLX affine 3-bit groups (scale and bias per group)", 3, "q3/q2", (MLX, OURS), mlx="q3"),
 )
 
 
@@ -156,12 +164,22 @@ def onnx_quants() -> tuple[str, ...]:
     return tuple(s.onnx for s in STORAGE if s.onnx and s.bound not in _FLOATS)
 
 
+def mlx_quants() -> tuple[str, ...]:
+    """MLX --quant's words (besides none)."""
+    return tuple(s.mlx for s in STORAGE if s.mlx and s.bound not in _FLOATS)
+
+
+def by_mlx(word: str) -> StorageType:
+    """The storage type of an MLX export's dtype or quant word (bf16, q4)."""
+    return _lookup("mlx", word, "MLX storage")
+
+
 def no_counterpart(word: str, column: str, where: str, choices: tuple) -> str | None:
     """The refusal of a storage type the table knows (by any of its names) that `where` (a format's option, whose
     words are the table's `column`) cannot store: what it is, what the option takes, where it runs. None for
     words the table does not know, or that the column has."""
     word_l = word.lower()
-    s = next((s for s in STORAGE if word_l in (s.name, (s.gguf or "").lower(), s.onnx, s.strategy)), None)
+    s = next((s for s in STORAGE if word_l in (s.name, (s.gguf or "").lower(), s.onnx, s.strategy, s.mlx)), None)
     if s is None or getattr(s, column):
         return None
     return (f"{word!r} is {s.summary}, which {where} cannot store: it takes {', '.join(map(str, choices))}"

@@ -322,13 +322,10 @@ def is_hf_dir(path: Path) -> bool:
 
 def read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
     """BlinkDL-named tensors (mmap views) from a directory this module wrote, or one like it."""
-    cfg = _read_json(path / "config.json")
-    hf_type = cfg.get("model_type")
-    if hf_type not in NAME_TABLES:
-        raise RwkvConvertError(f"{path} holds a {hf_type!r} model; rwkv-convert reads model_type rwkv (v4) and"
-                               " rwkv7 directories")
+    cfg = read_json(path / "config.json")
+    known_model_type(path, cfg)
     if (path / INDEX_NAME).is_file():
-        weight_map = _read_json(path / INDEX_NAME).get("weight_map")
+        weight_map = read_json(path / INDEX_NAME).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise RwkvConvertError(f"{path}/{INDEX_NAME} has no weight_map of tensor names to files")
         files = sorted(set(weight_map.values()))
@@ -341,6 +338,12 @@ def read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
         if "/" in name or name.startswith("."):
             raise RwkvConvertError(f"{path}/{INDEX_NAME} names a shard outside the directory: {name!r}")
         tensors.update(read_safetensors(path / name)[0])
+    return tensors_from_hf(path, cfg, tensors)
+
+
+def tensors_from_hf(path: Path, cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our names and shapes of an HF-named directory's tensors (hf and mlx), its layer count checked."""
+    hf_type = known_model_type(path, cfg)
     n_layer = cfg.get("num_hidden_layers")
     if not isinstance(n_layer, int) or n_layer < 1:
         raise RwkvConvertError(f"{path}/config.json has no valid num_hidden_layers ({n_layer!r})")
@@ -356,7 +359,15 @@ def read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_json(path: Path) -> dict:
+def known_model_type(path: Path, cfg: dict) -> str:
+    hf_type = cfg.get("model_type")
+    if hf_type not in NAME_TABLES:
+        raise RwkvConvertError(f"{path} holds a {hf_type!r} model; rwkv-convert reads model_type rwkv (v4) and"
+                               " rwkv7 directories")
+    return hf_type
+
+
+def read_json(path: Path) -> dict:
     try:
         found = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

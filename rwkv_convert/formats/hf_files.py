@@ -104,6 +104,17 @@ def write_model_code(directory: Path) -> None:
         shutil.copyfile(licence, directory / "LICENSE.rwkv7-hf")
 
 
+def write_tokenizer_code(directory: Path) -> None:
+    """rwkv7-hf's tokenizer code and chat template alone (for directories whose model code is not
+    transformers', e.g. mlx-lm's), with its licence."""
+    folder = rwkv7_hf_folder()
+    for name in ("tokenization_rwkv7.py", "chat_template.jinja"):
+        shutil.copyfile(folder / name, directory / name)
+    licence = _licence_file("rwkv7-hf")
+    if licence is not None:
+        shutil.copyfile(licence, directory / "LICENSE.rwkv7-hf")
+
+
 def _licence_file(distribution: str) -> Path | None:
     from importlib import metadata
 

@@ -17,11 +17,12 @@ from ..plan import make_plan
 from ..runner import Model
 from ..state_file import apply_state_option
 from ..units import check_memory
-from . import gguf_file, hf, pip_pth, prepared, pth, safetensors_blinkdl, web_rwkv
+from . import gguf_file, hf, mlx, pip_pth, prepared, pth, safetensors_blinkdl, web_rwkv
 from .base import Format, Probe
 from .onnx import format as onnx
 
 FORMATS: tuple[Format, ...] = (
+    mlx.FORMAT,  # a directory with config.json that says it is ours for mlx-lm
     hf.FORMAT,  # a directory with config.json
     gguf_file.FORMAT,  # magic bytes
     onnx.FORMAT,  # .onnx (no magic bytes)

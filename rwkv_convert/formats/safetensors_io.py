@@ -23,7 +23,7 @@ from ..spans import check_mapped_crcs, check_spans
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+          "BOOL": torch.bool, "U32": torch.uint32}
 NAMES = {v: k for k, v in DTYPES.items()}
 # Our writer stores each tensor's CRC-32 here (JSON {name: crc}); the format itself keeps no checksum.
 CHECKSUMS_KEY = "rwkv_convert.crc32"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import gguf_blocks, matmul_nbits
-from .gguf_blocks import Grid, column_importance
+from .gguf_blocks import Codec, Grid, column_importance
 
 CODECS = {**gguf_blocks.CODECS, **matmul_nbits.CODECS}  # GGUF's block types and onnxruntime's MatMulNBits
 
@@ -67,7 +67,11 @@ def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, qtype: str) -> tuple[
     fp32)."""
     if qtype not in CODECS:
         raise ValueError(f"no GPTQ quantizer for {qtype}; choose from {', '.join(CODECS)}")
-    codec = CODECS[qtype]
+    return quantize_with(weight, hessian, CODECS[qtype])
+
+
+def quantize_with(weight: np.ndarray, hessian: np.ndarray, codec: Codec) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_gptq with any codec (quant/mlx_groups.py's too): (its records [n, blocks * record], values)."""
     w = np.array(weight, dtype=np.float32)
     n, k = w.shape
     if k % codec.size or hessian.shape != (k, k):

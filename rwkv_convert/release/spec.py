@@ -28,7 +28,8 @@ except ModuleNotFoundError:  # Python 3.10
 REPORT_NAME = "release-report"
 STAMPS = ".rwkv-release"  # the keys and verifications, one JSON file per artifact, inside --out
 # the output name an artifact gets when the release file gives none: NAME + this
-SUFFIXES = {"pip": ".pth", "gguf": ".gguf", "onnx": ".onnx", "web-rwkv": ".st", "prepared": ".safetensors", "hf": ""}
+SUFFIXES = {"pip": ".pth", "gguf": ".gguf", "onnx": ".onnx", "web-rwkv": ".st", "prepared": ".safetensors", "hf": "",
+            "mlx": ""}
 PATH_OPTIONS = ("tokenizer", "calibration")  # options that name a file: its bytes are part of the key
 TOLERANCE_KEYS = ("max_abs", "rel_l2", "kl", "top1")
 ARTIFACT_KEYS = ("name", "source", "to", "layout", "output", "runner", "tolerance")

@@ -1,0 +1,229 @@
+"""mlx-lm model directories (Apple's MLX; LM Studio's MLX engine): RWKV-7 under the fla-hub names mlx-lm's
+models/rwkv7.py loads (the same as our hf export), `model.safetensors` and `config.json`, with the World
+tokenizer (rwkv7-hf's RWKV7Tokenizer, its code and chat template beside it) for `mlx_lm.load`.
+
+--quant writes MLX's own affine groups (quant/mlx_groups.py), as `mlx_lm.convert -q` does: each quantized
+layer's `weight` (packed uint32), `scales` and `biases`, and `"quantization": {"group_size", "bits", "mode"}` in
+config.json with per-layer entries where a layer differs. Which layers and at how many bits follows mlx-lm's
+rwkv7 predicate: every Linear and the embedding whose rows are whole groups, the embedding and the LoRAs' last
+projections at 8 bits, the rest at --quant's; --tables float keeps the embedding and the head in --dtype.
+Plain groups are MLX's rounding bit for bit; --calibration chooses each group's scale and bias from the
+calibration text's activations and (gptq, the default) rounds the attention and FFN matrices and the head with
+GPTQ, layer by layer (the LoRAs and the embedding keep MLX's rounding)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..atomic import AtomicOutput
+from ..calibration import LayerwiseGptq, activation_importance
+from ..checkpoint import Checkpoint, checkpoint_from_tensors
+from ..errors import RwkvConvertError
+from ..precision import by_mlx, mlx_quants
+from ..quant import mlx_groups
+from ..quant.gptq import quantize_with
+from ..runtimes.base import ClientRun, NoClient, verify_modes
+from ..runtimes.mlx_lm import CLIENT as MLX_LM
+from ..runtimes.mlx_lm import MlxSession
+from ..spec import ModelSpec
+from . import hf
+from .base import Format, Options, Probe, calibration_method_option, option, per_token_tables_refusal
+from .hf_files import generation_config, write_json, write_tokenizer_code, write_tokenizer_files
+from .safetensors_io import SafetensorsWriter, read_safetensors
+
+WEIGHTS = "model.safetensors"
+LAYOUT_KEY = "rwkv_convert_layout"  # in config.json: tells our reader this directory from an hf one
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TABLE_BITS = 8  # mlx-lm's rwkv7 predicate: the embedding and every "lora.2" at 8 bits
+
+
+@dataclass(frozen=True)
+class MlxOptions(Options):
+    dtype: str | None = option(None, "the weights' float type, and the quantized groups' scales and biases' (default:"
+                                     " the source's)", choices=tuple(DTYPES))
+    quant: str = option("none", "MLX affine groups of this many bits (q8, q6, q4, q3); the embedding and the LoRAs'"
+                                " last projections at 8 bits, as mlx-lm's convert", choices=("none", *mlx_quants()),
+                        storage="mlx")
+    group_size: int = option(64, "with --quant: values per group (a scale and a bias each)",
+                             choices=mlx_groups.GROUP_SIZES)
+    tables: str = option("q8", "with --quant: the embedding at 8 bits and the head at --quant's, as mlx-lm (q8), or"
+                               " both in --dtype (float)", choices=("q8", "float"))
+    calibration: str | None = option(None, "with --quant: a text (or 'bundled') whose activations choose each group's"
+                                           " scale and bias (and GPTQ's rounding, see --calibration-method)")
+    calibration_method: str = calibration_method_option()
+    tokenizer: str | None = option(None, "a tokenizer.json to ship instead of the World vocabulary's")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.calibration and self.quant == "none":
+            raise RwkvConvertError("--calibration chooses quantized groups: give --quant q8, q6, q4 or q3")
+
+
+def supports(spec: ModelSpec) -> str | None:
+    if spec.version != "7":
+        return (f"mlx-lm runs RWKV-7 only (its models/rwkv7.py), not RWKV-{spec.version}; use --to gguf, --to onnx"
+                " or --to hf")
+    if spec.time_state:
+        return ("this is a state-tuned model (att.time_state): mlx-lm has no place for its learned initial state; use"
+                " --to web-rwkv, --to prepared or --to onnx, which keep it")
+    return per_token_tables_refusal(spec, "mlx-lm's rwkv7")
+
+
+def _bits_of(hf_name: str, t: torch.Tensor, options: MlxOptions) -> int | None:
+    """How many bits a tensor is stored at (None: in --dtype), by mlx-lm's predicate for rwkv7."""
+    if options.quant == "none" or t.dim() != 2 or not hf_name.endswith(".weight") or "norm" in hf_name:
+        return None
+    if t.shape[-1] % options.group_size:  # mlx-lm leaves rows that are not whole groups in float
+        return None
+    table = "embeddings" in hf_name or hf_name == "lm_head.weight"
+    if table and options.tables == "float":
+        return None
+    return TABLE_BITS if "lora.2" in hf_name or "embeddings" in hf_name else int(options.quant[1:])
+
+
+class _Quantizer:
+    """Each quantized tensor as (packed, scales, biases, values held): MLX's rounding, or the calibrated fit."""
+
+    def __init__(self, ckpt: Checkpoint, options: MlxOptions, dtype: torch.dtype, planned: dict[str, int]):
+        self.options, self.dtype, self.gptq, self.importance = options, dtype, None, None
+        if not options.calibration:
+            return
+        text = options.calibration
+        self.importance = activation_importance(ckpt, text, head_covariance=options.calibration_method == "gptq")
+        if options.calibration_method == "gptq":
+            head = self.importance["head.weight"]
+            self.importance["head.weight"] = torch.diagonal(head).float()
+            matrices = {key: bits for key, bits in planned.items() if key in self.importance and key != "emb.weight"}
+            self.gptq = LayerwiseGptq(ckpt, text, head_moments=head, qtypes={
+                key: self._gptq_one(bits) for key, bits in matrices.items()})
+
+    def _gptq_one(self, bits: int):
+        def quantize(weight: torch.Tensor, hessian):
+            codec = mlx_groups.codec(bits, self.options.group_size, self.dtype)
+            records, values = quantize_with(weight.numpy(), hessian, codec)
+            made = mlx_groups.from_records(records, *weight.shape, bits, self.options.group_size, self.dtype)
+            return made, values
+        return quantize
+
+    def __call__(self, key: str, t: torch.Tensor, bits: int):
+        if self.gptq is not None and key in self.gptq:
+            return self.gptq.blocks(key)
+        if self.importance is not None and key in self.importance and key != "emb.weight":
+            return mlx_groups.quantize_weighted(t.float(), self.importance[key], bits, self.options.group_size,
+                                                self.dtype)
+        return mlx_groups.quantize_plain(t, bits, self.options.group_size, self.dtype)
+
+
+def write(ckpt: Checkpoint, output: Path, options: MlxOptions) -> list[Path]:
+    spec = ckpt.spec
+    dtype = DTYPES[options.dtype or max(DTYPES, key=lambda d: spec.dtypes.get(str(DTYPES[d])[6:], 0))]
+    jobs = [(name, *mapped) for name, t in ckpt.tensors.items() if (mapped := hf.hf_tensor(name, t, spec))]
+    planned = {name: bits for name, hf_name, t in jobs if (bits := _bits_of(hf_name, t, options))}
+    quantizer = _Quantizer(ckpt, options, dtype, planned)  # calibrates before anything is written
+    layers: dict[str, dict] = {}
+    with AtomicOutput(output, directory=True) as out:
+        tmp = out.temp()
+        writer = SafetensorsWriter(tmp / WEIGHTS)
+        try:
+            for name, hf_name, t in jobs:
+                bits = planned.get(name)
+                if bits is None:
+                    writer.add(hf_name, t.to(dtype))
+                else:
+                    packed, scales, biases, _ = quantizer(name, t, bits)
+                    module = hf_name.removesuffix(".weight")
+                    writer.add(hf_name, packed)
+                    writer.add(module + ".scales", scales)
+                    writer.add(module + ".biases", biases)
+                    if bits != int(options.quant[1:]):
+                        layers[module] = {"group_size": options.group_size, "bits": bits, "mode": "affine"}
+                ckpt.release(name)
+            writer.close({"format": "mlx"})
+        finally:
+            writer.abort()
+        cfg = hf.config(spec) | {"dtype": str(dtype).removeprefix("torch."), "torch_dtype": str(dtype)[6:],
+                                 LAYOUT_KEY: "mlx", "rwkv_convert_source": ckpt.path.name}
+        if options.quant != "none":
+            quantization = {"group_size": options.group_size, "bits": int(options.quant[1:]), "mode": "affine"}
+            cfg |= {"quantization": quantization | layers, "quantization_config": quantization | layers}
+        write_json(tmp / "config.json", cfg)
+        write_json(tmp / "generation_config.json", generation_config(cfg))
+        write_tokenizer_code(tmp)
+        write_tokenizer_files(tmp, spec, Path(options.tokenizer) if options.tokenizer else None)
+    return sorted(output.iterdir())
+
+
+def needs(spec: ModelSpec, options: MlxOptions) -> str | None:
+    return hf.needs(spec, options)
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+def _config(path: Path) -> dict:
+    return hf.read_json(path / "config.json")
+
+
+def sniff(probe: Probe) -> bool:
+    path = probe.path
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return False
+    try:
+        return _config(path).get(LAYOUT_KEY) == "mlx"
+    except RwkvConvertError:
+        return False
+
+
+def read(probe: Probe) -> Checkpoint:
+    """Our names back, the quantized layers dequantized to fp32 (the values mlx-lm computes with)."""
+    path = probe.path
+    cfg = _config(path)
+    if not (path / WEIGHTS).is_file():
+        raise RwkvConvertError(f"{path} has no {WEIGHTS}")
+    tensors, _ = read_safetensors(path / WEIGHTS)
+    quantization = cfg.get("quantization") or {}
+    out = {}
+    for name, t in tensors.items():
+        module = name.removesuffix(".weight")
+        if name.endswith((".scales", ".biases")):
+            continue
+        if name.endswith(".weight") and f"{module}.scales" in tensors:
+            layer = quantization.get(module, quantization)
+            bits = layer.get("bits") if isinstance(layer, dict) else None
+            if bits not in mlx_groups.BITS:
+                raise RwkvConvertError(f"{path}/config.json gives no valid bits for {module} ({bits!r})")
+            t = mlx_groups.dequantize(t, tensors[f"{module}.scales"], tensors[f"{module}.biases"], bits)
+        out[name] = t
+    return checkpoint_from_tensors(path, hf.tensors_from_hf(path, cfg, out), mmapped=True)
+
+
+def stored(path: Path) -> set[str]:
+    """The bounds of what the directory stores (verify's tolerance): its float type and its groups' bits."""
+    cfg = _config(path)
+    found = {by_mlx({"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(cfg.get("dtype"), "fp32")).bound}
+    quantization = cfg.get("quantization") or {}
+    bits = {quantization.get("bits")} | {v.get("bits") for v in quantization.values() if isinstance(v, dict)}
+    return found | {by_mlx(f"q{b}").bound for b in bits if b is not None and f"q{b}" in mlx_quants()}
+
+
+def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], split: int,
+               spec: ModelSpec) -> ClientRun:
+    """Runs the directory in mlx-lm (MLX on this machine's CPU, or Metal on a Mac)."""
+    if strategy:
+        raise RwkvConvertError("an MLX directory runs in mlx-lm as it is: drop --strategy (or use --runner ours)")
+    read(Probe(path))  # our checks first (checksums, names, shapes): mlx-lm would run altered data as it is
+    if MLX_LM.version() is None:
+        raise NoClient(f"{MLX_LM.distribution} is not installed: {MLX_LM.install}")
+    session = MlxSession(path)
+    outputs = {name: verify_modes(session, tokens, split) for name, tokens in streams.items()}
+    cfg = _config(path)
+    label = cfg.get("dtype", "float32") + (f", {cfg['quantization']['bits']}-bit groups of"
+                                           f" {cfg['quantization']['group_size']}" if cfg.get("quantization") else "")
+    return ClientRun(MLX_LM.name, label, outputs, stored(path))
+
+
+FORMAT = Format(
+    name="mlx", summary="an mlx-lm model directory (MLX)", runtime="mlx-lm (MLX on Apple Silicon, LM Studio)",
+    sniff=sniff, read=read, write=write, options=MlxOptions, supports=supports, needs=needs, client_run=client_run,
+    stored=stored)
