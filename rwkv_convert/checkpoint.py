@@ -301,7 +301,7 @@ def checkpoint_from_tensors(p: Path, tensors: Mapping[str, torch.Tensor], mmappe
     """BlinkDL-named tensors (from any reader) as a Checkpoint: the version detected, every shape checked,
     other tools' quantization and other architectures refused. check_record(name, tensor), where given,
     checks a tensor's stored bytes the first time it is read."""
-    if isinstance(tensors, Dequantized):  # its shapes and dtypes are known without dequantizing
+    if isinstance(tensors, Dequantized) or hasattr(tensors, "shapes"):  # known without dequantizing
         shapes, dtypes = tensors.shapes, tensors.dtypes
     else:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -342,21 +342,27 @@ def read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
 
 
 def tensors_from_hf(path: Path, cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our names and shapes of an HF-named directory's tensors (hf and mlx), its layer count checked."""
+    """Our names and shapes of an HF-named directory's tensors, its layer count checked."""
+    return {ours: _to_ours(tensors[theirs], kind) for theirs, (ours, kind) in our_names(path, cfg, tensors).items()}
+
+
+def our_names(path: Path, cfg: dict, names) -> dict[str, tuple[str, str]]:
+    """{their name: (our name, kind)} for the tensors an HF-named directory (hf, mlx) holds, its layer count
+    checked; a tensor we do not know keeps its name (inspect lists it as unused)."""
     hf_type = known_model_type(path, cfg)
     n_layer = cfg.get("num_hidden_layers")
     if not isinstance(n_layer, int) or n_layer < 1:
         raise RwkvConvertError(f"{path}/config.json has no valid num_hidden_layers ({n_layer!r})")
-    names = name_map(hf_type, n_layer, False)
-    out = {}
-    for name, t in tensors.items():
-        ours, kind = names.get(name, (name, "same"))  # a tensor we do not know is kept: inspect lists it as unused
-        out[ours] = _to_ours(t, kind)
-    held = {int(m.group(1)) for name in tensors if (m := re.search(r"\.(\d+)\.", name))}
+    known = name_map(hf_type, n_layer, False)
+    held = {int(m.group(1)) for name in names if (m := re.search(r"\.(\d+)\.", name))}
     if held and max(held) + 1 != n_layer:  # else a smaller count would drop layers without a word
         raise RwkvConvertError(f"{path}/config.json says num_hidden_layers {n_layer} but the weights hold"
                                f" {max(held) + 1} layers; the directory is damaged or mixed")
-    return out
+    return {name: known.get(name, (name, "same")) for name in names}
+
+
+def to_ours(t: torch.Tensor, kind: str) -> torch.Tensor:
+    return _to_ours(t, kind)
 
 
 def known_model_type(path: Path, cfg: dict) -> str:

@@ -13,6 +13,7 @@ GPTQ, layer by layer (the LoRAs and the embedding keep MLX's rounding)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,11 @@ WEIGHTS = "model.safetensors"
 LAYOUT_KEY = "rwkv_convert_layout"  # in config.json: tells our reader this directory from an hf one
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TABLE_BITS = 8  # mlx-lm's rwkv7 predicate: the embedding and every "lora.2" at 8 bits
+PER_HEAD = ("k_k", "k_a", "g_norm")  # stored [heads, head size], as mlx-lm's sanitize leaves them (and saves them)
+
+
+def _per_head(hf_name: str) -> bool:
+    return any(f".{part}" in hf_name for part in PER_HEAD)
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,8 @@ def write(ckpt: Checkpoint, output: Path, options: MlxOptions) -> list[Path]:
             for name, hf_name, t in jobs:
                 bits = planned.get(name)
                 if bits is None:
-                    writer.add(hf_name, t.to(dtype))
+                    shaped = t.reshape(spec.n_head, spec.head_size) if _per_head(hf_name) else t
+                    writer.add(hf_name, shaped.to(dtype))
                 else:
                     packed, scales, biases, _ = quantizer(name, t, bits)
                     module = hf_name.removesuffix(".weight")
@@ -139,7 +146,7 @@ def write(ckpt: Checkpoint, output: Path, options: MlxOptions) -> list[Path]:
                     writer.add(module + ".scales", scales)
                     writer.add(module + ".biases", biases)
                     if bits != int(options.quant[1:]):
-                        layers[module] = {"group_size": options.group_size, "bits": bits, "mode": "affine"}
+                        layers[module] = {"bits": bits}  # as mlx-lm records its predicate's answer
                 ckpt.release(name)
             writer.close({"format": "mlx"})
         finally:
@@ -175,27 +182,61 @@ def sniff(probe: Probe) -> bool:
         return False
 
 
+class _Groups(Mapping):
+    """The directory's tensors under our names, a quantized layer dequantized (to fp32) each time it is read, so
+    memory stays that of one tensor; shapes and dtypes are known without reading. stored(): the file's bytes."""
+
+    def __init__(self, path: Path, cfg: dict, tensors: dict[str, torch.Tensor]):
+        quantization = cfg.get("quantization") or {}
+        plain = [n for n in tensors if not n.endswith((".scales", ".biases"))]
+        self._tensors, self._entries, self._bits = tensors, {}, {}
+        for theirs, (ours, kind) in hf.our_names(path, cfg, plain).items():
+            self._entries[ours] = (theirs, kind)
+            module = theirs.removesuffix(".weight")
+            if theirs.endswith(".weight") and f"{module}.scales" in tensors:
+                layer = quantization.get(module, quantization)
+                bits = layer.get("bits") if isinstance(layer, dict) else None
+                if bits not in mlx_groups.BITS or f"{module}.biases" not in tensors:
+                    raise RwkvConvertError(f"{path}: {module} is quantized, but config.json gives no valid bits for it"
+                                           f" ({bits!r}) or its biases are missing")
+                self._bits[ours] = bits
+        self.shapes = {ours: tuple(self._shape(ours)) for ours in self._entries}
+        self.dtypes = {ours: "float32" if ours in self._bits else str(tensors[theirs].dtype).removeprefix("torch.")
+                       for ours, (theirs, _) in self._entries.items()}
+
+    def _shape(self, ours: str) -> torch.Size:
+        theirs, kind = self._entries[ours]
+        t = self._tensors[theirs]
+        if ours in self._bits:
+            t = torch.empty(t.shape[0], t.shape[1] * 32 // self._bits[ours], device="meta")
+        return hf.to_ours(t.reshape(-1) if _per_head(theirs) else t, kind).shape
+
+    def stored(self, ours: str) -> torch.Tensor:
+        return self._tensors[self._entries[ours][0]]
+
+    def __getitem__(self, ours: str) -> torch.Tensor:
+        theirs, kind = self._entries[ours]
+        t = self._tensors[theirs]
+        if ours in self._bits:
+            module = theirs.removesuffix(".weight")
+            t = mlx_groups.dequantize(t, self._tensors[f"{module}.scales"], self._tensors[f"{module}.biases"],
+                                      self._bits[ours])
+        return hf.to_ours(t.reshape(-1) if _per_head(theirs) else t, kind)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 def read(probe: Probe) -> Checkpoint:
-    """Our names back, the quantized layers dequantized to fp32 (the values mlx-lm computes with)."""
+    """Our names back, the quantized layers dequantized to fp32 as they are read (the values mlx-lm holds)."""
     path = probe.path
     cfg = _config(path)
     if not (path / WEIGHTS).is_file():
         raise RwkvConvertError(f"{path} has no {WEIGHTS}")
-    tensors, _ = read_safetensors(path / WEIGHTS)
-    quantization = cfg.get("quantization") or {}
-    out = {}
-    for name, t in tensors.items():
-        module = name.removesuffix(".weight")
-        if name.endswith((".scales", ".biases")):
-            continue
-        if name.endswith(".weight") and f"{module}.scales" in tensors:
-            layer = quantization.get(module, quantization)
-            bits = layer.get("bits") if isinstance(layer, dict) else None
-            if bits not in mlx_groups.BITS:
-                raise RwkvConvertError(f"{path}/config.json gives no valid bits for {module} ({bits!r})")
-            t = mlx_groups.dequantize(t, tensors[f"{module}.scales"], tensors[f"{module}.biases"], bits)
-        out[name] = t
-    return checkpoint_from_tensors(path, hf.tensors_from_hf(path, cfg, out), mmapped=True)
+    return checkpoint_from_tensors(path, _Groups(path, cfg, read_safetensors(path / WEIGHTS)[0]), mmapped=True)
 
 
 def stored(path: Path) -> set[str]:
