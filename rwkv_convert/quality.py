@@ -8,6 +8,7 @@ from the fp32 next-token distribution, top-1 agreement, and the file's bytes per
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -22,9 +23,10 @@ from .bundled import HELD_OUT_TEXT, bundled_file
 from .calibration import BUNDLED
 from .errors import RwkvConvertError
 from .formats.registry import convert, detect, load_detected, read_checkpoint
-from .precision import StorageType, by_gguf, by_onnx, storage
+from .precision import StorageType, by_gguf, by_mlx, by_onnx, storage
 from .runner import Model
 from .runtimes.llama_cpp import LlamaCppSession
+from .runtimes.mlx_lm import MlxSession
 from .runtimes.ours import ForwardSession
 from .strategy import allocate, parse_strategy
 from .tokenizer import default_tokenizer
@@ -35,7 +37,7 @@ class Scheme:
     name: str
     to: str | None  # the export (None: the source itself, at fp32)
     options: dict
-    runtime: str  # "ours", "onnxruntime" or "llama.cpp"
+    runtime: str  # "ours", "onnxruntime", "llama.cpp" or "mlx-lm"
 
     @property
     def storage(self) -> StorageType | None:
@@ -48,6 +50,9 @@ class Scheme:
         if self.to == "onnx":
             quant = self.options.get("quant", "none")
             return by_onnx(self.options.get("dtype", "fp32") if quant == "none" else quant)
+        if self.to == "mlx":
+            quant = self.options.get("quant", "none")
+            return by_mlx(self.options.get("dtype", "fp32") if quant == "none" else quant)
         placements = allocate(parse_strategy(self.options.get("strategy", "cpu fp32")), 1)
         return storage(placements[0].precision)
 
@@ -97,6 +102,9 @@ SCHEMES = {s.name: s for s in (
     Scheme("onnx-fp16-int8-all-cal-fp32compute", "onnx", {
         "dtype": "fp16", "quant": "int8", "graphs": "sequence", "quant_embedding_head": True, "calibration": BUNDLED,
         "compute": "fp32"}, "onnxruntime"),
+    # MLX's affine groups of 64 in mlx-lm (mlx_lm.convert's own rounding), and calibrated (GPTQ)
+    *(Scheme(f"mlx-{q}", "mlx", {"quant": q}, "mlx-lm") for q in ("q8", "q6", "q4", "q3")),
+    *(Scheme(f"mlx-{q}-cal", "mlx", {"quant": q, "calibration": BUNDLED}, "mlx-lm") for q in ("q4", "q3")),
 )}
 # One row per choice a user makes, calibrated beside plain where calibration matters (the 4-bit types and our
 # int8); `--schemes all` measures every scheme (about twice as long).
@@ -107,9 +115,10 @@ DEFAULT_SCHEMES = ("fp32", "bf16", "fp32i8", "gguf-q8_0", "gguf-q4_k", "onnx-int
 FULL_SCHEMES = ("fp32", "fp16", "bf16", "fp32i8", "fp32i8-cal",
                 "gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q5_0", "gguf-q4_1", "gguf-q4_1-cal",
                 "gguf-q4_0", "gguf-q4_0-cal", "gguf-q4_k", "gguf-q4_k-cal",
-                "onnx-fp16", "onnx-int8", "onnx-int4", "onnx-int4-cal", "onnx-fp16-int4-cal-int8-tables")
+                "onnx-fp16", "onnx-int8", "onnx-int4", "onnx-int4-cal", "onnx-fp16-int4-cal-int8-tables",
+                "mlx-q8", "mlx-q4", "mlx-q4-cal")
 MAX_REFERENCE_BYTES = 4 << 30
-SUFFIXES = {"gguf": "gguf", "onnx": "onnx", "prepared": "safetensors"}
+SUFFIXES = {"gguf": "gguf", "onnx": "onnx", "prepared": "safetensors", "mlx": "mlx"}  # mlx: a directory
 
 
 @dataclass
@@ -179,6 +188,8 @@ class _Logits:
         self.scheme = scheme
         if scheme.runtime == "llama.cpp":
             self.session = LlamaCppSession(path, n_ctx=max(64, window))
+        elif scheme.runtime == "mlx-lm":
+            self.session = MlxSession(path)
         else:
             fmt, probe = detect(path)
             self.model = load_detected(fmt, probe)
@@ -249,14 +260,14 @@ def measure(source: str | Path, text: str | Path | None = None, schemes: list[st
                 outputs = run.each(chunks)
             each_window = lambda w, label=label: progress(f"{label}: window {w + 1}/{len(chunks)}")  # noqa: E731
             nll, kl, agree, positions = _score(outputs, chunks, ref_logp, name, each_window)
-            size = sum(f.stat().st_size for f in Path(tmp).glob(f"{name}.*")) if scheme.to else ckpt.path.stat().st_size
+            size = _bytes(Path(tmp).glob(f"{name}.*")) if scheme.to else ckpt.path.stat().st_size
             report.results.append(SchemeResult(
                 name, _runtime_name(scheme), size, size / max(spec.n_params, 1),
                 nll / math.log(2) / max(scored_bytes, 1), kl / positions, agree / positions,
                 time.monotonic() - started))
             if scheme.to is not None:
                 for f in Path(tmp).glob(f"{name}.*"):
-                    f.unlink()
+                    shutil.rmtree(f) if f.is_dir() else f.unlink()
     report.results.sort(key=lambda r: (-r.file_bytes, r.scheme))
     return report
 
@@ -314,8 +325,8 @@ _REFERENCE_FIGURES: dict[tuple, tuple] = {}  # per process: (source, text, bytes
 def file_figures(source: str | Path, path: str | Path, text: str | Path | None = None, max_bytes: int | None = None,
                  window: int = 1024) -> dict:
     """One exported file's quality figures on `text` (default the bundled held-out text), run in the runtime
-    `quality` runs its format in (llama.cpp for GGUF, onnxruntime for ONNX, our runner for the others): bits
-    per byte, its change from the source at fp32, KL from the source and top-1 agreement."""
+    `quality` runs its format in (llama.cpp for GGUF, onnxruntime for ONNX, mlx-lm for MLX, our runner for the
+    others): bits per byte, its change from the source at fp32, KL from the source and top-1 agreement."""
     key = (str(source), str(text), max_bytes, window)
     if key not in _REFERENCE_FIGURES:
         ckpt = read_checkpoint(source)
@@ -327,7 +338,8 @@ def file_figures(source: str | Path, path: str | Path, text: str | Path | None =
         _REFERENCE_FIGURES[key] = (text_path, len(data), chunks, scored_bytes, ref_logp, nll)
     text_path, n_bytes, chunks, scored_bytes, ref_logp, ref_nll = _REFERENCE_FIGURES[key]
     fmt, _ = detect(path)
-    scheme = Scheme(fmt.name, fmt.name, {}, {"gguf": "llama.cpp", "onnx": "onnxruntime"}.get(fmt.name, "ours"))
+    scheme = Scheme(fmt.name, fmt.name, {}, {"gguf": "llama.cpp", "onnx": "onnxruntime", "mlx": "mlx-lm"}.get(fmt.name,
+                                                                                                       "ours"))
     nll, kl, agree, positions = _score(_Logits(scheme, Path(path), window).each(chunks), chunks, ref_logp,
                                        Path(path).name)
     return {"text": text_path.name, "text_bytes": n_bytes, "runtime": _runtime_name(scheme),
@@ -337,7 +349,12 @@ def file_figures(source: str | Path, path: str | Path, text: str | Path | None =
 
 def _runtime_name(scheme: Scheme) -> str:
     return {"ours": "rwkv-convert runner", "llama.cpp": "llama.cpp (llama-cpp-python)",
-            "onnxruntime": "onnxruntime"}[scheme.runtime]
+            "onnxruntime": "onnxruntime", "mlx-lm": "mlx-lm"}[scheme.runtime]
+
+
+def _bytes(paths) -> int:
+    """The bytes of these files, and of every file in these directories (an MLX export)."""
+    return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
 
 
 def table(report: QualityReport) -> str:

@@ -50,7 +50,7 @@ def workdir(tmp_path_factory) -> Path:
 
 def test_the_table_has_every_format():
     assert [r[0] for r in ROWS] == ["pip `.pth`", "GGUF", "ONNX", "HF, RWKV-4", "HF, RWKV-7", "HF, RWKV-5.2/6",
-                                    "prepared", "web-rwkv `.st`", "web-rwkv `.st` with a state"]
+                                    "prepared", "MLX, RWKV-7", "web-rwkv `.st`", "web-rwkv `.st` with a state"]
 
 
 @pytest.mark.slow
@@ -62,10 +62,11 @@ def test_each_row_runs_as_written(name, convert, load, workdir):
         assert proc.returncode == 0, (line, proc.stderr[-3000:])
 
     shell(convert)
-    if "web_rwkv_py" in load and importlib.util.find_spec("web_rwkv_py") is None:
-        if os.environ.get("RWKV_CONVERT_REQUIRE_WEB_RWKV") == "1":
-            pytest.fail("CI installs web-rwkv-py (see .ci/run)")
-        pytest.skip("web-rwkv-py is not installed")
+    for module, required in (("web_rwkv_py", "RWKV_CONVERT_REQUIRE_WEB_RWKV"), ("mlx_lm", "RWKV_CONVERT_REQUIRE_MLX")):
+        if module in load and importlib.util.find_spec(module) is None:
+            if os.environ.get(required) == "1":
+                pytest.fail(f"CI installs {module} (see .ci/run)")
+            pytest.skip(f"{module} is not installed")
     if load.startswith("python convert_hf_to_gguf.py"):  # llama.cpp's converter, from its source (see .ci/run)
         converter = os.environ.get("RWKV_CONVERT_LLAMA_CONVERTER")
         if not converter:

@@ -177,9 +177,12 @@ def sniff(probe: Probe) -> bool:
     if not (path.is_dir() and (path / "config.json").is_file()):
         return False
     try:
-        return _config(path).get(LAYOUT_KEY) == "mlx"
+        cfg = _config(path)
     except RwkvConvertError:
         return False
+    # ours say so; mlx_lm.convert's quantized RWKV-7 directories are told by their quantization entry
+    return cfg.get(LAYOUT_KEY) == "mlx" or (cfg.get("model_type") == "rwkv7" and isinstance(cfg.get("quantization"),
+                                                                                              dict))
 
 
 class _Groups(Mapping):
