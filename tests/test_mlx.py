@@ -132,3 +132,16 @@ def test_our_reader_runs_it_and_a_missing_client_is_said(tmp_path, monkeypatch):
     report = verify(tmp_path / "m", BUNDLED, tokens=16)
     assert report.passed and "mlx-lm is not installed" in format_report(report).splitlines()[-1]
     assert "mlx-lm" in describe_path(tmp_path / "m")["format"]  # inspect reads it
+
+
+@needs_mlx
+def test_a_release_builds_and_verifies_an_mlx_artifact_in_mlx_lm(tmp_path):
+    release = tmp_path / "release.toml"
+    release.write_text('[release]\ntokens = 16\n[sources]\nv7 = "bundled:v7"\n'
+                       '[[artifact]]\nname = "mlx-q4-cal"\nto = "mlx"\nquant = "q4"\ncalibration = "bundled"\n')
+    proc = cli("release", release, "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    entry = report["artifacts"][0]
+    assert entry["format"] == "mlx" and entry["status"] == "passed" and entry["runtime"].startswith("mlx-lm"), entry
+    assert (tmp_path / "out" / "mlx-q4-cal" / "model.safetensors").is_file()

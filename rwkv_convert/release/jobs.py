@@ -163,7 +163,7 @@ def _verify(job: Job, candidate: Path) -> dict:
     run = candidate_run(candidate, ref, None, job.artifact.runner, job.source)
     report = score(ref, run, candidate, job.source, overrides=job.artifact.tolerance)
     tol = report.tolerance
-    return {"runtime": report.runner, "scheme": report.scheme, "passed": report.passed,
+    return {"runtime": report.runner, "note": report.note, "scheme": report.scheme, "passed": report.passed,
             "failure": failure_line(report), "metrics": _metrics(report),
             "tolerance": {"max_abs": tol.max_abs, "rel_l2": tol.rel_l2, "kl": tol.kl, "top1": tol.top1,
                           "reason": tol.reason}}

@@ -121,6 +121,8 @@ def _cells(e: dict, quality: bool = False, checked_now: bool = True) -> list[str
     kl = f"{_number(m['kl'], '.2e')} (<= {_number(tol['kl'], '.2g')})" if tol.get("kl") is not None else \
         _number(m["kl"], ".2e")
     verdict = "pass" if e["status"] == "passed" else f"FAIL: {e['failure']}"
+    if e.get("note"):  # its own client did not run it: never a bare pass
+        verdict += f" ({e['note']})"
     if not checked_now:
         verdict += " (kept: key and hashes match)"
     return [e["name"], e["format"], human_size(e["bytes"]), f"{e['bytes_per_param']:.3f}", runtime,
