@@ -13,7 +13,7 @@ from rwkv_convert.errors import RwkvConvertError
 from rwkv_convert.formats import registry
 from rwkv_convert.runtimes.base import runner_named, verify_modes
 from rwkv_convert.runtimes.ours import ForwardSession, run_ours
-from rwkv_convert.verify import verify
+from rwkv_convert.verify import format_report, verify
 
 from .test_cli import assert_one_line_error, cli
 
@@ -88,3 +88,18 @@ def test_two_reports_on_one_file_name_the_options_that_collide(tmp_path):
     proc = cli("quality", BUNDLED, "--json-out", report, "--plot", report)
     assert proc.returncode == 2 and "--json-out and --plot name the same file" in proc.stderr
     assert not report.exists()
+
+
+@pytest.mark.parametrize("to, client", [("gguf", "llama_cpp"), ("hf", "hf_transformers")])
+def test_a_missing_client_is_said_in_the_verdict_of_every_format(tmp_path, monkeypatch, to, client):
+    """Our reader checks the file where its client is not installed, and the verdict line says so and how to
+    install it: never a bare PASS."""
+    import importlib
+
+    runtime = importlib.import_module(f"rwkv_convert.runtimes.{client}")
+    out = rwkv_convert.convert(BUNDLED, to, tmp_path / ("m.gguf" if to == "gguf" else "m"))[0]
+    out = out if to == "gguf" else tmp_path / "m"
+    monkeypatch.setattr(type(runtime.CLIENT), "version", lambda self: None)  # the fault: the client missing
+    report = verify(out, BUNDLED, tokens=8)
+    assert report.passed and f"{runtime.CLIENT.distribution} is not installed: pip install" in report.note
+    assert format_report(report).splitlines()[-1].startswith("PASS (checked with our reader only:")
