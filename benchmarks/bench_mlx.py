@@ -36,7 +36,7 @@ def main() -> None:
     rows = [("bits", "maker", "bytes", "KL", "KL / mlx-lm's", "top-1", "bits/byte")]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        rwkv_convert.convert(source, "hf", folder / "hf", dtype="fp32")
+        rwkv_convert.convert(source, "hf", folder / "hf")  # the source's dtype, as ours keeps it by default
         for bits in args.bits or [4, 3]:
             made = {"mlx_lm.convert": folder / f"theirs-{bits}", "rwkv-convert": folder / f"plain-{bits}",
                     "rwkv-convert --calibration": folder / f"cal-{bits}"}

@@ -223,6 +223,11 @@ def format_options(target: str, layout: str | None, given: dict) -> dict:
             flag = _FLAG_OF_DEST[dest]
             owners = [w.target for w in registry.writers()
                       if any(flag_of(g) == flag for g in dataclasses.fields(w.options))]
+            # where the value is a word of one of them (--quant q8_0: gguf's, q4: mlx's), that one
+            takes = [w.target for w in registry.writers() for g in dataclasses.fields(w.options)
+                     if flag_of(g) == flag and str(value).lower() in {str(c).lower() for c in g.metadata.get("choices")
+                                                                       or ()}]
+            owners = takes or owners
             raise click.UsageError(f"{flag.split('/')[0]} is an option of --to {' / '.join(owners)}, not of --to"
                                    f" {fmt.target}")
         options[own[dest]] = value
