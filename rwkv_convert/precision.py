@@ -33,7 +33,9 @@ BOUNDS: dict[str, Bound] = {
     "fp32": Bound(1e-3, 1e-4, 1e-6, 0.99,
                   "same math in fp32, only summation order differs: measured max |Δ| <= 4e-5"),
     "fp16": Bound(0.5, 0.01, 1e-3, 0.95,
-                  "fp16 (10-bit mantissa; v4-v6 rescaled every 6 layers): measured max |Δ| 0.2 (v7), rel L2 0.0034"),
+                  "fp16 (10-bit mantissa; v4-v6 rescaled every 6 layers): measured max |Δ| 0.2 (v7), rel L2 0.0034;"
+                  " web-rwkv (fp16 weights and activations) on random v6 at L7 C128 and L12 C384: 0.21 and 0.5 of"
+                  " this bound (rel L2), v4-v6 fixtures max |Δ| <= 0.08, KL <= 3e-5"),
     "bf16": Bound(1.0, 0.05, 0.01, 0.85,
                   "bf16 (7-bit mantissa): measured max |Δ| 0.33, rel L2 0.017, KL 0.0012, top-1 95%"),
     "i8": Bound(1.0, 0.05, 0.01, 0.85,
