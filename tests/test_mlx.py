@@ -145,3 +145,15 @@ def test_a_release_builds_and_verifies_an_mlx_artifact_in_mlx_lm(tmp_path):
     entry = report["artifacts"][0]
     assert entry["format"] == "mlx" and entry["status"] == "passed" and entry["runtime"].startswith("mlx-lm"), entry
     assert (tmp_path / "out" / "mlx-q4-cal" / "model.safetensors").is_file()
+
+
+def test_calibration_by_rounding_alone_and_float_tables(tmp_path):
+    """--calibration-method rounding (each group's importance-weighted fit, no GPTQ) and --tables float (the
+    embedding and head left in --dtype): standard groups our reader reads back and verify passes."""
+    out = rwkv_convert.convert(BUNDLED, "mlx", tmp_path / "m", quant="q4", calibration="bundled",
+                               calibration_method="rounding", tables="float", dtype="fp16")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    assert weights["lm_head.weight"].dtype == np.float16 and "lm_head.scales" not in weights
+    assert weights["model.layers.0.attn.r_proj.weight"].dtype == np.uint32
+    assert weights["model.layers.0.attn.r_proj.scales"].dtype == np.float16 and out
+    assert verify(tmp_path / "m", BUNDLED, tokens=16, runner="ours").passed
