@@ -43,7 +43,9 @@ def runner_expectation(sd: dict, version: str) -> dict[str, tuple[str, tuple]]:
     out = {}
     for k, v in sd.items():
         shape = list(v.shape)
-        if version == "5.1" and (k.endswith("att.time_decay") or k.endswith("att.time_faaaa")):
+        # 5.1: RWKV-Runner expands decay and bonus; its log-form bonus (time_first) too here, as web-rwkv reads every
+        # v5 file as 5.2 (left [H], web-rwkv 0.8 panics: tests/test_web_rwkv_client.py)
+        if version == "5.1" and k.endswith(("att.time_decay", "att.time_faaaa", "att.time_first")):
             heads = shape[0]
             shape = [heads, sd["blocks.0.att.key.weight"].shape[0] // heads]
         name = k.replace("time_faaaa", "time_first").replace("time_maa", "time_mix").replace(
@@ -56,12 +58,14 @@ def runner_expectation(sd: dict, version: str) -> dict[str, tuple[str, tuple]]:
     return out
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "v5.0"])  # 5.0: refused (test_web_rwkv_client)
 def test_web_rwkv_layout_matches_runner_rules_and_reads_back(variant, references, fixture_dir, tmp_path):
     src = fixture_path(variant, directory=fixture_dir)
-    (out,) = rwkv_convert.convert(src, "safetensors", tmp_path / "m.st", layout="web-rwkv")
+    out, *state = rwkv_convert.convert(src, "safetensors", tmp_path / "m.st", layout="web-rwkv")
     entries, meta, _ = read_header(out)
     sd = torch.load(src, weights_only=True)
+    assert bool(state) == any("time_state" in k for k in sd)  # a learned state goes beside the model (m-state.st)
+    sd = {k: v for k, v in sd.items() if "time_state" not in k}
     version = rwkv_convert.load(src).spec.version
     assert {k: (str(d).removeprefix("torch.").replace("float16", "F16"), s) for k, (d, s, _, _) in entries.items()} \
         == runner_expectation(sd, version)
