@@ -28,7 +28,7 @@ from ..errors import CastWarning, RwkvConvertError, UnsupportedError
 from ..plan import Plan, make_plan
 from ..precision import storage
 from ..quant import gguf_blocks
-from ..runtimes.base import ClientRun, NoClient, verify_modes
+from ..runtimes.base import ClientRun, verify_modes
 from ..runtimes.llama_cpp import CLIENT as LLAMA_CPP
 from ..runtimes.llama_cpp import LlamaCppSession, check_quantizer, llama_quantize
 from ..spec import ModelSpec
@@ -349,9 +349,8 @@ def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], 
     """Runs the file in llama.cpp (llama-cpp-python)."""
     if strategy:
         raise RwkvConvertError("a GGUF runs in llama.cpp as it is: drop --strategy (or use --runner ours)")
+    LLAMA_CPP.check_installed()
     check_checksums(path)  # llama.cpp would run altered data as it is
-    if LLAMA_CPP.version() is None:
-        raise NoClient(f"{LLAMA_CPP.distribution} is not installed: {LLAMA_CPP.install}")
     tokens = len(next(iter(streams.values())))
     llama = LlamaCppSession(path, n_ctx=max(64, 2 * tokens))
     outputs = {name: verify_modes(llama, toks, split) for name, toks in streams.items()}

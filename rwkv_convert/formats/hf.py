@@ -19,7 +19,7 @@ from ..arch import module_for
 from ..atomic import AtomicOutput
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import CastWarning, RwkvConvertError, brief
-from ..runtimes.base import ClientRun, NoClient, verify_modes
+from ..runtimes.base import ClientRun, verify_modes
 from ..runtimes.hf_transformers import (
     AUTO_MAP,
     INDEX_NAME,
@@ -396,8 +396,7 @@ def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], 
         return None
     if strategy:
         raise RwkvConvertError("an HF directory runs in transformers as it is: drop --strategy (or use --runner ours)")
-    if TRANSFORMERS.version() is None:
-        raise NoClient(f"{TRANSFORMERS.distribution} is not installed: {TRANSFORMERS.install}")
+    TRANSFORMERS.check_installed()
     session = TransformersSession(path)
     outputs = {name: verify_modes(session, tokens, split) for name, tokens in streams.items()}
     trusted = f", the directory's own code run by {TRUST_OPTION}" if session.trusted else ""

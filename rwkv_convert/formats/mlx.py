@@ -26,7 +26,7 @@ from ..errors import RwkvConvertError
 from ..precision import by_mlx, mlx_quants
 from ..quant import mlx_groups
 from ..quant.gptq import quantize_with
-from ..runtimes.base import ClientRun, NoClient, verify_modes
+from ..runtimes.base import ClientRun, verify_modes
 from ..runtimes.mlx_lm import CLIENT as MLX_LM
 from ..runtimes.mlx_lm import MlxSession
 from ..spec import ModelSpec
@@ -256,9 +256,8 @@ def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], 
     """Runs the directory in mlx-lm (MLX on this machine's CPU, or Metal on a Mac)."""
     if strategy:
         raise RwkvConvertError("an MLX directory runs in mlx-lm as it is: drop --strategy (or use --runner ours)")
+    MLX_LM.check_installed()
     read(Probe(path))  # our checks first (checksums, names, shapes): mlx-lm would run altered data as it is
-    if MLX_LM.version() is None:
-        raise NoClient(f"{MLX_LM.distribution} is not installed: {MLX_LM.install}")
     session = MlxSession(path)
     outputs = {name: verify_modes(session, tokens, split) for name, tokens in streams.items()}
     cfg = _config(path)

@@ -184,7 +184,6 @@ def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], 
     """Runs the file in web-rwkv (web-rwkv-py, in a process of its own: runtimes/web_rwkv.py)."""
     if strategy:
         raise RwkvConvertError("a web-rwkv file runs in web-rwkv as it is: drop --strategy (or use --runner ours)")
-    read_safetensors(path)  # our checksums first: web-rwkv would run altered data as it is
     if spec.version not in CLIENT_VERSIONS:
         raise NoClient(f"{WEB_RWKV_PIN} runs RWKV-{', '.join(CLIENT_VERSIONS)}, not RWKV-{spec.variant}")
     if out_of_reach(spec):
@@ -192,8 +191,8 @@ def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], 
     if spec.time_state:
         raise NoClient(f"{WEB_RWKV_PIN} has no way to load a state file (web-rwkv and ai00 load it; this binding"
                        " does not), so the model and its state file ran in our reader")
-    if WEB_RWKV.version() is None:
-        raise NoClient(f"{WEB_RWKV.distribution} is not installed: {WEB_RWKV.install}")
+    WEB_RWKV.check_installed()
+    read_safetensors(path)  # our checksums first: web-rwkv would run altered data as it is
     outputs = run_in_web_rwkv(path, streams, split)
     positions = {key: mode_positions(len(next(iter(streams.values()))), split) for key in ("one", "split")}
     return ClientRun(WEB_RWKV.name, "fp16", outputs, {"fp16"}, positions=positions)

@@ -49,6 +49,11 @@ class Client:
         """The installed version, or None when the module cannot be imported here."""
         return installed_version(self.distribution) if importlib.util.find_spec(self.module) is not None else None
 
+    def check_installed(self) -> None:
+        """NoClient, where the client is not installed here: verify then runs our reader and says why."""
+        if self.version() is None:
+            raise NoClient(f"{self.distribution} is not installed: {self.install}")
+
     def imported(self, doing: str, instead: str = ""):
         """The client's module, or one line for the user who was `doing` something that needs it."""
         try:
