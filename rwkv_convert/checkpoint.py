@@ -18,7 +18,7 @@ import torch
 
 from .arch import build_spec, check_shapes, module_for
 from .errors import CastWarning, RwkvConvertError, brief, check_crc32
-from .foreign import Dequantized, check_nothing_foreign
+from .foreign import check_nothing_foreign
 from .progress import step
 from .spec import ModelSpec
 
@@ -301,7 +301,7 @@ def checkpoint_from_tensors(p: Path, tensors: Mapping[str, torch.Tensor], mmappe
     """BlinkDL-named tensors (from any reader) as a Checkpoint: the version detected, every shape checked,
     other tools' quantization and other architectures refused. check_record(name, tensor), where given,
     checks a tensor's stored bytes the first time it is read."""
-    if isinstance(tensors, Dequantized) or hasattr(tensors, "shapes"):  # known without dequantizing
+    if hasattr(tensors, "shapes"):  # Dequantized, formats/mlx.py's groups: known without dequantizing
         shapes, dtypes = tensors.shapes, tensors.dtypes
     else:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -138,7 +138,7 @@ def _to_theirs(t: torch.Tensor, kind: str) -> torch.Tensor:
     return t.reshape(-1) if kind == "vector" else t.t() if kind == "t" else t
 
 
-def _to_ours(t: torch.Tensor, kind: str) -> torch.Tensor:
+def to_ours(t: torch.Tensor, kind: str) -> torch.Tensor:
     return t.reshape(1, 1, -1) if kind == "vector" else t.t() if kind == "t" else t
 
 
@@ -250,6 +250,11 @@ def needs(spec: ModelSpec, options: HfOptions) -> str | None:
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def source_dtype(spec: ModelSpec) -> str:
+    """The checkpoint's own (most common) float type, as a DTYPES word: what a --dtype left out writes."""
+    return max(DTYPES, key=lambda d: spec.dtypes.get(str(DTYPES[d]).removeprefix("torch."), 0))
 DEFAULT_SHARD = "5GB"
 
 
@@ -266,10 +271,7 @@ class HfOptions(Options):
 
 def write(ckpt: Checkpoint, output: Path, options: HfOptions) -> list[Path]:
     spec, shard_size = ckpt.spec, parse_size(options.shard_size)
-    dtype = options.dtype
-    if dtype is None:  # the file's own (most common) float type
-        dtype = max(DTYPES, key=lambda d: spec.dtypes.get(str(DTYPES[d]).removeprefix("torch."), 0))
-    target = DTYPES[dtype]
+    target = DTYPES[options.dtype or source_dtype(spec)]
     _note_converter_ranks(spec)
     if model_type(spec) == "rwkv7" or options.tokenizer is None:
         rwkv7_hf_folder()  # its model or tokenizer code is copied: found before any weight is written
@@ -344,7 +346,7 @@ def read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
 
 def tensors_from_hf(path: Path, cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our names and shapes of an HF-named directory's tensors, its layer count checked."""
-    return {ours: _to_ours(tensors[theirs], kind) for theirs, (ours, kind) in our_names(path, cfg, tensors).items()}
+    return {ours: to_ours(tensors[theirs], kind) for theirs, (ours, kind) in our_names(path, cfg, tensors).items()}
 
 
 def our_names(path: Path, cfg: dict, names) -> dict[str, tuple[str, str]]:
@@ -360,10 +362,6 @@ def our_names(path: Path, cfg: dict, names) -> dict[str, tuple[str, str]]:
         raise RwkvConvertError(f"{path}/config.json says num_hidden_layers {n_layer} but the weights hold"
                                f" {max(held) + 1} layers; the directory is damaged or mixed")
     return {name: known.get(name, (name, "same")) for name in names}
-
-
-def to_ours(t: torch.Tensor, kind: str) -> torch.Tensor:
-    return _to_ours(t, kind)
 
 
 def known_model_type(path: Path, cfg: dict) -> str:

@@ -23,7 +23,7 @@ from ..atomic import AtomicOutput
 from ..calibration import LayerwiseGptq, activation_importance
 from ..checkpoint import Checkpoint, checkpoint_from_tensors
 from ..errors import RwkvConvertError
-from ..precision import by_mlx, mlx_quants
+from ..precision import by_mlx, float_bound, mlx_quants
 from ..quant import mlx_groups
 from ..quant.gptq import quantize_with
 from ..runtimes.base import ClientRun, verify_modes
@@ -37,7 +37,6 @@ from .safetensors_io import SafetensorsWriter, read_safetensors
 
 WEIGHTS = "model.safetensors"
 LAYOUT_KEY = "rwkv_convert_layout"  # in config.json: tells our reader this directory from an hf one
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TABLE_BITS = 8  # mlx-lm's rwkv7 predicate: the embedding and every "lora.2" at 8 bits
 PER_HEAD = ("k_k", "k_a", "g_norm")  # stored [heads, head size], as mlx-lm's sanitize leaves them (and saves them)
 
@@ -49,7 +48,7 @@ def _per_head(hf_name: str) -> bool:
 @dataclass(frozen=True)
 class MlxOptions(Options):
     dtype: str | None = option(None, "the weights' float type, and the quantized groups' scales and biases' (default:"
-                                     " the source's)", choices=tuple(DTYPES))
+                                     " the source's)", choices=tuple(hf.DTYPES))
     quant: str = option("none", "MLX affine groups of this many bits (q8, q6, q4, q3); the embedding and the LoRAs'"
                                 " last projections at 8 bits, as mlx-lm's convert", choices=("none", *mlx_quants()),
                         storage="mlx")
@@ -61,6 +60,11 @@ class MlxOptions(Options):
                                            " scale and bias (and GPTQ's rounding, see --calibration-method)")
     calibration_method: str = calibration_method_option()
     tokenizer: str | None = option(None, "a tokenizer.json to ship instead of the World vocabulary's")
+
+    @property
+    def bits(self) -> int | None:
+        """--quant's bits (q4: 4), None without --quant."""
+        return None if self.quant == "none" else int(self.quant[1:])
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,7 +91,7 @@ def _bits_of(hf_name: str, t: torch.Tensor, options: MlxOptions) -> int | None:
     table = "embeddings" in hf_name or hf_name == "lm_head.weight"
     if table and options.tables == "float":
         return None
-    return TABLE_BITS if "lora.2" in hf_name or "embeddings" in hf_name else int(options.quant[1:])
+    return TABLE_BITS if "lora.2" in hf_name or "embeddings" in hf_name else options.bits
 
 
 class _Quantizer:
@@ -125,7 +129,7 @@ class _Quantizer:
 
 def write(ckpt: Checkpoint, output: Path, options: MlxOptions) -> list[Path]:
     spec = ckpt.spec
-    dtype = DTYPES[options.dtype or max(DTYPES, key=lambda d: spec.dtypes.get(str(DTYPES[d])[6:], 0))]
+    dtype = hf.DTYPES[options.dtype or hf.source_dtype(spec)]
     jobs = [(name, *mapped) for name, t in ckpt.tensors.items() if (mapped := hf.hf_tensor(name, t, spec))]
     planned = {name: bits for name, hf_name, t in jobs if (bits := _bits_of(hf_name, t, options))}
     quantizer = _Quantizer(ckpt, options, dtype, planned)  # calibrates before anything is written
@@ -145,16 +149,17 @@ def write(ckpt: Checkpoint, output: Path, options: MlxOptions) -> list[Path]:
                     writer.add(hf_name, packed)
                     writer.add(module + ".scales", scales)
                     writer.add(module + ".biases", biases)
-                    if bits != int(options.quant[1:]):
+                    if bits != options.bits:
                         layers[module] = {"bits": bits}  # as mlx-lm records its predicate's answer
                 ckpt.release(name)
             writer.close({"format": "mlx"})
         finally:
             writer.abort()
-        cfg = hf.config(spec) | {"dtype": str(dtype).removeprefix("torch."), "torch_dtype": str(dtype)[6:],
+        dtype_name = str(dtype).removeprefix("torch.")
+        cfg = hf.config(spec) | {"dtype": dtype_name, "torch_dtype": dtype_name,
                                  LAYOUT_KEY: "mlx", "rwkv_convert_source": ckpt.path.name}
         if options.quant != "none":
-            quantization = {"group_size": options.group_size, "bits": int(options.quant[1:]), "mode": "affine"}
+            quantization = {"group_size": options.group_size, "bits": options.bits, "mode": "affine"}
             cfg |= {"quantization": quantization | layers, "quantization_config": quantization | layers}
         write_json(tmp / "config.json", cfg)
         write_json(tmp / "generation_config.json", generation_config(cfg))
@@ -245,7 +250,7 @@ def read(probe: Probe) -> Checkpoint:
 def stored(path: Path) -> set[str]:
     """The bounds of what the directory stores (verify's tolerance): its float type and its groups' bits."""
     cfg = _config(path)
-    found = {by_mlx({"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(cfg.get("dtype"), "fp32")).bound}
+    found = {float_bound(str(cfg.get("dtype") or "float32"))}
     quantization = cfg.get("quantization") or {}
     bits = {quantization.get("bits")} | {v.get("bits") for v in quantization.values() if isinstance(v, dict)}
     return found | {by_mlx(f"q{b}").bound for b in bits if b is not None and f"q{b}" in mlx_quants()}
