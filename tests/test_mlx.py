@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,17 @@ def test_calibration_by_rounding_alone_and_float_tables(tmp_path):
     assert weights["model.layers.0.attn.r_proj.weight"].dtype == np.uint32
     assert weights["model.layers.0.attn.r_proj.scales"].dtype == np.float16 and out
     assert verify(tmp_path / "m", BUNDLED, tokens=16, runner="ours").passed
+
+
+@needs_mlx
+def test_mlx_lm_gets_the_checked_files_under_our_names_not_the_users_folder(tmp_path, monkeypatch):
+    import mlx_lm.utils
+
+    rwkv_convert.convert(BUNDLED, "mlx", tmp_path / "user's model", quant="q8")
+    (tmp_path / "user's model" / "model_extra.py").write_text("raise SystemExit('never run')\n")
+    seen = []
+    load = mlx_lm.utils.load_model
+    monkeypatch.setattr(mlx_lm.utils, "load_model", lambda path, *a, **k: (seen.append(sorted(
+        p.name for p in Path(path).iterdir())), seen.append(str(path)), load(path, *a, **k))[2])
+    assert verify(tmp_path / "user's model", BUNDLED, tokens=8).passed
+    assert seen[0] == ["config.json", "model.safetensors"] and str(tmp_path) not in seen[1]

@@ -142,3 +142,16 @@ def test_a_state_goes_into_its_own_file_beside_the_model_never_into_it(tuned, tm
     assert str(tmp_path / "m-state.st") in proc.stdout, proc.stdout + proc.stderr
     (tmp_path / "m-state.st").unlink()
     assert_one_line_error(cli("inspect", tmp_path / "m.st"), "state is in m-state.st, which is not beside it")
+
+
+@needs_client
+def test_web_rwkv_gets_the_checked_file_under_our_name_not_the_users_path(fixture_dir, tmp_path, monkeypatch):
+    src = fixture_path("v6", directory=fixture_dir)
+    user = tmp_path / "the user's; model.st"
+    rwkv_convert.convert(src, "web-rwkv", user)
+    jobs = []
+    save = web_rwkv.torch.save
+    monkeypatch.setattr(web_rwkv.torch, "save", lambda obj, f: (jobs.append(obj), save(obj, f))[1])
+    assert verify(user, src, tokens=8).passed
+    handed = jobs[0]["path"]
+    assert handed.endswith("/model.st") and str(tmp_path) not in handed  # our name, in a folder of ours
