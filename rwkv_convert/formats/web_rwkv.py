@@ -189,6 +189,8 @@ def client_run(path: Path, strategy: str | None, streams: dict[str, list[int]], 
     if out_of_reach(spec):
         raise NoClient(out_of_reach(spec))
     if spec.time_state:
+        # measured: the binding cannot make a State from numbers, and the state it carries from call to call
+        # does not continue the stream (docs/safetensors.md), so a state loaded through it could not be judged
         raise NoClient(f"{WEB_RWKV_PIN} has no way to load a state file (web-rwkv and ai00 load it; this binding"
                        " does not), so the model and its state file ran in our reader")
     WEB_RWKV.check_installed()
