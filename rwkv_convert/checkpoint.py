@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import mmap
 import pickle
 import re
@@ -25,6 +26,14 @@ from .spec import ModelSpec
 CHECK_CHUNK = 1 << 22  # elements checked at once: a large table's check never holds copies of all of it
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def count_non_finite(t: torch.Tensor) -> int:
     flat = t.reshape(-1)
     return sum(int((~torch.isfinite(flat[i:i + CHECK_CHUNK])).sum()) for i in range(0, flat.numel(), CHECK_CHUNK))
@@ -40,6 +49,7 @@ class CheckedTensors(Mapping):
         self._tensors, self._source, self._mmapped, self._checked = tensors, source, mmapped, set()
         self._check_record = check_record
         self._in_memory: set[str] = set()  # tensors not backed by the file: dropping their pages would zero them
+        self._edits: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # adapters.py: merged as read
 
     def unchecked(self, name: str) -> torch.Tensor:
         """The tensor as stored (the file's bytes: what release() drops the pages of)."""
@@ -60,7 +70,8 @@ class CheckedTensors(Mapping):
                 self.drop_pages(name)  # checked ahead of its use: do not keep its pages resident until then
             self._checked.add(name)
             step("reading and checking tensors", len(self._checked), len(self._tensors))
-        return t
+        edit = self._edits.get(name)
+        return t if edit is None else edit(t)
 
     def drop_pages(self, name: str, rows: slice | None = None) -> None:
         """Let the kernel drop the pages of a file-mapped tensor (or of these rows of it); they are read from
@@ -81,6 +92,17 @@ class CheckedTensors(Mapping):
         out = CheckedTensors(merged, self._source, self._mmapped, self._check_record)
         out._checked = self._checked - set(extra)
         out._in_memory = self._in_memory | set(extra)
+        out._edits = {k: e for k, e in self._edits.items() if k not in extra}
+        return out
+
+    def with_edits(self, edits: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> CheckedTensors:
+        """These tensors with `edits` applied as each is read (after its check, on the stored tensor and any edit
+        before it): an adapter merged while a conversion streams (adapters.py)."""
+        out = CheckedTensors(self._tensors, self._source, self._mmapped, self._check_record)
+        out._checked, out._in_memory, out._edits = self._checked, self._in_memory, dict(self._edits)
+        for name, edit in edits.items():
+            before = out._edits.get(name)
+            out._edits[name] = edit if before is None else (lambda t, e=edit, b=before: e(b(t)))
         return out
 
 
@@ -114,6 +136,7 @@ class Checkpoint:
     mmapped: bool = True  # tensors are views of a read-only file mapping (False for legacy-format files)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # without reading (or checking) any data
     applied_state: Path | None = None  # the state file applied to these weights (state_file.with_state)
+    applied_adapters: tuple = ()  # adapters.AppliedAdapter, in the order merged (adapters.with_adapters)
 
     def release(self, name: str, rows: slice | None = None) -> None:
         """Done with a tensor (or with these rows of it): let the kernel drop its pages from this process's

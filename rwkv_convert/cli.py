@@ -44,11 +44,13 @@ def main(ctx: click.Context, debug: bool) -> None:
 @main.command()
 @click.argument("path", required=False, default=f"{BUNDLED_PREFIX}v7", type=click.Path(dir_okay=True, path_type=str))
 @ui.json_options
-def inspect(path: str, as_json: bool, json_out) -> None:
+@ui.adapter_options
+def inspect(path: str, as_json: bool, json_out, adapters) -> None:
     """Version, dimensions, LoRA ranks, dtypes and parameters of a checkpoint (PATH; default the bundled trained
-    RWKV-7, bundled:v7)."""
-    with ui.reporting(json_out, path):
-        info = describe_path(path)
+    RWKV-7, bundled:v7), with --lora the model they make; or of a fine-tuning adapter file alone (its kind, rank,
+    targets, replaced tensors and the model shapes it fits)."""
+    with ui.reporting(json_out, path, *ui.adapter_paths(adapters)):
+        info = describe_path(path, adapters)
         ui.emit(format_description(info), info, as_json, json_out)
 
 
@@ -68,9 +70,11 @@ def inspect(path: str, as_json: bool, json_out) -> None:
               help="A Hugging Face tokenizer.json (e.g. GPT-NeoX 20B for RWKV-4 Pile models) instead of World.")
 @click.option("--ln0-fold", default="fp32", show_default=True, type=click.Choice(LN0_FOLDS), help=ui.LN0_HELP)
 @ui.state_option
-def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_file, ln0_fold, state) -> None:
+@ui.adapter_options
+def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_file, ln0_fold, state,
+        adapters) -> None:
     """Generate text from PATH (or the bundled default model), streaming it as it is produced."""
-    setup = prepare_run(path, prompt, strategy, ln0_fold, state, tokenizer_file)
+    setup = prepare_run(path, prompt, strategy, ln0_fold, state, tokenizer_file, adapters)
     for note in setup.notes:
         click.echo(note, err=True)
     ui.stream(setup.prompt, generate(setup.model, setup.tokenizer, setup.prompt, max_tokens, temperature, top_p, seed))
@@ -80,11 +84,12 @@ def run(path, prompt, max_tokens, strategy, temperature, top_p, seed, tokenizer_
 @click.argument("path", required=False, default=f"{BUNDLED_PREFIX}v7", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--strategy", default="cpu fp32", show_default=True, help='e.g. "cuda fp16i8 *10 -> cuda fp16".')
 @ui.json_options
-def plan(path: str, strategy: str, as_json: bool, json_out) -> None:
+@ui.adapter_options
+def plan(path: str, strategy: str, as_json: bool, json_out, adapters) -> None:
     """Per-layer placement of a strategy on PATH (default the bundled trained RWKV-7, bundled:v7): device, dtypes,
     weight scheme, streaming, memory."""
     with ui.reporting(json_out, path):
-        ckpt = registry.read_checkpoint(path)
+        ckpt = registry.read_checkpoint(path, adapters=adapters)
         result = make_plan(ckpt.spec, ckpt.shapes, strategy)
         ui.emit(format_plan(result), result.to_dict(), as_json, json_out)
 
@@ -103,8 +108,9 @@ def plan(path: str, strategy: str, as_json: bool, json_out) -> None:
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(2, None), help="With --verify.")
 @ui.runner_option("With --verify: run the file in its format's runtime, or with rwkv-convert's reader.")
 @ui.state_option
+@ui.adapter_options
 def convert(source: str, target: str, layout, output: str, then_verify: bool, tokens: int, runner: str, state,
-            **flags) -> None:
+            adapters, **flags) -> None:
     """Convert SOURCE (original weights: .pth, safetensors, an HF directory, GGUF) for a runtime. Written
     tensor by tensor, atomically.
 
@@ -113,22 +119,25 @@ def convert(source: str, target: str, layout, output: str, then_verify: bool, to
       rwkv-convert convert RWKV-x060-World-1B6.pth --to pip --strategy "cuda fp16i8" -o 1B6-fp16i8.pth
       rwkv-convert convert model.pth --to gguf --quant q8_0 -o model-q8_0.gguf --verify
       rwkv-convert convert model.pth --to hf -o model-hf/
+      rwkv-convert convert base.pth --lora rwkv-0.pth --lora-alpha 32 --to gguf -o ft.gguf --verify
     """
     if target is None:
         target, layout = registry.target_for_output(output, layout)
     options = ui.format_options(target, layout, flags)
     with recording() as published:  # the sizes this run wrote, even if another run replaces the files
-        written = registry.convert(source, to=target, output=output, layout=layout, state=state, **options)
+        written = registry.convert(source, to=target, output=output, layout=layout, state=state, adapters=adapters,
+                                   **options)
     for path in written:
         click.echo(f"wrote {path} ({published.get(path, path.stat().st_size):,} bytes)", err=True)
     if then_verify:
-        _verify_and_exit(output, source, None, tokens, 0, False, None, runner, state=state)
+        _verify_and_exit(output, source, None, tokens, 0, False, None, runner, state=state, adapters=adapters)
 
 
 def _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json_out, runner="client",
-                     ln0_fold=None, state=None, trust_remote_code=False) -> None:
-    with ui.reporting(json_out, candidate, reference, state):
-        report = verify(candidate, reference, strategy, tokens, seed, runner, ln0_fold, state, trust_remote_code)
+                     ln0_fold=None, state=None, trust_remote_code=False, adapters=()) -> None:
+    with ui.reporting(json_out, candidate, reference, state, *ui.adapter_paths(adapters)):
+        report = verify(candidate, reference, strategy, tokens, seed, runner, ln0_fold, state, trust_remote_code,
+                        adapters)
         ui.emit(format_report(report), report.to_dict(), as_json, json_out)
     sys.exit(0 if report.passed else 1)
 
@@ -149,8 +158,9 @@ def _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json
 @click.option("--trust-remote-code", is_flag=True,
               help="Run an HF directory's own *.py even where it is not the rwkv7-hf code rwkv-convert ships (off:"
                    " such a directory is refused). The verdict names it when used.")
+@ui.adapter_options
 def verify_command(candidate, reference, strategy, tokens, seed, as_json, json_out, runner, ln0_fold, state,
-                   trust_remote_code) -> None:
+                   trust_remote_code, adapters) -> None:
     """Compare CANDIDATE's outputs with the reference runner on --reference: exit 0 pass, 1 fail, 2 bad input.
 
     Runs a fixed and a random token stream in sequence mode, token by token and in two chunks with the
@@ -158,7 +168,7 @@ def verify_command(candidate, reference, strategy, tokens, seed, as_json, json_o
     Bounds: the table of the candidate's least precise weight scheme, widened to what that scheme itself
     does to this model (the reference run in the scheme); see docs/verification.md."""
     _verify_and_exit(candidate, reference, strategy, tokens, seed, as_json, json_out, runner, ln0_fold, state,
-                     trust_remote_code)
+                     trust_remote_code, adapters)
 
 
 @main.command("quality")
@@ -181,8 +191,9 @@ def verify_command(candidate, reference, strategy, tokens, seed, as_json, json_o
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Also draw bytes per parameter against bits per byte into this PNG (needs matplotlib).")
 @ui.state_option
+@ui.adapter_options
 def quality_command(source, text, schemes, full, window, max_bytes, target_size, as_json, json_out, plot_path,
-                    state) -> None:
+                    state, adapters) -> None:
     """What each precision and quantization of SOURCE (default the bundled trained RWKV-7) costs, each file run
     in its own runtime.
 
@@ -190,13 +201,14 @@ def quality_command(source, text, schemes, full, window, max_bytes, target_size,
     onnxruntime), run on the text, and report file bytes, bytes per parameter, bits per byte, KL from the fp32
     reference and top-1 agreement, in one table ordered by size. Schemes whose runtime is missing (GGUF
     without llama-cpp-python) are listed as not measured."""
-    with ui.inputs(source, text, state):
+    with ui.inputs(source, text, state, *ui.adapter_paths(adapters)):
         ui.check_reports({"--json-out": json_out, "--plot": plot_path})
         if plot_path:
             quality.plotting()  # a missing matplotlib is said before the work, not after it
         names, max_bytes = quality.choose(schemes, full, max_bytes)
         with ui.line_progress() as progress:
-            report = quality.measure(source, text, names, window, max_bytes, progress, target_size, state)
+            report = quality.measure(source, text, names, window, max_bytes, progress, target_size, state,
+                                     adapters)
         ui.emit(quality.table(report), report.to_json(), as_json, json_out)
         if plot_path:
             quality.plot(report, Path(plot_path))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 import click
 
 from . import progress
+from .adapters import adapter_refs
 from .atomic import Interrupted, check_output, check_target_directory, protecting, write_text_atomic
 from .bundled import model_path
 from .errors import CastWarning, RwkvConvertError
@@ -84,6 +86,32 @@ def state_option(command):
     return click.option("--state", "state", default=None, type=click.Path(dir_okay=False, path_type=str),
                         help="A state-tuning file (blocks.i.att.time_state: .pth or safetensors) to start from,"
                              " applied to the original weights (shapes checked against the model).")(command)
+
+
+def adapter_options(command):
+    """--lora FILE (repeatable) with --lora-alpha, --lora-init and --lora-scale: fine-tuning adapters merged into
+    the original weights as they are read (adapters.py); the command gets them as `adapters`."""
+    @functools.wraps(command)
+    def with_refs(*args, lora, lora_alpha, lora_init, lora_scale, **kwargs):
+        return command(*args, adapters=adapter_refs(lora, lora_alpha, lora_init, lora_scale), **kwargs)
+
+    for flag, kind, text in (
+            ("--lora-scale", str, "The fraction of the fine-tune to apply (default 1); once, or once per --lora."),
+            ("--lora-init", str, "PiSSA: the init file the adapter was trained from (init_lora_A/B): its presence"
+                                 " is what makes the adapter PiSSA; once, or once per --lora (none for the others)."),
+            ("--lora-alpha", str, "LoRA: the alpha it was trained with (required; files do not store it); once,"
+                                  " or once per --lora (none for adapters without one)."),
+            ("--lora", click.Path(dir_okay=False, path_type=str),
+             "A fine-tuning adapter to merge (RWKV-PEFT's LoRA, PiSSA, Bone or DiSHA .pth; the kind is read from"
+             " its tensors); repeat for stacked fine-tunes, merged in order.")):
+        with_refs = click.option(flag, flag.removeprefix("--").replace("-", "_"), multiple=True, type=kind,
+                                 help=text)(with_refs)
+    return with_refs
+
+
+def adapter_paths(adapters) -> list[Path]:
+    """The files the adapters name (adapters and PiSSA init files): inputs, like the model."""
+    return [p for ref in adapters for p in (ref.path, ref.init) if p is not None]
 
 
 def check_reports(reports: dict[str, str | None]) -> None:

@@ -4,10 +4,13 @@ format we read, and the files we write for one runtime (pip-converted, prepared,
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+from .adapters import AdapterRef, describe_adapter, format_adapter, is_adapter
 from .arch import module_for
 from .checkpoint import Checkpoint
+from .errors import RwkvConvertError
 from .formats.registry import capabilities, detect, load_detected, read_checkpoint
 from .units import human_size
 
@@ -19,13 +22,23 @@ def path_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def describe_path(path: str | os.PathLike) -> dict:
-    """describe_checkpoint for original weights; for a file made for one runtime, what its runner holds: the
-    model's dimensions, the strategy it was made for and its weights' schemes. Both with the format, its
-    runtime, the size on disk and, where the format stores types of its own (GGUF blocks), those."""
+def describe_path(path: str | os.PathLike, adapters: Sequence[AdapterRef] = ()) -> dict:
+    """describe_checkpoint for original weights (with `adapters` merged: the model they make); for a file made for
+    one runtime, what its runner holds: the model's dimensions, the strategy it was made for and its weights'
+    schemes. Both with the format, its runtime, the size on disk and, where the format stores types of its own
+    (GGUF blocks), those. A fine-tuning adapter file alone: describe_adapter."""
     fmt, probe = detect(path)
+    if fmt.name == "pth" and probe.is_torch_file and is_adapter(probe.torch_raw[0]):
+        if adapters:
+            raise RwkvConvertError(f"{probe.path} is an adapter: inspect it alone, or give the base model with --lora")
+        return describe_adapter(probe.path)
     if fmt.read is not None:
-        info = describe_checkpoint(read_checkpoint(probe.path))
+        ckpt = read_checkpoint(probe.path, adapters=adapters)
+        info = describe_checkpoint(ckpt)
+        if ckpt.applied_adapters:
+            info["adapters"] = [a.to_dict() for a in ckpt.applied_adapters]
+    elif adapters:
+        raise RwkvConvertError(f"--lora applies to original weights; {probe.path} ({fmt.summary}) is a converted file")
     else:
         model = load_detected(fmt, probe)
         spec, version = model.spec, module_for(model.spec.version)
@@ -65,6 +78,8 @@ def _variant_row(info: dict) -> str:
 
 
 def format_description(info: dict) -> str:
+    if "adapter" in info:
+        return format_adapter(info)
     rows = [
         ("file", f"{info['path']} ({human_size(info['file_size'])})"),
         *([("format", info["format"]), ("runtime", info["runtime"])] if "format" in info else []),
@@ -101,6 +116,9 @@ def format_description(info: dict) -> str:
     if info.get("unused_keys"):
         shown = ", ".join(info["unused_keys"][:4]) + (" ..." if len(info["unused_keys"]) > 4 else "")
         rows.append(("unused keys", f"{len(info['unused_keys'])}: {shown}"))
+    for a in info.get("adapters", ()):
+        rows.append(("merged", f"{Path(a['path']).name}: {a['kind']}" + (f" rank {a['rank']}" if a["rank"] else "")
+                     + f", {a['targets']} weights, {len(a['replaced'])} whole tensors (sha256 {a['sha256'][:12]})"))
     rows += [(f"can: {k}", v) for k, v in info["capabilities"].items()]
     width = max(len(str(k)) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -26,7 +26,7 @@ class RunSetup:
 
 
 def prepare_run(path: str | None, prompt: str | None, strategy: str | None, ln0_fold: str = "fp32", state=None,
-                tokenizer_file: str | None = None) -> RunSetup:
+                tokenizer_file: str | None = None, adapters=()) -> RunSetup:
     """The model at `path` (None: the bundled trained RWKV-7, with a prompt in its language), the tokenizer its
     vocabulary needs (World, a byte vocabulary, or `tokenizer_file`), and the prompt (default: a chat turn)."""
     notes = []
@@ -35,7 +35,7 @@ def prepare_run(path: str | None, prompt: str | None, strategy: str | None, ln0_
         notes.append(f"(no model given: running the bundled 2.7M-parameter RWKV-7 trained on Python's standard"
                      f" library, {path})")
         prompt = DEFAULT_PROMPT if prompt is None else prompt
-    model = registry.load(path, strategy, ln0_fold, state)
+    model = registry.load(path, strategy, ln0_fold, state, adapters)
     vocab = model.spec.vocab_size
     if tokenizer_file:
         tokenizer = HFTokenizer(tokenizer_file)

@@ -11,13 +11,14 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .adapters import AdapterRef
 from .atomic import AtomicOutput
 from .bundled import HELD_OUT_TEXT, bundled_file
 from .calibration import BUNDLED
@@ -216,14 +217,15 @@ class _Logits:
 def measure(source: str | Path, text: str | Path | None = None, schemes: list[str] | None = None,
             window: int = 1024, max_bytes: int | None = None,
             progress: Callable[[str], None] = lambda _: None, target_size: str | None = None,
-            state: str | Path | None = None) -> QualityReport:
+            state: str | Path | None = None, adapters: Sequence[AdapterRef] = ()) -> QualityReport:
     """Each scheme of `schemes` (default all) through its runtime on `text` (default the bundled held-out
     text), against the source at fp32. target_size: also a GGUF planned to that size (gguf-target-SIZE).
     state: a state-tuning file applied to the source (every window starts from it; formats that cannot carry
-    it are listed as not measured). Exports go to a temporary directory and are removed after."""
+    it are listed as not measured). adapters: fine-tuning adapters merged into the source (and every export).
+    Exports go to a temporary directory and are removed after."""
     if window < 2:
         raise RwkvConvertError("--window must be at least 2 tokens")
-    ckpt = read_checkpoint(source, state)
+    ckpt = read_checkpoint(source, state, adapters)
     spec = ckpt.spec
     text_path, data, tokens, chunks, scored_bytes = _scored_text(spec, text, max_bytes, window)
     report = QualityReport(str(ckpt.path), str(text_path), len(data), len(tokens), len(chunks), window, spec.n_params)
@@ -248,7 +250,7 @@ def measure(source: str | Path, text: str | Path | None = None, schemes: list[st
                 progress(f"{label}: exporting")
                 path = Path(tmp) / f"{name}.{SUFFIXES[scheme.to]}"
                 try:
-                    convert(ckpt.path, scheme.to, path, state=state, **scheme.options)
+                    convert(ckpt.path, scheme.to, path, state=state, adapters=adapters, **scheme.options)
                     run = _Logits(scheme, path, window)
                 except RwkvConvertError as e:
                     report.skipped[name] = str(e)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .adapters import AdapterRef
 from .arch import module_for
 from .bounds import (
     BASELINE_NEEDS_KL,
@@ -86,6 +88,7 @@ class VerifyReport:
     worst: str = ""  # the metric furthest beyond (or closest to) its bound, "stream/mode metric"
     ln0_fold: str = "fp32"  # how the reference runner folded ln0
     note: str = ""  # why the file's own client did not run it (ClientRun.note): said in the verdict line
+    adapters: list[dict] = field(default_factory=list)  # adapters merged into the reference (AppliedAdapter)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,13 +159,14 @@ class ReferenceRun:
 
 
 def reference_run(reference: str | Path, tokens: int = 64, seed: int = 0, ln0_fold: str = "fp32",
-                  state: str | Path | None = None) -> ReferenceRun:
-    """The source checkpoint (with the state file `state` applied, if given) through our runner at cpu fp32, on a
+                  state: str | Path | None = None, adapters: Sequence[AdapterRef] = ()) -> ReferenceRun:
+    """The source checkpoint (with `adapters` merged and the state file `state` applied, if given: the same
+    merge a conversion does) through our runner at cpu fp32, on a
     fixed and a random stream. ln0_fold "package": ln0 folded as the pip package does (its dtype, not fp32), to
     compare with it bit for bit."""
     if tokens < 2:
         raise RwkvConvertError("--tokens must be at least 2 (the chunked mode splits the stream)")
-    ckpt = read_checkpoint(reference, state)
+    ckpt = read_checkpoint(reference, state, adapters)
     # every run keeps both streams' logits in three modes: the reference's, the candidate's and one more (the
     # twin or the scheme's own run), all fp32 [tokens, vocab]; checked before any of it is allocated
     logits = 2 * 3 * 3 * tokens * ckpt.spec.vocab_size * 4
@@ -322,23 +326,28 @@ def score(ref: ReferenceRun, cand: ClientRun, candidate: str | Path, reference: 
 
 def verify(candidate: str | Path, reference: str | Path, strategy: str | None = None, tokens: int = 64,
            seed: int = 0, runner: str = "client", ln0_fold: str | None = None,
-           state: str | Path | None = None, trust_remote_code: bool = False) -> VerifyReport:
+           state: str | Path | None = None, trust_remote_code: bool = False,
+           adapters: Sequence[AdapterRef] = ()) -> VerifyReport:
     """runner: "client" runs the candidate in the runtime its format is for (the rwkv pip package for its
     converted files); "ours" runs it with rwkv-convert's reader and runner. ln0_fold: the reference runner's
     (and our runner's, for --runner ours) fold of ln0, "fp32" or "package" (docs/numerics.md); None: the
     candidate's own, i.e. "package" for pip-converted files (they hold the package's fold) and "fp32" else.
     state: a state-tuning file applied to the reference (and to a candidate that is original weights).
-    trust_remote_code: run an HF directory's code even where it is not the copy we ship (the runner says so)."""
+    trust_remote_code: run an HF directory's code even where it is not the copy we ship (the runner says so).
+    adapters: fine-tuning adapters merged into the reference (never into the candidate: it is the merged model)."""
     runner = runner_named(runner)
     fmt, _ = detect(candidate)  # a missing or unreadable candidate fails before the reference is run
     if ln0_fold is None:
         ln0_fold = "package" if fmt.name == "pip" else "fp32"
-    ref = reference_run(reference, tokens, seed, ln0_fold, state)
-    shown = reference if state is None else f"{reference} with the state {state}"
+    ref = reference_run(reference, tokens, seed, ln0_fold, state, adapters)
+    applied = ref.ckpt.applied_adapters
+    shown = str(reference) + "".join(f" + adapter {a.describe()}" for a in applied)
+    shown += "" if state is None else f" with the state {state}"
     with trusting_remote_code(trust_remote_code):
         run = candidate_run(candidate, ref, strategy, runner, reference)
     report = score(ref, run, candidate, shown)
     report.ln0_fold = ln0_fold
+    report.adapters = [a.to_dict() for a in applied]
     return report
 
 

@@ -6,7 +6,6 @@ for the pip package's pickled converted files, for every version including v7.""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 
 from ..atomic import AtomicOutput
 from ..calibration import PipInt8Gptq, describe
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, file_sha256
 from ..errors import RwkvConvertError
 from ..plan import make_plan
 from ..prepare import Preparation, PreparedWeights
@@ -30,14 +29,6 @@ from .safetensors_io import SafetensorsWriter, read_safetensors
 LAYOUT = "prepared"
 FORMAT_TAG = "rwkv-convert-prepared-1"
 INT8_PARTS = ("q", "mx", "rx", "my", "ry")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _flatten(key: str, value, kinds: dict) -> dict[str, torch.Tensor]:

@@ -6,9 +6,11 @@ here. Sniffing goes in this order, first match wins: cheap, unambiguous markers 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..adapters import AdapterRef, adapter_inputs, with_adapters
 from ..atomic import protecting
 from ..bundled import model_path
 from ..checkpoint import Checkpoint
@@ -105,30 +107,34 @@ def detect(path: str | os.PathLike) -> tuple[Format, Probe]:
     raise RwkvConvertError(f"{p} is not a file rwkv-convert reads")  # pth claims every file: not reached
 
 
-def read_checkpoint(path: str | os.PathLike, state: str | os.PathLike | None = None) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, state: str | os.PathLike | None = None,
+                    adapters: Sequence[AdapterRef] = ()) -> Checkpoint:
     """Original weights from any format that holds them (a .pth, safetensors, an HF directory, a GGUF); with
+    `adapters`, fine-tuning adapters merged into them in order (adapters.py: LoRA, PiSSA, Bone, DiSHA); with
     `state`, a state-tuning file applied to them (its shapes checked against the model)."""
     fmt, probe = detect(path)
-    return _read_detected(fmt, probe, state)
+    return _read_detected(fmt, probe, state, adapters)
 
 
-def _read_detected(fmt: Format, probe: Probe, state=None) -> Checkpoint:
+def _read_detected(fmt: Format, probe: Probe, state=None, adapters: Sequence[AdapterRef] = ()) -> Checkpoint:
     if fmt.read is None:
         raise RwkvConvertError(f"{probe.path} is {fmt.summary}, not an original checkpoint: rwkv_convert.load(),"
                                " run and verify run it; convert from the source checkpoint")
-    return apply_state_option(fmt.read(probe), state)
+    return apply_state_option(with_adapters(fmt.read(probe), adapters), state)
 
 
 def load(path: str | os.PathLike, strategy: str | None = None, ln0_fold: str = "fp32",
-         state: str | os.PathLike | None = None):
+         state: str | os.PathLike | None = None, adapters: Sequence[AdapterRef] = ()):
     """A runnable model from any readable file: original weights with `strategy` (default "cpu fp32"); files
     made for one strategy (pip-converted, prepared) with theirs (`strategy` must be that one or None); ONNX
     exports in onnxruntime (no strategy). ln0_fold "package": original weights get ln0 folded as the pip
-    package folds it (docs/numerics.md). state: a state-tuning file applied to original weights."""
-    return load_detected(*detect(path), strategy, ln0_fold, state)
+    package folds it (docs/numerics.md). state: a state-tuning file applied to original weights; adapters:
+    fine-tuning adapters merged into them."""
+    return load_detected(*detect(path), strategy, ln0_fold, state, adapters)
 
 
-def load_detected(fmt: Format, probe: Probe, strategy: str | None = None, ln0_fold: str = "fp32", state=None):
+def load_detected(fmt: Format, probe: Probe, strategy: str | None = None, ln0_fold: str = "fp32", state=None,
+                  adapters: Sequence[AdapterRef] = ()):
     """load() of a path already detected (its probe keeps what sniffing read)."""
     if fmt.load is not None:
         if ln0_fold != "fp32":
@@ -137,8 +143,11 @@ def load_detected(fmt: Format, probe: Probe, strategy: str | None = None, ln0_fo
         if state is not None:
             raise RwkvConvertError(f"--state applies to original weights; {probe.path} ({fmt.summary}) runs with the"
                                    " initial state it was converted with: give --state to convert instead")
+        if adapters:
+            raise RwkvConvertError(f"--lora applies to original weights; {probe.path} ({fmt.summary}) runs as it was"
+                                   " converted: give --lora to convert instead")
         return fmt.load(probe, strategy)
-    ckpt = _read_detected(fmt, probe, state)
+    ckpt = _read_detected(fmt, probe, state, adapters)
     strategy = DEFAULT_STRATEGY if strategy is None else strategy
     plan = make_plan(ckpt.spec, ckpt.shapes, strategy)  # checked here, executed by the runner
     check_memory(sum(n for device, n in plan.device_bytes.items() if device.startswith("cpu")),
@@ -148,19 +157,20 @@ def load_detected(fmt: Format, probe: Probe, strategy: str | None = None, ln0_fo
 
 
 def convert(source: str | os.PathLike, to: str, output: str | os.PathLike, state: str | os.PathLike | None = None,
-            **options: Any) -> list[Path]:
+            adapters: Sequence[AdapterRef] = (), **options: Any) -> list[Path]:
     """Convert SOURCE (original weights in any readable format) to the format `to` at `output`, with that
     format's options (e.g. quant="q8_0" for gguf; layout="hf" selects the safetensors layout); with `state`, a
-    state-tuning file applied first (written into formats that carry an initial state; refused by the others).
+    state-tuning file applied first (written into formats that carry an initial state; refused by the others);
+    with `adapters`, fine-tuning adapters merged as the source streams.
     The source is read once and handed to the writer. Returns the paths written; nothing is left behind on
     failure."""
     fmt = writer_for(to, options.pop("layout", None))
     opts = fmt.options.build(fmt.target, options)
-    ckpt = read_checkpoint(source, state)
+    ckpt = read_checkpoint(source, state, adapters)
     reason = fmt.supports(ckpt.spec) or (fmt.needs(ckpt.spec, opts) if fmt.needs else None)
     if reason:
         raise UnsupportedError(f"cannot convert {ckpt.path.name} to {fmt.target}: {reason}")
-    inputs = [ckpt.path] + ([ckpt.applied_state] if ckpt.applied_state else [])
+    inputs = [ckpt.path] + ([ckpt.applied_state] if ckpt.applied_state else []) + adapter_inputs(ckpt)
     # and any file an option names (a tokenizer, a calibration text)
     inputs += [Path(v) for v in options.values() if isinstance(v, (str, os.PathLike)) and Path(v).is_file()]
     with protecting(*inputs):  # no file of the output may be an input (or inside a source directory)

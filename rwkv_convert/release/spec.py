@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..bundled import BUNDLED_PREFIX, bundled_file, model_path
+from ..checkpoint import file_sha256
 from ..errors import RwkvConvertError
 from ..formats.base import flag_of
-from ..formats.prepared import file_sha256
 from ..formats.registry import targets, writer_for
 from ..runtimes import CLIENTS
 from ..runtimes.base import installed_version, runner_named
