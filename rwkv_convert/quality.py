@@ -325,13 +325,14 @@ _REFERENCE_FIGURES: dict[tuple, tuple] = {}  # per process: (source, text, bytes
 
 
 def file_figures(source: str | Path, path: str | Path, text: str | Path | None = None, max_bytes: int | None = None,
-                 window: int = 1024) -> dict:
+                 window: int = 1024, adapters: Sequence[AdapterRef] = ()) -> dict:
     """One exported file's quality figures on `text` (default the bundled held-out text), run in the runtime
     `quality` runs its format in (llama.cpp for GGUF, onnxruntime for ONNX, mlx-lm for MLX, our runner for the
-    others): bits per byte, its change from the source at fp32, KL from the source and top-1 agreement."""
-    key = (str(source), str(text), max_bytes, window)
+    others): bits per byte, its change from the source at fp32 (with `adapters` merged), KL from the source and
+    top-1 agreement."""
+    key = (str(source), tuple(adapters), str(text), max_bytes, window)
     if key not in _REFERENCE_FIGURES:
-        ckpt = read_checkpoint(source)
+        ckpt = read_checkpoint(source, adapters=adapters)
         text_path, data, _, chunks, scored_bytes = _scored_text(ckpt.spec, text, max_bytes, window)
         reference = Model(ckpt, "cpu fp32")
         ref_logp: list[torch.Tensor] = []

@@ -252,3 +252,22 @@ def test_pth_dtype_option_casts_every_tensor(fixture_dir, tmp_path):
     base = fixture_path("v7", directory=fixture_dir)
     out = rwkv_convert.convert(base, "pth", tmp_path / "bf16.pth", dtype="bf16")[0]
     assert {t.dtype for t in torch.load(out, weights_only=True).values()} == {torch.bfloat16}
+
+
+def test_release_sources_merge_adapters_and_report_their_hashes(adapters, tmp_path):
+    base, ref, _ = adapters["v6", "lora"]
+    release = tmp_path / "ft.toml"
+    release.write_text(f'[release]\ntokens = 8\n[sources]\nft = {{ model = "{base}", lora = "{ref.path}",'
+                       f' lora_alpha = 16 }}\n[[artifact]]\nto = "pth"\n', encoding="utf-8")
+    proc = cli("release", release, "--out", tmp_path / "out", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads((tmp_path / "out" / "release-report.json").read_text())["artifacts"][0]
+    assert entry["status"] == "passed"
+    from rwkv_convert.checkpoint import file_sha256
+    assert [f["sha256"] for f in entry["source_files"]] == [file_sha256(base), file_sha256(ref.path)]
+    assert entry["source_files"][1]["alpha"] == 16.0
+    written = torch.load(tmp_path / "out" / "ft-pth.pth", weights_only=True)
+    assert torch.equal(written["blocks.1.ln2.weight"], torch.load(ref.path, weights_only=True)["blocks.1.ln2.weight"])
+    release.write_text(release.read_text().replace("lora_alpha = 16", "lora_scale = 0.5"), encoding="utf-8")
+    assert_one_line_error(cli("release", release, "--out", tmp_path / "out2"), r"\[sources\] ft: .*give --lora-alpha")
+    assert not (tmp_path / "out2").exists()

@@ -21,7 +21,8 @@ from .conftest import ODD_SHAPES, save_atomic
 
 # rwkv6 in gguf-py also lists one lerp tensor per mix; llama.cpp's loader takes the fused one instead.
 OPTIONAL_RWKV6 = {f"blk.{{bid}}.time_mix_lerp_{n}" for n in "wkvrg"}
-SUFFIX = {"pip": ".pth", "gguf": ".gguf", "onnx": ".onnx", "hf": "", "prepared": ".safetensors", "web-rwkv": ".st",
+SUFFIX = {"pip": ".pth", "pth": ".pth", "gguf": ".gguf", "onnx": ".onnx", "hf": "", "prepared": ".safetensors",
+          "web-rwkv": ".st",
           "mlx": ""}
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..adapters import AdapterRef
 from ..atomic import check_output, protecting, signals_interrupt, write_text_atomic, writing_under
 from ..errors import RwkvConvertError
 from ..formats.registry import convert, detect, read_checkpoint, writer_for
@@ -42,16 +43,28 @@ class Job:
     quality_bytes: int | None  # None: no quality figures
     n_params: int
     inputs: tuple[str, ...] = ()  # the release file, the sources and option files: no output may land on them
+    adapters: tuple[AdapterRef, ...] = ()  # merged into the source (built and verified with them)
+    source_hashes: tuple[dict, ...] = ()  # the base's and each adapter's SHA-256, for the report
 
 
 def plan_jobs(release: Release, artifacts: list[Artifact], out: Path, reverify: bool = False) -> list[Job]:
     """Each artifact's job with its keys; the sources are hashed (once each) and checked against the formats
     here, so that a conversion the format cannot do is bad input before anything is built."""
-    specs, digests = {}, {}
+    specs, digests, hashes = {}, {}, {}
     for a in artifacts:
         if a.source not in specs:
-            specs[a.source] = read_checkpoint(release.sources[a.source]).spec
-            digests[a.source] = content_digest(release.sources[a.source])
+            refs = release.adapters.get(a.source, ())
+            try:  # the adapters checked here, too
+                ckpt = read_checkpoint(release.sources[a.source], adapters=refs)
+            except RwkvConvertError as e:
+                raise RwkvConvertError(f"{release.path}: [sources] {a.source}: {e}") from None
+            specs[a.source] = ckpt.spec
+            hashes[a.source] = ({"path": str(release.sources[a.source]),
+                                 "sha256": content_digest(release.sources[a.source])},
+                                *({"adapter": str(x.path), "sha256": x.sha256, "kind": x.kind, "alpha": x.alpha,
+                                   "scale": x.scale, **({"init": str(x.init), "init_sha256": x.init_sha256}
+                                                        if x.init else {})} for x in ckpt.applied_adapters))
+            digests[a.source] = digest(hashes[a.source]) if refs else hashes[a.source][0]["sha256"]
         fmt = writer_for(a.to, a.layout)
         opts = fmt.options.build(fmt.target, a.options)
         reason = fmt.supports(specs[a.source]) or (fmt.needs(specs[a.source], opts) if fmt.needs else None)
@@ -77,7 +90,8 @@ def plan_jobs(release: Release, artifacts: list[Artifact], out: Path, reverify: 
         verify_key = digest({"build": key, "tokens": release.tokens, "seed": release.seed, "runner": a.runner,
                               "tolerance": a.tolerance, "runtimes": versions, "quality": quality})
         jobs.append(Job(a, str(release.sources[a.source]), str(out), key, verify_key, release.tokens, release.seed,
-                        reverify, quality, specs[a.source].n_params, tuple(map(str, release_inputs(release)))))
+                        reverify, quality, specs[a.source].n_params, tuple(map(str, release_inputs(release))),
+                        release.adapters.get(a.source, ()), hashes[a.source]))
     return jobs
 
 
@@ -129,7 +143,7 @@ def _build(job: Job, out: Path, stamp: dict | None) -> dict:
     target = out / a.output
     with writing_under(out), protecting(out / STAMPS, *map(Path, job.inputs)):
         remove_recorded(out, target, stamp)
-        written = convert(job.source, a.to, target, layout=a.layout, **a.options)
+        written = convert(job.source, a.to, target, layout=a.layout, adapters=job.adapters, **a.options)
     files = {}
     for p in written:
         for f in (sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]):
@@ -156,9 +170,9 @@ def failure_line(report: VerifyReport) -> str | None:
 def _verify(job: Job, candidate: Path) -> dict:
     fmt, _ = detect(candidate)
     ln0_fold = "package" if fmt.name == "pip" else "fp32"  # pip-converted files hold the package's fold
-    key = (job.source, job.tokens, job.seed, ln0_fold)
+    key = (job.source, job.adapters, job.tokens, job.seed, ln0_fold)
     if key not in _REFERENCES:
-        _REFERENCES[key] = reference_run(job.source, job.tokens, job.seed, ln0_fold)
+        _REFERENCES[key] = reference_run(job.source, job.tokens, job.seed, ln0_fold, adapters=job.adapters)
     ref = _REFERENCES[key]
     run = candidate_run(candidate, ref, None, job.artifact.runner, job.source)
     report = score(ref, run, candidate, job.source, overrides=job.artifact.tolerance)
@@ -170,7 +184,7 @@ def _verify(job: Job, candidate: Path) -> dict:
 
 
 def _quality(job: Job, candidate: Path) -> dict:
-    return file_figures(job.source, candidate, max_bytes=job.quality_bytes)
+    return file_figures(job.source, candidate, max_bytes=job.quality_bytes, adapters=job.adapters)
 
 
 def run_job(job: Job, progress: Callable[[str, str], None] = lambda name, what: None) -> dict:
@@ -180,7 +194,8 @@ def run_job(job: Job, progress: Callable[[str, str], None] = lambda name, what: 
     a, out = job.artifact, Path(job.out)
     stamp_path = _stamp_path(job)
     stamp = _read_stamp(stamp_path)
-    entry = {"name": a.name, "source": a.source, "format": writer_for(a.to, a.layout).target,
+    entry = {"name": a.name, "source": a.source, "source_files": list(job.source_hashes),
+             "format": writer_for(a.to, a.layout).target,
              "options": {k: (Path(v).name if k in PATH_OPTIONS and isinstance(v, str) else v)
                          for k, v in a.options.items()},
              "output": a.output}

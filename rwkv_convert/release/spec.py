@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..adapters import AdapterRef, adapter_refs
 from ..bundled import BUNDLED_PREFIX, bundled_file, model_path
 from ..checkpoint import file_sha256
 from ..errors import RwkvConvertError
@@ -28,8 +29,8 @@ except ModuleNotFoundError:  # Python 3.10
 REPORT_NAME = "release-report"
 STAMPS = ".rwkv-release"  # the keys and verifications, one JSON file per artifact, inside --out
 # the output name an artifact gets when the release file gives none: NAME + this
-SUFFIXES = {"pip": ".pth", "gguf": ".gguf", "onnx": ".onnx", "web-rwkv": ".st", "prepared": ".safetensors", "hf": "",
-            "mlx": ""}
+SUFFIXES = {"pip": ".pth", "pth": ".pth", "gguf": ".gguf", "onnx": ".onnx", "web-rwkv": ".st",
+            "prepared": ".safetensors", "hf": "", "mlx": ""}
 PATH_OPTIONS = ("tokenizer", "calibration")  # options that name a file: its bytes are part of the key
 TOLERANCE_KEYS = ("max_abs", "rel_l2", "kl", "top1")
 ARTIFACT_KEYS = ("name", "source", "to", "layout", "output", "runner", "tolerance")
@@ -60,6 +61,7 @@ class Release:
     seed: int = 0
     quality: bool = False
     quality_bytes: int = 16384
+    adapters: dict[str, tuple[AdapterRef, ...]] = field(default_factory=dict)  # per source: merged in order
 
 
 def bundled_release() -> Path:
@@ -69,6 +71,36 @@ def bundled_release() -> Path:
 
 def _fail(path: Path, where: str, what: str) -> RwkvConvertError:
     return RwkvConvertError(f"{path}: {where}{what}")
+
+
+SOURCE_KEYS = ("model", "lora", "lora_alpha", "lora_init", "lora_scale")
+
+
+def _source(path: Path, name: str, value) -> tuple[Path, tuple[AdapterRef, ...]]:
+    """A source: a checkpoint's path, or a table of one with fine-tuning adapters merged into it
+    ({model = "base.pth", lora = ["ft.pth"], lora_alpha = 32}: the --lora options, paths relative to the file)."""
+    if not isinstance(value, dict):
+        return _source_path(path, value), ()
+    where = f"[sources] {name}: "
+    bad = sorted(set(value) - set(SOURCE_KEYS))
+    if bad or "model" not in value:
+        raise _fail(path, where, f"a source table has model (the base checkpoint) and lora, lora_alpha, lora_init,"
+                    f" lora_scale{f' (not {bad[0]})' if bad else ''}")
+
+    def listed(key: str, files: bool = False) -> list[str]:
+        given = value.get(key, [])
+        items = given if isinstance(given, list) else [given]
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
+            raise _fail(path, where, f"{key} is a value or a list of values, not {given!r}")
+        return [str((path.parent / v).resolve()) if files and isinstance(v, str) and v.lower() != "none" else str(v)
+                for v in items]
+
+    try:
+        refs = adapter_refs(listed("lora", True), listed("lora_alpha"), listed("lora_init", True),
+                            listed("lora_scale"))
+    except RwkvConvertError as e:
+        raise _fail(path, where, str(e).replace("--lora-", "lora_").replace("--lora", "lora")) from None
+    return _source_path(path, value["model"]), refs
 
 
 def _source_path(path: Path, value) -> Path:
@@ -131,7 +163,9 @@ def parse_release(path: str | os.PathLike) -> Release:
     bad = sorted(set(settings) - set(RELEASE_KEYS))
     if bad:
         raise _fail(path, "[release]: ", f"unknown key {', '.join(bad)}; use {', '.join(RELEASE_KEYS)}")
-    sources = {name: _source_path(path, value) for name, value in doc.get("sources", {}).items()}
+    read_sources = {name: _source(path, name, value) for name, value in doc.get("sources", {}).items()}
+    sources = {name: model for name, (model, _) in read_sources.items()}
+    adapters = {name: refs for name, (_, refs) in read_sources.items() if refs}
     if not sources:
         raise _fail(path, "", "no [sources]: name at least one checkpoint, e.g. v7 = \"RWKV-x070.pth\"")
     entries = doc.get("artifact", [])
@@ -188,7 +222,7 @@ def parse_release(path: str | os.PathLike) -> Release:
         raise _fail(path, "[release]: ", "tokens is an integer >= 2, seed an integer, quality true or false and"
                     " quality_bytes an integer >= 1")
     return Release(path, hashlib.sha256(data).hexdigest(), str(settings.get("title", path.stem)), sources, artifacts,
-                   tokens, seed, quality, quality_bytes)
+                   tokens, seed, quality, quality_bytes, adapters)
 
 
 def content_digest(path: Path) -> str:
@@ -214,6 +248,7 @@ def runtime_versions() -> dict[str, str | None]:
 def release_inputs(release: Release) -> list[Path]:
     """What a release reads: its file, its sources and the files its options name."""
     files = [release.path, *release.sources.values()]
+    files += [p for refs in release.adapters.values() for ref in refs for p in (ref.path, ref.init) if p is not None]
     files += [Path(v) for a in release.artifacts for k, v in a.options.items()
               if k in PATH_OPTIONS and isinstance(v, str) and v != "bundled"]
     return files
