@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, file_sha256, load_raw, tensors_only
+from .checkpoint import Checkpoint, ZipRecordCheck, file_sha256, load_raw, tensors_only
 from .errors import RwkvConvertError
 
 KINDS = ("lora", "pissa", "bone", "disha")
@@ -117,13 +117,25 @@ def _fail(path: Path, what: str) -> RwkvConvertError:
     return RwkvConvertError(f"{path}: {what}")
 
 
+def _read_tensors(p: Path) -> dict[str, torch.Tensor]:
+    """A torch file's tensors (weights_only, mmap), each checked against its zip record's CRC-32 as a checkpoint's
+    are: a flipped byte in an adapter would otherwise be merged silently."""
+    raw, mmapped = load_raw(p)
+    tensors = tensors_only(p, raw)
+    if mmapped:
+        check = ZipRecordCheck(p, tensors)
+        for name, t in tensors.items():
+            check(name, t)
+    return tensors
+
+
 def read_adapter(path: str | Path) -> AdapterFile:
     """The adapter file alone, its tensors checked for what an adapter file is (finite floats, paired LoRA
     matrices, square blocks), before any base is read."""
     p = Path(path)
     if not p.is_file():
         raise RwkvConvertError(f"{p}: no such adapter file")
-    tensors = tensors_only(p, load_raw(p)[0])
+    tensors = _read_tensors(p)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     whole: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
@@ -224,7 +236,7 @@ def _read_init(ref: AdapterRef, adapter: AdapterFile) -> dict[str, torch.Tensor]
     init_path = ref.init
     if not init_path.is_file():
         raise RwkvConvertError(f"{init_path}: no such PiSSA init file")
-    tensors = tensors_only(init_path, load_raw(init_path)[0])
+    tensors = _read_tensors(init_path)
     for target, d in adapter.parts.items():
         prefix = target.removesuffix(".weight")
         for part in ("lora_A", "lora_B"):

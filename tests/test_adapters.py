@@ -271,3 +271,19 @@ def test_release_sources_merge_adapters_and_report_their_hashes(adapters, tmp_pa
     release.write_text(release.read_text().replace("lora_alpha = 16", "lora_scale = 0.5"), encoding="utf-8")
     assert_one_line_error(cli("release", release, "--out", tmp_path / "out2"), r"\[sources\] ft: .*give --lora-alpha")
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_damaged_adapter_or_an_output_onto_it_is_refused(adapters, tmp_path):
+    base, bone, _ = adapters["v7", "bone"]
+    data = bytearray(bone.path.read_bytes())
+    first = next(iter(torch.load(bone.path, weights_only=True).values()))
+    at = bytes(data).find(first.numpy().tobytes()[:64])
+    assert at > 0
+    data[at + 5] ^= 0x10  # one bit of one value: still a finite float
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    assert_one_line_error(cli("convert", base, "--lora", damaged, "--to", "pth", "-o", tmp_path / "x.pth"),
+                          "CRC|damaged")
+    before = bone.path.read_bytes()
+    assert_one_line_error(cli("convert", base, "--lora", bone.path, "--to", "pth", "-o", bone.path))
+    assert bone.path.read_bytes() == before and not (tmp_path / "x.pth").exists()
