@@ -88,6 +88,46 @@ def test_wkv7(kernels, gen, T, N):
     assert torch.equal(s, before)
 
 
+def wkv7_inputs(gen, T, H, N, decay=None):
+    r, k, v = rand(gen, T, H, N), rand(gen, T, H, N), rand(gen, T, H, N)
+    # RWKV-7's own range of decays, (0.545, 1), down to its strongest, unless a decay is given
+    w = torch.exp(-0.6065 * torch.rand(T, H, N, generator=gen)) if decay is None else torch.full((T, H, N), decay)
+    kk = torch.nn.functional.normalize(rand(gen, T, H, N), dim=-1)
+    return r, w, k, v, kk, torch.rand(T, H, N, generator=gen), rand(gen, H, N, N, scale=0.3)
+
+
+@pytest.mark.parametrize("T", [1, 16, 31, 32, 33, 100])
+@pytest.mark.parametrize("N", ops.HEAD_SIZES)
+def test_wkv7_chunked(kernels, gen, T, N):
+    """The prefill kernel against the token-by-token torch recurrence: whole and partial chunks (32 tokens; 16 at
+    head size 128), and ops.wkv7 takes it from CHUNKED_FROM_TOKENS on."""
+    args = wkv7_inputs(gen, T, 2, N)
+    want = v7.wkv7(*args)
+    s = args[-1].clone()
+    got = kernels.wkv7_chunked(*args[:-1], s, 0)
+    assert_close((got, s), want, f"wkv7_chunked T={T} N={N}")
+    assert_close(ops.wkv7(*args, ext=kernels), want, f"ops.wkv7 T={T} N={N}")
+
+
+@pytest.mark.parametrize("decay", [0.5453, 1e-3, 1.0])
+def test_wkv7_chunked_at_the_decays_edges(kernels, gen, decay):
+    """RWKV-7's strongest decay keeps the chunked form (1 / D grows to e^19 over a chunk); a far stronger one (not
+    RWKV-7's, but the kernel takes any) runs its chunks token by token, and no decay keeps the state."""
+    args = wkv7_inputs(gen, 70, 2, 64, decay)
+    want = v7.wkv7(*args)
+    s = args[-1].clone()
+    got = kernels.wkv7_chunked(*args[:-1], s, 0)
+    assert torch.isfinite(got).all() and torch.isfinite(s).all()
+    assert_close((got, s), want, f"wkv7_chunked decay={decay}")
+    assert_close(v7.wkv7_chunked(*args), want, f"torch wkv7_chunked decay={decay}")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 32, 64])
+def test_torch_chunked_recurrence_is_the_serial_one(gen, chunk):
+    args = wkv7_inputs(gen, 90, 3, 32)
+    assert_close(v7.wkv7_chunked(*args, chunk=chunk), v7.wkv7(*args), f"torch wkv7_chunked chunk={chunk}")
+
+
 def int8_matrix(g, rows, cols):
     q = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8)
     mx, my = rand(g, cols, scale=0.01), rand(g, rows, scale=0.01)
@@ -123,7 +163,7 @@ def test_what_has_no_kernel_takes_the_torch_path(kernels):
 
 def test_the_self_test_passes_on_the_real_kernels(kernels):
     checks = selftest.check_kernels(kernels, "cpu", seed=SEED)
-    assert {c.kernel for c in checks} == {"wkv4", "wkv5", "wkv7", "int8_gemv", "int8_dequant"}
+    assert {c.kernel for c in checks} == {"wkv4", "wkv5", "wkv7", "wkv7_chunked", "int8_gemv", "int8_dequant"}
     assert all(c.passed for c in checks), [c for c in checks if not c.passed]
 
 
@@ -139,6 +179,10 @@ MUTANTS = {
         (SYNC_AFTER_WRITES, "        const size_t out = base;\n", {"wkv5", "wkv7"}),
     "the __syncthreads before overwriting shared memory, removed (wkv5)":
         ("        __syncthreads();\n        rs[j] = r_n;", "        rs[j] = r_n;", {"wkv5"}),
+    "the __syncthreads between the chunk's c and reusing G's memory, removed (wkv7_chunked)":
+        ("        __syncthreads();  // every row's c is made", "        // every row's c is made", {"wkv7_chunked"}),
+    "the chunk's diagonal left out of the outputs (wkv7_chunked)":
+        ("if (tau <= t && t < len)", "if (tau < t && t < len)", {"wkv7_chunked"}),
 }
 
 
@@ -241,8 +285,11 @@ def test_the_cpu_build_runs_the_model_within_bounds_of_the_torch_path(tmp_path):
 def test_the_runner_calls_the_cpu_build(monkeypatch):
     assert on_cpu.trusted_kernels() is not None  # built and self-tested before counting (or the verdict was kept)
     calls = []
-    real = on_cpu.KernelsOnCpu.wkv7
-    monkeypatch.setattr(on_cpu.KernelsOnCpu, "wkv7", lambda self, *a: calls.append(1) or real(self, *a))
+    for name in ("wkv7", "wkv7_chunked"):
+        real = getattr(on_cpu.KernelsOnCpu, name)
+        monkeypatch.setattr(on_cpu.KernelsOnCpu, name,
+                            lambda self, *a, name=name, real=real: calls.append(name) or real(self, *a))
     model = Model(rwkv_convert.read_checkpoint(fixture_path("v7")), "cpu fp32", kernels="cuda-on-cpu")
-    model.forward(tokens_for(3))
-    assert len(calls) == model.spec.n_layer
+    model.forward(tokens_for(3))  # 64 tokens: a prefill, through the chunked kernel
+    model.forward(tokens_for(3)[:1])  # one token: the step kernel
+    assert calls == ["wkv7_chunked"] * model.spec.n_layer + ["wkv7"] * model.spec.n_layer

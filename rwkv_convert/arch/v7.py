@@ -184,6 +184,60 @@ def wkv7(r, w, k, v, kk, a, s):
     return y, s
 
 
+# Chunked prefill (wkv7_chunked): the chunk's tokens are divided by their cumulative decay, which grows up to
+# e^(0.607 L); a chunk whose cumulative decay leaves e^(+-CHUNK_LOG_DECAY_LIMIT) (never RWKV-7's own w, which keeps
+# in (0.545, 1), at these chunk lengths) runs token by token instead.
+CHUNK = 32
+CHUNK_LOG_DECAY_LIMIT = 60.0
+
+
+def wkv7_chunked(r, w, k, v, kk, a, s, chunk: int = CHUNK):
+    """wkv7 in chunks of `chunk` tokens, the delta rule in matrix form (the same numbers up to fp32 rounding).
+    Within a chunk from state S0, with removal alpha = -kk, replacement beta = kk*a, L_t the cumulative decay
+    up to t (inclusive) and c_t = S_{t-1} alpha_t (one number per value row):
+      S_t = S0 L_t + sum_{tau<=t} (c_tau beta_tau + v_tau k_tau) (L_t / L_tau)
+      c   = (S0 X + V^T K) (I - G)^-1      X[:, t] = L_{t-1} alpha_t,  G[tau, t] = (beta_tau / L_tau) . X[:, t],
+                                           K[tau, t] = (k_tau / L_tau) . X[:, t]   (tau < t)
+      y_t = S0 (L_t r_t) + sum_{tau<=t} (c_tau beta_tau + v_tau k_tau) / L_tau . L_t r_t
+    so the only step-by-step work is a triangular solve of chunk x chunk numbers per row; the rest are matrix
+    products. Shapes as wkv7."""
+    T = r.shape[0]
+    y = torch.empty_like(r)
+    for start in range(0, T, chunk):
+        end = min(T, start + chunk)
+        y[start:end], s = _wkv7_chunk(*(t[start:end] for t in (r, w, k, v, kk, a)), s)
+    return y, s
+
+
+def _wkv7_chunk(r, w, k, v, kk, a, s):
+    log_w = torch.log(w).transpose(0, 1)  # [H, L, N]
+    cum = log_w.cumsum(1)  # log L_t (inclusive)
+    if float(cum.abs().max()) > CHUNK_LOG_DECAY_LIMIT:  # 1 / L_tau would lose the chunk's small terms
+        return wkv7(r, w, k, v, kk, a, s)
+    r, k, v, kk, a = (t.transpose(0, 1) for t in (r, k, v, kk, a))  # [H, L, N]
+    L = r.shape[1]
+    decay_in, decay_before = torch.exp(cum), torch.exp(cum - log_w)  # L_t, L_{t-1}
+    x = -kk * decay_before  # [H, L, N]: X^T
+    beta_t = kk * a / decay_in  # beta_tau / L_tau
+    k_t = k / decay_in
+    r_hat = r * decay_in
+    strict = torch.ones(L, L, dtype=torch.bool, device=r.device).triu(1)  # [tau, t]: tau < t
+    upto = torch.ones(L, L, dtype=torch.bool, device=r.device).triu(0)  # tau <= t
+    g = (beta_t @ x.transpose(1, 2)) * strict  # [H, tau, t]
+    kx = (k_t @ x.transpose(1, 2)) * strict
+    rhs = s @ x.transpose(1, 2) + v.transpose(1, 2) @ kx  # [H, N_val, L]
+    eye = torch.eye(L, dtype=r.dtype, device=r.device)
+    # c (I - G) = rhs, (I - G) unit upper triangular: solve the transposed, lower system
+    c = torch.linalg.solve_triangular((eye - g).transpose(1, 2), rhs.transpose(1, 2), upper=False,
+                                      unitriangular=True).transpose(1, 2)  # [H, N_val, L]
+    gb = (beta_t @ r_hat.transpose(1, 2)) * upto
+    kb = (k_t @ r_hat.transpose(1, 2)) * upto
+    y = s @ r_hat.transpose(1, 2) + c @ gb + v.transpose(1, 2) @ kb  # [H, N_val, L]
+    last = decay_in[:, -1:, :]  # L_L [H, 1, N]
+    s = s * last + c @ (beta_t * last) + v.transpose(1, 2) @ (k_t * last)
+    return y.permute(2, 0, 1).contiguous(), s
+
+
 RECURRENCE = wkv7  # the torch recurrence; the runner may swap in a kernel with the same signature (ctx)
 KERNEL = "wkv7"  # its counterpart in rwkv_convert.cuda.ops and cpu.ops
 

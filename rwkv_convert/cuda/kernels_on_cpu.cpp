@@ -36,6 +36,12 @@ EXPORT int rwkv_wkv7(int T, int H, int N, const float* r, const float* w, const 
     return finish();
 }
 
+EXPORT int rwkv_wkv7_chunked(int T, int H, int N, const float* r, const float* w, const float* k, const float* v,
+                      const float* kk, const float* a, float* s, float* y) {
+    if (!launch_wkv7_chunked(T, H, N, r, w, k, v, kk, a, s, y, nullptr)) return 2;
+    return finish();
+}
+
 EXPORT int rwkv_int8_gemv(int in_dim, int out_dim, const float* x, const uint8_t* q, const float* mx, const float* rx,
                    const float* my, const float* ry, float* y) {
     memset(y, 0, sizeof(float) * (size_t)out_dim);  // the kernel adds its partial sums into y

@@ -65,6 +65,7 @@ class KernelsOnCpu:
         lib.rwkv_wkv4.argtypes = [i, i] + [p] * 8
         lib.rwkv_wkv5.argtypes = [i, i, i] + [p] * 4 + [i] + [p] * 3
         lib.rwkv_wkv7.argtypes = [i, i, i] + [p] * 8
+        lib.rwkv_wkv7_chunked.argtypes = [i, i, i] + [p] * 8
         lib.rwkv_int8_gemv.argtypes = [i, i] + [p] * 7
         lib.rwkv_int8_dequant.argtypes = [i, i] + [p] * 6
         self._lib = lib
@@ -101,6 +102,14 @@ class KernelsOnCpu:
         T, H, N = r.shape
         y = torch.empty_like(r)
         self._done(self._lib.rwkv_wkv7(T, H, N, *map(_ptr, (r, w, k, v, kk, a, s, y))), "wkv7")
+        return y
+
+    def wkv7_chunked(self, r, w, k, v, kk, a, s, stream: int = 0) -> torch.Tensor:
+        for name, t in zip("r w k v kk a s".split(), (r, w, k, v, kk, a, s), strict=True):
+            _check(name, t)
+        T, H, N = r.shape
+        y = torch.empty_like(r)
+        self._done(self._lib.rwkv_wkv7_chunked(T, H, N, *map(_ptr, (r, w, k, v, kk, a, s, y))), "wkv7_chunked")
         return y
 
     def int8_gemv(self, x, q, mx, rx, my, ry, stream: int = 0) -> torch.Tensor:

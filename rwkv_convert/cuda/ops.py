@@ -48,13 +48,20 @@ def wkv5(r, k, v, w, u, s, ext=None):
     return y, s
 
 
+# From this many tokens the chunked kernel (prefill) runs instead of the token-by-token one. Not yet measured on
+# a card (benchmarks/gpu-notes.md): one chunk's worth, so that decoding and short calls keep the serial kernel.
+CHUNKED_FROM_TOKENS = 32
+
+
 def wkv7(r, w, k, v, kk, a, s, ext=None):
-    """RWKV-7 over T tokens: r, w, k, v, kk, a [T, H, N]; s [H, N_value, N_key]. -> (y [T, H, N], s)."""
+    """RWKV-7 over T tokens: r, w, k, v, kk, a [T, H, N]; s [H, N_value, N_key]. -> (y [T, H, N], s).
+    Prefills of CHUNKED_FROM_TOKENS or more go through the chunked kernel (arch/v7.py's wkv7_chunked)."""
     ext = _ext(r) if ext is None else ext
     if ext is None or r.shape[-1] not in HEAD_SIZES:
         return None
     s = _f32(s).clone()
-    y = ext.wkv7(*(_f32(t) for t in (r, w, k, v, kk, a)), s, _stream(r))
+    kernel = ext.wkv7_chunked if r.shape[0] >= CHUNKED_FROM_TOKENS else ext.wkv7
+    y = kernel(*(_f32(t) for t in (r, w, k, v, kk, a)), s, _stream(r))
     return y, s
 
 

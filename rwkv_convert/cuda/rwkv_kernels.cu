@@ -55,6 +55,20 @@ torch::Tensor wkv7(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Ten
     return y;
 }
 
+torch::Tensor wkv7_chunked(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor kk,
+                           torch::Tensor a, torch::Tensor s, int64_t stream) {
+    CHECK_CUDA_F32(r); CHECK_CUDA_F32(w); CHECK_CUDA_F32(k); CHECK_CUDA_F32(v); CHECK_CUDA_F32(kk);
+    CHECK_CUDA_F32(a); CHECK_CUDA_F32(s);
+    const int T = r.size(0), H = r.size(1), N = r.size(2);
+    auto y = torch::empty_like(r);
+    TORCH_CHECK(launch_wkv7_chunked(T, H, N, r.data_ptr<float>(), w.data_ptr<float>(), k.data_ptr<float>(),
+                                    v.data_ptr<float>(), kk.data_ptr<float>(), a.data_ptr<float>(),
+                                    s.data_ptr<float>(), y.data_ptr<float>(), STREAM),
+                "wkv7_chunked: head size ", N, " has no kernel (16, 32, 64, 128)");
+    LAUNCH_CHECK();
+    return y;
+}
+
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor mx, torch::Tensor rx, torch::Tensor my,
                         torch::Tensor ry, int64_t stream) {
     CHECK_CUDA_F32(x); CHECK_CUDA_F32(mx); CHECK_CUDA_F32(rx); CHECK_CUDA_F32(my); CHECK_CUDA_F32(ry);
@@ -87,6 +101,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("wkv4", &wkv4, "RWKV-4 WKV over T tokens; updates aa, bb, pp in place");
     m.def("wkv5", &wkv5, "RWKV-5/6 WKV over T tokens (bonus included); updates the state in place");
     m.def("wkv7", &wkv7, "RWKV-7 delta-rule WKV over T tokens; updates the state in place");
+    m.def("wkv7_chunked", &wkv7_chunked, "RWKV-7 WKV over T tokens in chunks (prefill); updates the state in place");
     m.def("int8_gemv", &int8_gemv, "one-token product with a pip-scheme int8 matrix, fp32 out");
     m.def("int8_dequant", &int8_dequant, "pip-scheme int8 matrix to [in, out] in dtype");
 }

@@ -165,6 +165,153 @@ inline bool launch_wkv7(int T, int H, int N, const float* r, const float* w, con
     });
 }
 
+// ---- RWKV-7 in chunks (prefill): the delta rule in matrix form, arch/v7.py's wkv7_chunked -------------------------
+// Per chunk of L tokens from state S0 (thread i owns value row i of S, as in wkv7_kernel), with alpha = -kk,
+// beta = kk*a and D_t the cumulative decay up to t (a per-key vector; D_{t-1} before t):
+//   c_t = S_{t-1} . alpha_t = S0 . x_t + sum_{tau<t} (v_tau[i] K[tau][t] + c_tau G[tau][t]),  x_t = D_{t-1} alpha_t
+//   G[tau][t] = (beta_tau / D_tau) . x_t,  K[tau][t] = (k_tau / D_tau) . x_t
+//   y_t[i] = S0 . (D_t r_t) + sum_{tau<=t} (c_tau Gb[tau][t] + v_tau[i] Kb[tau][t]),  Gb, Kb as G, K with D_t r_t
+//   S_L = (S0 + sum_tau (c_tau beta_tau + v_tau[i] k_tau) / D_tau) * D_L
+// The per-token chain is only the c_t recurrence (t numbers per row); the rest is dot products over the chunk,
+// with a handful of barriers per chunk instead of two per token. 1 / D_tau grows to e^(0.607 L) at RWKV-7's
+// strongest decay: a chunk whose cumulative decay leaves e^(+-CHUNK_LOG_DECAY_LIMIT) runs token by token instead.
+#define CHUNK_LOG_DECAY_LIMIT 60.f
+
+template <int N, int L>
+__global__ void wkv7_chunked_kernel(int T, int H, const float* __restrict__ r, const float* __restrict__ w,
+                                    const float* __restrict__ k, const float* __restrict__ v,
+                                    const float* __restrict__ kk, const float* __restrict__ a,
+                                    float* __restrict__ s_io, float* __restrict__ y) {
+    const int h = blockIdx.x, i = threadIdx.x;
+    // per token of the chunk, per key: x_t, beta_t / D_t, k_t / D_t, D_t r_t; then the chunk x chunk products
+    __shared__ float xs[L][N], bs[L][N], ks[L][N], rs[L][N], last[N];
+    __shared__ float g[L][L], kx[L][L];  // G and K, then Gb and Kb
+    __shared__ int serial;
+    float s[N];
+    float* sh = s_io + (size_t)h * N * N;
+#pragma unroll
+    for (int j = 0; j < N; j++) s[j] = sh[i * N + j];
+    for (int start = 0; start < T; start += L) {
+        const int len = min(L, T - start);
+        float vl[L], cl[L];
+        // thread i as key i: the cumulative decay along the chunk, and the per-token vectors
+        if (i == 0) serial = 0;
+        __syncthreads();
+        float cum = 0.f, lowest = 0.f, highest = 0.f;
+        for (int t = 0; t < len; t++) {
+            const size_t at = ((size_t)(start + t) * H + h) * N + i;
+            const float log_w = logf(w[at]);
+            const float before = expf(cum);
+            cum += log_w;
+            lowest = fminf(lowest, cum);
+            highest = fmaxf(highest, cum);
+            const float decay = expf(cum);
+            xs[t][i] = -kk[at] * before;
+            bs[t][i] = kk[at] * a[at] / decay;
+            ks[t][i] = k[at] / decay;
+            rs[t][i] = r[at] * decay;
+        }
+        last[i] = expf(cum);
+        if (lowest < -CHUNK_LOG_DECAY_LIMIT || highest > CHUNK_LOG_DECAY_LIMIT) serial = 1;
+#pragma unroll
+        for (int t = 0; t < L; t++) vl[t] = t < len ? v[((size_t)(start + t) * H + h) * N + i] : 0.f;
+        __syncthreads();
+        if (serial) {  // token by token, as wkv7_kernel (the chunk's inputs are read again)
+            for (int t = 0; t < len; t++) {
+                const size_t at = ((size_t)(start + t) * H + h) * N;
+                float sa = 0.f;
+#pragma unroll
+                for (int j = 0; j < N; j++) sa -= s[j] * kk[at + j];
+                float acc = 0.f;
+#pragma unroll
+                for (int j = 0; j < N; j++) {
+                    s[j] = s[j] * w[at + j] + sa * kk[at + j] * a[at + j] + vl[t] * k[at + j];
+                    acc += s[j] * r[at + j];
+                }
+                y[at + i] = acc;
+            }
+            __syncthreads();  // before the next chunk's vectors overwrite the shared arrays
+            continue;
+        }
+        for (int e = i; e < L * L; e += N) {  // G and K: tau < t
+            const int tau = e / L, t = e % L;
+            float gv = 0.f, kv = 0.f;
+            if (tau < t && t < len) {
+#pragma unroll
+                for (int j = 0; j < N; j++) {
+                    gv += bs[tau][j] * xs[t][j];
+                    kv += ks[tau][j] * xs[t][j];
+                }
+            }
+            g[tau][t] = gv;
+            kx[tau][t] = kv;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < L; t++) {
+            float c = 0.f;
+            if (t < len) {
+#pragma unroll
+                for (int j = 0; j < N; j++) c += s[j] * xs[t][j];
+#pragma unroll
+                for (int tau = 0; tau < t; tau++) c += vl[tau] * kx[tau][t] + cl[tau] * g[tau][t];
+            }
+            cl[t] = c;
+        }
+        __syncthreads();  // every row's c is made: G and K give way to Gb and Kb
+        for (int e = i; e < L * L; e += N) {  // Gb and Kb: tau <= t
+            const int tau = e / L, t = e % L;
+            float gv = 0.f, kv = 0.f;
+            if (tau <= t && t < len) {
+#pragma unroll
+                for (int j = 0; j < N; j++) {
+                    gv += bs[tau][j] * rs[t][j];
+                    kv += ks[tau][j] * rs[t][j];
+                }
+            }
+            g[tau][t] = gv;
+            kx[tau][t] = kv;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < L; t++) {
+            if (t < len) {
+                float acc = 0.f;
+#pragma unroll
+                for (int j = 0; j < N; j++) acc += s[j] * rs[t][j];
+#pragma unroll
+                for (int tau = 0; tau <= t; tau++) acc += cl[tau] * g[tau][t] + vl[tau] * kx[tau][t];
+                y[((size_t)(start + t) * H + h) * N + i] = acc;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < N; j++) {
+            float add = 0.f;
+#pragma unroll
+            for (int t = 0; t < L; t++) {
+                if (t < len) add += cl[t] * bs[t][j] + vl[t] * ks[t][j];  // past len: a shorter chunk's leftovers
+            }
+            s[j] = (s[j] + add) * last[j];
+        }
+        __syncthreads();  // before the next chunk overwrites the shared arrays
+    }
+#pragma unroll
+    for (int j = 0; j < N; j++) sh[i * N + j] = s[j];
+}
+
+// The chunk length per head size: what fits the 48 KB of static shared memory (4 L N + 2 L^2 + N floats).
+template <int N>
+constexpr int wkv7_chunk() { return N <= 64 ? 32 : 16; }
+
+// False for a head size without a kernel.
+inline bool launch_wkv7_chunked(int T, int H, int N, const float* r, const float* w, const float* k, const float* v,
+                                const float* kk, const float* a, float* s, float* y, cudaStream_t stream) {
+    return with_head_size(N, [&](auto n) {
+        constexpr int size = decltype(n)::value;
+        KERNEL_LAUNCH((wkv7_chunked_kernel<size, wkv7_chunk<size>()>), H, size, stream)(T, H, r, w, k, v, kk, a, s, y);
+    });
+}
+
 // ---- int8 (the pip package's scheme): W[i,o] = (q[i,o] + 0.5) ry[i] rx[o] + my[i] + mx[o] ----------------------
 // One token: y[o] = rx[o] * sum_i (x_i ry_i)(q_io + 0.5) + sum_i x_i my_i + mx[o] sum_i x_i.
 // Thread: 4 adjacent outputs (one 32-bit load of q per row); grid.y splits the rows; partial sums by atomicAdd

@@ -76,6 +76,15 @@ def _cases(device: str, seed: int) -> dict[str, list[Callable[[object], tuple[li
         y = ext.wkv7(r, w, k, v, kk, a, updated, stream)
         return [y, updated], list(v7.wkv7(r, w, k, v, kk, a, s))
 
+    def wkv7_chunked_case(ext, N, T=41, H=2):  # 41: a whole chunk and a part one (of 32; 16 for N=128: three)
+        r, k, v = rand(T, H, N), rand(T, H, N), rand(T, H, N)
+        w = torch.exp(-0.6065 * uniform(T, H, N))
+        kk = torch.nn.functional.normalize(rand(T, H, N), dim=-1)
+        a, s = uniform(T, H, N), rand(H, N, N, scale=0.3)
+        updated = s.clone()
+        y = ext.wkv7_chunked(r, w, k, v, kk, a, updated, stream)
+        return [y, updated], list(v7.wkv7(r, w, k, v, kk, a, s))
+
     def int8_parts(rows, cols):  # rows: no multiple of 4
         q = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8).to(device)
         companions = [rand(cols, scale=0.01), uniform(cols) * 0.01, rand(rows, scale=0.01), uniform(rows) * 0.01]
@@ -97,6 +106,7 @@ def _cases(device: str, seed: int) -> dict[str, list[Callable[[object], tuple[li
         "wkv4": [wkv4_case],
         "wkv5": [lambda ext, n=n, p=p: wkv5_case(ext, n, p) for n in HEAD_SIZES for p in (False, True)],
         "wkv7": [lambda ext, n=n: wkv7_case(ext, n) for n in HEAD_SIZES],
+        "wkv7_chunked": [lambda ext, n=n: wkv7_chunked_case(ext, n) for n in HEAD_SIZES],
         "int8_gemv": [int8_gemv_case],
         "int8_dequant": [int8_dequant_case],
     }
