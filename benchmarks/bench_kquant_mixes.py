@@ -1,4 +1,4 @@
-"""llama-quantize's K-quant mixes (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S) written by rwkv-convert straight from the
+"""llama-quantize's K-quant mixes (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q3_K_M, Q2_K) written by rwkv-convert straight from the
 checkpoint, beside llama.cpp's own llama-quantize run on our F16 GGUF of the same model (through
 llama-cpp-python's llama_model_quantize), in one run: file size, whether every tensor has the same type, and
 KL / top-1 / greedy agreement against the fp32 reference, both files run in llama.cpp (verify).
@@ -17,7 +17,7 @@ import rwkv_convert
 from rwkv_convert.bundled import model_path
 from rwkv_convert.verify import verify
 
-MIXES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q3_k_m", "q2_k")  # the last two: llama.cpp makes ours too
+MIXES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q3_k_m", "q2_k")
 
 
 def llama_quantize(f16: Path, out: Path, mix: str) -> Path:

@@ -64,8 +64,9 @@ BOUNDS: dict[str, Bound] = {
                    " (Q4_0; Q4_K and Q5_K <= 0.08), top-1 of all positions >= 53%; on the trained models KL"
                    " <= 0.034"),
     "q3/q2": Bound(30.0, 1.2, 3.0, 0.2,
-                   "GGUF 2-3 bit K blocks (llama.cpp's Q3_K and Q2_K mixes): on the trained v7 Q3_K_M KL 0.075,"
-                   " rel L2 0.049; Q2_K KL 0.22, rel L2 0.11 (the noise baseline is what keeps these honest)"),
+                   "GGUF 2-3 bit K blocks (Q3_K and Q2_K, and the mixes of them): on the trained v7 llama.cpp's"
+                   " Q3_K_M KL 0.075, rel L2 0.049; Q2_K KL 0.22, rel L2 0.11 (the noise baseline is what keeps"
+                   " these honest)"),
 }
 # From the most precise to the least: a plan that mixes storage types is judged by its last one here.
 BOUND_ORDER = ("fp32", "fp16", "bf16", "i8", "int8-block", "bf16i8", "q8_0", "int4-block", "q5/q4", "q3/q2")
@@ -104,10 +105,8 @@ STORAGE: tuple[StorageType, ...] = (
     StorageType("q4_1", "GGUF Q4_1: blocks of 32, scale and minimum", 5, "q5/q4", _K, "Q4_1"),
     StorageType("q4_0", "GGUF Q4_0: blocks of 32, one scale", 4.5, "q5/q4", _K, "Q4_0"),
     StorageType("q4_k", "GGUF Q4_K: 4-bit super-blocks of 256", 4.5, "q5/q4", _K, "Q4_K"),
-    StorageType("q3_k", "GGUF Q3_K: 3-bit super-blocks of 256 (llama.cpp's quantizer)", 3.4375, "q3/q2", (LLAMA,),
-                "Q3_K"),
-    StorageType("q2_k", "GGUF Q2_K: 2-bit super-blocks of 256 (llama.cpp's quantizer)", 2.625, "q3/q2", (LLAMA,),
-                "Q2_K"),
+    StorageType("q3_k", "GGUF Q3_K: 3-bit super-blocks of 256", 3.4375, "q3/q2", _K, "Q3_K"),
+    StorageType("q2_k", "GGUF Q2_K: 2-bit super-blocks of 256", 2.625, "q3/q2", _K, "Q2_K"),
     # ONNX's block scales take the export's dtype: bits count the weights alone
     StorageType("int8-block", "ONNX MatMulNBits int8: blocks of 32 with zero points", 8, "int8-block", (ORT,),
                 onnx="int8"),

@@ -8,7 +8,6 @@ See ../shared/reference/gguf.md (in the project's docs) for the facts this follo
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 import zlib
@@ -30,7 +29,7 @@ from ..precision import storage
 from ..quant import gguf_blocks
 from ..runtimes.base import ClientRun, verify_modes
 from ..runtimes.llama_cpp import CLIENT as LLAMA_CPP
-from ..runtimes.llama_cpp import LlamaCppSession, check_quantizer, llama_quantize
+from ..runtimes.llama_cpp import LlamaCppSession
 from ..spec import ModelSpec
 from . import gguf_vocab
 from .base import Format, Options, calibration_method_option, option, per_token_tables_refusal
@@ -51,11 +50,10 @@ from .gguf_tables import GLOBAL, WRITE_TABLES, Row, rwkv6_lora_ranks
 # per-tensor rules name attn_v and ffn_down, which RWKV has not, so every matrix takes the base type and only
 # output.weight is raised, to Q6_K; _M and _S come out the same. name -> (base type, output type, file type)
 MIXES = {"q4_k_m": ("q4_k", "q6_k", "MOSTLY_Q4_K_M"), "q4_k_s": ("q4_k", "q6_k", "MOSTLY_Q4_K_S"),
-         "q5_k_m": ("q5_k", "q6_k", "MOSTLY_Q5_K_M"), "q5_k_s": ("q5_k", "q6_k", "MOSTLY_Q5_K_S")}
-# the 2-3 bit K mixes, made by llama.cpp's own quantizer (llama-cpp-python) from an F16 file of ours, then given
-# our CRC-32s: rwkv-convert has no 2-3 bit block packer of its own
-LLAMA_MADE = ("q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "q2_k_s")
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", *MIXES, *LLAMA_MADE)
+         "q5_k_m": ("q5_k", "q6_k", "MOSTLY_Q5_K_M"), "q5_k_s": ("q5_k", "q6_k", "MOSTLY_Q5_K_S"),
+         "q3_k_l": ("q3_k", "q6_k", "MOSTLY_Q3_K_L"), "q3_k_m": ("q3_k", "q6_k", "MOSTLY_Q3_K_M"),
+         "q3_k_s": ("q3_k", "q6_k", "MOSTLY_Q3_K_S"), "q2_k": ("q2_k", "q6_k", "MOSTLY_Q2_K")}
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", "q3_k", *MIXES)
 CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
 
 
@@ -165,10 +163,10 @@ def quant_for_plan(plan: Plan) -> list[str]:
 
 @dataclass(frozen=True)
 class GgufOptions(Options):
-    quant: str = option("f16", "the type of the large matrices (norms, 1-D parameters and LoRAs stay F32); the"
-                        " K-quants q6_k/q5_k/q4_k are written by our quantizer; q4_k_m, q4_k_s, q5_k_m, q5_k_s are"
-                        " llama-quantize's mixes for RWKV (the base type, output.weight Q6_K); q3_k_l/m/s and"
-                        " q2_k(_s) are made by llama.cpp's own quantizer (needs llama-cpp-python); names in any case",
+    quant: str = option("f16", "the type of the large matrices (norms, 1-D parameters and LoRAs stay F32); every"
+                        " block type is written by our quantizer (the K-quants q6_k ... q3_k too); q4_k_m, q4_k_s,"
+                        " q5_k_m, q5_k_s, q3_k_l/m/s and q2_k are llama-quantize's mixes for RWKV (the base type,"
+                        " output.weight Q6_K); names in any case",
                         choices=QUANTS, storage="gguf")
     strategy: str | None = option(None, "per-layer types instead of --quant: fp32 -> F32, fp16 -> F16, bf16 -> BF16,"
                                   " any i8 -> Q8_0")
@@ -178,7 +176,7 @@ class GgufOptions(Options):
                                      " large tensor gets the type whose measured cost per byte is least"
                                      " (--calibration's text, default the bundled one)")
     calibration: str | None = option(None, "a text (or 'bundled') run through the reference runner: its activations"
-                                     " guide the rounding of the 4-8-bit blocks (plain GGUF blocks that any llama.cpp"
+                                     " guide the rounding of the 2-8-bit blocks (plain GGUF blocks that any llama.cpp"
                                      " runs; see --calibration-method)")
     calibration_method: str = calibration_method_option()
 
@@ -208,8 +206,6 @@ def supports(spec: ModelSpec) -> str | None:
 
 
 def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
-    if options.quant in LLAMA_MADE:
-        return _write_through_llama_quantize(ckpt, out, options)
     gguf = gguf_module()
     spec, quant, strategy = ckpt.spec, options.quant, options.strategy
     arch = module_for(spec.version).LLAMA_CPP_ARCH[spec.version]
@@ -262,7 +258,8 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
             if j.quantizable and j.source and j.source != "emb.weight" and t.name.lower() in gguf_blocks.CODECS})
     file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
                  "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
-                 "q6_k": "MOSTLY_Q6_K", "q5_k": "MOSTLY_Q5_K_S", "q4_k": "MOSTLY_Q4_K_S"}
+                 "q6_k": "MOSTLY_Q6_K", "q5_k": "MOSTLY_Q5_K_S", "q4_k": "MOSTLY_Q4_K_S", "q3_k": "MOSTLY_Q3_K_S",
+                 "q2_k": "MOSTLY_Q2_K"}
     writer = gguf.GGUFWriter(None, arch)
     writer.add_type("model")
     writer.add_name(ckpt.path.stem)
@@ -318,28 +315,6 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
                     _release_finished(ckpt, job, jobs[n + 1] if n + 1 < len(jobs) else None)
         finally:
             writer.close()
-        fill_checksums(gguf, target.temp(), crcs)
-    return [out]
-
-
-def _write_through_llama_quantize(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
-    """A 2-3 bit K mix: our F16 file (scratch, beside the output's temp), llama.cpp's quantizer on it, and the
-    result's tensor and metadata CRC-32s written anew (llama.cpp copies our keys with the F16 file's values)."""
-    check_quantizer()  # before anything is written
-    if options.strategy or options.target_size or options.calibration:
-        raise RwkvConvertError(f"--quant {options.quant} is llama.cpp's own mix: it takes no --strategy,"
-                               " --target-size or --calibration")
-    gguf = gguf_module()
-    with AtomicOutput(out) as target:
-        scratch = target.temp().with_name(target.temp().name + ".data")  # removed with the temp on failure
-        try:
-            write(ckpt, scratch, dataclasses.replace(options, quant="f16"))
-            llama_quantize(scratch, target.temp(), options.quant)
-        finally:
-            scratch.unlink(missing_ok=True)
-        reader = gguf.GGUFReader(target.temp())
-        crcs = [zlib.crc32(np.ascontiguousarray(t.data)) for t in reader.tensors]
-        del reader
         fill_checksums(gguf, target.temp(), crcs)
     return [out]
 

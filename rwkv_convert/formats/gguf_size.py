@@ -14,7 +14,7 @@ from ..errors import CastWarning, RwkvConvertError
 from ..progress import step
 from ..quant import gguf_blocks, size_plan
 
-PLAN_TYPES = ("q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0")
+PLAN_TYPES = ("q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", "q3_k", "q2_k")
 PLAN_SAMPLE_ROWS = 512  # rows per tensor whose rounding error is measured for each type
 GGUF_OVERHEAD = 1024  # the header, besides the vocabulary and the per-tensor infos (estimated below)
 

@@ -155,8 +155,9 @@ def as_blocks(rows: np.ndarray, importance: np.ndarray | None, size: int, unit: 
 
 # ---- K-quants: super-blocks of 256 values ----------------------------------------------------------------
 SUPER = 256
-K_TYPES = ("q6_k", "q5_k", "q4_k")
-K_FALLBACK = {"q6_k": "q8_0", "q5_k": "q5_1", "q4_k": "q5_0"}  # llama.cpp's choice for rows not of 256s
+K_TYPES = ("q6_k", "q5_k", "q4_k", "q3_k", "q2_k")
+# llama.cpp's choice for rows not of 256s
+K_FALLBACK = {"q6_k": "q8_0", "q5_k": "q5_1", "q4_k": "q5_0", "q3_k": "q4_0", "q2_k": "q4_0"}
 
 
 def _pack_scale_min(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
@@ -226,6 +227,60 @@ def _q6_k_pack(params, q: np.ndarray) -> np.ndarray:
                            d.view(np.uint8)], axis=-1)
 
 
+# ---- 2-3 bit K-quants: 16 sub-blocks of 16 values per super-block --------------------------------------------
+def _low_bits_k(q: np.ndarray) -> np.ndarray:
+    """Q2_K / Q3_K's 64 bytes of 2-bit values: byte half*32 + i holds value half*128 + j*32 + i at bits 2j."""
+    low = (q.astype(np.uint8) & 3).reshape(q.shape[0], 2, 4, 32)
+    return np.bitwise_or.reduce(low << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None], axis=2).reshape(
+        q.shape[0], 64)
+
+
+def _q3_k_fit(x: np.ndarray, w: np.ndarray):
+    """Q3_K: x [n, 256] -> d (fp16 [n, 1]) and a 6-bit signed scale per 16 values [n, 16] for levels -4..3 (the
+    largest sub-block scale maps to -32, as llama.cpp does)."""
+    n = x.shape[0]
+    scale = _symmetric_scale(x.reshape(n * 16, 16), w.reshape(n * 16, 16), 4).astype(np.float32).reshape(n, 16)
+    top = np.take_along_axis(scale, np.abs(scale).argmax(-1)[:, None], -1)
+    d = (top / -32).astype(np.float16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d == 0, 0, np.clip(np.rint(scale / d.astype(np.float32)), -32, 31))
+    return d, sc
+
+
+def _q3_k_pack(params, q: np.ndarray) -> np.ndarray:
+    d, sc = params
+    n = q.shape[0]
+    u = (q + 4).astype(np.uint8)  # 0..7: two low bits in qs, the third in hmask
+    high = (u >> 2).reshape(n, 8, 32)  # [half * 4 + j, i]: bit half * 4 + j of hmask byte i
+    hmask = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
+    stored = (sc + 32).astype(np.uint8)  # 0..63: low nibbles in bytes 0-7, the two high bits in bytes 8-11
+    scales = np.zeros((n, 12), np.uint8)
+    scales[:, :8] = (stored[:, :8] & 0x0F) | ((stored[:, 8:] & 0x0F) << 4)
+    for s in range(16):
+        scales[:, 8 + s % 4] |= (stored[:, s] >> 4) << (2 * (s // 4))
+    return np.concatenate([hmask, _low_bits_k(u), scales, d.view(np.uint8)], axis=-1)
+
+
+def _q2_k_fit(x: np.ndarray, w: np.ndarray):
+    """Q2_K: x [n, 256] -> d, dmin (fp16 [n, 1]) and a 4-bit scale and min per 16 values [n, 16], for
+    x ~ d sc q - dmin mn with q in 0..3."""
+    n = x.shape[0]
+    scale, offset = affine_search(x.reshape(n * 16, 16), w.reshape(n * 16, 16), 3, offset_at_most_zero=True)
+    scale, mins = scale.reshape(n, 16), (-offset).reshape(n, 16)
+    d = (scale.max(-1, keepdims=True) / 15).astype(np.float16)
+    dmin = (mins.max(-1, keepdims=True) / 15).astype(np.float16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d == 0, 0, np.clip(np.rint(scale / d.astype(np.float32)), 0, 15))
+        mn = np.where(dmin == 0, 0, np.clip(np.rint(mins / dmin.astype(np.float32)), 0, 15))
+    return d, dmin, sc, mn
+
+
+def _q2_k_pack(params, q: np.ndarray) -> np.ndarray:
+    d, dmin, sc, mn = params
+    scales = sc.astype(np.uint8) | (mn.astype(np.uint8) << 4)
+    return np.concatenate([scales, _low_bits_k(q), d.view(np.uint8), dmin.view(np.uint8)], axis=-1)
+
+
 # ---- every type as three steps: choose the scales, round each value on their grid, pack ------------------
 @dataclass(frozen=True)
 class Codec:
@@ -279,6 +334,10 @@ CODECS = {
     "q6_k": Codec(SUPER, _q6_k_fit, lambda p: _grid(p[0].astype(np.float32) * p[1], 0, SUPER, -32, 31), _q6_k_pack),
     "q5_k": _k_codec(31),
     "q4_k": _k_codec(15),
+    "q3_k": Codec(SUPER, _q3_k_fit, lambda p: _grid(p[0].astype(np.float32) * p[1], 0, SUPER, -4, 3), _q3_k_pack),
+    "q2_k": Codec(SUPER, _q2_k_fit,
+                  lambda p: _grid(p[0].astype(np.float32) * p[2], -(p[1].astype(np.float32) * p[3]), SUPER, 0, 3),
+                  _q2_k_pack),
 }
 
 

@@ -37,24 +37,6 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def llama_quantize(source: Path, target: Path, mix: str) -> None:
-    """llama.cpp's own quantizer (llama-quantize's llama_model_quantize) of the GGUF `source` into `target` as
-    `mix` (a llama_ftype name like q3_k_m), quietly; one line if llama-cpp-python is missing or it fails."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + mix.upper())
-    params.nthread = os.cpu_count() or 1
-    with _quiet_stderr():
-        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
-    if failed:
-        raise RwkvConvertError(f"llama.cpp's quantizer could not make {mix.upper()} of {source.name} (code {failed})")
-
-
-def check_quantizer() -> None:
-    CLIENT.imported("this --quant (made by llama.cpp's own quantizer)")
-
-
 @contextlib.contextmanager
 def _without_extra_buffer_types():
     """Models loaded inside get use_extra_bufts = False: on CPUs with AMX, llama.cpp's extra (repacking) buffer
