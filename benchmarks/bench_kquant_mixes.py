@@ -1,5 +1,5 @@
-"""llama-quantize's K-quant mixes (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q3_K_M, Q2_K) written by rwkv-convert straight from the
-checkpoint, beside llama.cpp's own llama-quantize run on our F16 GGUF of the same model (through
+"""llama-quantize's K-quant mixes (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q3_K_M, Q2_K) written by rwkv-convert straight
+from the checkpoint, beside llama.cpp's own llama-quantize run on our F16 GGUF of the same model (through
 llama-cpp-python's llama_model_quantize), in one run: file size, whether every tensor has the same type, and
 KL / top-1 / greedy agreement against the fp32 reference, both files run in llama.cpp (verify).
 

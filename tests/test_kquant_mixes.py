@@ -1,6 +1,7 @@
 """llama-quantize's mix names (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q3_K_*, Q2_K, all written by our quantizer) give the
-per-tensor types and the size llama-quantize itself gives an RWKV file, load and verify in llama.cpp; and a file llama-quantize rewrote from ours (it copies our CRC-32 keys) reads as another
-tool's file, not as a damaged one of ours."""
+per-tensor types and the size llama-quantize itself gives an RWKV file, load and verify in llama.cpp; and a file
+llama-quantize rewrote from ours (it copies our CRC-32 keys) reads as another tool's file, not as a damaged one of
+ours."""
 
 from __future__ import annotations
 
