@@ -62,8 +62,13 @@ def calibration_bytes(text: str | Path) -> bytes:
     return data
 
 
+def calibration_tokens(ckpt: Checkpoint, text: str | Path, max_tokens: int = 16384) -> list[int]:
+    """The tokens of `text` that calibration runs (up to max_tokens)."""
+    return default_tokenizer(ckpt.spec.vocab_size).encode_bytes(calibration_bytes(text))[:max_tokens]
+
+
 def _windows(ckpt: Checkpoint, text: str | Path, max_tokens: int, window: int) -> list[list[int]]:
-    tokens = default_tokenizer(ckpt.spec.vocab_size).encode_bytes(calibration_bytes(text))[:max_tokens]
+    tokens = calibration_tokens(ckpt, text, max_tokens)
     return [tokens[i:i + window] for i in range(0, len(tokens), window)]
 
 

@@ -14,7 +14,7 @@ from .atomic import recording
 from .bundled import BUNDLED_PREFIX, DEFAULT_PROMPT
 from .describe import describe_path, format_description
 from .fixtures import check_variant, fixture_path
-from .formats import registry
+from .formats import gguf_imatrix, registry
 from .generate import CHAT_PROMPT, generate, prepare_run
 from .plan import format_plan, make_plan
 from .prepare import LN0_FOLDS
@@ -212,6 +212,28 @@ def quality_command(source, text, schemes, full, window, max_bytes, target_size,
         ui.emit(quality.table(report), report.to_json(), as_json, json_out)
         if plot_path:
             quality.plot(report, Path(plot_path))
+
+
+@main.command("imatrix")
+@click.argument("source", type=click.Path(dir_okay=True, path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="The imatrix.gguf to write.")
+@click.option("--calibration", default="bundled", show_default=True,
+              help="The text run through the reference runner (a file, or bundled).")
+@ui.adapter_options
+def imatrix_command(source: str, output: str, calibration: str, adapters) -> None:
+    """Write SOURCE's activation statistics on a calibration text as an importance matrix (imatrix.gguf) that
+    llama.cpp's `llama-quantize --imatrix` reads. `convert --to gguf --imatrix FILE` reads llama-imatrix's.
+
+    \b
+    Example:
+      rwkv-convert imatrix model.pth --calibration my-text.txt -o imatrix.gguf
+      llama-quantize --imatrix imatrix.gguf model-f16.gguf model-q3_k_m.gguf Q3_K_M
+    """
+    inputs = [source] + ([calibration] if calibration != "bundled" else [])
+    with ui.inputs(*inputs, *ui.adapter_paths(adapters)):
+        path = gguf_imatrix.write_imatrix(registry.read_checkpoint(source, adapters=adapters), output, calibration)
+    click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)", err=True)
 
 
 @main.command("doctor")

@@ -77,8 +77,10 @@ SCHEMES = {s.name: s for s in (
     Scheme("gguf-q6_k", "gguf", {"quant": "q6_k"}, "llama.cpp"),
     Scheme("gguf-q5_k", "gguf", {"quant": "q5_k"}, "llama.cpp"),
     Scheme("gguf-q4_k", "gguf", {"quant": "q4_k"}, "llama.cpp"),
+    Scheme("gguf-q3_k_m", "gguf", {"quant": "q3_k_m"}, "llama.cpp"),
+    Scheme("gguf-q2_k", "gguf", {"quant": "q2_k"}, "llama.cpp"),
     *(Scheme(f"gguf-{q}-cal", "gguf", {"quant": q, "calibration": BUNDLED}, "llama.cpp")
-      for q in ("q5_1", "q5_0", "q4_1", "q4_0", "q5_k", "q4_k")),
+      for q in ("q5_1", "q5_0", "q4_1", "q4_0", "q5_k", "q4_k", "q3_k_m", "q2_k")),
     # calibrated by importance-weighted rounding alone, to set beside GPTQ (-cal); not in the default set
     *(Scheme(f"gguf-{q}-round", "gguf", {"quant": q, "calibration": BUNDLED, "calibration_method": "rounding"},
              "llama.cpp") for q in ("q4_0", "q4_k")),
@@ -115,7 +117,8 @@ QUICK_BYTES = 16384  # the default set scores the text's first 16 KB (--full and
 DEFAULT_SCHEMES = ("fp32", "bf16", "fp32i8", "gguf-q8_0", "gguf-q4_k", "onnx-int8", "onnx-int4")
 FULL_SCHEMES = ("fp32", "fp16", "bf16", "fp32i8", "fp32i8-cal",
                 "gguf-f16", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q5_0", "gguf-q4_1", "gguf-q4_1-cal",
-                "gguf-q4_0", "gguf-q4_0-cal", "gguf-q4_k", "gguf-q4_k-cal",
+                "gguf-q4_0", "gguf-q4_0-cal", "gguf-q4_k", "gguf-q4_k-cal", "gguf-q3_k_m", "gguf-q3_k_m-cal",
+                "gguf-q2_k", "gguf-q2_k-cal",
                 "onnx-fp16", "onnx-int8", "onnx-int4", "onnx-int4-cal", "onnx-fp16-int4-cal-int8-tables",
                 "mlx-q8", "mlx-q4", "mlx-q4-cal")
 MAX_REFERENCE_BYTES = 4 << 30

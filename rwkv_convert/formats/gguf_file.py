@@ -179,6 +179,9 @@ class GgufOptions(Options):
                                      " guide the rounding of the 2-8-bit blocks (plain GGUF blocks that any llama.cpp"
                                      " runs; see --calibration-method)")
     calibration_method: str = calibration_method_option()
+    imatrix: str | None = option(None, "llama.cpp's importance matrix (imatrix.gguf from llama-imatrix, or the legacy"
+                                 " .dat; `rwkv-convert imatrix` writes ours): its per-column statistics round the"
+                                 " blocks instead of --calibration's (importance-weighted rounding, no GPTQ)")
 
 
 def needs(spec: ModelSpec, options: GgufOptions) -> str | None:
@@ -239,6 +242,13 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
                       f" ({next(iter(fallbacks))}, ...): written as {quant}'s fallback"
                       f" {gguf_blocks.K_FALLBACK[quant]}, as llama.cpp does", CastWarning, stacklevel=2)
     importance = gptq = None
+    if options.imatrix:
+        if options.calibration or options.target_size:
+            raise RwkvConvertError("--imatrix gives the statistics --calibration would measure: give one of them,"
+                                   " without --target-size")
+        from .gguf_imatrix import read_imatrix  # it reads the file against this writer's tensor names
+
+        importance = read_imatrix(options.imatrix, ckpt)
     if options.target_size:
         size_budget(gguf, ckpt, jobs, types, options.target_size)  # an unreachable size: said before calibrating
     if options.calibration or options.target_size:  # activation statistics, before anything is written
@@ -252,7 +262,7 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
                                   options.calibration)
         quant = max((t.name.lower() for t, j in zip(types, jobs, strict=True) if j.quantizable),
                     key=[t.name.lower() for t in types].count)
-    if importance is not None and options.calibration_method == "gptq":
+    if importance is not None and options.calibration_method == "gptq" and not options.imatrix:
         gptq = LayerwiseGptq(ckpt, options.calibration or BUNDLED, head_moments=head_moments, qtypes={
             j.source: t.name.lower() for j, t in zip(jobs, types, strict=True)
             if j.quantizable and j.source and j.source != "emb.weight" and t.name.lower() in gguf_blocks.CODECS})

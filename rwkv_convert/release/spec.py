@@ -31,7 +31,7 @@ STAMPS = ".rwkv-release"  # the keys and verifications, one JSON file per artifa
 # the output name an artifact gets when the release file gives none: NAME + this
 SUFFIXES = {"pip": ".pth", "pth": ".pth", "gguf": ".gguf", "onnx": ".onnx", "web-rwkv": ".st",
             "prepared": ".safetensors", "hf": "", "mlx": ""}
-PATH_OPTIONS = ("tokenizer", "calibration")  # options that name a file: its bytes are part of the key
+PATH_OPTIONS = ("tokenizer", "calibration", "imatrix")  # options that name a file: its bytes are part of the key
 TOLERANCE_KEYS = ("max_abs", "rel_l2", "kl", "top1")
 ARTIFACT_KEYS = ("name", "source", "to", "layout", "output", "runner", "tolerance")
 RELEASE_KEYS = ("title", "tokens", "seed", "quality", "quality_bytes")
