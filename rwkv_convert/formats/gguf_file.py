@@ -210,6 +210,14 @@ def supports(spec: ModelSpec) -> str | None:
 
 def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
     gguf = gguf_module()
+    given_importance = None
+    if options.imatrix:  # read (and checked against the model) before anything else is said or done
+        if options.calibration or options.target_size:
+            raise RwkvConvertError("--imatrix gives the statistics --calibration would measure: give one of them,"
+                                   " without --target-size")
+        from .gguf_imatrix import read_imatrix  # it reads the file against this writer's tensor names
+
+        given_importance = read_imatrix(options.imatrix, ckpt)
     spec, quant, strategy = ckpt.spec, options.quant, options.strategy
     arch = module_for(spec.version).LLAMA_CPP_ARCH[spec.version]
     slot_quants = quant_for_plan(make_plan(spec, None, strategy)) if strategy else None
@@ -241,14 +249,8 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
         warnings.warn(f"{len(fallbacks)} tensors have rows that are not whole {gguf_blocks.SUPER}-value super-blocks"
                       f" ({next(iter(fallbacks))}, ...): written as {quant}'s fallback"
                       f" {gguf_blocks.K_FALLBACK[quant]}, as llama.cpp does", CastWarning, stacklevel=2)
-    importance = gptq = None
-    if options.imatrix:
-        if options.calibration or options.target_size:
-            raise RwkvConvertError("--imatrix gives the statistics --calibration would measure: give one of them,"
-                                   " without --target-size")
-        from .gguf_imatrix import read_imatrix  # it reads the file against this writer's tensor names
-
-        importance = read_imatrix(options.imatrix, ckpt)
+    importance = given_importance
+    gptq = None
     if options.target_size:
         size_budget(gguf, ckpt, jobs, types, options.target_size)  # an unreachable size: said before calibrating
     if options.calibration or options.target_size:  # activation statistics, before anything is written
