@@ -138,7 +138,8 @@ def test_quantizing_the_embedding_and_head_too(variant, quant, dtype, tmp_path):
     """--quant-embedding-head: the whole model in --onnx-quant's bits (GatherBlockQuantized, MatMulNBits), on a
     width the fixtures lack; within the same scheme's bounds, and smaller than the layers-only export."""
     src = save_atomic(make_state_dict(variant, n_layer=2, n_embd=192, vocab=1000, head_size=32), tmp_path / "m.pth")
-    layers = rwkv_convert.convert(src, "onnx", tmp_path / "layers.onnx", quant=quant, dtype=dtype, graphs="sequence")
+    layers = rwkv_convert.convert(src, "onnx", tmp_path / "layers.onnx", quant=quant, dtype=dtype, graphs="sequence",
+                                  quant_embedding_head=False)
     whole = rwkv_convert.convert(src, "onnx", tmp_path / "all.onnx", quant=quant, dtype=dtype, graphs="sequence",
                                  quant_embedding_head=True)
     graph = onnx.load(str(whole[0]))
@@ -158,6 +159,18 @@ def test_quantizing_the_embedding_and_head_too(variant, quant, dtype, tmp_path):
     max_abs, rel_l2, kl, top1 = compare(ref, model.forward(toks, full_output=True)[0])
     assert max_abs <= tol.max_abs and rel_l2 <= tol.rel_l2 and kl <= tol.kl and top1 >= tol.top1, \
         (max_abs, rel_l2, kl, top1)
+
+
+@pytest.mark.parametrize("quant,tables", [("int4", "int8"), ("int8", "none")])
+def test_int4_keeps_int8_tables_by_default(quant, tables, tmp_path):
+    """The measured default: int8 embedding and head beside int4 layers (an int4 file near a Q4_0 GGUF's size), float
+    ones beside int8 layers; --float-embedding-head keeps them float."""
+    src = save_atomic(make_state_dict("v7", n_layer=1, n_embd=128, vocab=300), tmp_path / "m.pth")
+    (path,) = rwkv_convert.convert(src, "onnx", tmp_path / "d.onnx", quant=quant, graphs="sequence")
+    assert OnnxModel(path).meta["rwkv.table_quant"] == tables
+    (plain,) = rwkv_convert.convert(src, "onnx", tmp_path / "f.onnx", quant=quant, graphs="sequence",
+                                    quant_embedding_head=False)
+    assert OnnxModel(plain).meta["rwkv.table_quant"] == "none"
 
 
 def test_two_graphs_share_one_data_file_that_moves_with_them(fixture_dir, tmp_path):
@@ -439,6 +452,6 @@ def test_the_tables_can_keep_8_bits_beside_4_bit_layers(fixture_dir, tmp_path):
     _, _, kl, top1 = compare(rwkv_convert.load(src).forward(toks, full_output=True)[0],
                              model.forward(toks, full_output=True)[0])
     assert kl <= TOLERANCES[model.scheme].kl and top1 >= TOLERANCES[model.scheme].top1
-    proc = cli("convert", src, "--to", "onnx", "--onnx-quant", "int4", "--embedding-head-quant", "int8", "-o",
-               tmp_path / "x.onnx")
-    assert_one_line_error(proc, "--embedding-head-quant sets the bits of --quant-embedding-head")
+    proc = cli("convert", src, "--to", "onnx", "--onnx-quant", "int4", "--float-embedding-head",
+               "--embedding-head-quant", "int8", "-o", tmp_path / "x.onnx")
+    assert_one_line_error(proc, "--embedding-head-quant sets the bits of quantized embedding and head tables")
