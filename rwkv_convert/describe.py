@@ -4,12 +4,13 @@ format we read, and the files we write for one runtime (pip-converted, prepared,
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .adapters import AdapterRef, describe_adapter, format_adapter, is_adapter
+from .adapters import AdapterRef, is_adapter, read_adapter
 from .arch import module_for
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, file_sha256
 from .errors import RwkvConvertError
 from .formats.registry import capabilities, detect, load_detected, read_checkpoint
 from .units import human_size
@@ -121,4 +122,51 @@ def format_description(info: dict) -> str:
                      + f", {a['targets']} weights, {len(a['replaced'])} whole tensors (sha256 {a['sha256'][:12]})"))
     rows += [(f"can: {k}", v) for k, v in info["capabilities"].items()]
     width = max(len(str(k)) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def describe_adapter(path: str | Path) -> dict:
+    """An adapter file alone, for inspect: its kind, rank, targets, whole tensors, and what a base must have for it
+    to fit (its layers; every target's [out, in] where the file fixes it)."""
+    adapter = read_adapter(path)
+    p = adapter.path
+    needs: dict[str, str] = {}
+    for target, d in adapter.parts.items():
+        if adapter.kind == "lora":
+            needs[target] = f"[{d['lora_B'].shape[0]}, {d['lora_A'].shape[1]}]"
+        elif d[adapter.kind].dim() == 3:
+            t = d[adapter.kind]
+            needs[target] = f"[a multiple of {t.shape[-1]}, {t.shape[0] * t.shape[-1]}]"
+        else:
+            t = d[adapter.kind]
+            needs[target] = f"[{t.shape[1]}, at least {t.shape[0]}]"
+    needs.update({name: str(list(t.shape)) for name, t in adapter.whole.items()})
+    layers = sorted({int(m.group(1)) for n in needs if (m := _LAYER.match(n))})
+    kinds = {"lora": "LoRA or PiSSA (lora_A/lora_B: PiSSA when merged with --lora-init; a LoRA needs --lora-alpha)",
+             "bone": "Bone (block-affine)", "disha": "DiSHA"}
+    ranks = adapter.ranks
+    return {"path": str(p), "file_size": p.stat().st_size, "sha256": file_sha256(p), "adapter": adapter.kind,
+            "kind": kinds[adapter.kind], "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "targets": sorted(adapter.parts), "replaced": sorted(adapter.whole),
+            "parameters": sum(t.numel() for d in adapter.parts.values() for t in d.values())
+            + sum(t.numel() for t in adapter.whole.values()),
+            "fits": {"layers": f"a model of at least {layers[-1] + 1} layers" if layers else "any",
+                     "shapes": needs}}
+
+
+def format_adapter(info: dict) -> str:
+    targets = info["targets"]
+    kinds = sorted({t.split(".", 2)[-1].removesuffix(".weight") for t in targets})
+    rows = [("file", f"{info['path']} ({info['file_size']:,} bytes, sha256 {info['sha256'][:16]})"),
+            ("adapter", info["kind"]), ("rank", info["rank"]),
+            ("targets", f"{len(targets)} weights ({', '.join(kinds)})"),
+            ("replaced", f"{len(info['replaced'])} whole tensors" + (f" ({', '.join(info['replaced'][:4])}"
+                                                                       f"{' ...' if len(info['replaced']) > 4 else ''})"
+                                                                       if info["replaced"] else "")),
+            ("parameters", f"{info['parameters']:,}"),
+            ("fits", info["fits"]["layers"] + "; shapes per tensor in --json")]
+    width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import warnings
 import zlib
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from ..runtimes.llama_cpp import LlamaCppSession
 from ..spec import ModelSpec
 from . import gguf_vocab
 from .base import Format, Options, calibration_method_option, option, per_token_tables_refusal
+from .gguf_imatrix import read_imatrix
+from .gguf_jobs import TensorJob, tensor_jobs
 from .gguf_read import (
     CHECKSUMS_KEY,
     METADATA_CHECKSUM_KEY,
@@ -44,7 +45,7 @@ from .gguf_read import (
     tensor_type_counts,
 )
 from .gguf_size import plan_for_size, size_budget
-from .gguf_tables import GLOBAL, WRITE_TABLES, Row, rwkv6_lora_ranks
+from .gguf_tables import rwkv6_lora_ranks
 
 # llama-quantize's mixes as it makes them for RWKV (read back from its output for rwkv6 and rwkv7 files): its
 # per-tensor rules name attn_v and ffn_down, which RWKV has not, so every matrix takes the base type and only
@@ -55,56 +56,6 @@ MIXES = {"q4_k_m": ("q4_k", "q6_k", "MOSTLY_Q4_K_M"), "q4_k_s": ("q4_k", "q6_k",
          "q3_k_s": ("q3_k", "q6_k", "MOSTLY_Q3_K_S"), "q2_k": ("q2_k", "q6_k", "MOSTLY_Q2_K")}
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", "q3_k", *MIXES)
 CONTEXT_LENGTH = 1048576  # what upstream writes; RWKV has no context limit
-
-
-@dataclass
-class TensorJob:
-    name: str
-    shape: tuple[int, ...]  # numpy order
-    quantizable: bool  # a large matrix: takes --quant (or the strategy's choice); else F32
-    make: Callable[[], torch.Tensor]
-    layer: int  # the strategy slot that decides its type (n_layer for globals)
-    source: str | None = None  # our key, where the file's rows are that tensor's rows (calibration applies)
-
-
-def _source(row: Row, tensors: dict, spec: ModelSpec, i: int) -> torch.Tensor:
-    """The row's tensor, made from our tensors as the file holds it."""
-    keys = row.layer0 if i == 0 and row.layer0 else row.ours
-    sources = [tensors[k.format(i=i)] for k in keys]
-    shape = row.shape(spec, i)
-    if row.make is not None:
-        t = row.make(sources, shape)
-    elif len(sources) > 1:
-        t = torch.stack([s.reshape(shape[1:]) for s in sources])
-    else:
-        t = sources[0]
-    if row.layout == "t":
-        t = t.t()
-    elif row.layout == "swap12":
-        t = t.permute(0, 2, 1)
-    # llama.cpp's 1-D vectors ([1, 1, C] mixes, [H, N] r_k); any other shape must already match (_encode checks)
-    return t.reshape(-1) if len(shape) == 1 else t
-
-
-def tensor_jobs(ckpt: Checkpoint) -> list[TensorJob]:
-    """Every tensor of the file, in order: the globals, then each layer's rows."""
-    spec, T = ckpt.spec, ckpt.tensors
-    slots = {"first": 0, "head": spec.n_layer}
-    jobs = [TensorJob(row.gguf, row.shape(spec, 0), row.quantizable, lambda row=row: _source(row, T, spec, 0),
-                      slots[row.slot], _same_rows(row, 0)) for row in GLOBAL]
-    for i in range(spec.n_layer):
-        jobs += [TensorJob(row.gguf.format(i=i), row.shape(spec, i), row.quantizable,
-                           lambda row=row, i=i: _source(row, T, spec, i), i, _same_rows(row, i))
-                 for row in WRITE_TABLES[spec.version]]
-    return jobs
-
-
-def _same_rows(row: Row, i: int) -> str | None:
-    """Our key whose [out, in] rows the file's rows are (one source, copied as it is), else None."""
-    keys = row.layer0 if i == 0 and row.layer0 else row.ours
-    if len(keys) != 1 or row.make is not None or row.layout != "copy":
-        return None
-    return keys[0].format(i=i)
 
 
 ROWS_PER_CHUNK = 1024
@@ -215,8 +166,6 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
         if options.calibration or options.target_size:
             raise RwkvConvertError("--imatrix gives the statistics --calibration would measure: give one of them,"
                                    " without --target-size")
-        from .gguf_imatrix import read_imatrix  # it reads the file against this writer's tensor names
-
         given_importance = read_imatrix(options.imatrix, ckpt)
     spec, quant, strategy = ckpt.spec, options.quant, options.strategy
     arch = module_for(spec.version).LLAMA_CPP_ARCH[spec.version]

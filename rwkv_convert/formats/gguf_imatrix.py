@@ -23,7 +23,7 @@ from ..atomic import AtomicOutput
 from ..calibration import BUNDLED, activation_importance, calibration_tokens
 from ..checkpoint import Checkpoint
 from ..errors import RwkvConvertError, brief
-from .gguf_file import tensor_jobs
+from .gguf_jobs import tensor_jobs
 from .gguf_read import gguf_module
 
 CHUNK = 1024  # our calibration windows: the chunk_size we record

@@ -1,5 +1,5 @@
 """--target-size for GGUF: each large tensor's type chosen so that the file fits a size, by the measured cost
-of each type on that tensor (quant.size_plan decides). `jobs` are the writer's TensorJobs (gguf_file.py)."""
+of each type on that tensor (quant.size_plan decides). `jobs` are the writer's TensorJobs (gguf_jobs.py)."""
 
 from __future__ import annotations
 
