@@ -23,6 +23,7 @@ from .atomic import AtomicOutput
 from .bundled import HELD_OUT_TEXT, bundled_file
 from .calibration import BUNDLED
 from .errors import RwkvConvertError
+from .formats.gguf_file import MIXES
 from .formats.registry import convert, detect, load_detected, read_checkpoint
 from .precision import StorageType, by_gguf, by_mlx, by_onnx, storage
 from .runner import Model
@@ -45,7 +46,8 @@ class Scheme:
         """The storage type of its large matrices, from the precision table; None where no one type is given
         (a --target-size plan mixes types per tensor, a file measured as it is keeps its own)."""
         if self.to == "gguf":
-            return by_gguf(self.options["quant"].upper()) if "quant" in self.options else None
+            quant = self.options.get("quant")
+            return by_gguf(MIXES.get(quant, (quant,))[0].upper()) if quant else None  # a mix: its base type
         if self.to is not None and not self.options:
             return None
         if self.to == "onnx":
