@@ -9,15 +9,13 @@ The bound the issue sets: peak with the adapter <= plain peak + 2 x the adapter 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_convert import measure  # noqa: E402  (a child process's wall time and peak RSS)
 from bench_runner import add_checkpoint_args, ensure_checkpoint  # noqa: E402
 
 OURS = """
@@ -49,19 +47,6 @@ for k in keys:
         out[k] = w[k].clone(); del w[k]
 torch.save(out, sys.argv[3])
 """
-
-
-def measure(code: str, args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of `python -c code args` as a child process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_")}
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024 / 1024  # ru_maxrss is in KB on Linux
 
 
 def make_lora(base: Path, rank: int, out: Path) -> Path:

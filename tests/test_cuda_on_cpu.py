@@ -182,7 +182,7 @@ MUTANTS = {
     "the __syncthreads between the chunk's c and reusing G's memory, removed (wkv7_chunked)":
         ("        __syncthreads();  // every row's c is made", "        // every row's c is made", {"wkv7_chunked"}),
     "the chunk's diagonal left out of the outputs (wkv7_chunked)":
-        ("if (tau <= t && t < len)", "if (tau < t && t < len)", {"wkv7_chunked"}),
+        ("const int last = diagonal ? t : t - 1;", "const int last = t - 1;", {"wkv7_chunked"}),
 }
 
 

@@ -97,19 +97,18 @@ class KernelsOnCpu:
         return y
 
     def wkv7(self, r, w, k, v, kk, a, s, stream: int = 0) -> torch.Tensor:
-        for name, t in zip("r w k v kk a s".split(), (r, w, k, v, kk, a, s), strict=True):
-            _check(name, t)
-        T, H, N = r.shape
-        y = torch.empty_like(r)
-        self._done(self._lib.rwkv_wkv7(T, H, N, *map(_ptr, (r, w, k, v, kk, a, s, y))), "wkv7")
-        return y
+        return self._wkv7("wkv7", r, w, k, v, kk, a, s)
 
     def wkv7_chunked(self, r, w, k, v, kk, a, s, stream: int = 0) -> torch.Tensor:
+        return self._wkv7("wkv7_chunked", r, w, k, v, kk, a, s)
+
+    def _wkv7(self, kernel: str, r, w, k, v, kk, a, s) -> torch.Tensor:
+        """Either RWKV-7 entry (token by token, or in chunks): the same arguments, the same results."""
         for name, t in zip("r w k v kk a s".split(), (r, w, k, v, kk, a, s), strict=True):
             _check(name, t)
         T, H, N = r.shape
         y = torch.empty_like(r)
-        self._done(self._lib.rwkv_wkv7_chunked(T, H, N, *map(_ptr, (r, w, k, v, kk, a, s, y))), "wkv7_chunked")
+        self._done(getattr(self._lib, f"rwkv_{kernel}")(T, H, N, *map(_ptr, (r, w, k, v, kk, a, s, y))), kernel)
         return y
 
     def int8_gemv(self, x, q, mx, rx, my, ry, stream: int = 0) -> torch.Tensor:

@@ -41,32 +41,29 @@ torch::Tensor wkv5(torch::Tensor r, torch::Tensor k, torch::Tensor v, torch::Ten
     return y;
 }
 
-torch::Tensor wkv7(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor kk,
-                   torch::Tensor a, torch::Tensor s, int64_t stream) {
+// Either RWKV-7 kernel (token by token, or in chunks for a prefill): the same arguments, the same results.
+template <typename Launch>
+torch::Tensor run_wkv7(Launch launch, const char* name, torch::Tensor r, torch::Tensor w, torch::Tensor k,
+                       torch::Tensor v, torch::Tensor kk, torch::Tensor a, torch::Tensor s, int64_t stream) {
     CHECK_CUDA_F32(r); CHECK_CUDA_F32(w); CHECK_CUDA_F32(k); CHECK_CUDA_F32(v); CHECK_CUDA_F32(kk);
     CHECK_CUDA_F32(a); CHECK_CUDA_F32(s);
     const int T = r.size(0), H = r.size(1), N = r.size(2);
     auto y = torch::empty_like(r);
-    TORCH_CHECK(launch_wkv7(T, H, N, r.data_ptr<float>(), w.data_ptr<float>(), k.data_ptr<float>(),
-                            v.data_ptr<float>(), kk.data_ptr<float>(), a.data_ptr<float>(), s.data_ptr<float>(),
-                            y.data_ptr<float>(), STREAM),
-                "wkv7: head size ", N, " has no kernel (16, 32, 64, 128)");
+    TORCH_CHECK(launch(T, H, N, r.data_ptr<float>(), w.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                       kk.data_ptr<float>(), a.data_ptr<float>(), s.data_ptr<float>(), y.data_ptr<float>(), STREAM),
+                name, ": head size ", N, " has no kernel (16, 32, 64, 128)");
     LAUNCH_CHECK();
     return y;
 }
 
+torch::Tensor wkv7(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor kk,
+                   torch::Tensor a, torch::Tensor s, int64_t stream) {
+    return run_wkv7(launch_wkv7, "wkv7", r, w, k, v, kk, a, s, stream);
+}
+
 torch::Tensor wkv7_chunked(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor kk,
                            torch::Tensor a, torch::Tensor s, int64_t stream) {
-    CHECK_CUDA_F32(r); CHECK_CUDA_F32(w); CHECK_CUDA_F32(k); CHECK_CUDA_F32(v); CHECK_CUDA_F32(kk);
-    CHECK_CUDA_F32(a); CHECK_CUDA_F32(s);
-    const int T = r.size(0), H = r.size(1), N = r.size(2);
-    auto y = torch::empty_like(r);
-    TORCH_CHECK(launch_wkv7_chunked(T, H, N, r.data_ptr<float>(), w.data_ptr<float>(), k.data_ptr<float>(),
-                                    v.data_ptr<float>(), kk.data_ptr<float>(), a.data_ptr<float>(),
-                                    s.data_ptr<float>(), y.data_ptr<float>(), STREAM),
-                "wkv7_chunked: head size ", N, " has no kernel (16, 32, 64, 128)");
-    LAUNCH_CHECK();
-    return y;
+    return run_wkv7(launch_wkv7_chunked, "wkv7_chunked", r, w, k, v, kk, a, s, stream);
 }
 
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor mx, torch::Tensor rx, torch::Tensor my,

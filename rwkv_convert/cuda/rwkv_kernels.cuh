@@ -177,6 +177,27 @@ inline bool launch_wkv7(int T, int H, int N, const float* r, const float* w, con
 // strongest decay: a chunk whose cumulative decay leaves e^(+-CHUNK_LOG_DECAY_LIMIT) runs token by token instead.
 #define CHUNK_LOG_DECAY_LIMIT 60.f
 
+// The chunk's pair products, shared out over the block's threads: for tau < t (tau <= t with the diagonal) and t
+// within the chunk, pa[tau][t] = a[tau] . x[t] and pb[tau][t] = b[tau] . x[t]; 0 for every other pair.
+template <int N, int L>
+__device__ void chunk_products(int i, int len, bool diagonal, const float (&a)[L][N], const float (&b)[L][N],
+                               const float (&x)[L][N], float (&pa)[L][L], float (&pb)[L][L]) {
+    for (int e = i; e < L * L; e += N) {
+        const int tau = e / L, t = e % L;
+        const int last = diagonal ? t : t - 1;  // the last tau that reaches t
+        float av = 0.f, bv = 0.f;
+        if (tau <= last && t < len) {
+#pragma unroll
+            for (int j = 0; j < N; j++) {
+                av += a[tau][j] * x[t][j];
+                bv += b[tau][j] * x[t][j];
+            }
+        }
+        pa[tau][t] = av;
+        pb[tau][t] = bv;
+    }
+}
+
 template <int N, int L>
 __global__ void wkv7_chunked_kernel(int T, int H, const float* __restrict__ r, const float* __restrict__ w,
                                     const float* __restrict__ k, const float* __restrict__ v,
@@ -233,19 +254,7 @@ __global__ void wkv7_chunked_kernel(int T, int H, const float* __restrict__ r, c
             __syncthreads();  // before the next chunk's vectors overwrite the shared arrays
             continue;
         }
-        for (int e = i; e < L * L; e += N) {  // G and K: tau < t
-            const int tau = e / L, t = e % L;
-            float gv = 0.f, kv = 0.f;
-            if (tau < t && t < len) {
-#pragma unroll
-                for (int j = 0; j < N; j++) {
-                    gv += bs[tau][j] * xs[t][j];
-                    kv += ks[tau][j] * xs[t][j];
-                }
-            }
-            g[tau][t] = gv;
-            kx[tau][t] = kv;
-        }
+        chunk_products<N, L>(i, len, false, bs, ks, xs, g, kx);  // G and K: tau < t
         __syncthreads();
 #pragma unroll
         for (int t = 0; t < L; t++) {
@@ -259,19 +268,7 @@ __global__ void wkv7_chunked_kernel(int T, int H, const float* __restrict__ r, c
             cl[t] = c;
         }
         __syncthreads();  // every row's c is made: G and K give way to Gb and Kb
-        for (int e = i; e < L * L; e += N) {  // Gb and Kb: tau <= t
-            const int tau = e / L, t = e % L;
-            float gv = 0.f, kv = 0.f;
-            if (tau <= t && t < len) {
-#pragma unroll
-                for (int j = 0; j < N; j++) {
-                    gv += bs[tau][j] * rs[t][j];
-                    kv += ks[tau][j] * rs[t][j];
-                }
-            }
-            g[tau][t] = gv;
-            kx[tau][t] = kv;
-        }
+        chunk_products<N, L>(i, len, true, bs, ks, rs, g, kx);  // Gb and Kb: tau <= t
         __syncthreads();
 #pragma unroll
         for (int t = 0; t < L; t++) {

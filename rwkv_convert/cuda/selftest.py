@@ -67,22 +67,13 @@ def _cases(device: str, seed: int) -> dict[str, list[Callable[[object], tuple[li
         y = ext.wkv5(r, k, v, w, u, updated, stream)
         return [y, updated], list(v5.wkv(r, k, v, w.unsqueeze(-1), u.unsqueeze(-1), s))
 
-    def wkv7_case(ext, N, T=2, H=2):
+    def wkv7_case(ext, N, kernel="wkv7", T=2, H=2, decay=0.6):
         r, k, v = rand(T, H, N), rand(T, H, N), rand(T, H, N)
-        w = torch.exp(-0.6 * uniform(T, H, N))
+        w = torch.exp(-decay * uniform(T, H, N))
         kk = torch.nn.functional.normalize(rand(T, H, N), dim=-1)
         a, s = uniform(T, H, N), rand(H, N, N, scale=0.3)
         updated = s.clone()
-        y = ext.wkv7(r, w, k, v, kk, a, updated, stream)
-        return [y, updated], list(v7.wkv7(r, w, k, v, kk, a, s))
-
-    def wkv7_chunked_case(ext, N, T=41, H=2):  # 41: a whole chunk and a part one (of 32; 16 for N=128: three)
-        r, k, v = rand(T, H, N), rand(T, H, N), rand(T, H, N)
-        w = torch.exp(-0.6065 * uniform(T, H, N))
-        kk = torch.nn.functional.normalize(rand(T, H, N), dim=-1)
-        a, s = uniform(T, H, N), rand(H, N, N, scale=0.3)
-        updated = s.clone()
-        y = ext.wkv7_chunked(r, w, k, v, kk, a, updated, stream)
+        y = getattr(ext, kernel)(r, w, k, v, kk, a, updated, stream)
         return [y, updated], list(v7.wkv7(r, w, k, v, kk, a, s))
 
     def int8_parts(rows, cols):  # rows: no multiple of 4
@@ -106,7 +97,8 @@ def _cases(device: str, seed: int) -> dict[str, list[Callable[[object], tuple[li
         "wkv4": [wkv4_case],
         "wkv5": [lambda ext, n=n, p=p: wkv5_case(ext, n, p) for n in HEAD_SIZES for p in (False, True)],
         "wkv7": [lambda ext, n=n: wkv7_case(ext, n) for n in HEAD_SIZES],
-        "wkv7_chunked": [lambda ext, n=n: wkv7_chunked_case(ext, n) for n in HEAD_SIZES],
+        # 41 tokens: a whole chunk and a part one (of 32; of 16 at N=128: three); decays down to RWKV-7's strongest
+        "wkv7_chunked": [lambda ext, n=n: wkv7_case(ext, n, "wkv7_chunked", T=41, decay=0.6065) for n in HEAD_SIZES],
         "int8_gemv": [int8_gemv_case],
         "int8_dequant": [int8_dequant_case],
     }

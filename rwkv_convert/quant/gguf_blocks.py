@@ -204,15 +204,22 @@ def _k_nibbles(q: np.ndarray) -> np.ndarray:  # sub-blocks 2c and 2c+1 share 32 
     return ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(q.shape[0], 128)
 
 
-def _q6_k_fit(x: np.ndarray, w: np.ndarray):
-    """Q6_K: x [n, 256] -> d (fp16 [n, 1]) and an int8 scale per 16 values [n, 16] for levels -32..31."""
+def _symmetric_k_fit(x: np.ndarray, w: np.ndarray, nmax: int, scale_bits: int):
+    """Q6_K / Q3_K: x [n, 256] -> d (fp16 [n, 1]) and a signed `scale_bits`-bit scale per 16 values [n, 16] for
+    levels -nmax..nmax-1; the largest sub-block scale maps to the most negative stored scale, as llama.cpp does."""
     n = x.shape[0]
-    scale = _symmetric_scale(x.reshape(n * 16, 16), w.reshape(n * 16, 16), 32).astype(np.float32).reshape(n, 16)
+    scale = _symmetric_scale(x.reshape(n * 16, 16), w.reshape(n * 16, 16), nmax).astype(np.float32).reshape(n, 16)
     top = np.take_along_axis(scale, np.abs(scale).argmax(-1)[:, None], -1)
-    d = (top / -128).astype(np.float16)  # int8 scales: the largest maps to -128, as llama.cpp does
+    lowest = -(1 << (scale_bits - 1))
+    d = (top / lowest).astype(np.float16)
     with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d == 0, 0, np.clip(np.rint(scale / d.astype(np.float32)), -128, 127))
+        sc = np.where(d == 0, 0, np.clip(np.rint(scale / d.astype(np.float32)), lowest, -lowest - 1))
     return d, sc
+
+
+def _q6_k_fit(x: np.ndarray, w: np.ndarray):
+    """Q6_K: int8 scales per 16 values, levels -32..31."""
+    return _symmetric_k_fit(x, w, 32, 8)
 
 
 def _q6_k_pack(params, q: np.ndarray) -> np.ndarray:
@@ -236,15 +243,8 @@ def _low_bits_k(q: np.ndarray) -> np.ndarray:
 
 
 def _q3_k_fit(x: np.ndarray, w: np.ndarray):
-    """Q3_K: x [n, 256] -> d (fp16 [n, 1]) and a 6-bit signed scale per 16 values [n, 16] for levels -4..3 (the
-    largest sub-block scale maps to -32, as llama.cpp does)."""
-    n = x.shape[0]
-    scale = _symmetric_scale(x.reshape(n * 16, 16), w.reshape(n * 16, 16), 4).astype(np.float32).reshape(n, 16)
-    top = np.take_along_axis(scale, np.abs(scale).argmax(-1)[:, None], -1)
-    d = (top / -32).astype(np.float16)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d == 0, 0, np.clip(np.rint(scale / d.astype(np.float32)), -32, 31))
-    return d, sc
+    """Q3_K: 6-bit signed scales per 16 values, levels -4..3."""
+    return _symmetric_k_fit(x, w, 4, 6)
 
 
 def _q3_k_pack(params, q: np.ndarray) -> np.ndarray:
