@@ -199,7 +199,8 @@ def tensor_sensitivity(ckpt: Checkpoint, text: str | Path, rounded: dict, max_to
                        window: int = 512) -> dict[str, float]:
     """{key: mean KL(reference || the model with only that tensor replaced by rounded[key]) on `text`}: how
     much each tensor's rounding alone costs the model's next-token distribution. rounded: {our key (emb.weight,
-    head.weight, blocks.i.<matrix>): the [out, in] tensor as a quantizer would leave it}."""
+    head.weight, blocks.i.<matrix>, or a LoRA factor blocks.i.att.w1 ...): the tensor, in our layout, as a
+    quantizer would leave it}."""
     chunks = [c for c in _windows(ckpt, text, max_tokens, window) if len(c) > 1]
     # ln0 at run time, so that the embedding is the table as a GGUF holds it; one matmul per matrix
     model = Model(ckpt, "cpu fp32", skip_passes=(passes.FOLD_LN0, passes.STACK))
@@ -218,7 +219,8 @@ def tensor_sensitivity(ckpt: Checkpoint, text: str | Path, rounded: dict, max_to
         else:
             layer, name = key.removeprefix("blocks.").split(".", 1)
             lw = model.layers[int(layer)]
-            saved, lw[name] = lw[name], FloatWeight(tensor.float())
+            lora = name in getattr(model.module, "LORA_PARAMS", ())  # multiplied as a plain tensor (lora_product)
+            saved, lw[name] = lw[name], tensor.float() if lora else FloatWeight(tensor.float())
         kl = sum(float((ref.exp() * (ref - got)).sum(-1).clamp_min(0).sum()) for ref, got in zip(reference, log_probs(),
                                                                                                strict=True))
         out[key] = kl / sum(len(c) for c in chunks)

@@ -345,14 +345,23 @@ def file_figures(source: str | Path, path: str | Path, text: str | Path | None =
                          "fp32")
         _REFERENCE_FIGURES[key] = (text_path, len(data), chunks, scored_bytes, ref_logp, nll)
     text_path, n_bytes, chunks, scored_bytes, ref_logp, ref_nll = _REFERENCE_FIGURES[key]
-    fmt, _ = detect(path)
-    scheme = Scheme(fmt.name, fmt.name, {}, {"gguf": "llama.cpp", "onnx": "onnxruntime", "mlx": "mlx-lm"}.get(fmt.name,
-                                                                                                       "ours"))
+    scheme = _file_scheme(path)
     nll, kl, agree, positions = _score(_Logits(scheme, Path(path), window).each(chunks), chunks, ref_logp,
                                        Path(path).name)
     return {"text": text_path.name, "text_bytes": n_bytes, "runtime": _runtime_name(scheme),
             "bits_per_byte": nll / math.log(2) / max(scored_bytes, 1),
             "delta_bits_per_byte": nll / max(ref_nll, 1e-30) - 1, "kl": kl / positions, "top1": agree / positions}
+
+
+def file_logits(path: str | Path, tokens: list[int]) -> torch.Tensor:
+    """One exported file's [T, V] fp32 logits on `tokens` from a fresh state, in the runtime file_figures uses."""
+    return next(_Logits(_file_scheme(path), Path(path), max(64, len(tokens))).each([tokens]))
+
+
+def _file_scheme(path: str | Path) -> Scheme:
+    fmt, _ = detect(path)
+    return Scheme(fmt.name, fmt.name, {}, {"gguf": "llama.cpp", "onnx": "onnxruntime", "mlx": "mlx-lm"}.get(fmt.name,
+                                                                                                     "ours"))
 
 
 def _runtime_name(scheme: Scheme) -> str:

@@ -126,6 +126,10 @@ class GgufOptions(Options):
     target_size: str | None = option(None, "fit the file in this size (60% of the F16 file, or 3.5MB, 2GiB): each"
                                      " large tensor gets the type whose measured cost per byte is least"
                                      " (--calibration's text, default the bundled one)")
+    small_matrices: str = option("planned", "with --target-size, RWKV's LoRA-shaped parameters (v7's w1/w2, a1/a2,"
+                                 " v1/v2, g1/g2; v6's token-shift and decay LoRAs): planned (each gets the type,"
+                                 " F32 to Q2_K, whose measured cost per byte is least, like the matrices) or f32 (kept"
+                                 " F32, as llama-quantize keeps them)", choices=("planned", "f32"))
     calibration: str | None = option(None, "a text (or 'bundled') run through the reference runner: its activations"
                                      " guide the rounding of the 2-8-bit blocks (plain GGUF blocks that any llama.cpp"
                                      " runs; see --calibration-method)")
@@ -200,8 +204,10 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
                       f" {gguf_blocks.K_FALLBACK[quant]}, as llama.cpp does", CastWarning, stacklevel=2)
     importance = given_importance
     gptq = None
-    if options.target_size:
-        size_budget(gguf, ckpt, jobs, types, options.target_size)  # an unreachable size: said before calibrating
+    if options.target_size:  # an unreachable size: said before calibrating
+        size_budget(gguf, ckpt, jobs, types, options.target_size, options.small_matrices == "planned")
+    elif options.small_matrices != "planned":
+        raise RwkvConvertError("--small-matrices chooses what --target-size plans: give --target-size too")
     if options.calibration or options.target_size:  # activation statistics, before anything is written
         importance = activation_importance(ckpt, options.calibration or BUNDLED, head_covariance=True)
         head_moments = importance["head.weight"]
@@ -209,8 +215,8 @@ def write(ckpt: Checkpoint, out: Path, options: GgufOptions) -> list[Path]:
     if options.target_size:
         if strategy:
             raise RwkvConvertError("--target-size chooses each tensor's type itself: drop --strategy")
-        types = plan_for_size(gguf, ckpt, jobs, types, importance, options.target_size,
-                                  options.calibration)
+        types = plan_for_size(gguf, ckpt, jobs, types, importance, options.target_size, options.calibration,
+                              plan_small=options.small_matrices == "planned")
         quant = max((t.name.lower() for t, j in zip(types, jobs, strict=True) if j.quantizable),
                     key=[t.name.lower() for t in types].count)
     if importance is not None and options.calibration_method == "gptq" and not options.imatrix:

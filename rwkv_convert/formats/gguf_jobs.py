@@ -22,6 +22,13 @@ class TensorJob:
     make: Callable[[], torch.Tensor]
     layer: int  # the strategy slot that decides its type (n_layer for globals)
     source: str | None = None  # our key, where the file's rows are that tensor's rows (calibration applies)
+    lora: bool = False  # a LoRA factor: F32 unless --target-size plans it (gguf_tables.Row.lora)
+    factor: str | None = None  # a LoRA's our key, where the file holds that factor (transposed) on its own layer
+    layout: str = "copy"
+
+    def as_ours(self, t: torch.Tensor) -> torch.Tensor:
+        """The file's tensor in our key's layout (for a `factor`)."""
+        return t.t() if self.layout == "t" else t.permute(0, 2, 1) if self.layout == "swap12" else t
 
 
 def _source(row: Row, tensors: dict, spec: ModelSpec, i: int) -> torch.Tensor:
@@ -51,9 +58,17 @@ def tensor_jobs(ckpt: Checkpoint) -> list[TensorJob]:
                       slots[row.slot], _same_rows(row, 0)) for row in GLOBAL]
     for i in range(spec.n_layer):
         jobs += [TensorJob(row.gguf.format(i=i), row.shape(spec, i), row.quantizable,
-                           lambda row=row, i=i: _source(row, T, spec, i), i, _same_rows(row, i))
+                           lambda row=row, i=i: _source(row, T, spec, i), i, _same_rows(row, i), row.lora,
+                           _factor(row, i), row.layout)
                  for row in WRITE_TABLES[spec.version]]
     return jobs
+
+
+def _factor(row: Row, i: int) -> str | None:
+    """A LoRA row's our key, where the file holds that one factor of this layer (not a copy from another)."""
+    if not row.lora or len(row.ours) != 1 or row.make is not None or (i == 0 and row.layer0):
+        return None
+    return row.ours[0].format(i=i)
 
 
 def _same_rows(row: Row, i: int) -> str | None:

@@ -32,6 +32,9 @@ class Row:
     shape: Callable[[ModelSpec, int], tuple[int, ...]]  # (spec, layer) -> the file's shape
     layout: str = "copy"
     quantizable: bool = False  # a large matrix: takes --quant (or the strategy's choice); else F32
+    # a LoRA factor: F32 under --quant, as llama-quantize leaves "RWKV's small yet 2D weights"; --target-size
+    # plans its type like a matrix's where its measured cost pays (stock llama.cpp multiplies any type)
+    lora: bool = False
     ours_shape: tuple | None = None
     make: Callable[[list[torch.Tensor], tuple[int, ...]], torch.Tensor] | None = None  # (sources, shape)
     layer0: tuple[str, ...] | None = None  # layer 0's sources instead (written there, not read back there)
@@ -85,9 +88,9 @@ def _v7_lora(name: str, rank: str, layer0: str | None = None) -> tuple[Row, ...]
             layer0=on_layer0("0")),)
     return rows + (
         Row(f"blk.{{i}}.time_mix_{name}1.weight", (f"blocks.{{i}}.att.{name}1",), lambda s, i: (r(s, i), s.n_embd),
-            "t", layer0=on_layer0("1")),
+            "t", layer0=on_layer0("1"), lora=True),
         Row(f"blk.{{i}}.time_mix_{name}2.weight", (f"blocks.{{i}}.att.{name}2",), lambda s, i: (s.n_embd, r(s, i)),
-            "t", layer0=on_layer0("2")),
+            "t", layer0=on_layer0("2"), lora=True),
     )
 
 
@@ -131,13 +134,15 @@ RWKV6 = NORMS + (
     Row("blk.{i}.time_mix_lerp_x.weight", ("blocks.{i}.att.time_maa_x",), lambda s, i: (1, 1, s.n_embd)),
     Row("blk.{i}.time_mix_lerp_fused.weight", tuple(f"blocks.{{i}}.att.time_maa_{n}" for n in "wkvrg"),
         lambda s, i: (5, 1, 1, s.n_embd), ours_shape=MIX),
-    Row("blk.{i}.time_mix_w1.weight", ("blocks.{i}.att.time_maa_w1",), lambda s, i: (5 * _maa(s), s.n_embd), "t"),
-    Row("blk.{i}.time_mix_w2.weight", ("blocks.{i}.att.time_maa_w2",), lambda s, i: (5, s.n_embd, _maa(s)), "swap12"),
+    Row("blk.{i}.time_mix_w1.weight", ("blocks.{i}.att.time_maa_w1",), lambda s, i: (5 * _maa(s), s.n_embd), "t",
+        lora=True),
+    Row("blk.{i}.time_mix_w2.weight", ("blocks.{i}.att.time_maa_w2",), lambda s, i: (5, s.n_embd, _maa(s)), "swap12",
+        lora=True),
     _vector("time_mix_decay", "att.time_decay", _a),
     Row("blk.{i}.time_mix_decay_w1.weight", ("blocks.{i}.att.time_decay_w1",), lambda s, i: (_decay(s), s.n_embd),
-        "t"),
+        "t", lora=True),
     Row("blk.{i}.time_mix_decay_w2.weight", ("blocks.{i}.att.time_decay_w2",), lambda s, i: (s.att_dim, _decay(s)),
-        "t"),
+        "t", lora=True),
     Row("blk.{i}.time_mix_first.weight", ("blocks.{i}.att.time_faaaa",), _heads),
     *_projections(("key", "value", "receptance", "gate")),
     *_ffn_v6(lambda n: Row(f"blk.{{i}}.channel_mix_lerp_{n}.weight", (f"blocks.{{i}}.ffn.time_maa_{n}",),
@@ -166,14 +171,14 @@ RWKV6_FROM_V52 = NORMS + (
     Row("blk.{i}.time_mix_lerp_fused.weight", tuple(f"blocks.{{i}}.att.time_mix_{n}" for n in "kvrg"),
         lambda s, i: (5, 1, 1, s.n_embd), make=_fused_v52),
     Row("blk.{i}.time_mix_w1.weight", (), lambda s, i: (5 * rwkv6_lora_ranks(s.n_embd)[0], s.n_embd),
-        make=_zeros),
+        make=_zeros, lora=True),
     Row("blk.{i}.time_mix_w2.weight", (), lambda s, i: (5, s.n_embd, rwkv6_lora_ranks(s.n_embd)[0]),
-        make=_zeros),
+        make=_zeros, lora=True),
     _vector("time_mix_decay", "att.time_decay", _a),
     Row("blk.{i}.time_mix_decay_w1.weight", (), lambda s, i: (rwkv6_lora_ranks(s.n_embd)[1], s.n_embd),
-        make=_zeros),
+        make=_zeros, lora=True),
     Row("blk.{i}.time_mix_decay_w2.weight", (), lambda s, i: (s.att_dim, rwkv6_lora_ranks(s.n_embd)[1]),
-        make=_zeros),
+        make=_zeros, lora=True),
     Row("blk.{i}.time_mix_first.weight", ("blocks.{i}.att.time_faaaa",), _heads),
     *_projections(("key", "value", "receptance", "gate")),
     *_ffn_v6(lambda n: Row(f"blk.{{i}}.channel_mix_lerp_{n}.weight", (f"blocks.{{i}}.ffn.time_mix_{n}",),

@@ -105,7 +105,10 @@ class Graph:
     def op(self, op_type: str, *inputs: str, n_out: int = 1, domain: str = "", hint: str | None = None,
            **attrs) -> str | list[str]:
         outs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(self.onnx.helper.make_node(op_type, list(inputs), outs, domain=domain, **attrs))
+        # each node named after its first output: unique, as tools that edit graphs by node name need
+        # (onnxruntime's GPTQ quantizer looks MatMuls up by name)
+        self.nodes.append(self.onnx.helper.make_node(op_type, list(inputs), outs, name=outs[0], domain=domain,
+                                                     **attrs))
         return outs[0] if n_out == 1 else outs
 
     def const(self, value, dtype=np.float32) -> str:
@@ -135,7 +138,7 @@ class Graph:
         return name
 
     def output(self, value: str, name: str, elem_type, shape) -> str:
-        self.nodes.append(self.onnx.helper.make_node("Identity", [value], [name]))
+        self.nodes.append(self.onnx.helper.make_node("Identity", [value], [name], name=name))
         self.outputs.append(self.onnx.helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
