@@ -161,16 +161,28 @@ def test_quantizing_the_embedding_and_head_too(variant, quant, dtype, tmp_path):
         (max_abs, rel_l2, kl, top1)
 
 
-@pytest.mark.parametrize("quant,tables", [("int4", "int8"), ("int8", "none")])
-def test_int4_keeps_int8_tables_by_default(quant, tables, tmp_path):
-    """The measured default: int8 embedding and head beside int4 layers (an int4 file near a Q4_0 GGUF's size), float
-    ones beside int8 layers; --float-embedding-head keeps them float."""
-    src = save_atomic(make_state_dict("v7", n_layer=1, n_embd=128, vocab=300), tmp_path / "m.pth")
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_quantized_exports_keep_float_tables_and_int8_lora_factors(quant, tmp_path):
+    """The measured default: the embedding and head float (int8 tables would cost 1.4% more KL beside int4 layers),
+    the LoRA factors int8 MatMulNBits (a quarter of the bytes of an int4 file otherwise), where their inputs are
+    whole blocks (rank 48: float); --quant-embedding-head quantizes the tables."""
+    import onnx
+
+    sd = make_state_dict("v7", n_layer=2, n_embd=128, vocab=300, ranks={"w": 32, "a": 64, "v": 48, "g": 32})
+    src = save_atomic(sd, tmp_path / "m.pth")
     (path,) = rwkv_convert.convert(src, "onnx", tmp_path / "d.onnx", quant=quant, graphs="sequence")
-    assert OnnxModel(path).meta["rwkv.table_quant"] == tables
-    (plain,) = rwkv_convert.convert(src, "onnx", tmp_path / "f.onnx", quant=quant, graphs="sequence",
-                                    quant_embedding_head=False)
-    assert OnnxModel(plain).meta["rwkv.table_quant"] == "none"
+    meta = OnnxModel(path).meta
+    assert meta["rwkv.table_quant"] == "none" and meta["rwkv.lora_quant"] == "int8"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    quantized = {n.input[1].rsplit(".", 1)[0]: {a.name: a.i for a in n.attribute}["bits"] for n in graph.node
+                 if n.op_type == "MatMulNBits"}
+    assert quantized["blocks.1.att.w1"] == quantized["blocks.1.att.w2"] == quantized["blocks.1.att.a2"] == 8
+    assert quantized["blocks.1.att.key.weight"] == {"int4": 4, "int8": 8}[quant]
+    assert "blocks.1.att.v1" in quantized and "blocks.1.att.v2" not in quantized  # 48 inputs: not whole blocks
+    assert "head.weight" not in quantized
+    (tables,) = rwkv_convert.convert(src, "onnx", tmp_path / "t.onnx", quant=quant, graphs="sequence",
+                                     quant_embedding_head=True)
+    assert OnnxModel(tables).meta["rwkv.table_quant"] == quant
 
 
 def test_two_graphs_share_one_data_file_that_moves_with_them(fixture_dir, tmp_path):

@@ -32,7 +32,7 @@ from ...spec import ModelSpec
 from ...strategy import parse_strategy
 from ..base import Options, calibration_method_option, option
 from . import v4, v5, v6, v7
-from .emit import ACCURACY_LEVELS, QUANT_BITS, Emitter, as_array
+from .emit import ACCURACY_LEVELS, LORA_BITS, QUANT_BITS, Emitter, as_array
 from .graph import Graph, WeightStore
 
 DTYPES = onnx_dtypes()
@@ -263,9 +263,9 @@ class OnnxOptions(Options):
                         storage="onnx")
     quant_embedding_head: bool | None = option(None, "with --onnx-quant, also quantize the embedding"
                                                " (GatherBlockQuantized) and the head (MatMulNBits), in --onnx-quant's"
-                                               " bits or --embedding-head-quant's; default: int8 tables beside int4"
-                                               " layers (measured: 12% fewer bytes for 1% more KL), float beside"
-                                               " int8 ones (9% fewer bytes would cost 50% more KL)",
+                                               " bits or --embedding-head-quant's; default: float (measured on the"
+                                               " bundled v7 with int4 layers: int8 tables save 15% of the bytes for"
+                                               " 1.4% more KL; beside int8 layers 9% for 50% more KL)",
                                         flag="--quant-embedding-head/--float-embedding-head")
     embedding_head_quant: str | None = option(None, "with --quant-embedding-head, the embedding's and head's own"
                                               " bits (int8 beside --onnx-quant int4: the two tables most sensitive"
@@ -313,7 +313,7 @@ def write(ckpt: Checkpoint, output: Path, options: OnnxOptions) -> list[Path]:
     table_quant = "none"
     tables = options.quant_embedding_head
     if tables is None:  # the default (OnnxOptions' help says what it costs and saves)
-        tables = quant == "int4" or options.embedding_head_quant is not None
+        tables = options.embedding_head_quant is not None
         default_bits = "int8"
     else:
         default_bits = quant
@@ -340,6 +340,7 @@ def write(ckpt: Checkpoint, output: Path, options: OnnxOptions) -> list[Path]:
                 meta = _metadata(ckpt, spec, kind, dtype, quant, logits, rescale)
                 meta["rwkv.quant_scope"] = "layers" if table_quant == "none" else "all"
                 meta["rwkv.table_quant"] = table_quant
+                meta["rwkv.lora_quant"] = f"int{LORA_BITS}" if quant != "none" else "none"
                 if quant != "none":
                     meta["rwkv.compute"] = options.compute
                     meta["rwkv.calibration"] = (describe(options.calibration_method, options.calibration)
