@@ -73,8 +73,8 @@ class Bench:
         self.stream = self.prompt + continuation
         self.reference = model.forward(self.stream, None, full_output=True)[0].float()
 
-    def add(self, group: str, maker: str, path: Path, nbytes: int, ours: bool) -> None:
-        fig = file_figures(self.source, path, max_bytes=self.max_bytes)
+    def add(self, group: str, maker: str, path: Path, nbytes: int, ours: bool, max_bytes: int | None = None) -> None:
+        fig = file_figures(self.source, path, max_bytes=max_bytes or self.max_bytes)
         greedy = greedy_agreement(self.reference, file_logits(path, self.stream), len(self.prompt), 0.0)[0]
         self.rows.append(Row(self.source.name, group, maker, nbytes, fig["kl"], fig["top1"], greedy, ours))
         print(f"{self.source.name:28} {group:10} {maker:44} {nbytes:>10,} KL {fig['kl']:.4g}", flush=True)
@@ -136,22 +136,26 @@ def gguf_rows(bench: Bench, work: Path, mixes: list[str], folder: Path | None) -
 
 # MLX --------------------------------------------------------------------------------------------------------------
 
-def mlx_rows(bench: Bench, work: Path, bits_list: list[int], group_size: int = 64) -> None:
+def mlx_rows(bench: Bench, work: Path, bits_list: list[int], max_bytes: int, group_size: int = 64) -> None:
     import mlx_lm
 
+    from rwkv_convert.formats.mlx import supports
+
     source = bench.source
+    if reason := supports(bench.ckpt.spec):
+        raise RwkvConvertError(reason)
     rwkv_convert.convert(source, "hf", work / "hf")
     for bits in bits_list:
         group = f"mlx q{bits}"
         theirs = work / f"mlx-theirs-{bits}"
         mlx_lm.convert(str(work / "hf"), str(theirs), quantize=True, q_bits=bits, q_group_size=group_size,
                        trust_remote_code=True)
-        bench.add(group, "mlx_lm.convert -q", theirs, files_bytes(theirs), False)
+        bench.add(group, "mlx_lm.convert -q", theirs, files_bytes(theirs), False, max_bytes)
         options = {"quant": f"q{bits}", "group_size": group_size}
         for maker, extra in (("rwkv-convert", {}), ("rwkv-convert --calibration", {"calibration": "bundled"})):
             out = work / f"mlx-{bits}-{len(extra)}"
             rwkv_convert.convert(source, "mlx", out, **options, **extra)
-            bench.add(group, maker, out, files_bytes(out), True)
+            bench.add(group, maker, out, files_bytes(out), True, max_bytes)
 
 
 # ONNX -------------------------------------------------------------------------------------------------------------
@@ -235,6 +239,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, action="append", help="MLX bits (default 4 and 3)")
     parser.add_argument("--llama-bin", default=os.environ.get("LLAMA_CPP_BIN"), help="llama-quantize, llama-imatrix")
     parser.add_argument("--max-bytes", type=int, default=None, help="score only this much of the held-out text")
+    # mlx-lm's RWKV-7 on a CPU steps every token through Python (about 25 ms a token on the bundled model)
+    parser.add_argument("--mlx-max-bytes", type=int, default=2048, help="the MLX rows' text (default 2048 bytes)")
     args = parser.parse_args()
     formats = args.formats.split(",")
     warnings.simplefilter("ignore")  # llama.cpp's files carry our keys: "rewritten by another tool" each time
@@ -243,7 +249,7 @@ def main() -> None:
         bench = Bench(model_path(name), args.max_bytes)
         sections = {"gguf": lambda w, bench=bench: gguf_rows(bench, w, args.mix or ["q4_k_m", "q3_k_m", "q2_k"],
                                                 Path(args.llama_bin) if args.llama_bin else None),
-                    "mlx": lambda w, bench=bench: mlx_rows(bench, w, args.bits or [4, 3]),
+                    "mlx": lambda w, bench=bench: mlx_rows(bench, w, args.bits or [4, 3], args.mlx_max_bytes),
                     "onnx": lambda w, bench=bench: onnx_rows(bench, w)}
         for fmt in formats:
             with tempfile.TemporaryDirectory() as tmp:
@@ -254,7 +260,8 @@ def main() -> None:
         rows += bench.rows
 
     print(f"\nEvery file run in its client; KL and top-1 on the bundled held-out text"
-          f"{f' (first {args.max_bytes} bytes)' if args.max_bytes else ''}; greedy: of {GREEDY} tokens")
+          f"{f' (first {args.max_bytes} bytes)' if args.max_bytes else ''}, the MLX rows on its first"
+          f" {args.mlx_max_bytes} bytes; greedy: of {GREEDY} tokens")
     print(f"{'model':28} {'group':10} {'maker':44} {'bytes':>10} {'KL':>10} {'top-1':>7} {'greedy':>7}"
           "  KL / the other tools' best")
     for model in dict.fromkeys(r.model for r in rows):
