@@ -77,7 +77,8 @@ class Bench:
         fig = file_figures(self.source, path, max_bytes=max_bytes or self.max_bytes)
         greedy = greedy_agreement(self.reference, file_logits(path, self.stream), len(self.prompt), 0.0)[0]
         self.rows.append(Row(self.source.name, group, maker, nbytes, fig["kl"], fig["top1"], greedy, ours))
-        print(f"{self.source.name:28} {group:10} {maker:44} {nbytes:>10,} KL {fig['kl']:.4g}", flush=True)
+        print(f"{self.source.name:28} {group:10} {maker:44} {nbytes:>10,} KL {fig['kl']:.4g} top-1 {fig['top1']:.1%}"
+              f" greedy {greedy}", flush=True)
 
 
 def files_bytes(*paths: Path) -> int:
@@ -258,7 +259,10 @@ def main() -> None:
                 except RwkvConvertError as e:  # a format this version cannot take
                     print(f"{bench.source.name}: no {fmt} rows: {e}")
         rows += bench.rows
+        print_table(rows, args)  # after each model: what has been measured so far, should a later one stop
 
+
+def print_table(rows: list[Row], args) -> None:
     print(f"\nEvery file run in its client; KL and top-1 on the bundled held-out text"
           f"{f' (first {args.max_bytes} bytes)' if args.max_bytes else ''}, the MLX rows on its first"
           f" {args.mlx_max_bytes} bytes; greedy: of {GREEDY} tokens")
