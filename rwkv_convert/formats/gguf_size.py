@@ -97,8 +97,7 @@ def plan_for_size(gguf, ckpt: Checkpoint, jobs: list, types: list, importance: d
         scale_rows = int(np.prod(job.shape[:-1])) / x.shape[0]
         errors[job.name] = {name: float(((_rounded(gguf, x, name, w) - x) ** 2 * (w if w is not None else 1.0)).sum()
                                         * scale_rows) for name in _candidate_types(gguf, job)}
-        ours = job.source if full.dim() == 2 else None
-        ours = ours or job.factor
+        ours = (job.source if full.dim() == 2 else None) or job.factor  # the key tensor_sensitivity replaces
         if ours and "q4_0" in errors[job.name]:
             whole = full.reshape(-1, full.shape[-1]).numpy()
             q4 = torch.from_numpy(np.ascontiguousarray(_rounded(gguf, whole, "q4_0", w))).reshape(full.shape)

@@ -170,18 +170,24 @@ def _pack_scale_min(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return out
 
 
-def _k_affine_fit(x: np.ndarray, w: np.ndarray, nmax: int):
-    """Q4_K / Q5_K: x [n, 256] -> d, dmin (fp16 [n, 1]) and the 6-bit scales and mins [n, 8]."""
-    n = x.shape[0]
-    xs, ws = x.reshape(n * 8, 32), w.reshape(n * 8, 32)
-    scale, offset = affine_search(xs, ws, nmax, offset_at_most_zero=True)
-    scale, mins = scale.reshape(n, 8), (-offset).reshape(n, 8)
-    d = (scale.max(-1, keepdims=True) / 63).astype(np.float16)
-    dmin = (mins.max(-1, keepdims=True) / 63).astype(np.float16)
+def _super_affine_fit(x: np.ndarray, w: np.ndarray, nmax: int, sub: int, scale_max: int):
+    """The affine K-quants: x [n, 256] in sub-blocks of `sub` values -> d, dmin (fp16 [n, 1]) and each
+    sub-block's scale and min as integers 0..scale_max [n, 256 / sub], for x ~ d sc q - dmin mn, q in 0..nmax."""
+    n, parts = x.shape[0], SUPER // sub
+    scale, offset = affine_search(x.reshape(n * parts, sub), w.reshape(n * parts, sub), nmax,
+                                  offset_at_most_zero=True)
+    scale, mins = scale.reshape(n, parts), (-offset).reshape(n, parts)
+    d = (scale.max(-1, keepdims=True) / scale_max).astype(np.float16)
+    dmin = (mins.max(-1, keepdims=True) / scale_max).astype(np.float16)
     with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d == 0, 0, np.clip(np.rint(scale / d.astype(np.float32)), 0, 63))
-        mn = np.where(dmin == 0, 0, np.clip(np.rint(mins / dmin.astype(np.float32)), 0, 63))
+        sc = np.where(d == 0, 0, np.clip(np.rint(scale / d.astype(np.float32)), 0, scale_max))
+        mn = np.where(dmin == 0, 0, np.clip(np.rint(mins / dmin.astype(np.float32)), 0, scale_max))
     return d, dmin, sc, mn
+
+
+def _k_affine_fit(x: np.ndarray, w: np.ndarray, nmax: int):
+    """Q4_K / Q5_K: 8 sub-blocks of 32, 6-bit scales and mins."""
+    return _super_affine_fit(x, w, nmax, 32, 63)
 
 
 def _k_affine_grid(params, nmax: int) -> Grid:
@@ -262,17 +268,8 @@ def _q3_k_pack(params, q: np.ndarray) -> np.ndarray:
 
 
 def _q2_k_fit(x: np.ndarray, w: np.ndarray):
-    """Q2_K: x [n, 256] -> d, dmin (fp16 [n, 1]) and a 4-bit scale and min per 16 values [n, 16], for
-    x ~ d sc q - dmin mn with q in 0..3."""
-    n = x.shape[0]
-    scale, offset = affine_search(x.reshape(n * 16, 16), w.reshape(n * 16, 16), 3, offset_at_most_zero=True)
-    scale, mins = scale.reshape(n, 16), (-offset).reshape(n, 16)
-    d = (scale.max(-1, keepdims=True) / 15).astype(np.float16)
-    dmin = (mins.max(-1, keepdims=True) / 15).astype(np.float16)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d == 0, 0, np.clip(np.rint(scale / d.astype(np.float32)), 0, 15))
-        mn = np.where(dmin == 0, 0, np.clip(np.rint(mins / dmin.astype(np.float32)), 0, 15))
-    return d, dmin, sc, mn
+    """Q2_K: 16 sub-blocks of 16, 4-bit scales and mins, levels 0..3."""
+    return _super_affine_fit(x, w, 3, 16, 15)
 
 
 def _q2_k_pack(params, q: np.ndarray) -> np.ndarray:

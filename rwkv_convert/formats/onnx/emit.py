@@ -83,7 +83,7 @@ class Emitter:
         """x @ w for a small matrix (a LoRA factor) stored [in, out]: float, or when the layers are quantized,
         MatMulNBits of LORA_BITS where its inputs are whole blocks (a 2-D factor)."""
         w = w.make() if hasattr(w, "make") else w  # small: made again for the second graph
-        if self.bits is None or LORA_BITS is None or w.dim() != 2 or w.shape[0] % BLOCK_SIZE:
+        if self.bits is None or w.dim() != 2 or w.shape[0] % BLOCK_SIZE:
             return self.g.op("MatMul", x, self.param(name, w))
         return self.linear(x, name, w.t(), bits=LORA_BITS)
 
