@@ -274,7 +274,7 @@ def print_table(rows: list[Row], args) -> None:
             theirs = min((r.kl for r in same if not r.ours), default=float("nan"))
             for r in same:
                 print(f"{r.model:28} {r.group:10} {r.maker:44} {r.nbytes:>10,} {r.kl:>10.4g} {r.top1:>7.1%}"
-                      f" {r.greedy:>7}  {r.kl / theirs:.2f}x")
+                      f" {r.greedy:>7}  {r.kl / theirs:.3g}x")
 
 
 if __name__ == "__main__":
